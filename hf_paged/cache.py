@@ -1,0 +1,224 @@
+"""``PagedCache``: a ``transformers.Cache`` on the block pool, a drop-in for ``DynamicCache`` in HF ``generate``.
+
+Each batch row owns a ``BlockTable``. On each step the first layer's ``update`` reserves the slots of the
+row's new tokens (copy-on-write where a row shares a partial block) and builds the gather index once;
+every layer then scatters its new K/V into those slots and returns the row's K/V read back from its blocks
+(dense, with the length ``get_mask_sizes`` reports), so any attention implementation works unchanged.
+
+Sharing: rows that ``generate`` expanded from one prompt (``num_beams``, ``num_return_sequences``) hold
+identical K/V after the prefill; the cache detects that on the first layer and stores the prompt once,
+the rows sharing its blocks. Beam search's ``reorder_cache`` forks block tables (reference counts) instead
+of copying K/V; only a partial last block is ever copied, when a beam writes into it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .block_pool import BlockPool, BlockTable
+from .kernels.cache_ops import gather_blocks
+from .kernels.dispatch import write_kv
+
+
+def kv_geometry(config: Any) -> tuple[int, int, int]:
+    """(num_layers, num_kv_heads, head_dim) of a model config."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, kv_heads, head_dim
+
+
+def make_pool(model: torch.nn.Module, *, block_size: int = 16, num_blocks: int | None = None,
+              memory_bytes: int | None = None, dtype: torch.dtype | None = None) -> BlockPool:
+    """A block pool shaped for ``model``'s layers and KV heads."""
+    layers, kv_heads, head_dim = kv_geometry(model.config)
+    param = next(model.parameters())
+    return BlockPool(layers, kv_heads, head_dim, block_size=block_size, num_blocks=num_blocks,
+                     memory_bytes=memory_bytes, dtype=dtype or param.dtype, device=param.device)
+
+
+class _PagedLayer(CacheLayerMixin):
+    """The per-layer face transformers expects of a cache layer; the state lives in the PagedCache."""
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self, cache: "PagedCache", layer_idx: int) -> None:
+        super().__init__()
+        self.cache = cache
+        self.layer_idx = layer_idx
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        return self.cache.update(key_states, value_states, self.layer_idx)
+
+    def get_seq_length(self) -> int:
+        return self.cache.lengths[self.layer_idx]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.cache.reset()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:  # the cache reorders all layers at once
+        pass
+
+    def offload(self) -> None:
+        pass
+
+    def prefetch(self) -> None:
+        pass
+
+
+class PagedCache(Cache):
+    """KV cache of one ``generate`` call, stored in a (possibly shared) ``BlockPool``.
+
+    Give the pool size as ``num_blocks`` or ``memory_bytes``, or pass an existing ``pool``. Call ``free()``
+    (or use it as a context manager) to return its blocks when the generation is over.
+    """
+
+    def __init__(self, model: torch.nn.Module | None = None, *, pool: BlockPool | None = None,
+                 block_size: int = 16, num_blocks: int | None = None, memory_bytes: int | None = None,
+                 share_identical_rows: bool = True) -> None:
+        if pool is None:
+            if model is None:
+                raise ValueError("PagedCache needs a model (to size a pool) or a pool")
+            pool = make_pool(model, block_size=block_size, num_blocks=num_blocks, memory_bytes=memory_bytes)
+        self.pool = pool
+        self.share_identical_rows = share_identical_rows
+        super().__init__(layers=[_PagedLayer(self, i) for i in range(pool.num_layers)])
+        self.rows: list[BlockTable] = []
+        self.lengths = [0] * pool.num_layers
+        self._writers: torch.Tensor | None = None  # rows whose K/V this step are stored
+        self._slots: torch.Tensor | None = None
+        self._tables: torch.Tensor | None = None
+
+    # ---- what generate calls -------------------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, _, q_len, _ = key_states.shape
+        if layer_idx == 0:
+            self._begin_step(key_states, value_states, q_len)
+        pool = self.pool
+        key_cache, value_cache = pool.key_cache(layer_idx), pool.value_cache(layer_idx)
+        writers = self._writers
+        k = key_states if writers is None else key_states.index_select(0, writers)
+        v = value_states if writers is None else value_states.index_select(0, writers)
+        kvh, hd = k.shape[1], k.shape[3]
+        write_kv(key_cache, value_cache, k.transpose(1, 2).reshape(-1, kvh, hd),
+                 v.transpose(1, 2).reshape(-1, kvh, hd), self._slots)
+        self.lengths[layer_idx] += q_len
+        self.layers[layer_idx].is_initialized = True
+        length = self.lengths[layer_idx]
+        keys = gather_blocks(key_cache, self._tables, length).transpose(1, 2)
+        values = gather_blocks(value_cache, self._tables, length).transpose(1, 2)
+        return keys, values
+
+    def _begin_step(self, key_states: torch.Tensor, value_states: torch.Tensor, q_len: int) -> None:
+        batch = key_states.shape[0]
+        if not self.rows:
+            self.rows = [BlockTable(self.pool) for _ in range(batch)]
+            leaders = self._identical_row_leaders(key_states, value_states) if self.share_identical_rows else None
+        else:
+            leaders = None
+            if len(self.rows) != batch:
+                raise ValueError(f"PagedCache holds {len(self.rows)} rows but the step has {batch}")
+        writers = list(range(batch)) if leaders is None else sorted(set(leaders))
+        slots: list[int] = []
+        for row in writers:
+            row_slots = self.rows[row].append_slots(q_len)
+            if row_slots is None:
+                raise MemoryError(
+                    f"PagedCache: the block pool ({self.pool.num_blocks} blocks of {self.pool.block_size}) is too "
+                    "small for this generation; give PagedCache more num_blocks or memory_bytes")
+            slots.extend(row_slots)
+        if leaders is not None:
+            for row, leader in enumerate(leaders):
+                if leader != row:
+                    self.rows[row].free()
+                    self.rows[row] = self.rows[leader].fork()
+        self.pool.flush_copies()
+        device = self.pool.device
+        self._writers = None if len(writers) == batch else torch.tensor(writers, device=device)
+        self._slots = torch.tensor(slots, dtype=torch.long, device=device)
+        width = max(len(r.blocks) for r in self.rows)
+        self._tables = torch.tensor([r.blocks + [0] * (width - len(r.blocks)) for r in self.rows],
+                                    dtype=torch.long, device=device)
+
+    @staticmethod
+    def _identical_row_leaders(key_states: torch.Tensor, value_states: torch.Tensor) -> list[int]:
+        """For each row, the first row of its run of identical neighbours (generate's repeat_interleave)."""
+        leaders = [0]
+        for row in range(1, key_states.shape[0]):
+            prev = leaders[-1]
+            same = torch.equal(key_states[row], key_states[prev]) and torch.equal(value_states[row], value_states[prev])
+            leaders.append(prev if same else row)
+        return leaders
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: new row i continues old row ``beam_idx[i]``; block tables are forked, not copied."""
+        old = self.rows
+        self.rows = [old[i].fork() for i in beam_idx.tolist()]
+        for row in old:
+            row.free()
+        self._refresh_tables()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        old = self.rows
+        self.rows = [row.fork() for row in old for _ in range(repeats)]
+        for row in old:
+            row.free()
+        self._refresh_tables()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.reorder_cache(indices)
+
+    def _refresh_tables(self) -> None:
+        if self.rows and self.rows[0].blocks:
+            width = max(len(r.blocks) for r in self.rows)
+            self._tables = torch.tensor([r.blocks + [0] * (width - len(r.blocks)) for r in self.rows],
+                                        dtype=torch.long, device=self.pool.device)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.lengths[layer_idx]
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("PagedCache does not support cropping (assisted decoding)")
+
+    # ---- lifetime ------------------------------------------------------------------------------
+    @property
+    def num_blocks_in_use(self) -> int:
+        return len({b for row in self.rows for b in row.blocks})
+
+    def free(self) -> None:
+        """Return every block this cache holds to the pool."""
+        for row in self.rows:
+            row.free()
+        self.rows = []
+        self.lengths = [0] * len(self.lengths)
+        for layer in self.layers:
+            layer.is_initialized = False
+
+    def reset(self) -> None:
+        self.free()
+
+    def __enter__(self) -> "PagedCache":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.free()

@@ -1,0 +1,90 @@
+"""The one dispatch point for the hot-path kernels: ``write_kv``, ``copy_blocks`` and ``paged_attention``
+with the PyTorch signatures (``cache_ops`` / ``paged_attention``).
+
+* CUDA tensors take the Triton kernels (``triton_cache_ops`` / ``triton_paged_attention``);
+* CPU tensors take the PyTorch implementations;
+* ``HF_PAGED_FORCE_TORCH=1`` takes the PyTorch path on a GPU too (it wins over the next one);
+* ``HF_PAGED_FORCE_TRITON=1`` takes the Triton path for CPU tensors too; only meaningful with
+  ``TRITON_INTERPRET=1`` (set before triton is first imported), which is how the kernels are tested.
+
+triton is imported lazily, on the first call that takes the Triton path, so importing ``hf_paged`` never
+needs triton or a GPU. On a GPU without an importable triton the PyTorch path is used (with one warning).
+The environment variables are read on every call.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from . import cache_ops as _torch_cache_ops
+from . import paged_attention as _torch_attention
+from .paged_attention import PagedAttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["write_kv", "copy_blocks", "paged_attention", "use_triton"]
+
+_triton_ok: bool | None = None
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _triton_importable() -> bool:
+    global _triton_ok
+    if _triton_ok is None:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+
+            _triton_ok = True
+        except Exception as exc:  # ImportError, or a broken install
+            logger.warning("triton is not usable (%s); hf_paged kernels fall back to PyTorch", exc)
+            _triton_ok = False
+    return _triton_ok
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    """Whether an operation on ``tensor`` takes the Triton path."""
+    if _flag("HF_PAGED_FORCE_TORCH"):
+        return False
+    if tensor.is_cuda or _flag("HF_PAGED_FORCE_TRITON"):
+        return _triton_importable()
+    return False
+
+
+def write_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Scatter ``key``/``value`` ``[tokens, kv_heads, head_dim]`` into the slots ``slot_mapping[tokens]``
+    of one layer's caches ``[num_blocks, block_size, kv_heads, head_dim]``."""
+    if use_triton(key_cache):
+        from .triton_cache_ops import write_kv_triton
+
+        write_kv_triton(key_cache, value_cache, key, value, slot_mapping)
+    else:
+        _torch_cache_ops.write_kv(key_cache, value_cache, key, value, slot_mapping)
+
+
+def copy_blocks(kv: torch.Tensor, pairs: torch.Tensor) -> None:
+    """For every (src, dst) row of ``pairs`` copy block src to block dst, in every layer, K and V."""
+    if use_triton(kv):
+        from .triton_cache_ops import copy_blocks_triton
+
+        copy_blocks_triton(kv, pairs)
+    else:
+        _torch_cache_ops.copy_blocks(kv, pairs)
+
+
+def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                    meta: PagedAttentionMetadata, scale: float, sliding_window: int | None = None,
+                    softcap: float | None = None) -> torch.Tensor:
+    """query ``[T, H, D]`` (the step's new tokens, K/V already written to the caches) -> ``[T, H, D]``."""
+    if use_triton(query):
+        from .triton_paged_attention import paged_attention_triton
+
+        return paged_attention_triton(query, key_cache, value_cache, meta, scale, sliding_window, softcap)
+    return _torch_attention.paged_attention(query, key_cache, value_cache, meta, scale, sliding_window, softcap)

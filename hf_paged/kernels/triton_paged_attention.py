@@ -1,0 +1,357 @@
+"""Paged attention over a ragged batch, Triton kernels (the CUDA path; reached through ``dispatch``, which
+imports this module lazily so that importing ``hf_paged`` never needs triton).
+
+Same semantics as ``paged_attention.paged_attention``: sequence i's query tokens are the last ``q_len`` of
+its ``kv_len`` tokens (K/V already written to the cache); causal; GQA (query head h reads KV head
+``h // group``); a sliding window W lets position p see keys j with ``p - W < j <= p``; soft-capping
+``tanh(s / cap) * cap`` after scaling and before masking; softmax and accumulation in fp32.
+
+Kernels:
+
+* ``_decode_kernel``: one query token per sequence; one program per (sequence, KV head, split) handles all
+  query heads of the KV head (the group is the rows of the tiles, padded to 16 for ``tl.dot``), reads
+  K/V tile by tile through the block table (each key's block is looked up on its own, so the tile size
+  does not depend on the block size), online softmax. With more than one split (flash-decoding) each
+  program covers a contiguous share of the sequence's tiles and writes an unnormalised partial result
+  (acc, running max m, running sum l); ``_decode_reduce_kernel`` combines the splits.
+* ``_prefill_kernel``: the query tokens of each remaining sequence (ragged, ``cu_seqlens_q``) in tiles of
+  ``BLOCK_Q`` tokens x ``group`` heads (``BLOCK_M`` rows); a program finds its sequence by a binary search
+  over ``cu_seqlens_q`` (no host-side work list) and attends causally to the cached prefix and its own
+  new tokens, all read through the block table. Serves chunked prefill and prefix-cache hits alike.
+
+``tl.dot``: every operand is cast to fp32 first (the Triton interpreter's ``tl.dot`` gives garbage on
+bf16 operands, and this keeps the interpreter-tested code the code the GPU runs). On the GPU the dot
+then runs as ``input_precision="tf32"`` for fp16/bf16 inputs (lossless for Q.K^T: tf32 holds every
+fp16/bf16 value exactly; P is rounded to tf32 for P.V, finer than the fp16/bf16 P of flash-attention)
+and as ``"ieee"`` (true fp32) for fp32 inputs. The accumulators are fp32 throughout.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_cache_ops import _cast_rtne
+
+_NEG_INF = float("-inf")
+
+# Tile sizes (keys per inner-loop step; query rows per prefill program) and launch settings.
+DECODE_TILE_N = 64
+PREFILL_TILE_N = 64
+PREFILL_BLOCK_M = 64
+MAX_SPLITS = 64
+MIN_TOKENS_PER_SPLIT = 256
+
+
+@triton.jit
+def _softcap(s, softcap):
+    """``tanh(s / softcap) * softcap``, tanh from exp of a non-positive argument (never overflows)."""
+    x = s / softcap
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t) * softcap
+
+
+@triton.jit(do_not_specialize=["window", "softcap", "scale"])
+def _decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, kv_lens_ptr,
+    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+    scale, softcap, window, num_heads, head_dim,
+    stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_bt,
+    stride_ot, stride_oh, stride_od,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+
+    kv_len = tl.load(kv_lens_ptr + seq).to(tl.int32)
+    # The live keys are [lo, kv_len): the query sits at kv_len - 1 and sees j > kv_len - 1 - window.
+    lo = tl.where(window > 0, tl.maximum(kv_len - window, 0), 0)
+    first_tile = lo // TILE_N
+    last_tile = (kv_len + TILE_N - 1) // TILE_N
+    tiles_per_split = (last_tile - first_tile + NUM_SPLITS - 1) // NUM_SPLITS
+    t_begin = first_tile + split * tiles_per_split
+    t_end = tl.minimum(t_begin + tiles_per_split, last_tile)
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    head = kvh * GROUP + g
+    g_mask = g < GROUP
+    d_mask = d < head_dim
+    q = tl.load(q_ptr + seq * stride_qt + head[:, None] * stride_qh + d[None, :] * stride_qd,
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+
+    m_i = tl.full([BLOCK_G], _NEG_INF, tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    for tile in range(t_begin, t_end):
+        pos = tile * TILE_N + tl.arange(0, TILE_N)
+        valid = (pos >= lo) & (pos < kv_len)
+        phys = tl.load(bt_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        in_blk = pos % BLOCK_SIZE
+        kt = tl.load(k_cache_ptr + phys[None, :] * stride_kb + in_blk[None, :] * stride_ks + kvh * stride_kh
+                     + d[:, None] * stride_kd, mask=valid[None, :] & d_mask[:, None], other=0.0).to(tl.float32)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale  # [BLOCK_G, TILE_N]
+        if USE_SOFTCAP:
+            s = _softcap(s, softcap)
+        s = tl.where(valid[None, :], s, _NEG_INF)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == _NEG_INF, 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + phys[:, None] * stride_vb + in_blk[:, None] * stride_vs + kvh * stride_vh
+                    + d[None, :] * stride_vd, mask=valid[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    if NUM_SPLITS == 1:
+        o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(out_ptr + seq * stride_ot + head[:, None] * stride_oh + d[None, :] * stride_od,
+                 _cast_rtne(o, out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+    else:
+        # Partials [num_decodes, num_heads, NUM_SPLITS] (m, l) and [..., BLOCK_D] (unnormalised acc), fp32.
+        row = (seq * num_heads + head) * NUM_SPLITS + split
+        tl.store(part_m_ptr + row, m_i, mask=g_mask)
+        tl.store(part_l_ptr + row, l_i, mask=g_mask)
+        tl.store(part_acc_ptr + row[:, None] * BLOCK_D + d[None, :], acc, mask=g_mask[:, None])
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, num_heads, head_dim,
+    stride_ot, stride_oh, stride_od,
+    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    s_mask = s < NUM_SPLITS
+    row = (seq * num_heads + head) * NUM_SPLITS + s
+    m = tl.load(part_m_ptr + row, mask=s_mask, other=_NEG_INF)
+    l = tl.load(part_l_ptr + row, mask=s_mask, other=0.0)
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == _NEG_INF, 0.0, m_max)
+    w = tl.exp(m - m_max)  # an empty split has m = -inf: weight 0
+    denom = tl.sum(w * l, 0)
+    acc = tl.load(part_acc_ptr + row[:, None] * BLOCK_D + d[None, :], mask=s_mask[:, None], other=0.0)
+    o = tl.sum(w[:, None] * acc, 0) / tl.where(denom == 0.0, 1.0, denom)
+    tl.store(out_ptr + seq * stride_ot + head * stride_oh + d * stride_od,
+             _cast_rtne(o, out_ptr.dtype.element_ty), mask=d < head_dim)
+
+
+@triton.jit(do_not_specialize=["window", "softcap", "scale", "num_seqs"])
+def _prefill_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, kv_lens_ptr, cu_q_ptr, out_ptr,
+    scale, softcap, window, num_seqs, head_dim,
+    stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_bt,
+    stride_ot, stride_oh, stride_od,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, USE_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    kvh = tl.program_id(1)
+
+    # Sequence i owns programs [(cu[i] - cu[0]) // BLOCK_Q + i, (cu[i+1] - cu[0]) // BLOCK_Q + i + 1): at least
+    # cdiv(q_len, BLOCK_Q) of them (surplus ones exit). Find the last i whose first program is <= pid.
+    cu0 = tl.load(cu_q_ptr).to(tl.int32)
+    left: tl.int32 = 0
+    right = num_seqs
+    while left < right:
+        mid = (left + right) // 2
+        first = (tl.load(cu_q_ptr + mid).to(tl.int32) - cu0) // BLOCK_Q + mid
+        if first <= pid:
+            left = mid + 1
+        else:
+            right = mid
+    seq = left - 1
+
+    q_start = tl.load(cu_q_ptr + seq).to(tl.int32)
+    q_len = tl.load(cu_q_ptr + seq + 1).to(tl.int32) - q_start
+    q_tile = pid - ((q_start - cu0) // BLOCK_Q + seq)
+    if q_tile * BLOCK_Q >= q_len:
+        return
+    kv_len = tl.load(kv_lens_ptr + seq).to(tl.int32)
+    ctx_len = kv_len - q_len  # tokens cached before this chunk
+
+    # Row r of the tile is (token q_tile * BLOCK_Q + r // GROUP, head kvh * GROUP + r % GROUP).
+    r = tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    tok = q_tile * BLOCK_Q + r // GROUP
+    head = kvh * GROUP + r % GROUP
+    row_mask = (r < BLOCK_Q * GROUP) & (tok < q_len)
+    d_mask = d < head_dim
+    q_pos = ctx_len + tok
+    q_rows = (q_start + tok).to(tl.int64)
+    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :] * stride_qd,
+                mask=row_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+
+    # Keys any row of this tile can see: [lo, hi).
+    hi = tl.minimum(ctx_len + (q_tile + 1) * BLOCK_Q, kv_len)
+    lo = tl.where(window > 0, tl.maximum(ctx_len + q_tile * BLOCK_Q - window + 1, 0), 0)
+
+    m_i = tl.full([BLOCK_M], _NEG_INF, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    for tile in range(lo // TILE_N, (hi + TILE_N - 1) // TILE_N):
+        pos = tile * TILE_N + tl.arange(0, TILE_N)
+        k_valid = (pos >= lo) & (pos < hi)
+        phys = tl.load(bt_row + pos // BLOCK_SIZE, mask=k_valid, other=0).to(tl.int64)
+        in_blk = pos % BLOCK_SIZE
+        kt = tl.load(k_cache_ptr + phys[None, :] * stride_kb + in_blk[None, :] * stride_ks + kvh * stride_kh
+                     + d[:, None] * stride_kd, mask=k_valid[None, :] & d_mask[:, None], other=0.0).to(tl.float32)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale  # [BLOCK_M, TILE_N]
+        if USE_SOFTCAP:
+            s = _softcap(s, softcap)
+        visible = k_valid[None, :] & (pos[None, :] <= q_pos[:, None])
+        visible = visible & ((window <= 0) | (pos[None, :] > q_pos[:, None] - window))
+        s = tl.where(visible, s, _NEG_INF)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == _NEG_INF, 0.0, m_new)  # a row that has seen no key yet
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + phys[:, None] * stride_vb + in_blk[:, None] * stride_vs + kvh * stride_vh
+                    + d[None, :] * stride_vd, mask=k_valid[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :] * stride_od,
+             _cast_rtne(o, out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+
+
+# ---- host side ---------------------------------------------------------------------------------------
+_SM_COUNT: dict[int, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def decode_num_splits(num_decodes: int, kv_heads: int, max_kv_len: int, sliding_window: int | None,
+                      device: torch.device) -> int:
+    """How many splits of the sequence axis the decode kernel uses: enough programs to fill the GPU about
+    twice over when the batch alone does not, never under ``MIN_TOKENS_PER_SPLIT`` keys a split."""
+    live = min(max_kv_len, sliding_window) if sliding_window and sliding_window > 0 else max_kv_len
+    programs = num_decodes * kv_heads
+    target = 2 * _num_sms(device)
+    if programs >= target or live <= 2 * MIN_TOKENS_PER_SPLIT:
+        return 1
+    splits = min(triton.cdiv(target, programs), triton.cdiv(live, MIN_TOKENS_PER_SPLIT), MAX_SPLITS)
+    return max(1, splits)
+
+
+def _dot_precision(*tensors: torch.Tensor) -> str:
+    return "ieee" if any(t.dtype == torch.float32 for t in tensors) else "tf32"
+
+
+def paged_decode_attention(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor,
+                           value_cache: torch.Tensor, block_tables: torch.Tensor, kv_lens: torch.Tensor,
+                           num_decodes: int, max_kv_len: int, scale: float, sliding_window: int | None = None,
+                           softcap: float | None = None, num_splits: int | None = None,
+                           tile_n: int | None = None) -> None:
+    """Rows ``0..num_decodes-1`` of ``query``/``out`` ``[T, H, D]`` are decode tokens of sequences
+    ``0..num_decodes-1`` (``block_tables``/``kv_lens`` rows). ``num_splits`` None picks by heuristic."""
+    if num_decodes == 0:
+        return
+    _, num_heads, head_dim = query.shape
+    _, block_size, kv_heads, _ = key_cache.shape
+    group = num_heads // kv_heads
+    tile_n = tile_n or DECODE_TILE_N
+    if num_splits is None:
+        num_splits = decode_num_splits(num_decodes, kv_heads, max_kv_len, sliding_window, query.device)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_g = max(16, triton.next_power_of_2(group))
+    window = int(sliding_window) if sliding_window else 0
+    cap = float(softcap) if softcap else 0.0
+    if num_splits > 1:
+        part_acc = torch.empty(num_decodes, num_heads, num_splits, block_d, dtype=torch.float32, device=query.device)
+        part_m = torch.empty(num_decodes, num_heads, num_splits, dtype=torch.float32, device=query.device)
+        part_l = torch.empty_like(part_m)
+    else:
+        part_acc = part_m = part_l = out  # unused
+    _decode_kernel[(num_decodes, kv_heads, num_splits)](
+        query, key_cache, value_cache, block_tables, kv_lens,
+        out, part_acc, part_m, part_l,
+        float(scale), cap, window, num_heads, head_dim,
+        *query.stride(), *key_cache.stride(), *value_cache.stride(), block_tables.stride(0), *out.stride(),
+        GROUP=group, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_SIZE=block_size, TILE_N=tile_n,
+        NUM_SPLITS=num_splits, USE_SOFTCAP=cap != 0.0, DOT_PRECISION=_dot_precision(query, key_cache),
+        num_warps=4,
+    )
+    if num_splits > 1:
+        _decode_reduce_kernel[(num_decodes, num_heads)](
+            out, part_acc, part_m, part_l, num_heads, head_dim, *out.stride(),
+            NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+            num_warps=4,
+        )
+
+
+def paged_prefill_attention(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor,
+                            value_cache: torch.Tensor, block_tables: torch.Tensor, kv_lens: torch.Tensor,
+                            cu_seqlens_q: torch.Tensor, q_lens: list[int], scale: float,
+                            sliding_window: int | None = None, softcap: float | None = None,
+                            block_m: int | None = None, tile_n: int | None = None) -> None:
+    """The sequences of ``block_tables``/``kv_lens``/``q_lens`` (rows), whose query tokens are rows
+    ``cu_seqlens_q[i]:cu_seqlens_q[i+1]`` of ``query``/``out`` (``cu_seqlens_q`` has one more entry)."""
+    num_seqs = len(q_lens)
+    if num_seqs == 0:
+        return
+    _, num_heads, head_dim = query.shape
+    _, block_size, kv_heads, _ = key_cache.shape
+    group = num_heads // kv_heads
+    tile_n = tile_n or PREFILL_TILE_N
+    if block_m is None:
+        block_m = PREFILL_BLOCK_M if max(q_lens) * group > 16 else 16
+    block_m = max(block_m, triton.next_power_of_2(group))
+    block_q = block_m // group
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    window = int(sliding_window) if sliding_window else 0
+    cap = float(softcap) if softcap else 0.0
+    grid = (sum(q_lens) // block_q + num_seqs, kv_heads)
+    _prefill_kernel[grid](
+        query, key_cache, value_cache, block_tables, kv_lens, cu_seqlens_q, out,
+        float(scale), cap, window, num_seqs, head_dim,
+        *query.stride(), *key_cache.stride(), *value_cache.stride(), block_tables.stride(0), *out.stride(),
+        GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_D=block_d, BLOCK_SIZE=block_size, TILE_N=tile_n,
+        USE_SOFTCAP=cap != 0.0, DOT_PRECISION=_dot_precision(query, key_cache),
+        num_warps=4,
+    )
+
+
+def paged_attention_triton(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, meta,
+                           scale: float, sliding_window: int | None = None, softcap: float | None = None, *,
+                           num_splits: int | None = None) -> torch.Tensor:
+    """query ``[T, H, D]`` (the step's new tokens, K/V already written to the caches) -> ``[T, H, D]``; the
+    first ``meta.num_decodes`` sequences go to the decode kernel, the rest to the prefill kernel.
+    ``num_splits`` overrides the decode kernel's split-K heuristic (tests)."""
+    num_tokens, num_heads, head_dim = query.shape
+    out = torch.empty((num_tokens, num_heads, head_dim), dtype=query.dtype, device=query.device)
+    if num_tokens == 0:
+        return out
+    d = meta.num_decodes
+    if d:
+        paged_decode_attention(out, query, key_cache, value_cache, meta.block_tables, meta.kv_lens, d,
+                               max(meta.kv_lens_list[:d]), scale, sliding_window, softcap, num_splits=num_splits)
+    if d < meta.num_seqs:
+        paged_prefill_attention(out, query, key_cache, value_cache, meta.block_tables[d:], meta.kv_lens[d:],
+                                meta.cu_seqlens_q[d:], meta.q_lens_list[d:], scale, sliding_window, softcap)
+    return out

@@ -1,0 +1,82 @@
+"""Counters and gauges the engine keeps: queue sizes, KV blocks and slot utilisation, preemptions,
+prefix-cache hits, time to first token and time per output token."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .block_pool import BlockPool
+    from .scheduler import ScheduledStep, Scheduler
+    from .sequence import Sequence
+
+
+@dataclass
+class EngineMetrics:
+    steps: int = 0
+    running: int = 0
+    waiting: int = 0
+    blocks_in_use: int = 0
+    peak_blocks_in_use: int = 0
+    kv_slot_utilization: float = 1.0  # filled slots / slots of the blocks in use
+    utilization_at_peak: float = 1.0
+    preemptions: int = 0
+    prefix_cache_hit_rate: float = 0.0
+    prefix_cached_tokens: int = 0
+    cached_blocks: int = 0
+    forward_tokens: int = 0
+    output_tokens: int = 0
+    finished: int = 0
+    step_time_s: float = 0.0
+    ttft_s: list[float] = field(default_factory=list)
+    tpot_s: list[float] = field(default_factory=list)
+
+    def record_step(self, step: "ScheduledStep", seconds: float, pool: "BlockPool", scheduler: "Scheduler") -> None:
+        self.steps += 1
+        self.step_time_s += seconds
+        self.forward_tokens += step.num_tokens
+        self.running = len(scheduler.running)
+        self.waiting = len(scheduler.waiting)
+        used = pool.num_used_blocks
+        self.blocks_in_use = used
+        seen: set[int] = set()
+        filled = 0
+        bs = pool.block_size
+        for seq in scheduler.running:
+            blocks = seq.block_table.blocks
+            for i, block in enumerate(blocks):
+                if block not in seen:
+                    seen.add(block)
+                    filled += bs if i < len(blocks) - 1 else seq.block_table.num_tokens - i * bs
+        self.kv_slot_utilization = filled / (len(seen) * bs) if seen else 1.0
+        if used >= self.peak_blocks_in_use:
+            self.peak_blocks_in_use = used
+            self.utilization_at_peak = self.kv_slot_utilization
+        self.cached_blocks = pool.num_cached_blocks
+        self.prefix_cached_tokens = scheduler.num_prefix_cached_tokens
+        if pool.prefix_queries:
+            self.prefix_cache_hit_rate = pool.prefix_hits / pool.prefix_queries
+
+    def record_finish(self, seq: "Sequence") -> None:
+        self.finished += 1
+        self.output_tokens += seq.num_output_tokens
+        timing = seq.timing()
+        if "ttft_s" in timing:
+            self.ttft_s.append(timing["ttft_s"])
+        if "tpot_s" in timing:
+            self.tpot_s.append(timing["tpot_s"])
+
+    def summary(self) -> dict[str, float]:
+        def mean(xs: list[float]) -> float:
+            return statistics.fmean(xs) if xs else 0.0
+
+        return {
+            "running": self.running, "waiting": self.waiting, "blocks_in_use": self.blocks_in_use,
+            "peak_blocks_in_use": self.peak_blocks_in_use, "kv_slot_utilization": self.kv_slot_utilization,
+            "kv_slot_utilization_at_peak": self.utilization_at_peak, "preemptions": self.preemptions,
+            "prefix_cache_hit_rate": self.prefix_cache_hit_rate, "prefix_cached_tokens": self.prefix_cached_tokens,
+            "cached_blocks": self.cached_blocks, "mean_ttft_s": mean(self.ttft_s), "mean_tpot_s": mean(self.tpot_s),
+            "finished": self.finished, "output_tokens": self.output_tokens, "steps": self.steps,
+        }

@@ -1,0 +1,96 @@
+"""The ``hf_paged`` attention implementation, registered with transformers' AttentionInterface.
+
+Paging is a property of the call, not of the model: the function attends over the block pool only when
+the forward carries ``paged_metadata`` (the engine's ragged step). Every other call — a plain
+``model(...)``, HF ``generate`` with a ``DynamicCache`` or with a ``PagedCache`` (whose ``update``
+already returns the K/V read from the blocks) — is handed, unchanged, to the implementation the model
+used before (``sdpa`` unless it was set otherwise), and the mask function registered beside it does the
+same. So a model set to ``hf_paged`` computes exactly what it computed before.
+
+The name has no ``paged|`` prefix: transformers strips that prefix on lookup.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Any
+
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedModel
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+ATTN_IMPLEMENTATION = "hf_paged"
+_base_impl_by_config: dict[int, str] = {}
+_lock = threading.Lock()
+
+
+def _base_implementation(config: Any) -> str:
+    return _base_impl_by_config.get(id(config), "sdpa")
+
+
+def _base_attention_fn(module: torch.nn.Module):
+    name = _base_implementation(module.config)
+    if name == "eager":
+        return getattr(sys.modules[type(module).__module__], "eager_attention_forward")
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+def hf_paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                       **kwargs: Any):
+    meta = kwargs.get("paged_metadata")
+    if meta is None:
+        return _base_attention_fn(module)(module, query, key, value, attention_mask, scaling=scaling,
+                                          dropout=dropout, **kwargs)
+    from ..kernels.dispatch import paged_attention, write_kv
+
+    pool = meta.pool
+    layer = module.layer_idx
+    key_cache, value_cache = pool.key_cache(layer), pool.value_cache(layer)
+    # HF hands q/k/v as [1, heads, T, head_dim]; the kernels use [T, heads, head_dim].
+    write_kv(key_cache, value_cache, key[0].transpose(0, 1), value[0].transpose(0, 1), meta.slot_mapping)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = paged_attention(query[0].transpose(0, 1), key_cache, value_cache, meta, scale,
+                          sliding_window=kwargs.get("sliding_window"), softcap=kwargs.get("softcap"))
+    return out.unsqueeze(0), None
+
+
+def hf_paged_mask(*args: Any, config: Any = None, **kwargs: Any):
+    return ALL_MASK_ATTENTION_FUNCTIONS[_base_implementation(config)](*args, config=config, **kwargs)
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, hf_paged_attention)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, hf_paged_mask)
+
+
+def supports_paged_attention(model: PreTrainedModel) -> tuple[bool, str]:
+    """Whether this model routes attention through the AttentionInterface (and so can be paged)."""
+    if not getattr(model, "_can_set_attn_implementation", lambda: False)():
+        return False, f"{type(model).__name__} does not use transformers' AttentionInterface"
+    if getattr(model.config, "is_encoder_decoder", False):
+        return False, "encoder-decoder models are not supported"
+    return True, ""
+
+
+def enable_paged_attention(model: PreTrainedModel) -> None:
+    """Select ``hf_paged`` for this model, remembering the implementation it delegates plain calls to."""
+    with _lock:
+        current = model.config._attn_implementation
+        if current == ATTN_IMPLEMENTATION:
+            return
+        base = current if current in ("eager", "sdpa") or current in ALL_MASK_ATTENTION_FUNCTIONS else "sdpa"
+        for module in model.modules():
+            config = getattr(module, "config", None)
+            if config is not None:
+                _base_impl_by_config[id(config)] = base
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+
+
+def disable_paged_attention(model: PreTrainedModel) -> None:
+    """Give the model back the attention implementation it had before ``enable_paged_attention``."""
+    with _lock:
+        if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+            return
+        model.set_attn_implementation(_base_implementation(model.config))

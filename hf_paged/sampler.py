@@ -1,0 +1,95 @@
+"""Next-token selection for a batch of sequences, vectorised over the batch.
+
+Order, as in HF: per-request logits processors, repetition / presence / frequency penalties, the
+min-new-tokens ban on stop tokens; then greedy rows take the argmax and sampled rows go through
+temperature, top-k, top-p and min-p and draw from the result. A request with a seed draws from its own
+generator, so its tokens do not depend on what else is in the batch. Logprobs are those of the model's
+raw distribution (as vLLM reports them).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .sequence import Sequence
+
+
+def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    for row, seq in enumerate(seqs):
+        p = seq.params
+        if p.repetition_penalty != 1.0:
+            ids = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long, device=logits.device)
+            vals = logits[row, ids]
+            logits[row, ids] = torch.where(vals < 0, vals * p.repetition_penalty, vals / p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and seq.num_output_tokens:
+            out = torch.tensor(seq.output_token_ids, dtype=torch.long, device=logits.device)
+            counts = torch.zeros(logits.shape[1], dtype=logits.dtype, device=logits.device)
+            counts.scatter_add_(0, out, torch.ones_like(out, dtype=logits.dtype))
+            logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+
+
+def _warp(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Temperature, top-k, top-p, min-p on the rows that sample; returns the warped logits."""
+    dev = logits.device
+    temps = torch.tensor([s.params.temperature for s in seqs], dtype=logits.dtype, device=dev)
+    logits = logits / temps.unsqueeze(1)
+    vocab = logits.shape[1]
+    top_k = [s.params.top_k if s.params.top_k > 0 else vocab for s in seqs]
+    top_p = [s.params.top_p for s in seqs]
+    min_p = [s.params.min_p for s in seqs]
+    if all(k >= vocab for k in top_k) and all(p >= 1 for p in top_p) and not any(min_p):
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(vocab, device=dev).unsqueeze(0)
+    remove = rank >= torch.tensor(top_k, device=dev).unsqueeze(1)
+    probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(-1)
+    cum = probs.cumsum(-1)
+    remove |= (cum - probs) > torch.tensor(top_p, dtype=probs.dtype, device=dev).unsqueeze(1)
+    remove |= probs < probs[:, :1] * torch.tensor(min_p, dtype=probs.dtype, device=dev).unsqueeze(1)
+    remove[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float] | None]:
+        """logits ``[B, vocab]`` fp32 for ``seqs`` -> (next token per row, its logprob per row or None)."""
+        raw = logits
+        logits = logits.clone()
+        for row, seq in enumerate(seqs):
+            procs = seq.params.logits_processors
+            if procs:
+                ids = torch.tensor([seq.token_ids], dtype=torch.long, device=logits.device)
+                logits[row : row + 1] = procs(ids, logits[row : row + 1])
+        if any(s.params.repetition_penalty != 1.0 or s.params.presence_penalty or s.params.frequency_penalty
+               for s in seqs):
+            _apply_penalties(logits, seqs)
+        for row, seq in enumerate(seqs):
+            if seq.num_output_tokens < seq.params.min_new_tokens and seq.stop_ids:
+                logits[row, list(seq.stop_ids)] = float("-inf")
+
+        tokens = logits.argmax(dim=-1)
+        sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        if sampled:
+            idx = torch.tensor(sampled, device=logits.device)
+            warped = _warp(logits[idx], [seqs[i] for i in sampled])
+            probs = warped.softmax(-1)
+            unseeded = [j for j, i in enumerate(sampled) if seqs[i].generator is None]
+            if unseeded:
+                draws = torch.multinomial(probs[unseeded], 1).squeeze(1)
+                tokens[idx[unseeded]] = draws
+            for j, i in enumerate(sampled):
+                gen = seqs[i].generator
+                if gen is not None:
+                    tokens[i] = torch.multinomial(probs[j].cpu(), 1, generator=gen).to(tokens.device)[0]
+            for j, i in enumerate(sampled):
+                if seqs[i].params.keep_scores:
+                    logits[i] = warped[j]
+        for row, seq in enumerate(seqs):
+            if seq.params.keep_scores:
+                seq.scores.append(logits[row].clone())
+        token_list = tokens.tolist()
+        logprobs = None
+        if any(s.params.logprobs for s in seqs):
+            logprobs = torch.log_softmax(raw, dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+        return token_list, logprobs

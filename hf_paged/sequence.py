@@ -1,0 +1,175 @@
+"""Requests and their sequences: sampling parameters (validated), token state, and outputs.
+
+A ``Sequence`` is one stream of tokens the engine computes; its ``num_computed_tokens`` says how much of
+``token_ids`` already has K/V in its block table, so prefill, chunked prefill, decode and recompute after
+preemption are all the same thing: compute the tokens not yet computed, sample when none are left.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence as Seq
+
+import torch
+
+from .block_pool import BlockTable
+
+
+@dataclass
+class SamplingParams:
+    """Per-request generation settings (vLLM's names; HF's generation config maps onto them)."""
+
+    max_new_tokens: int = 16
+    min_new_tokens: int = 0
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int = 0  # 0 / -1: off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # HF's: on prompt and output tokens
+    presence_penalty: float = 0.0  # OpenAI's: on output tokens
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)  # stop strings
+    ignore_eos: bool = False
+    logprobs: bool = False
+    keep_scores: bool = False  # keep each step's processed logits (HF output_scores)
+    logits_processors: Any = None  # an HF LogitsProcessorList (or callables (input_ids, scores) -> scores)
+    cache_salt: str | None = None
+
+    def validate(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"{name}: {why} (got {getattr(self, name)!r})")
+
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+            raise bad("max_new_tokens", "must be a positive integer")
+        if not isinstance(self.min_new_tokens, int) or self.min_new_tokens < 0:
+            raise bad("min_new_tokens", "must be a non-negative integer")
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise bad("temperature", "must be >= 0")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise bad("top_p", "must be in (0, 1]")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            raise bad("top_k", "must be -1, 0 (off) or a positive integer")
+        if not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p <= 1:
+            raise bad("min_p", "must be in [0, 1]")
+        if not isinstance(self.repetition_penalty, (int, float)) or self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", "must be > 0")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not isinstance(getattr(self, name), (int, float)) or not -2 <= getattr(self, name) <= 2:
+                raise bad(name, "must be in [-2, 2]")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
+            raise bad("stop", "must be a string or a list of non-empty strings")
+        if not all(isinstance(t, int) for t in self.stop_token_ids):
+            raise bad("stop_token_ids", "must be a list of token ids")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise bad("seed", "must be an integer")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # eos, a stop token or a stop string
+    LENGTH = "length"  # max_new_tokens or the model's context
+    ABORT = "abort"
+    ERROR = "error"
+
+
+@dataclass
+class RequestOutput:
+    """What a finished (or streaming) request has produced."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str | None = None
+    finish_reason: FinishReason | None = None
+    logprobs: list[float] | None = None
+    scores: list[torch.Tensor] | None = None
+    error: BaseException | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+_ids = itertools.count()
+
+
+class Sequence:
+    """One request's token stream and its KV state (one sequence per request for now)."""
+
+    def __init__(self, prompt_token_ids: Seq[int], params: SamplingParams, block_table: BlockTable,
+                 request_id: str | None = None, eos_token_ids: Seq[int] = ()) -> None:
+        self.request_id = request_id if request_id is not None else f"req-{next(_ids)}"
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.token_ids = list(prompt_token_ids)
+        self.params = params
+        self.block_table = block_table
+        self.num_computed_tokens = 0
+        self.block_hashes: list[bytes] = []  # chained hashes of its full blocks (prefix cache)
+        self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
+        self.eos_token_ids = set(eos_token_ids)
+        self.logprobs: list[float] = []
+        self.scores: list[torch.Tensor] = []
+        self.finish_reason: FinishReason | None = None
+        self.error: BaseException | None = None
+        self.text: str | None = None
+        self.generator: torch.Generator | None = None
+        if params.seed is not None:
+            self.generator = torch.Generator(device="cpu")
+            self.generator.manual_seed(params.seed)
+        self.arrival_time = time.perf_counter()
+        self.first_token_time: float | None = None
+        self.finish_time: float | None = None
+        self.num_preemptions = 0
+        self.stream: "queue.SimpleQueue[RequestOutput | None] | None" = None
+        self.done = threading.Event()
+        self.on_token: Callable[["Sequence"], None] | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_token_ids):]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def output(self) -> RequestOutput:
+        return RequestOutput(
+            request_id=self.request_id, prompt_token_ids=self.prompt_token_ids, token_ids=self.output_token_ids,
+            text=self.text, finish_reason=self.finish_reason,
+            logprobs=list(self.logprobs) if self.params.logprobs else None,
+            scores=self.scores if self.params.keep_scores else None, error=self.error,
+            metrics=self.timing(),
+        )
+
+    def timing(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if self.first_token_time is not None:
+            out["ttft_s"] = self.first_token_time - self.arrival_time
+            if self.finish_time is not None and self.num_output_tokens > 1:
+                out["tpot_s"] = (self.finish_time - self.first_token_time) / (self.num_output_tokens - 1)
+        return out
