@@ -167,6 +167,10 @@ class LLMEngine:
         self.metrics.record_step(step, now - started, self.pool, self.scheduler)
         finished = []
         for i, (seq, token) in enumerate(zip(sampling, tokens)):
+            if seq.error is not None:
+                self._finish(seq, FinishReason.ERROR, seq.error)
+                finished.append(seq)
+                continue
             seq.token_ids.append(token)
             if logprobs is not None:
                 seq.logprobs.append(logprobs[i])

@@ -60,7 +60,10 @@ class Sampler:
             procs = seq.params.logits_processors
             if procs:
                 ids = torch.tensor([seq.token_ids], dtype=torch.long, device=logits.device)
-                logits[row : row + 1] = procs(ids, logits[row : row + 1])
+                try:
+                    logits[row : row + 1] = procs(ids, logits[row : row + 1])
+                except Exception as exc:  # a request's own processor fails that request only
+                    seq.error = exc
         if any(s.params.repetition_penalty != 1.0 or s.params.presence_penalty or s.params.frequency_penalty
                for s in seqs):
             _apply_penalties(logits, seqs)

@@ -67,7 +67,7 @@ class PagedAttentionMetadata:
             lens = self.kv_lens[: self.num_decodes].to(torch.long).unsqueeze(1)
             pos = torch.arange(max_len, device=lens.device).unsqueeze(0)
             mask = pos < lens
-            if sliding_window is not None:
+            if sliding_window:
                 mask &= pos >= lens - sliding_window
             self._masks[key] = mask[:, None, None, :]
         return self._masks[key]
@@ -80,7 +80,7 @@ class PagedAttentionMetadata:
             q_pos = torch.arange(kv_len - q_len, kv_len, device=self.kv_lens.device).unsqueeze(1)
             k_pos = torch.arange(kv_len, device=self.kv_lens.device).unsqueeze(0)
             mask = k_pos <= q_pos
-            if sliding_window is not None:
+            if sliding_window:
                 mask &= k_pos > q_pos - sliding_window
             self._masks[key] = mask
         return self._masks[key]
@@ -91,11 +91,11 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     """q ``[B, KVH, M, D]``, k/v ``[B, KVH, L, D]``, bool mask broadcastable to ``[B, KVH, M, L]``."""
     if not softcap:
         return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale)
-    scores = torch.matmul(q, k.to(q.dtype).transpose(-1, -2)) * scale
+    # Soft-capped scores are computed in fp32 whatever the input dtype (tanh of bf16 scores loses too much).
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.matmul(probs, v.to(q.dtype))
+    return torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(q.dtype)
 
 
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -150,7 +150,7 @@ def paged_attention_naive(query: torch.Tensor, key_cache: torch.Tensor, value_ca
                 s = (k[: pos + 1, kh] @ query[t, h].float()) * scale
                 if softcap:
                     s = torch.tanh(s / softcap) * softcap
-                if sliding_window is not None:
+                if sliding_window:
                     s[: max(0, pos + 1 - sliding_window)] = float("-inf")
                 out[t, h] = torch.softmax(s, 0) @ v[: pos + 1, kh]
     return out

@@ -34,7 +34,7 @@ import triton.language as tl
 
 from .triton_cache_ops import _cast_rtne
 
-_NEG_INF = float("-inf")
+_NEG_INF = tl.constexpr(float("-inf"))  # a global read by @triton.jit code must be a constexpr
 
 # Tile sizes (keys per inner-loop step; query rows per prefill program) and launch settings.
 DECODE_TILE_N = 64
@@ -53,7 +53,7 @@ def _softcap(s, softcap):
     return tl.where(x < 0, -t, t) * softcap
 
 
-@triton.jit(do_not_specialize=["window", "softcap", "scale"])
+@triton.jit(do_not_specialize=["window"])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, kv_lens_ptr,
     out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
@@ -148,7 +148,7 @@ def _decode_reduce_kernel(
              _cast_rtne(o, out_ptr.dtype.element_ty), mask=d < head_dim)
 
 
-@triton.jit(do_not_specialize=["window", "softcap", "scale", "num_seqs"])
+@triton.jit(do_not_specialize=["window", "num_seqs"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, kv_lens_ptr, cu_q_ptr, out_ptr,
     scale, softcap, window, num_seqs, head_dim,

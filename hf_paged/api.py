@@ -1,0 +1,222 @@
+"""``hf_paged.wrap(model)``: the same model object, whose ``generate`` runs through the engine.
+
+A padded batch of ``input_ids`` + ``attention_mask`` becomes one request per row (times
+``num_return_sequences``); the rows join whatever else the engine is running, from any thread, and the
+result is built with exactly the shape and padding of HF's output (``GenerateDecoderOnlyOutput`` with
+``sequences`` and ``scores`` under ``return_dict_in_generate=True``). Anything the engine does not do
+(beam search for now, assisted decoding, constraints, streamers, ...) is handed to HF's own ``generate``
+on a ``PagedCache``, with one logged line saying why. ``unwrap`` restores the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from typing import Any
+
+import torch
+from transformers import GenerationConfig
+
+from .cache import PagedCache
+from .engine import LLMEngine
+from .patches.attention import disable_paged_attention, supports_paged_attention
+from .sequence import SamplingParams
+
+logger = logging.getLogger("hf_paged")
+
+_ENGINE_ATTR = "_hf_paged_engine"
+_CONFIG_ATTR = "_hf_paged_engine_config"
+
+# Generation-config fields the engine implements; any other field set away from its default falls back.
+_SUPPORTED_FIELDS = {
+    "max_length", "max_new_tokens", "min_length", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
+    "min_p", "repetition_penalty", "num_return_sequences", "eos_token_id", "pad_token_id", "bos_token_id",
+    "stop_strings", "output_scores", "return_dict_in_generate", "use_cache", "num_beams", "cache_implementation",
+    "transformers_version", "_from_model_config", "_original_object_hash", "_commit_hash", "early_stopping",
+    "length_penalty", "compile_config", "disable_compile", "decoder_start_token_id", "generation_kwargs",
+}
+_FALLBACK_ARGS = ("stopping_criteria", "prefix_allowed_tokens_fn", "assistant_model", "streamer",
+                  "negative_prompt_ids", "negative_prompt_attention_mask", "custom_generate", "synced_gpus")
+
+
+def wrap(model: torch.nn.Module, tokenizer: Any = None, **engine_config: Any) -> torch.nn.Module:
+    """Make ``model.generate`` run on hf_paged's continuous-batching engine; returns the same object.
+
+    ``engine_config`` goes to ``LLMEngine`` (``num_blocks`` / ``memory_bytes``, ``block_size``,
+    ``max_num_seqs``, ``max_num_batched_tokens``, ``enable_prefix_caching``). A model whose attention
+    cannot be paged is returned unchanged, with the reason logged.
+    """
+    ok, why = supports_paged_attention(model)
+    if not ok:
+        logger.warning("hf_paged: not wrapping %s (%s); it keeps HF generate", type(model).__name__, why)
+        return model
+    if model.__dict__.get(_CONFIG_ATTR) is not None:
+        unwrap(model)
+    model.__dict__[_CONFIG_ATTR] = dict(engine_config, tokenizer=tokenizer)
+    model.__dict__[_ENGINE_ATTR] = None
+    model.generate = types.MethodType(_paged_generate, model)
+    return model
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo ``wrap``: HF's own ``generate`` and the model's previous attention implementation."""
+    model.__dict__.pop("generate", None)
+    model.__dict__.pop(_CONFIG_ATTR, None)
+    model.__dict__.pop(_ENGINE_ATTR, None)
+    disable_paged_attention(model)
+    return model
+
+
+def get_engine(model: torch.nn.Module) -> LLMEngine:
+    """The engine behind a wrapped model (created on first use)."""
+    engine = model.__dict__.get(_ENGINE_ATTR)
+    if engine is None:
+        config = dict(model.__dict__[_CONFIG_ATTR])
+        engine = LLMEngine(model, config.pop("tokenizer"), **config)
+        model.__dict__[_ENGINE_ATTR] = engine
+    return engine
+
+
+# Values of unsupported fields that change nothing (what _prepare_generation_config fills in).
+_NEUTRAL = {"typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "encoder_repetition_penalty": 1.0,
+            "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "remove_invalid_values": False,
+            "output_attentions": False, "output_hidden_states": False, "output_logits": False,
+            "diversity_penalty": 0.0, "num_beam_groups": 1, "renormalize_logits": False}
+_ASSISTANT_FIELDS = {"num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
+                     "assistant_lookbehind", "target_lookbehind"}  # only read with an assistant_model
+
+
+def _unsupported(gen: GenerationConfig) -> str | None:
+    for name, value in gen.to_dict().items():
+        if name in _SUPPORTED_FIELDS or name in _ASSISTANT_FIELDS or value is None:
+            continue
+        if name in _NEUTRAL and value == _NEUTRAL[name]:
+            continue
+        return f"generation option {name}={value!r}"
+    if gen.num_beams and gen.num_beams > 1:
+        return f"beam search (num_beams={gen.num_beams})"
+    return None
+
+
+def _paged_generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None,
+                    logits_processor: Any = None, **kwargs: Any):
+    for name in _FALLBACK_ARGS:
+        if kwargs.get(name) is not None:
+            return _fallback(self, f"argument {name}", inputs, generation_config, logits_processor, kwargs)
+    if kwargs.get("past_key_values") is not None or kwargs.get("inputs_embeds") is not None:
+        return _fallback(self, "a caller-supplied past_key_values / inputs_embeds", inputs, generation_config,
+                         logits_processor, kwargs)
+    call_kwargs = dict(kwargs)
+    input_ids = inputs if inputs is not None else call_kwargs.pop("input_ids", None)
+    attention_mask = call_kwargs.pop("attention_mask", None)
+    tokenizer = call_kwargs.pop("tokenizer", None)
+    gen, model_kwargs = self._prepare_generation_config(generation_config, **call_kwargs)
+    model_kwargs.pop("use_cache", None)
+    if input_ids is None or model_kwargs:
+        what = "no input_ids" if input_ids is None else f"model inputs {sorted(model_kwargs)}"
+        return _fallback(self, what, inputs, generation_config, logits_processor, kwargs)
+    reason = _unsupported(gen)
+    if reason:
+        return _fallback(self, reason, inputs, generation_config, logits_processor, kwargs)
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    mask = attention_mask.bool()
+    # Only left padding (HF's convention for decoder-only generation) maps onto rows without padding.
+    if (mask[:, 1:].long() - mask[:, :-1].long()).lt(0).any():
+        return _fallback(self, "right-padded attention_mask", inputs, generation_config, logits_processor, kwargs)
+    gen.validate()
+
+    engine = get_engine(self)
+    params = _sampling_params(gen, input_ids.shape[1], logits_processor, tokenizer, engine)
+    n = gen.num_return_sequences or 1
+    seqs = []
+    try:
+        for row in range(input_ids.shape[0]):
+            ids = input_ids[row][mask[row]].tolist()
+            for _ in range(n):
+                seqs.append(engine.submit(ids, params))
+    except ValueError:
+        for seq in seqs:
+            engine.abort(seq.request_id)
+        raise
+    for seq in seqs:
+        seq.done.wait()
+    errors = [s.error for s in seqs if s.error is not None]
+    if errors:
+        raise RuntimeError("hf_paged engine failed a request") from errors[0]
+    return _build_output(input_ids, seqs, n, gen, params)
+
+
+def _sampling_params(gen: GenerationConfig, input_len: int, logits_processor: Any, tokenizer: Any,
+                     engine: LLMEngine) -> SamplingParams:
+    if gen.max_new_tokens is not None:
+        max_new = gen.max_new_tokens
+    else:
+        max_new = (gen.max_length or 20) - input_len
+    min_new = gen.min_new_tokens or max(0, (gen.min_length or 0) - input_len)
+    eos = gen.eos_token_id
+    eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    stop = gen.stop_strings or []
+    if stop and engine.tokenizer is None:
+        if tokenizer is None:
+            raise ValueError("stop_strings: pass tokenizer= to generate (as HF requires) or to hf_paged.wrap")
+        engine.tokenizer = tokenizer
+    sample = bool(gen.do_sample)
+    params = SamplingParams(
+        max_new_tokens=max_new, min_new_tokens=min_new, temperature=(gen.temperature or 1.0) if sample else 0.0,
+        top_k=(gen.top_k or 0) if sample else 0, top_p=(gen.top_p or 1.0) if sample else 1.0,
+        min_p=(gen.min_p or 0.0) if sample else 0.0, repetition_penalty=gen.repetition_penalty or 1.0,
+        stop_token_ids=eos_ids, ignore_eos=True, stop=[stop] if isinstance(stop, str) else list(stop),
+        keep_scores=bool(gen.output_scores and gen.return_dict_in_generate),
+        logits_processors=logits_processor or None,
+    )
+    params.validate()
+    return params
+
+
+def _build_output(input_ids: torch.Tensor, seqs: list, n: int, gen: GenerationConfig, params: SamplingParams):
+    pad = gen.pad_token_id
+    if pad is None:
+        eos = gen.eos_token_id
+        pad = eos if isinstance(eos, int) else (eos[0] if eos else 0)
+    prompt = input_ids.repeat_interleave(n, dim=0)
+    width = max(s.num_output_tokens for s in seqs)
+    out = torch.full((len(seqs), width), pad, dtype=input_ids.dtype, device=input_ids.device)
+    for i, seq in enumerate(seqs):
+        out[i, : seq.num_output_tokens] = torch.tensor(seq.output_token_ids, dtype=input_ids.dtype)
+    sequences = torch.cat([prompt, out], dim=1)
+    if not gen.return_dict_in_generate:
+        return sequences
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    scores = None
+    if params.keep_scores:
+        vocab = seqs[0].scores[0].shape[-1]
+        scores = tuple(
+            torch.stack([s.scores[t] if t < len(s.scores) else torch.full((vocab,), float("-inf")) for s in seqs])
+            for t in range(width)
+        )
+    return GenerateDecoderOnlyOutput(sequences=sequences, scores=scores)
+
+
+def _fallback(model, reason: str, inputs, generation_config, logits_processor, kwargs: dict):
+    logger.info("hf_paged: %s -> HF generate%s", reason, "" if kwargs.get("past_key_values") else " on a PagedCache")
+    generate = type(model).generate
+    if kwargs.get("past_key_values") is not None or kwargs.get("assistant_model") is not None:
+        return generate(model, inputs, generation_config, logits_processor, **kwargs)
+    ids = inputs if inputs is not None else kwargs.get("input_ids")
+    if ids is None:
+        return generate(model, inputs, generation_config, logits_processor, **kwargs)
+    gen, _ = model._prepare_generation_config(generation_config, **{k: v for k, v in kwargs.items()
+                                                                     if k not in ("input_ids", "attention_mask")})
+    rows = ids.shape[0] * max(gen.num_beams or 1, gen.num_return_sequences or 1)
+    length = ids.shape[-1] + (gen.max_new_tokens if gen.max_new_tokens is not None else (gen.max_length or 20))
+    engine_config = model.__dict__.get(_CONFIG_ATTR) or {}
+    block_size = engine_config.get("block_size", 16)
+    cache = PagedCache(model, block_size=block_size, num_blocks=rows * (-(-length // block_size) + 1))
+    try:
+        return generate(model, inputs, generation_config, logits_processor, past_key_values=cache, **kwargs)
+    finally:
+        cache.free()

@@ -1,0 +1,133 @@
+"""PagedCache in HF's own generate must give exactly what DynamicCache gives (fp32), share expanded
+prompts and beams by reference, and keep its memory within one block per sequence of what it stores."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from hf_paged import PagedCache
+from hf_paged.patches.attention import disable_paged_attention, enable_paged_attention
+
+from conftest import left_pad, tiny_prompts
+
+
+def _generate_both(model, inputs, cache_blocks=600, seed=None, **kwargs):
+    if seed is not None:
+        torch.manual_seed(seed)
+    ref = model.generate(**inputs, past_key_values=DynamicCache(config=model.config), **kwargs)
+    cache = PagedCache(model, num_blocks=cache_blocks)
+    if seed is not None:
+        torch.manual_seed(seed)
+    try:
+        out = model.generate(**inputs, past_key_values=cache, **kwargs)
+        used = cache.pool.num_used_blocks
+    finally:
+        cache.free()
+    return ref, out, used
+
+
+@pytest.fixture(scope="module")
+def chat_batch(smollm2, chat_ids):
+    _, tok = smollm2
+    ids, mask = left_pad(chat_ids[:16], tok.pad_token_id)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_greedy_smollm2_16_prompts_left_padded(smollm2, chat_batch):
+    model, _ = smollm2
+    ref, out, _ = _generate_both(model, chat_batch, max_new_tokens=64, do_sample=False)
+    assert ref.shape == out.shape
+    assert torch.equal(ref, out)
+
+
+def test_seeded_sampling_and_num_return_sequences(smollm2, chat_batch):
+    model, _ = smollm2
+    inputs = {k: v[:4] for k, v in chat_batch.items()}
+    ref, out, _ = _generate_both(model, inputs, seed=7, max_new_tokens=24, do_sample=True, top_k=20,
+                                 num_return_sequences=2)
+    assert torch.equal(ref, out)
+
+
+@pytest.mark.parametrize("num_beams,num_return", [(2, 1), (4, 2)])
+def test_beam_search_equals_hf(smollm2, chat_batch, num_beams, num_return):
+    model, _ = smollm2
+    inputs = {k: v[:3] for k, v in chat_batch.items()}
+    ref, out, _ = _generate_both(model, inputs, max_new_tokens=24, num_beams=num_beams,
+                                 num_return_sequences=num_return, early_stopping=True)
+    assert torch.equal(ref, out)
+
+
+def test_beam_search_stores_a_long_prompt_once(smollm2):
+    model, tok = smollm2
+    prompt = tok("The history of the printing press is " * 80, return_tensors="pt").input_ids[:, :512]
+    assert prompt.shape[1] == 512
+    cache = PagedCache(model, num_blocks=400)
+    seen = []
+    real_update = cache.update
+
+    def spy(k, v, layer_idx, *a, **kw):
+        out = real_update(k, v, layer_idx, *a, **kw)
+        if layer_idx == 0:
+            seen.append(cache.pool.num_used_blocks)
+        return out
+
+    cache.update = spy
+    try:
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache, max_new_tokens=8,
+                       num_beams=4, early_stopping=True)
+    finally:
+        cache.free()
+    # After the prefill the 4 beams hold the 32 prompt blocks once; each later step adds at most one
+    # private partial block per beam (copy-on-write), never a copy of the prompt.
+    assert seen[0] == 32
+    assert max(seen) <= 32 + 4
+    assert cache.pool.num_free_blocks == cache.pool.num_blocks
+
+
+def test_memory_within_one_block_per_sequence(smollm2, chat_batch):
+    model, _ = smollm2
+    inputs = {k: v[:8] for k, v in chat_batch.items()}
+    cache = PagedCache(model, num_blocks=300)
+    try:
+        model.generate(**inputs, past_key_values=cache, max_new_tokens=21, min_new_tokens=21, do_sample=False)
+        stored = sum(row.num_tokens for row in cache.rows)  # rows keep their left padding, as DynamicCache does
+        slots = cache.num_blocks_in_use * cache.pool.block_size
+        assert stored <= slots < stored + len(cache.rows) * cache.pool.block_size
+    finally:
+        cache.free()
+
+
+def test_tiny_architectures_greedy(tiny_model):
+    name, model = tiny_model
+    rows = tiny_prompts(5, seed=3)
+    ids, mask = left_pad(rows, 0)
+    ref, out, _ = _generate_both(model, {"input_ids": ids, "attention_mask": mask}, max_new_tokens=20,
+                                 min_new_tokens=20, do_sample=False)
+    assert torch.equal(ref, out), name
+
+
+def test_tiny_architectures_beams(tiny_model):
+    name, model = tiny_model
+    rows = tiny_prompts(2, seed=5)
+    ids, mask = left_pad(rows, 0)
+    ref, out, _ = _generate_both(model, {"input_ids": ids, "attention_mask": mask}, max_new_tokens=12,
+                                 num_beams=3, num_return_sequences=2)
+    assert torch.equal(ref, out), name
+
+
+def test_paged_attention_selected_still_equals_dynamic(smollm2, chat_batch):
+    """With the model set to hf_paged, PagedCache generate and plain forwards are unchanged."""
+    model, _ = smollm2
+    inputs = {k: v[:4] for k, v in chat_batch.items()}
+    before_logits = model(**inputs).logits
+    ref = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+    enable_paged_attention(model)
+    try:
+        assert model.config._attn_implementation == "hf_paged"
+        assert torch.equal(model(**inputs).logits, before_logits)
+        with PagedCache(model, num_blocks=100) as cache:
+            out = model.generate(**inputs, past_key_values=cache, max_new_tokens=16, do_sample=False)
+        assert torch.equal(ref, out)
+    finally:
+        disable_paged_attention(model)
+    assert model.config._attn_implementation == "sdpa"
