@@ -144,7 +144,7 @@ class BlockPool:
         """Do every queued copy-on-write block copy (all layers, K and V) in one operation."""
         if not self._pending_copies:
             return
-        from .kernels.cache_ops import copy_blocks
+        from .kernels.dispatch import copy_blocks
 
         pairs = torch.tensor(self._pending_copies, dtype=torch.long, device=self.device)
         self._pending_copies.clear()
