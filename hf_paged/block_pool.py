@@ -138,6 +138,11 @@ class BlockPool:
 
     # ---- copies --------------------------------------------------------------------------------
     def queue_copy(self, src: int, dst: int) -> None:
+        # All queued copies read their sources at once, before any is written: a source that is itself
+        # the destination of a queued copy must read that copy's source instead.
+        for pending_src, pending_dst in self._pending_copies:
+            if pending_dst == src:
+                src = pending_src
         self._pending_copies.append((src, dst))
 
     def flush_copies(self) -> None:
@@ -156,7 +161,8 @@ def hash_block_tokens(parent: bytes | None, token_ids: Sequence[int], salt: str 
     h = hashlib.blake2b(digest_size=16)
     h.update(parent or b"\0" * 16)
     if salt:
-        h.update(b"salt:" + salt.encode())
+        encoded = salt.encode()
+        h.update(b"salt" + struct.pack("<q", len(encoded)) + encoded)
     h.update(struct.pack(f"<{len(token_ids)}q", *token_ids))
     return h.digest()
 
