@@ -50,26 +50,48 @@ class PagedAttentionMetadata:
     def num_tokens(self) -> int:
         return int(self.slot_mapping.shape[0])
 
-    def decode_block_tables(self) -> tuple[torch.Tensor, int]:
-        """Block tables of the decode sequences cut to the blocks their longest context needs."""
-        if "t" not in self._decode_tables:
+    def decode_groups(self) -> list[tuple[torch.Tensor | None, torch.Tensor, int]]:
+        """The decode sequences in groups of similar context length, so that gathering each group's blocks
+        pads little: ``(row indices or None for all, block tables [G, blocks], max length)`` per group."""
+        if "g" not in self._decode_tables:
             d = self.num_decodes
-            max_len = max(self.kv_lens_list[:d])
-            nblocks = -(-max_len // self.block_size)
-            self._decode_tables["t"] = (self.block_tables[:d, :nblocks].contiguous(), max_len)
-        return self._decode_tables["t"]
+            if d == 0:
+                return []
+            lens = self.kv_lens_list[:d]
+            order = sorted(range(d), key=lens.__getitem__)
+            groups: list[list[int]] = [[]]
+            for i in order:
+                group = groups[-1]
+                # A new group when padding this group to the new length would waste over a third.
+                if len(group) >= 8 and lens[i] * len(group) > 1.5 * sum(lens[j] for j in group) and len(groups) < 4:
+                    groups.append([i])
+                else:
+                    group.append(i)
+            out = []
+            for group in groups:
+                max_len = max(lens[i] for i in group)
+                nblocks = -(-max_len // self.block_size)
+                if len(groups) == 1:
+                    out.append((None, self.block_tables[:d, :nblocks].contiguous(), max_len))
+                else:
+                    idx = torch.tensor(group, device=self.block_tables.device)
+                    out.append((idx, self.block_tables[idx, :nblocks], max_len))
+            self._decode_tables["g"] = out
+        return self._decode_tables["g"]
 
-    def decode_mask(self, sliding_window: int | None) -> torch.Tensor:
-        """``[D, 1, 1, L]`` bool: which gathered key slots each decode query may see."""
-        key = ("d", sliding_window)
+    def decode_mask(self, group: int, sliding_window: int | None) -> torch.Tensor:
+        """``[G, 1, 1, L]`` additive fp32 mask (0 or -inf) of the gathered key slots of one decode group."""
+        key = ("d", group, sliding_window)
         if key not in self._masks:
-            _, max_len = self.decode_block_tables()
-            lens = self.kv_lens[: self.num_decodes].to(torch.long).unsqueeze(1)
+            idx, _, max_len = self.decode_groups()[group]
+            lens = self.kv_lens[: self.num_decodes].to(torch.long)
+            lens = (lens if idx is None else lens[idx]).unsqueeze(1)
             pos = torch.arange(max_len, device=lens.device).unsqueeze(0)
-            mask = pos < lens
+            visible = pos < lens
             if sliding_window:
-                mask &= pos >= lens - sliding_window
-            self._masks[key] = mask[:, None, None, :]
+                visible &= pos >= lens - sliding_window
+            mask = torch.zeros(visible.shape, dtype=torch.float32, device=lens.device)
+            self._masks[key] = mask.masked_fill_(~visible, float("-inf"))[:, None, None, :]
         return self._masks[key]
 
     def prefill_mask(self, seq: int, sliding_window: int | None) -> torch.Tensor:
@@ -88,13 +110,16 @@ class PagedAttentionMetadata:
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
             softcap: float | None) -> torch.Tensor:
-    """q ``[B, KVH, M, D]``, k/v ``[B, KVH, L, D]``, bool mask broadcastable to ``[B, KVH, M, L]``."""
+    """q ``[B, KVH, M, D]``, k/v ``[B, KVH, L, D]``; mask broadcastable to ``[B, KVH, M, L]``, either bool
+    (True = visible) or additive fp32."""
     if not softcap:
+        if mask.dtype != torch.bool and mask.dtype != q.dtype:
+            mask = mask.to(q.dtype)
         return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale)
     # Soft-capped scores are computed in fp32 whatever the input dtype (tanh of bf16 scores loses too much).
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~mask, float("-inf"))
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     return torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(q.dtype)
 
 
@@ -107,12 +132,17 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     group = num_heads // kv_heads
     out = torch.empty_like(query)
     d = meta.num_decodes
-    if d:
-        tables, max_len = meta.decode_block_tables()
-        k = gather_blocks(key_cache, tables, max_len).transpose(1, 2)  # [D, KVH, L, hd]
+    for g, (rows, tables, max_len) in enumerate(meta.decode_groups()):
+        k = gather_blocks(key_cache, tables, max_len).transpose(1, 2)  # [G, KVH, L, hd]
         v = gather_blocks(value_cache, tables, max_len).transpose(1, 2)
-        q = query[:d].view(d, kv_heads, group, head_dim)
-        out[:d] = _attend(q, k, v, meta.decode_mask(sliding_window), scale, softcap).reshape(d, num_heads, head_dim)
+        q = query[:d] if rows is None else query[rows]
+        # The query heads sharing a KV head become that head's query rows: no repeat of K/V for GQA.
+        q = q.reshape(-1, kv_heads, group, head_dim)
+        o = _attend(q, k, v, meta.decode_mask(g, sliding_window), scale, softcap).reshape(-1, num_heads, head_dim)
+        if rows is None:
+            out[:d] = o
+        else:
+            out[rows] = o
     cu = meta.cu_seqlens_q
     for seq in range(d, meta.num_seqs):
         start, q_len, kv_len = int(cu[seq]), meta.q_lens_list[seq], meta.kv_lens_list[seq]
