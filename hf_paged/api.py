@@ -94,7 +94,10 @@ def _unsupported(gen: GenerationConfig) -> str | None:
             continue
         return f"generation option {name}={value!r}"
     if gen.num_beams and gen.num_beams > 1:
-        return f"beam search (num_beams={gen.num_beams})"
+        if gen.do_sample:
+            return "beam sampling (num_beams > 1 with do_sample)"
+        if (gen.repetition_penalty or 1.0) != 1.0 or gen.stop_strings:
+            return "beam search with repetition_penalty / stop_strings"
     return None
 
 
@@ -128,25 +131,30 @@ def _paged_generate(self, inputs: torch.Tensor | None = None, generation_config:
         return _fallback(self, "right-padded attention_mask", inputs, generation_config, logits_processor, kwargs)
     gen.validate()
 
+    if (gen.num_beams or 1) > 1 and logits_processor:
+        return _fallback(self, "beam search with a logits_processor", inputs, generation_config, logits_processor,
+                         kwargs)
     engine = get_engine(self)
     params = _sampling_params(gen, input_ids.shape[1], logits_processor, tokenizer, engine)
     n = gen.num_return_sequences or 1
-    seqs = []
+    roots = []
     try:
         for row in range(input_ids.shape[0]):
-            ids = input_ids[row][mask[row]].tolist()
-            for _ in range(n):
-                seqs.append(engine.submit(ids, params))
+            roots.append(engine.submit(input_ids[row][mask[row]].tolist(), params))
     except ValueError:
-        for seq in seqs:
+        for seq in roots:
             engine.abort(seq.request_id)
         raise
-    for seq in seqs:
+    for seq in roots:
         seq.done.wait()
-    errors = [s.error for s in seqs if s.error is not None]
+    errors = [s.error for s in roots if s.error is not None]
     if errors:
         raise RuntimeError("hf_paged engine failed a request") from errors[0]
-    return _build_output(input_ids, seqs, n, gen, params)
+    outputs = []
+    for seq in roots:
+        out = seq.output()
+        outputs.extend(out.samples if out.samples else [out])
+    return _build_output(input_ids, outputs, n, gen, params)
 
 
 def _sampling_params(gen: GenerationConfig, input_len: int, logits_processor: Any, tokenizer: Any,
@@ -164,7 +172,12 @@ def _sampling_params(gen: GenerationConfig, input_len: int, logits_processor: An
             raise ValueError("stop_strings: pass tokenizer= to generate (as HF requires) or to hf_paged.wrap")
         engine.tokenizer = tokenizer
     sample = bool(gen.do_sample)
+    beams = gen.num_beams or 1
+    nrs = gen.num_return_sequences or 1
     params = SamplingParams(
+        n=nrs if beams == 1 else 1, num_beams=beams, num_return_sequences=nrs if beams > 1 else 1,
+        length_penalty=gen.length_penalty if gen.length_penalty is not None else 1.0,
+        early_stopping=gen.early_stopping if gen.early_stopping is not None else False,
         max_new_tokens=max_new, min_new_tokens=min_new, temperature=(gen.temperature or 1.0) if sample else 0.0,
         top_k=(gen.top_k or 0) if sample else 0, top_p=(gen.top_p or 1.0) if sample else 1.0,
         min_p=(gen.min_p or 0.0) if sample else 0.0, repetition_penalty=gen.repetition_penalty or 1.0,
@@ -176,16 +189,17 @@ def _sampling_params(gen: GenerationConfig, input_len: int, logits_processor: An
     return params
 
 
-def _build_output(input_ids: torch.Tensor, seqs: list, n: int, gen: GenerationConfig, params: SamplingParams):
+def _build_output(input_ids: torch.Tensor, outputs: list, n: int, gen: GenerationConfig, params: SamplingParams):
+    """HF's padded ``[rows * n, prompt + generated]`` result from one output per returned sequence."""
     pad = gen.pad_token_id
     if pad is None:
         eos = gen.eos_token_id
         pad = eos if isinstance(eos, int) else (eos[0] if eos else 0)
     prompt = input_ids.repeat_interleave(n, dim=0)
-    width = max(s.num_output_tokens for s in seqs)
-    out = torch.full((len(seqs), width), pad, dtype=input_ids.dtype, device=input_ids.device)
-    for i, seq in enumerate(seqs):
-        out[i, : seq.num_output_tokens] = torch.tensor(seq.output_token_ids, dtype=input_ids.dtype)
+    width = max(len(o.token_ids) for o in outputs)
+    out = torch.full((len(outputs), width), pad, dtype=input_ids.dtype, device=input_ids.device)
+    for i, o in enumerate(outputs):
+        out[i, : len(o.token_ids)] = torch.tensor(o.token_ids, dtype=input_ids.dtype)
     sequences = torch.cat([prompt, out], dim=1)
     if not gen.return_dict_in_generate:
         return sequences
@@ -193,9 +207,9 @@ def _build_output(input_ids: torch.Tensor, seqs: list, n: int, gen: GenerationCo
 
     scores = None
     if params.keep_scores:
-        vocab = seqs[0].scores[0].shape[-1]
+        vocab = outputs[0].scores[0].shape[-1]
         scores = tuple(
-            torch.stack([s.scores[t] if t < len(s.scores) else torch.full((vocab,), float("-inf")) for s in seqs])
+            torch.stack([o.scores[t] if t < len(o.scores) else torch.full((vocab,), float("-inf")) for o in outputs])
             for t in range(width)
         )
     return GenerateDecoderOnlyOutput(sequences=sequences, scores=scores)

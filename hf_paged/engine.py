@@ -24,7 +24,8 @@ from .model_runner import ModelRunner
 from .patches.attention import enable_paged_attention
 from .sampler import Sampler
 from .scheduler import Scheduler, SchedulerConfig
-from .sequence import FinishReason, RequestOutput, SamplingParams, Sequence
+from .beam_search import BeamSearchState
+from .sequence import FinishReason, RequestOutput, SamplingParams, Sequence, SequenceGroup
 
 logger = logging.getLogger(__name__)
 
@@ -36,12 +37,15 @@ class LLMEngine:
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, *, block_size: int = 16, num_blocks: int | None = None,
                  memory_bytes: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
-                 enable_prefix_caching: bool = True, max_model_len: int | None = None) -> None:
+                 enable_prefix_caching: bool = True, max_model_len: int | None = None,
+                 share_blocks: bool = True) -> None:
         if max_num_batched_tokens <= 0 or max_num_seqs <= 0:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
         enable_paged_attention(model)
         self.model = model
         self.tokenizer = tokenizer
+        # Off: n samples are n independent requests and beams copy their blocks (for measuring what sharing saves).
+        self.share_blocks = share_blocks
         if num_blocks is None and memory_bytes is None:
             memory_bytes = DEFAULT_KV_MEMORY_BYTES
         self.pool = make_pool(model, block_size=block_size, num_blocks=num_blocks, memory_bytes=memory_bytes)
@@ -92,13 +96,33 @@ class LLMEngine:
                              f"{self.pool.num_blocks}; the request can never fit")
         if request_id is not None and request_id in self._by_id:
             raise ValueError(f"request_id: {request_id!r} is already in use")
-        return Sequence(ids, params, BlockTable(self.pool), request_id, self.eos_token_ids)
+        seq = Sequence(ids, params, BlockTable(self.pool), request_id, self.eos_token_ids)
+        if params.num_beams > 1:
+            if params.logits_processors or params.repetition_penalty != 1 or params.stop \
+                    or params.presence_penalty or params.frequency_penalty:
+                raise ValueError("num_beams: beam search supports eos, min/max_new_tokens, length_penalty, "
+                                 "early_stopping and num_return_sequences only")
+            eos = sorted(seq.stop_ids)
+            pad = eos[0] if eos else 0
+            state = BeamSearchState(ids, params.num_beams, min(params.max_new_tokens, self.max_model_len - len(ids)),
+                                    eos, params.length_penalty, params.early_stopping,
+                                    params.num_return_sequences, pad, params.min_new_tokens)
+            group = SequenceGroup(seq, state)
+            group.decode = self._decode
+        elif params.n > 1:
+            SequenceGroup(seq)
+        return seq
+
+    def _decode(self, ids: list[int]) -> str | None:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else None
 
     def submit(self, prompt: str | Seq[int], params: SamplingParams | None = None, request_id: str | None = None,
                stream: bool = False) -> Sequence:
         """Queue a request; returns its sequence (``seq.done`` is set when it finishes)."""
         seq = self.make_sequence(prompt, params, request_id)
         if stream:
+            if seq.group is not None:
+                raise ValueError("stream: streaming is for single-sequence requests (n=1, num_beams=1)")
             seq.stream = queue.SimpleQueue()
         self._post("add", seq)
         return seq
@@ -139,7 +163,10 @@ class LLMEngine:
             elif kind == "abort":
                 seq = self._by_id.get(item)
                 if seq is not None and not seq.finished:
-                    self._finish(seq, FinishReason.ABORT)
+                    if seq.group is not None:
+                        self._finish_group(seq.group, FinishReason.ABORT)
+                    else:
+                        self._finish(seq, FinishReason.ABORT)
 
     def step(self) -> list[Sequence]:
         """One scheduling + forward + sampling iteration; returns the sequences that finished in it."""
@@ -156,12 +183,31 @@ class LLMEngine:
                 old = seq.num_computed_tokens
                 seq.num_computed_tokens = old + n
                 self.scheduler.register_computed_blocks(seq, old)
-            sampling = [step.seqs[r] for r in rows]
+            sampling, sample_rows = [], []
+            for row, seq in zip(rows, (step.seqs[r] for r in rows)):
+                group = seq.group
+                if group is not None and group.beam is not None:
+                    seq.pending_logits = logits[row]
+                elif group is not None and seq is group.root:  # n > 1: the prompt is done; fork n samples
+                    children = [seq.fork_child(i, self.share_blocks) for i in range(seq.params.n)]
+                    group.live = children
+                    self.scheduler.replace([seq], children)
+                    sampling.extend(children)
+                    sample_rows.extend([row] * len(children))
+                else:
+                    sampling.append(seq)
+                    sample_rows.append(row)
+            if sample_rows != list(range(len(rows))):
+                logits = logits[sample_rows] if sample_rows else logits[:0]
             tokens, logprobs = self.sampler(logits, sampling) if sampling else ([], None)
+            self._advance_beams(step.seqs)
         except Exception as exc:  # a failed forward fails only this step's requests
             logger.exception("engine step failed; failing its %d requests", len(step.seqs))
             for seq in step.seqs:
-                self._finish(seq, FinishReason.ERROR, exc)
+                if seq.group is not None:
+                    self._finish_group(seq.group, FinishReason.ERROR, exc)
+                elif not seq.finished:
+                    self._finish(seq, FinishReason.ERROR, exc)
             return list(step.seqs)
         now = time.perf_counter()
         self.metrics.record_step(step, now - started, self.pool, self.scheduler)
@@ -184,6 +230,42 @@ class LLMEngine:
                 finished.append(seq)
         return finished
 
+    def _advance_beams(self, seqs: list[Sequence]) -> None:
+        """Run a beam-search step for every group whose live beams all have their logits."""
+        groups = {id(s.group): s.group for s in seqs if s.group is not None and s.group.beam is not None}
+        for group in groups.values():
+            beams = group.live
+            if any(b.pending_logits is None for b in beams):
+                continue
+            logits = torch.stack([b.pending_logits for b in beams])
+            if len(beams) == 1:  # the prompt: HF starts from k identical beams
+                logits = logits.expand(group.beam.k, -1)
+            pairs = group.beam.step(logits)
+            for b in beams:
+                b.pending_logits = None
+            if group.root.first_token_time is None:
+                group.root.first_token_time = time.perf_counter()
+            if group.beam.done:
+                self._finish_group(group, FinishReason.STOP)
+                continue
+            children = []
+            for i, (parent, token) in enumerate(pairs):
+                child = beams[parent].fork_child(i, self.share_blocks)
+                child.token_ids.append(token)
+                children.append(child)
+            group.live = children
+            self.scheduler.replace(beams, children)
+
+    def _finish_group(self, group: SequenceGroup, reason: FinishReason, error: BaseException | None = None) -> None:
+        for seq in list(group.live):
+            if seq is not group.root:
+                self._finish(seq, reason, error)
+        root = group.root
+        if not root.finished:
+            if group.beam is None and group.finished:
+                reason = group.finished[0].finish_reason if reason == FinishReason.STOP else reason
+            self._finish(root, reason, error)
+
     def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         p = seq.params
         n_out = seq.num_output_tokens
@@ -204,12 +286,22 @@ class LLMEngine:
         seq.error = error
         seq.finish_time = time.perf_counter()
         self.scheduler.finish(seq)
-        if seq.text is None and self.tokenizer is not None:
+        group = seq.group
+        if seq.text is None and self.tokenizer is not None and (group is None or group.beam is None):
             seq.text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
-        self.metrics.record_finish(seq)
-        self._by_id.pop(seq.request_id, None)
+        if group is None or seq is not group.root or group.beam is not None:
+            self.metrics.record_finish(seq)
         if seq.stream is not None:
             seq.stream.put(None)
+        if group is not None and seq is not group.root:
+            if seq in group.live:
+                group.live.remove(seq)
+            if group.beam is None:
+                group.finished.append(seq)
+            if not group.live:
+                self._finish_group(group, reason, error)
+            return
+        self._by_id.pop(seq.request_id, None)
         seq.done.set()
 
     # ---- convenience APIs ----------------------------------------------------------------------

@@ -149,6 +149,24 @@ class Scheduler:
         for b in range(first, last):
             self.pool.register_full_block(seq.block_table.blocks[b], hashes[b])
 
+    def replace(self, old: list[Sequence], new: list[Sequence]) -> None:
+        """Put ``new`` where ``old`` were (a request's root by its samples, beams by the next beams); old
+        sequences' blocks are released (the new ones hold their own references)."""
+        position = len(self.running)
+        for seq in old:
+            if seq in self.running:
+                position = min(position, self.running.index(seq))
+                self.running.remove(seq)
+            elif seq in self.waiting:
+                self.waiting.remove(seq)
+            seq.block_table.free()
+        ready = [s for s in new if s.num_computed_tokens >= s.num_tokens - 1 and s.num_computed_tokens > 0]
+        self.running[position:position] = ready
+        for seq in reversed([s for s in new if s not in ready]):  # parents preempted: recompute first
+            seq.num_computed_tokens = 0
+            seq.block_table.free()
+            self.waiting.appendleft(seq)
+
     def finish(self, seq: Sequence) -> None:
         if seq in self.running:
             self.running.remove(seq)

@@ -7,6 +7,7 @@ preemption are all the same thing: compute the tokens not yet computed, sample w
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import itertools
 import queue
@@ -41,6 +42,11 @@ class SamplingParams:
     keep_scores: bool = False  # keep each step's processed logits (HF output_scores)
     logits_processors: Any = None  # an HF LogitsProcessorList (or callables (input_ids, scores) -> scores)
     cache_salt: str | None = None
+    n: int = 1  # parallel samples of one prompt (prefilled once, sharing its blocks)
+    num_beams: int = 1  # beam search (HF's semantics) when > 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    num_return_sequences: int = 1  # beam search: how many of the best hypotheses to return
 
     def validate(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -71,6 +77,19 @@ class SamplingParams:
             raise bad("stop_token_ids", "must be a list of token ids")
         if self.seed is not None and not isinstance(self.seed, int):
             raise bad("seed", "must be an integer")
+        if not isinstance(self.n, int) or self.n < 1:
+            raise bad("n", "must be a positive integer")
+        if not isinstance(self.num_beams, int) or self.num_beams < 1:
+            raise bad("num_beams", "must be a positive integer")
+        if self.num_beams > 1:
+            if self.n > 1:
+                raise bad("n", "parallel sampling and beam search do not combine; use num_return_sequences")
+            if self.temperature != 0:
+                raise bad("temperature", "beam search is deterministic here: set temperature=0 (no beam sampling)")
+            if self.early_stopping not in (True, False, "never"):
+                raise bad("early_stopping", "must be True, False or 'never'")
+        if not isinstance(self.num_return_sequences, int) or not 1 <= self.num_return_sequences <= self.num_beams:
+            raise bad("num_return_sequences", "must be between 1 and num_beams")
 
     @property
     def greedy(self) -> bool:
@@ -97,6 +116,8 @@ class RequestOutput:
     scores: list[torch.Tensor] | None = None
     error: BaseException | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    samples: list["RequestOutput"] | None = None  # n > 1 or beam search: every returned sequence, best first
+    score: float | None = None  # beam search: the hypothesis' length-normalised log-probability
 
     @property
     def finished(self) -> bool:
@@ -135,7 +156,23 @@ class Sequence:
         self.num_preemptions = 0
         self.stream: "queue.SimpleQueue[RequestOutput | None] | None" = None
         self.done = threading.Event()
-        self.on_token: Callable[["Sequence"], None] | None = None
+        self.group: SequenceGroup | None = None
+        self.pending_logits: torch.Tensor | None = None  # beam search: this beam's logits, waiting for its group
+
+    def fork_child(self, index: int, share_blocks: bool = True) -> "Sequence":
+        """A sequence continuing this one: same tokens and K/V, blocks shared (or copied if not share_blocks)."""
+        params = self.params
+        if params.seed is not None:
+            params = dataclasses.replace(params, seed=params.seed + index)
+        table = self.block_table.fork() if share_blocks else self.block_table.copy()
+        child = Sequence(self.token_ids[: self.num_prompt_tokens], params, table, f"{self.request_id}-{index}")
+        child.token_ids = list(self.token_ids)
+        child.stop_ids, child.eos_token_ids = self.stop_ids, self.eos_token_ids
+        child.num_computed_tokens = self.num_computed_tokens
+        child.block_hashes = list(self.block_hashes)
+        child.arrival_time, child.first_token_time = self.arrival_time, self.first_token_time
+        child.group = self.group
+        return child
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -158,6 +195,8 @@ class Sequence:
         return self.finish_reason is not None
 
     def output(self) -> RequestOutput:
+        if self.group is not None and self.group.root is self:
+            return self.group.output()
         return RequestOutput(
             request_id=self.request_id, prompt_token_ids=self.prompt_token_ids, token_ids=self.output_token_ids,
             text=self.text, finish_reason=self.finish_reason,
@@ -173,3 +212,36 @@ class Sequence:
             if self.finish_time is not None and self.num_output_tokens > 1:
                 out["tpot_s"] = (self.finish_time - self.first_token_time) / (self.num_output_tokens - 1)
         return out
+
+
+class SequenceGroup:
+    """The sequences of one request with n > 1 (parallel sampling) or num_beams > 1 (beam search).
+
+    The root sequence (what the caller holds) is prefilled once; at its first sample it is replaced by its
+    children, which share its blocks. ``live`` are the sequences still generating, ``finished`` the done ones.
+    """
+
+    def __init__(self, root: Sequence, beam_state=None) -> None:
+        self.root = root
+        self.live: list[Sequence] = [root]
+        self.finished: list[Sequence] = []
+        self.beam = beam_state
+        self.decode: Callable[[list[int]], str] | None = None  # the engine's tokenizer, for beam texts
+        root.group = self
+
+    def output(self) -> RequestOutput:
+        root = self.root
+        if self.beam is not None:
+            samples = [RequestOutput(f"{root.request_id}-{i}", root.prompt_token_ids, ids, score=score,
+                                     text=self.decode(ids) if self.decode else None,
+                                     finish_reason=root.finish_reason)
+                       for i, (ids, score) in enumerate(self.beam.results())] if root.error is None else []
+        else:
+            samples = [s.output() for s in sorted(self.finished, key=lambda s: s.request_id)]
+        best = samples[0] if samples else None
+        return RequestOutput(
+            request_id=root.request_id, prompt_token_ids=root.prompt_token_ids,
+            token_ids=best.token_ids if best else [], text=best.text if best else None,
+            finish_reason=root.finish_reason, logprobs=best.logprobs if best else None, error=root.error,
+            metrics=root.timing(), samples=samples, score=best.score if best else None,
+        )

@@ -6,6 +6,9 @@ and attended with one ``scaled_dot_product_attention`` call, the query heads tha
 into the query-length axis (so GQA needs no repeat of K/V). The remaining sequences (prefill chunks)
 are attended one by one against their cached prefix plus their own new tokens, causally.
 
+On the CPU, fp32 and bf16 decodes take the C kernel of ``cpu_decode_attention`` instead (K/V read straight
+from the blocks, once) when it could be built; ``HF_PAGED_CPU_KERNEL=0`` keeps them on the PyTorch path.
+
 Masks depend only on the step and on the layer's sliding window, so they are built once per step and
 window and shared by all layers.
 """
@@ -18,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import cpu_decode_attention as _cpu_kernel
 from .cache_ops import gather_blocks
 
 
@@ -132,7 +136,14 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     group = num_heads // kv_heads
     out = torch.empty_like(query)
     d = meta.num_decodes
-    for g, (rows, tables, max_len) in enumerate(meta.decode_groups()):
+    if d and _cpu_kernel.supports(query, key_cache, value_cache):
+        # The C kernel reads K/V straight from the blocks: no gather, no grouping.
+        _cpu_kernel.decode_attention_cpu(query[:d], key_cache, value_cache, meta.block_tables[:d],
+                                         meta.kv_lens[:d], scale, sliding_window, softcap, out=out[:d])
+        groups = []
+    else:
+        groups = meta.decode_groups()
+    for g, (rows, tables, max_len) in enumerate(groups):
         k = gather_blocks(key_cache, tables, max_len).transpose(1, 2)  # [G, KVH, L, hd]
         v = gather_blocks(value_cache, tables, max_len).transpose(1, 2)
         q = query[:d] if rows is None else query[rows]

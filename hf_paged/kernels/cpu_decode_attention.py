@@ -1,0 +1,200 @@
+"""Paged decode attention on the CPU as a small C kernel (``csrc/paged_decode_attention.c``).
+
+The PyTorch CPU path gathers every decode sequence's blocks into a dense tensor and then runs
+``scaled_dot_product_attention`` on it, reading K/V three times. The C kernel reads K/V straight from the
+blocks through the block table, once, one OpenMP task per (sequence, KV head).
+
+The kernel is plain C (no torch headers), compiled on first use with the system C compiler (``$CC``, else
+``gcc``, else ``cc``) into ``$HF_PAGED_CACHE`` (default ``~/.cache/hf_paged``); the file name carries a hash
+of the source, the flags, the compiler's version and the CPU (``-march=native``), and the library is built
+under a temporary name and renamed into place, so processes that race build it twice at worst. It is
+loaded with ``ctypes`` and called with raw ``data_ptr()``s (ctypes drops the GIL for the call).
+
+If no compiler is there or the build fails, :func:`available` is False (one warning is logged) and the
+callers keep the PyTorch path; nothing here raises at import. ``HF_PAGED_CPU_KERNEL=0`` turns the kernel off
+(read on every call).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["available", "decode_attention_cpu", "library_path", "build_seconds"]
+
+SOURCE = Path(__file__).parent / "csrc" / "paged_decode_attention.c"
+# No -ffast-math: the reductions are vectorized through `omp simd reduction` and exp is a polynomial in
+# the source, so the results stay within ~1e-6 of fp32 PyTorch without it.
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-strict-aliasing", "-std=gnu11"]
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_state: str | None = None  # None: not tried yet; "ok"; "failed"
+_build_seconds: float | None = None  # how long the compile took in this process (None: loaded from the cache)
+_path: Path | None = None
+
+
+def _enabled() -> bool:
+    return os.environ.get("HF_PAGED_CPU_KERNEL", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "gcc", "cc"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU's model and flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f.read().splitlines() if ln.startswith(("model name", "flags"))]
+        return "\n".join(lines[:2])
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("HF_PAGED_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "hf_paged"
+
+
+def _build(cc: str) -> Path:
+    source = SOURCE.read_bytes()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256(b"\0".join([source, " ".join(CFLAGS).encode(), version.encode(),
+                                     _cpu_id().encode(), platform.machine().encode()])).hexdigest()[:16]
+    folder = _cache_dir()
+    path = folder / f"paged_decode_attention_{key}.so"
+    if path.exists():
+        return path
+    global _build_seconds
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        t0 = time.perf_counter()
+        res = subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
+                             timeout=300)
+        if res.returncode != 0:
+            raise RuntimeError(f"{cc} failed ({res.returncode}): {res.stderr.strip()[-2000:]}")
+        _build_seconds = time.perf_counter() - t0
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, path)  # atomic: a racing process sees either no file or a whole one
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    logger.info("built %s in %.2f s", path, _build_seconds)
+    return path
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _state, _path
+    if _state is not None:
+        return _lib
+    with _lock:
+        if _state is not None:
+            return _lib
+        try:
+            cc = _compiler()
+            if cc is None:
+                raise RuntimeError("no C compiler found ($CC, gcc, cc)")
+            _path = _build(cc)
+            lib = ctypes.CDLL(str(_path))
+            ptr, i64, i32, f32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
+            for name in ("paged_decode_attention_f32", "paged_decode_attention_bf16"):
+                fn = getattr(lib, name)
+                fn.restype = ctypes.c_int
+                fn.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, i64,
+                               i32, i32, i32, i32, i32, i32, f32, f32, i32]
+            _lib = lib
+            _state = "ok"
+        except Exception as exc:  # no compiler, a failed build, an unloadable library: keep PyTorch
+            logger.warning("the C decode-attention kernel is not usable (%s); the CPU path stays on PyTorch", exc)
+            _lib = None
+            _state = "failed"
+    return _lib
+
+
+def available() -> bool:
+    """Whether :func:`decode_attention_cpu` can run here (builds the library on the first call)."""
+    return _enabled() and _load() is not None
+
+
+def library_path() -> Path | None:
+    """The loaded library's path (None until loaded)."""
+    return _path
+
+
+def build_seconds() -> float | None:
+    """The compile time of the library in this process, or None if it came from the cache (or not yet)."""
+    return _build_seconds
+
+
+_DTYPES = {torch.float32: "paged_decode_attention_f32", torch.bfloat16: "paged_decode_attention_bf16"}
+
+
+def supports(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> bool:
+    """Whether these tensors can take the kernel (CPU, fp32 or bf16 everywhere, caches contiguous)."""
+    return (query.device.type == "cpu" and key_cache.device.type == "cpu" and query.dtype in _DTYPES
+            and key_cache.dtype == query.dtype and value_cache.dtype == query.dtype
+            and key_cache.is_contiguous() and value_cache.is_contiguous()
+            and key_cache.shape == value_cache.shape and query.shape[-1] == key_cache.shape[-1]
+            and query.shape[1] % key_cache.shape[2] == 0 and available())
+
+
+def decode_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                         block_tables: torch.Tensor, kv_lens: torch.Tensor, scale: float,
+                         sliding_window: int | None = None, softcap: float | None = None,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+    """One query token per sequence: query ``[D, H, hd]`` (sequence i at position ``kv_lens[i] - 1``, its K/V
+    already in the caches ``[num_blocks, block_size, KVH, hd]``), block_tables ``[D, >= blocks]``, kv_lens
+    ``[D]`` -> ``[D, H, hd]`` in the query's dtype (written into ``out`` when given; any strides with a
+    contiguous last dim). fp32 or bf16; fp32 accumulation."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError("the C decode-attention kernel is not available")
+    if query.dtype not in _DTYPES or key_cache.dtype != query.dtype or value_cache.dtype != query.dtype:
+        raise TypeError(f"dtypes {query.dtype}/{key_cache.dtype}/{value_cache.dtype}: need fp32 or bf16, all equal")
+    num_seqs, num_heads, head_dim = query.shape
+    _, block_size, kv_heads, hd = key_cache.shape
+    if hd != head_dim or num_heads % kv_heads or value_cache.shape != key_cache.shape:
+        raise ValueError(f"shapes: query {tuple(query.shape)}, caches {tuple(key_cache.shape)}")
+    if block_tables.shape[0] < num_seqs or kv_lens.shape[0] < num_seqs:
+        raise ValueError("block_tables / kv_lens have fewer rows than the query")
+    key_cache = key_cache.contiguous()
+    value_cache = value_cache.contiguous()
+    if query.stride(2) != 1:
+        query = query.contiguous()
+    if block_tables.dtype != torch.int64 or block_tables.stride(1) != 1:
+        block_tables = block_tables.to(torch.int64).contiguous()
+    if kv_lens.dtype != torch.int32 or not kv_lens.is_contiguous():
+        kv_lens = kv_lens.to(torch.int32).contiguous()
+    if out is None:
+        out = torch.empty((num_seqs, num_heads, head_dim), dtype=query.dtype)
+    elif out.shape != query.shape or out.dtype != query.dtype or out.stride(2) != 1:
+        raise ValueError("out must be [D, H, hd] in the query's dtype with a contiguous last dim")
+    if num_seqs == 0:
+        return out
+    rc = getattr(lib, _DTYPES[query.dtype])(
+        query.data_ptr(), query.stride(0), query.stride(1), key_cache.data_ptr(), value_cache.data_ptr(),
+        block_tables.data_ptr(), block_tables.stride(0), kv_lens.data_ptr(), out.data_ptr(), out.stride(0),
+        out.stride(1), num_seqs, num_heads, kv_heads, head_dim, block_size, int(sliding_window or 0),
+        float(scale), float(softcap or 0.0), torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"paged_decode_attention failed ({rc})")
+    return out
