@@ -220,11 +220,19 @@ static inline __attribute__((always_inline)) int paged_decode_attention(
     q, q_s0, q_s1, key_cache, value_cache, block_tables, bt_stride, kv_lens, out, o_s0, o_s1, D, H, KVH, hd, block_size,  \
         window, scale, softcap, num_threads
 
+/* Common head dims get their own copy of the kernel, with the head-dim loops fully unrolled. */
+#define SPECIALIZE(BF16)                                                                                      \
+    switch (hd) {                                                                                             \
+    case 64: { const int hd = 64; return paged_decode_attention(BF16, PASS); }                              \
+    case 128: { const int hd = 128; return paged_decode_attention(BF16, PASS); }                            \
+    default: return paged_decode_attention(BF16, PASS);                                                       \
+    }
+
 /* q, key/value caches and out hold float32. Returns 0, or < 0 on bad arguments or no memory. */
-int paged_decode_attention_f32(ARGS) { return paged_decode_attention(0, PASS); }
+int paged_decode_attention_f32(ARGS) { SPECIALIZE(0) }
 
 /* q, key/value caches and out hold bfloat16 (uint16 bit patterns). */
-int paged_decode_attention_bf16(ARGS) { return paged_decode_attention(1, PASS); }
+int paged_decode_attention_bf16(ARGS) { SPECIALIZE(1) }
 
 /* The OpenMP runtime's default team size (a load-time sanity check). */
 int paged_decode_attention_max_threads(void) { return omp_get_max_threads(); }
