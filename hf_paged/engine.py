@@ -21,7 +21,7 @@ from .block_pool import BlockTable
 from .cache import make_pool
 from .metrics import EngineMetrics
 from .model_runner import ModelRunner
-from .patches.attention import enable_paged_attention
+from .patches.attention import enable_paged_attention, supports_paged_attention
 from .sampler import Sampler
 from .scheduler import Scheduler, SchedulerConfig
 from .beam_search import BeamSearchState
@@ -41,6 +41,9 @@ class LLMEngine:
                  share_blocks: bool = True) -> None:
         if max_num_batched_tokens <= 0 or max_num_seqs <= 0:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
+        ok, why = supports_paged_attention(model)
+        if not ok:
+            raise ValueError(f"model: hf_paged cannot page this model ({why}); use HF generate")
         enable_paged_attention(model)
         self.model = model
         self.tokenizer = tokenizer
