@@ -204,7 +204,7 @@ class BlockTable:
         while len(self.blocks) * bs < end:
             self.blocks.append(pool.allocate())
         self.num_tokens = end
-        return [self.blocks[p // bs] * bs + p % bs for p in range(start, end)]
+        return self.slots(start, end)
 
     def fork(self) -> "BlockTable":
         """A second table sharing every block of this one."""

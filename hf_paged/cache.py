@@ -153,9 +153,7 @@ class PagedCache(Cache):
         device = self.pool.device
         self._writers = None if len(writers) == batch else torch.tensor(writers, device=device)
         self._slots = torch.tensor(slots, dtype=torch.long, device=device)
-        width = max(len(r.blocks) for r in self.rows)
-        self._tables = torch.tensor([r.blocks + [0] * (width - len(r.blocks)) for r in self.rows],
-                                    dtype=torch.long, device=device)
+        self._refresh_tables()
 
     @staticmethod
     def _identical_row_leaders(key_states: torch.Tensor, value_states: torch.Tensor) -> list[int]:
