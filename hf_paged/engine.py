@@ -19,6 +19,7 @@ import torch
 
 from .block_pool import BlockTable
 from .cache import make_pool
+from .cpu_runtime import release_openmp_pool, tune_malloc
 from .metrics import EngineMetrics
 from .model_runner import ModelRunner
 from .patches.attention import enable_paged_attention, supports_paged_attention
@@ -38,7 +39,7 @@ class LLMEngine:
     def __init__(self, model: torch.nn.Module, tokenizer=None, *, block_size: int = 16, num_blocks: int | None = None,
                  memory_bytes: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
                  enable_prefix_caching: bool = True, max_model_len: int | None = None,
-                 share_blocks: bool = True) -> None:
+                 share_blocks: bool = True, compile: bool = False) -> None:
         if max_num_batched_tokens <= 0 or max_num_seqs <= 0:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
         ok, why = supports_paged_attention(model)
@@ -54,7 +55,10 @@ class LLMEngine:
         self.pool = make_pool(model, block_size=block_size, num_blocks=num_blocks, memory_bytes=memory_bytes)
         self.scheduler = Scheduler(self.pool, SchedulerConfig(max_num_seqs, max_num_batched_tokens,
                                                               enable_prefix_caching))
-        self.runner = ModelRunner(model, self.pool)
+        self.runner = ModelRunner(model, self.pool, compile=compile)
+        self._on_cpu = self.pool.device.type == "cpu"
+        if self._on_cpu:
+            tune_malloc()
         self.sampler = Sampler()
         config = model.config.get_text_config()
         self.max_model_len = max_model_len or getattr(config, "max_position_embeddings", None) or 1 << 30
@@ -134,6 +138,8 @@ class LLMEngine:
         self._post("abort", request_id)
 
     def _post(self, kind: str, item: object) -> None:
+        if self._on_cpu:  # the poster's idle OpenMP workers would slow the engine thread's (see cpu_runtime)
+            release_openmp_pool()
         with self._wake:
             self._inbox.put((kind, item))
             self._pending += 1

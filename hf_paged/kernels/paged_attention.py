@@ -20,14 +20,19 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch._library.opaque_object import register_opaque_type
+from torch._opaque_base import OpaqueBase
 
 from . import cpu_decode_attention as _cpu_kernel
 from .cache_ops import gather_blocks
 
 
-@dataclass
-class PagedAttentionMetadata:
+@dataclass(eq=False)
+class PagedAttentionMetadata(OpaqueBase):
     """Everything attention needs about one engine step, built once and shared by all layers.
+
+    It is a torch "opaque reference" type: a compiled model forward takes it as a graph input and hands it,
+    untouched, to the ``hf_paged::paged_attention`` custom op, so one compiled graph serves every step.
 
     Token layout: sequence i owns query tokens ``cu_seqlens_q[i]:cu_seqlens_q[i+1]``; after this step's
     write it has ``kv_lens[i]`` tokens in its blocks ``block_tables[i]``; its new tokens are the last
@@ -45,6 +50,11 @@ class PagedAttentionMetadata:
     pool: Any = field(default=None, repr=False)  # the BlockPool the attention layers read and write
     _masks: dict = field(default_factory=dict, repr=False)
     _decode_tables: dict = field(default_factory=dict, repr=False)
+
+    def __reduce__(self):
+        # Inductor pickles a compiled graph's inputs into its cache key; one step's tensors (and the whole pool
+        # behind ``pool``) must not go there. The metadata is never persisted, so it pickles to a fresh, empty one.
+        return _empty_metadata, ()
 
     @property
     def num_seqs(self) -> int:
@@ -112,6 +122,14 @@ class PagedAttentionMetadata:
         return self._masks[key]
 
 
+register_opaque_type(PagedAttentionMetadata, typ="reference")
+
+
+def _empty_metadata() -> PagedAttentionMetadata:
+    empty = torch.empty(0, dtype=torch.long)
+    return PagedAttentionMetadata(empty, empty.view(0, 0), empty, empty, 0, [], [], 0)
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
             softcap: float | None) -> torch.Tensor:
     """q ``[B, KVH, M, D]``, k/v ``[B, KVH, L, D]``; mask broadcastable to ``[B, KVH, M, L]``, either bool
@@ -134,7 +152,7 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     num_tokens, num_heads, head_dim = query.shape
     kv_heads = key_cache.shape[2]
     group = num_heads // kv_heads
-    out = torch.empty_like(query)
+    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)  # contiguous: [T, H, D]
     d = meta.num_decodes
     if d and _cpu_kernel.supports(query, key_cache, value_cache):
         # The C kernel reads K/V straight from the blocks: no gather, no grouping.

@@ -21,6 +21,8 @@ from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedM
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from ..kernels.paged_attention import PagedAttentionMetadata
+
 ATTN_IMPLEMENTATION = "hf_paged"
 _base_impl_by_config: dict[int, str] = {}
 _lock = threading.Lock()
@@ -37,6 +39,33 @@ def _base_attention_fn(module: torch.nn.Module):
     return ALL_ATTENTION_FUNCTIONS[name]
 
 
+def paged_attention_layer(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, meta: PagedAttentionMetadata,
+                       layer: int, scale: float, sliding_window: int | None, softcap: float | None) -> torch.Tensor:
+    """One layer's paged attention: write the step's new K/V (``[1, KVH, T, hd]``) into the pool, attend the
+    queries ``[1, H, T, hd]`` over the blocks -> ``[1, T, H, hd]``.
+
+    A custom op so that a compiled forward keeps it whole (one opaque call per layer, the metadata an opaque
+    graph input). The pool is written through ``meta`` (hidden from the compiler on purpose: nothing in the
+    graph reads the pool, and the data dependency between layers keeps the calls in order)."""
+    from ..kernels.dispatch import paged_attention, write_kv
+
+    pool = meta.pool
+    key_cache, value_cache = pool.key_cache(layer), pool.value_cache(layer)
+    # HF hands q/k/v as [1, heads, T, head_dim]; the kernels use [T, heads, head_dim].
+    write_kv(key_cache, value_cache, key[0].transpose(0, 1), value[0].transpose(0, 1), meta.slot_mapping)
+    out = paged_attention(query[0].transpose(0, 1), key_cache, value_cache, meta, scale,
+                          sliding_window=sliding_window, softcap=softcap)
+    return out.unsqueeze(0)
+
+
+paged_attention_op = torch.library.custom_op("hf_paged::paged_attention", paged_attention_layer, mutates_args=())
+
+
+@paged_attention_op.register_fake
+def _(query, key, value, meta, layer, scale, sliding_window, softcap):
+    return query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
+
+
 def hf_paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                        **kwargs: Any):
@@ -44,17 +73,12 @@ def hf_paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     if meta is None:
         return _base_attention_fn(module)(module, query, key, value, attention_mask, scaling=scaling,
                                           dropout=dropout, **kwargs)
-    from ..kernels.dispatch import paged_attention, write_kv
-
-    pool = meta.pool
-    layer = module.layer_idx
-    key_cache, value_cache = pool.key_cache(layer), pool.value_cache(layer)
-    # HF hands q/k/v as [1, heads, T, head_dim]; the kernels use [T, heads, head_dim].
-    write_kv(key_cache, value_cache, key[0].transpose(0, 1), value[0].transpose(0, 1), meta.slot_mapping)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = paged_attention(query[0].transpose(0, 1), key_cache, value_cache, meta, scale,
-                          sliding_window=kwargs.get("sliding_window"), softcap=kwargs.get("softcap"))
-    return out.unsqueeze(0), None
+    args = (query, key, value, meta, module.layer_idx, float(scale), kwargs.get("sliding_window"),
+            kwargs.get("softcap"))
+    # Eager calls skip the custom-op dispatcher (tens of microseconds a layer); compiled graphs need the op.
+    fn = paged_attention_op if torch.compiler.is_compiling() else paged_attention_layer
+    return fn(*args), None
 
 
 def hf_paged_mask(*args: Any, config: Any = None, **kwargs: Any):
