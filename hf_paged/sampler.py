@@ -52,10 +52,19 @@ def _warp(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 
 
 class Sampler:
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float] | None]:
-        """logits ``[B, vocab]`` fp32 for ``seqs`` -> (next token per row, its logprob per row or None)."""
-        raw = logits
-        logits = logits.clone()
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence],
+                 inplace: bool = False) -> tuple[list[int], list[float] | None]:
+        """logits ``[B, vocab]`` fp32 for ``seqs`` -> (next token per row, its logprob per row or None).
+        ``inplace``: the caller's logits may be overwritten (saves a copy of ``[B, vocab]`` a step); they are
+        copied anyway where raw logits (logprobs), kept scores or user processors are involved."""
+        if not inplace or any(s.params.logprobs or s.params.keep_scores or s.params.logits_processors for s in seqs):
+            return self._select(logits, logits.clone(), seqs)
+        # The engine's logits are inference tensors: writing into them is allowed in inference mode only.
+        with torch.inference_mode(logits.is_inference()):
+            return self._select(logits, logits, seqs)
+
+    def _select(self, raw: torch.Tensor, logits: torch.Tensor,
+                seqs: list[Sequence]) -> tuple[list[int], list[float] | None]:
         for row, seq in enumerate(seqs):
             procs = seq.params.logits_processors
             if procs:

@@ -4,7 +4,8 @@ A step's tokens are flattened into one row. The first ``num_decodes`` sequences 
 token each (decodes); they are handled together: their blocks are gathered with one index op per layer
 and attended with one ``scaled_dot_product_attention`` call, the query heads that share a KV head folded
 into the query-length axis (so GQA needs no repeat of K/V). The remaining sequences (prefill chunks)
-are attended one by one against their cached prefix plus their own new tokens, causally.
+are attended one by one against their cached prefix plus their own new tokens, causally (a whole prompt
+with no cached prefix through SDPA's causal kernel, no mask).
 
 On the CPU, fp32 and bf16 decodes take the C kernel of ``cpu_decode_attention`` instead (K/V read straight
 from the blocks, once) when it could be built; ``HF_PAGED_CPU_KERNEL=0`` keeps them on the PyTorch path.
@@ -179,6 +180,13 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
         table = meta.block_tables[seq : seq + 1, :nblocks]
         k = gather_blocks(key_cache, table, kv_len)[0].transpose(0, 1)  # [KVH, L, hd]
         v = gather_blocks(value_cache, table, kv_len)[0].transpose(0, 1)
+        if q_len == kv_len and not sliding_window and not softcap:
+            # A whole prompt: plain causal attention, which SDPA's flash kernel does without a mask (2-5x faster).
+            q = query[start : start + q_len].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(q, k.unsqueeze(0).to(q.dtype), v.unsqueeze(0).to(q.dtype),
+                                               is_causal=True, scale=scale, enable_gqa=True)
+            out[start : start + q_len] = o[0].transpose(0, 1)
+            continue
         # [q_len, KVH, g, hd] -> [KVH, g*q_len, hd]: the heads sharing a KV head become extra query rows.
         q = query[start : start + q_len].view(q_len, kv_heads, group, head_dim).permute(1, 2, 0, 3)
         q = q.reshape(kv_heads, group * q_len, head_dim)

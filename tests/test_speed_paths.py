@@ -1,0 +1,85 @@
+"""The CPU speed paths keep HF's greedy tokens: the compiled forward (one graph for every step shape), the
+packed oneDNN linears (call-scoped: a plain forward is untouched), and the process-level CPU settings."""
+
+import threading
+
+import pytest
+import torch
+
+from hf_paged import LLMEngine, SamplingParams
+from hf_paged.cpu_runtime import release_openmp_pool, tune_malloc
+from hf_paged.patches.linear import _PackedLinearForward, pack_linear_weights, packed_linears, unpack_linear_weights
+
+from conftest import build_tiny_model, tiny_prompts
+from test_engine import hf_greedy
+
+GREEDY24 = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_compiled_engine_equals_hf_with_one_graph(arch, tiny_model_dir):
+    model = build_tiny_model(arch, tiny_model_dir)
+    prompts = tiny_prompts(6, seed=5)
+    refs = hf_greedy(model, prompts, 24, 0, set(), batch=6)
+    torch._dynamo.reset()
+    stats = torch._dynamo.utils.counters["stats"]
+    graphs_before = stats["unique_graphs"]
+    engine = LLMEngine(model, None, num_blocks=200, max_num_batched_tokens=16, enable_prefix_caching=False,
+                       compile=True)
+    # One request alone first (single-token decode steps, one sampled row), then a ragged batch with
+    # chunked prefills mixed with decodes: every shape must reuse the first graph.
+    first = engine.generate(prompts[:1], GREEDY24, use_tqdm=False)
+    outs = engine.generate(prompts, GREEDY24, use_tqdm=False)
+    assert first[0].token_ids == refs[0]
+    assert [o.token_ids for o in outs] == refs
+    assert stats["unique_graphs"] - graphs_before == 1
+    # The compiled engine leaves plain forwards of the model as they were.
+    ids = torch.tensor([prompts[0]])
+    with torch.inference_mode():
+        assert model(ids).logits.shape == (1, len(prompts[0]), model.config.vocab_size)
+
+
+def test_packed_linears_are_call_scoped(smollm2, chat_ids):
+    model, tok = smollm2
+    ids = torch.tensor([chat_ids[0]])
+    with torch.inference_mode():
+        before = model(ids).logits
+        assert pack_linear_weights(model) > 0
+        try:
+            assert any(isinstance(m.__dict__.get("forward"), _PackedLinearForward) for m in model.modules())
+            plain = model(ids).logits
+            with packed_linears():
+                packed = model(ids).logits
+            seen = []
+            # The flag is per thread: another thread's forward during a packed call stays plain.
+            with packed_linears():
+                t = threading.Thread(target=lambda: seen.append(model(ids).logits))
+                t.start()
+                t.join()
+        finally:
+            unpack_linear_weights(model)
+        assert not any(isinstance(m.__dict__.get("forward"), _PackedLinearForward) for m in model.modules())
+        after = model(ids).logits
+    assert torch.equal(before, plain) and torch.equal(before, after) and torch.equal(before, seen[0])
+    torch.testing.assert_close(packed, before, atol=1e-3, rtol=1e-3)  # fp32 over 30 layers
+
+
+def test_engine_with_and_without_packed_weights_agree(smollm2, chat_ids):
+    model, tok = smollm2
+    params = SamplingParams(max_new_tokens=24, temperature=0, logprobs=1)
+    outs = {}
+    for pack in (False, True):
+        engine = LLMEngine(model, tok, num_blocks=512, enable_prefix_caching=False, pack_weights=pack)
+        outs[pack] = engine.generate(chat_ids[:16], params, use_tqdm=False)
+        assert engine.runner.packed == pack
+    unpack_linear_weights(model)
+    assert [o.token_ids for o in outs[True]] == [o.token_ids for o in outs[False]]
+    for a, b in zip(outs[True], outs[False]):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-3, rtol=0)
+
+
+def test_cpu_runtime_settings_apply():
+    torch.ones(1 << 16).sum()  # make sure this thread has run torch (and so loaded its OpenMP runtime)
+    assert release_openmp_pool() is True
+    assert tune_malloc() is True
+    assert torch.ones(1 << 16).sum().item() == 1 << 16  # the pool comes back by itself
