@@ -16,7 +16,7 @@ from test_engine import hf_greedy
 GREEDY24 = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2"])  # gemma2: sliding window + soft-capping
 def test_compiled_engine_equals_hf_with_one_graph(arch, tiny_model_dir):
     model = build_tiny_model(arch, tiny_model_dir)
     prompts = tiny_prompts(6, seed=5)
