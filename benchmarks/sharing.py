@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.throughput import GiB, _release, _rss_gib, log  # noqa: E402  (stdlib-only at import time)
+from benchmarks.throughput import GiB, _release, _rss_gib, init_torch, log  # noqa: E402  (stdlib-only at import time)
 
 PARTS = ("parallel", "beam", "prefix")
 
@@ -373,11 +373,8 @@ def pool_blocks_for_sharing(kind: str, width: int, prompts: list[list[int]], arg
     return total + 16
 
 
-def run_sharing(model, args, kind: str, width: int, prompts: list[list[int]], share: bool, num_blocks: int) -> dict:
-    params = sharing_params(kind, width, args, len(prompts))
-    engine, rec = make_engine(model, args, num_blocks, share_blocks=share,
-                              max_num_seqs=len(prompts) * width)
-    fwd0, pre0 = engine.runner.num_forward_tokens, engine.metrics.preemptions
+def timed_generate(engine, rec, prompts, params, what: str) -> tuple[list, float]:
+    """Run the prompts with the recorder sampling the pool; (outputs, seconds); raises if any request failed."""
     rec.start()
     start = time.perf_counter()
     outs = engine.generate(prompts, params, use_tqdm=False)
@@ -385,7 +382,16 @@ def run_sharing(model, args, kind: str, width: int, prompts: list[list[int]], sh
     rec.stop()
     errors = [o.error for o in outs if o.error is not None]
     if errors:
-        raise RuntimeError(f"{kind} width {width} share={share}: {len(errors)} requests failed: {errors[0]!r}")
+        raise RuntimeError(f"{what}: {len(errors)} requests failed: {errors[0]!r}")
+    return outs, elapsed
+
+
+def run_sharing(model, args, kind: str, width: int, prompts: list[list[int]], share: bool, num_blocks: int) -> dict:
+    params = sharing_params(kind, width, args, len(prompts))
+    engine, rec = make_engine(model, args, num_blocks, share_blocks=share,
+                              max_num_seqs=len(prompts) * width)
+    fwd0, pre0 = engine.runner.num_forward_tokens, engine.metrics.preemptions
+    outs, elapsed = timed_generate(engine, rec, prompts, params, f"{kind} width {width} share={share}")
     tokens = [[list(s.token_ids) for s in (o.samples or [o])] for o in outs]
     out_tokens = sum(len(t) for req in tokens for t in req)
     forward = engine.runner.num_forward_tokens - fwd0
@@ -451,14 +457,7 @@ def run_prefix(model, args, warm: list[int], prompts: list[list[int]], caching: 
     pool, sched = engine.pool, engine.scheduler
     fwd0, q0, h0 = engine.runner.num_forward_tokens, pool.prefix_queries, pool.prefix_hits
     cached0, pre0 = sched.num_prefix_cached_tokens, engine.metrics.preemptions
-    rec.start()
-    start = time.perf_counter()
-    outs = engine.generate(prompts, params, use_tqdm=False)
-    elapsed = time.perf_counter() - start
-    rec.stop()
-    errors = [o.error for o in outs if o.error is not None]
-    if errors:
-        raise RuntimeError(f"prefix caching={caching}: {len(errors)} requests failed: {errors[0]!r}")
+    outs, elapsed = timed_generate(engine, rec, prompts, params, f"prefix caching={caching}")
     tokens = [list(o.token_ids) for o in outs]
     out_tokens = sum(len(t) for t in tokens)
     ttfts = [o.metrics["ttft_s"] for o in outs]
@@ -604,15 +603,7 @@ def print_table(sharing_rows: list[dict], prefix: dict | None) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ[var] = str(args.threads)
-    import torch
-    import transformers
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    transformers.logging.set_verbosity_error()
+    torch, transformers = init_torch(args.threads)
 
     from hf_paged.models import load_default_model
     from hf_paged.sequence import SamplingParams

@@ -345,17 +345,24 @@ def compare_tokens(name: str, ref: list[list[int]], got: list[list[int]]) -> dic
     return {"against": name, "compared": n, "mismatched": len(bad), "first_mismatch": first}
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.threads:  # before torch starts its pools, so every thread (engine threads included) gets it
+def init_torch(threads: int | None):
+    """Thread counts set before torch starts its pools (so every thread, engine threads included, gets them) and
+    transformers quiet; returns (torch, transformers)."""
+    if threads:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ[var] = str(args.threads)
+            os.environ[var] = str(threads)
     import torch
     import transformers
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if threads:
+        torch.set_num_threads(threads)
     transformers.logging.set_verbosity_error()
+    return torch, transformers
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch, transformers = init_torch(args.threads)
 
     from benchmarks.workloads import fixed_workload, mixed_workload
     from hf_paged.cache import kv_geometry

@@ -88,34 +88,34 @@ def _bf16_close(out: torch.Tensor, ref: torch.Tensor) -> None:
     assert bool((err <= bound).all()), f"max excess {(err - bound).max().item():.3g}, max err {err.max().item():.3g}"
 
 
+def _close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """fp32 outputs within 1e-5 of the reference; bf16 outputs within bf16 rounding of it."""
+    if out.dtype == torch.float32:
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    else:
+        _bf16_close(out, ref)
+
+
 CASES = [(1, 64, 16), (3, 64, 8), (8, 64, 32), (1, 128, 32), (3, 128, 16), (8, 128, 8)]
 VARIANTS = [(None, None), (5, None), (None, 20.0), (13, 5.0)]  # (sliding window, softcap)
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("ratio,head_dim,block_size", CASES)
 @pytest.mark.parametrize("window,softcap", VARIANTS)
-def test_fp32_matches_oracle_and_torch_path(ratio, head_dim, block_size, window, softcap, monkeypatch):
+def test_kernel_matches_oracle_and_torch_path(dtype, ratio, head_dim, block_size, window, softcap, monkeypatch):
+    """fp32: within 1e-5 of the oracle and of the PyTorch path. bf16 inputs: within bf16 rounding of the fp32
+    oracle and of the PyTorch path run in fp32 on the same (bf16-valued) inputs."""
     kv_heads = 2 if ratio < 8 else 1
-    lengths = _lengths(block_size, 10, seed=ratio * 1000 + head_dim + block_size)
-    q, kc, vc, meta = _make(lengths, ratio * kv_heads, kv_heads, head_dim, block_size, torch.float32)
+    seed = ratio * 1000 + head_dim + block_size if dtype == torch.float32 else ratio * 7 + head_dim + block_size
+    lengths = _lengths(block_size, 10, seed=seed)
+    q, kc, vc, meta = _make(lengths, ratio * kv_heads, kv_heads, head_dim, block_size, dtype)
     out = _kernel(q, kc, vc, meta, window, softcap)
-    torch.testing.assert_close(out, _naive(q, kc, vc, meta, window, softcap), atol=1e-5, rtol=0)
-    torch.testing.assert_close(out, _torch_path(q, kc, vc, meta, window, softcap, monkeypatch), atol=1e-5, rtol=0)
-
-
-@needs_kernel
-@pytest.mark.parametrize("ratio,head_dim,block_size", CASES)
-@pytest.mark.parametrize("window,softcap", VARIANTS)
-def test_bf16_matches_fp32_reference_of_bf16_inputs(ratio, head_dim, block_size, window, softcap, monkeypatch):
-    kv_heads = 2 if ratio < 8 else 1
-    lengths = _lengths(block_size, 10, seed=ratio * 7 + head_dim + block_size)
-    q, kc, vc, meta = _make(lengths, ratio * kv_heads, kv_heads, head_dim, block_size, torch.bfloat16)
-    out = _kernel(q, kc, vc, meta, window, softcap)
-    assert out.dtype == torch.bfloat16
-    _bf16_close(out, _naive(q, kc, vc, meta, window, softcap))
-    ref32 = _torch_path(q.float(), kc.float(), vc.float(), meta, window, softcap, monkeypatch)
-    _bf16_close(out, ref32)
+    assert out.dtype == dtype
+    _close(out, _naive(q, kc, vc, meta, window, softcap))
+    # bf16: against the PyTorch path run in fp32 on the same (bf16-valued) inputs.
+    _close(out, _torch_path(q.float(), kc.float(), vc.float(), meta, window, softcap, monkeypatch))
 
 
 @needs_kernel
@@ -125,12 +125,7 @@ def test_other_head_dims(dtype, head_dim):
     lengths = _lengths(16, 9, seed=head_dim)
     q, kc, vc, meta = _make(lengths, 6, 2, head_dim, 16, dtype)
     for window, softcap in VARIANTS:
-        out = _kernel(q, kc, vc, meta, window, softcap)
-        ref = _naive(q, kc, vc, meta, window, softcap)
-        if dtype == torch.float32:
-            torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
-        else:
-            _bf16_close(out, ref)
+        _close(_kernel(q, kc, vc, meta, window, softcap), _naive(q, kc, vc, meta, window, softcap))
 
 
 @needs_kernel
@@ -145,12 +140,7 @@ def test_many_sequences_multithreaded(dtype, num_seqs):
     try:
         for n in (1, 2, 4):
             torch.set_num_threads(n)
-            out = _kernel(q, kc, vc, meta, None, None)
-            ref = _naive(q, kc, vc, meta, None, None)
-            if dtype == torch.float32:
-                torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
-            else:
-                _bf16_close(out, ref)
+            _close(_kernel(q, kc, vc, meta, None, None), _naive(q, kc, vc, meta, None, None))
     finally:
         torch.set_num_threads(threads)
 
