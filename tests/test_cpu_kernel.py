@@ -181,8 +181,8 @@ def test_paged_attention_mixed_step_kernel_vs_fallback(dtype, monkeypatch):
     q_lens = [1, 1, 1, 1, 1, 7, 24]
     q, kc, vc, meta = _make(lengths, 6, 2, 64, 16, dtype, q_lens=q_lens)
     calls = []
-    real = cpu_kernel.decode_attention_cpu
-    monkeypatch.setattr(cpu_kernel, "decode_attention_cpu", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = cpu_kernel.DecodePlan.__call__
+    monkeypatch.setattr(cpu_kernel.DecodePlan, "__call__", lambda *a, **k: calls.append(1) or real(*a, **k))
     for window, softcap in VARIANTS:
         on = paged_attention(q, kc, vc, meta, SCALE, window, softcap)
         assert calls, "the kernel was not used"
@@ -265,3 +265,24 @@ def test_rejects_bad_arguments():
     with pytest.raises(ValueError):
         cpu_kernel.decode_attention_cpu(q, kc, vc, meta.block_tables, meta.kv_lens, SCALE, out=q.new_empty(2, 4, 64,
                                                                                                          device="meta"))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_c_cache_write_equals_torch_write(dtype):
+    from hf_paged.kernels.cache_ops import write_kv
+
+    g = torch.Generator().manual_seed(3)
+    caches = [torch.randn(12, 16, 3, 64, generator=g).to(dtype) for _ in range(2)]
+    expected = [c.clone() for c in caches]
+    # The layout HF hands over: [1, KVH, T, hd] transposed to [T, KVH, hd] (strided, head dim contiguous).
+    key = torch.randn(1, 3, 20, 64, generator=g).to(dtype)[0].transpose(0, 1)
+    value = torch.randn(1, 3, 20, 64, generator=g).to(dtype)[0].transpose(0, 1)
+    slots = torch.randperm(12 * 16, generator=g)[:20]
+    assert cpu_kernel.write_kv_cpu(caches[0], caches[1], key, value, slots)
+    write_kv(expected[0], expected[1], key, value, slots)
+    assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
+    # Mixed dtypes are not its job: nothing written, the caller keeps the PyTorch path.
+    before = caches[0].clone()
+    assert not cpu_kernel.write_kv_cpu(caches[0], caches[1], key.double(), value.double(), slots)
+    assert torch.equal(caches[0], before)

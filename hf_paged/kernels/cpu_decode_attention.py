@@ -2,7 +2,9 @@
 
 The PyTorch CPU path gathers every decode sequence's blocks into a dense tensor and then runs
 ``scaled_dot_product_attention`` on it, reading K/V three times. The C kernel reads K/V straight from the
-blocks through the block table, once, one OpenMP task per (sequence, KV head).
+blocks through the block table, once, one OpenMP task per (sequence, KV head). :class:`DecodePlan` is that call
+with the per-step arguments converted once and shared by all layers; :func:`write_kv_cpu` is the cache write
+(a step's new K/V rows into their slots) as one C call instead of two index ops and their views.
 
 The kernel is plain C (no torch headers), compiled on first use with the system C compiler (``$CC``, else
 ``gcc``, else ``cc``) into ``$HF_PAGED_CACHE`` (default ``~/.cache/hf_paged``); the file name carries a hash
@@ -33,7 +35,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["available", "decode_attention_cpu", "library_path", "build_seconds"]
+__all__ = ["available", "decode_attention_cpu", "DecodePlan", "write_kv_cpu", "library_path", "build_seconds"]
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_decode_attention.c"
 # No -ffast-math: the reductions are vectorized through `omp simd reduction` and exp is a polynomial in
@@ -47,8 +49,10 @@ _build_seconds: float | None = None  # how long the compile took in this process
 _path: Path | None = None
 
 
-def _enabled() -> bool:
+def enabled() -> bool:
+    """``HF_PAGED_CPU_KERNEL`` does not turn the kernels off (read on every call)."""
     return os.environ.get("HF_PAGED_CPU_KERNEL", "1").strip().lower() not in ("0", "false", "no", "off")
+
 
 
 def _compiler() -> str | None:
@@ -121,6 +125,8 @@ def _load() -> ctypes.CDLL | None:
                 fn.restype = ctypes.c_int
                 fn.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, i64,
                                i32, i32, i32, i32, i32, i32, f32, f32, i32]
+            lib.paged_write_kv.restype = None
+            lib.paged_write_kv.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, i64, ptr, ptr, i32, i32, i32]
             _lib = lib
             _state = "ok"
         except Exception as exc:  # no compiler, a failed build, an unloadable library: keep PyTorch
@@ -132,7 +138,7 @@ def _load() -> ctypes.CDLL | None:
 
 def available() -> bool:
     """Whether :func:`decode_attention_cpu` can run here (builds the library on the first call)."""
-    return _enabled() and _load() is not None
+    return enabled() and _load() is not None
 
 
 def library_path() -> Path | None:
@@ -208,3 +214,71 @@ def decode_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor, value_cac
     if rc != 0:
         raise RuntimeError(f"paged_decode_attention failed ({rc})")
     return out
+
+
+class DecodePlan:
+    """:func:`decode_attention_cpu` with everything that is the same for every layer of a step checked and
+    converted once (block tables, lengths, shapes, scale, window, softcap): a layer's call passes only its
+    query, caches and output. Build it with :meth:`for_step`, which returns None where the kernel cannot run."""
+
+    def __init__(self, fn, block_tables: torch.Tensor, kv_lens: torch.Tensor, num_heads: int, kv_heads: int,
+                 head_dim: int, block_size: int, scale: float, sliding_window: int | None,
+                 softcap: float | None) -> None:
+        self.fn = fn
+        self.block_tables, self.kv_lens = block_tables, kv_lens  # kept alive: the kernel reads their memory
+        self.num_seqs = block_tables.shape[0]
+        self.tail = (self.num_seqs, num_heads, kv_heads, head_dim, block_size, int(sliding_window or 0),
+                     float(scale), float(softcap or 0.0))
+        self.tables = (block_tables.data_ptr(), block_tables.stride(0), kv_lens.data_ptr())
+        self.shape = (self.num_seqs, num_heads, head_dim)
+
+    @classmethod
+    def for_step(cls, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                 block_tables: torch.Tensor, kv_lens: torch.Tensor, scale: float, sliding_window: int | None,
+                 softcap: float | None) -> "DecodePlan | None":
+        if not supports(query, key_cache, value_cache):
+            return None
+        block_tables = block_tables.to(torch.int64).contiguous()
+        kv_lens = kv_lens.to(torch.int32).contiguous()
+        return cls(getattr(_load(), _DTYPES[query.dtype]), block_tables, kv_lens, query.shape[1],
+                   key_cache.shape[2], query.shape[2], key_cache.shape[1], scale, sliding_window, softcap)
+
+    def __call__(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                 out: torch.Tensor) -> None:
+        """query / out ``[D, H, hd]`` with a contiguous last dim; caches of the plan's shape and dtype."""
+        if query.shape != self.shape or out.shape != self.shape or query.stride(2) != 1 or out.stride(2) != 1:
+            raise ValueError(f"query {tuple(query.shape)} / out {tuple(out.shape)}: the plan is for {self.shape}")
+        bt, bt_stride, lens = self.tables
+        args = (query.data_ptr(), query.stride(0), query.stride(1), key_cache.data_ptr(), value_cache.data_ptr(),
+                bt, bt_stride, lens, out.data_ptr(), out.stride(0), out.stride(1), *self.tail,
+                torch.get_num_threads())
+        if _profiler_enabled():
+            with torch.profiler.record_function("hf_paged::paged_decode_attention"):
+                rc = self.fn(*args)
+        else:
+            rc = self.fn(*args)
+        if rc != 0:
+            raise RuntimeError(f"paged_decode_attention failed ({rc})")
+
+
+def write_kv_cpu(key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> bool:
+    """``cache_ops.write_kv`` in one C call (no index ops, no views); False, with nothing written, where it does
+    not apply (not CPU, dtypes differ, a non-contiguous cache or head dim, no kernel)."""
+    if not (key.dtype == value.dtype == key_cache.dtype == value_cache.dtype and key.device.type == "cpu"
+            and key_cache.is_contiguous() and value_cache.is_contiguous() and key.stride(2) == 1
+            and value.stride(2) == 1 and slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous()
+            and key.shape == value.shape and key.shape[1:] == key_cache.shape[2:] and available()):
+        return False
+    if _profiler_enabled():
+        with torch.profiler.record_function("hf_paged::write_kv"):
+            _write(key_cache, value_cache, key, value, slot_mapping)
+    else:
+        _write(key_cache, value_cache, key, value, slot_mapping)
+    return True
+
+
+def _write(key_cache, value_cache, key, value, slot_mapping) -> None:
+    _lib.paged_write_kv(key.data_ptr(), key.stride(0), key.stride(1), value.data_ptr(), value.stride(0),
+                        value.stride(1), slot_mapping.data_ptr(), key.shape[0], key_cache.data_ptr(),
+                        value_cache.data_ptr(), key.shape[1], key.shape[2], key.element_size())

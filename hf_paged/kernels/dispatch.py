@@ -2,7 +2,8 @@
 with the PyTorch signatures (``cache_ops`` / ``paged_attention``).
 
 * CUDA tensors take the Triton kernels (``triton_cache_ops`` / ``triton_paged_attention``);
-* CPU tensors take the PyTorch implementations;
+* CPU tensors take the PyTorch implementations, except where the C kernels of ``cpu_decode_attention`` apply
+  (the cache write; decode attention, chosen inside the PyTorch ``paged_attention``);
 * ``HF_PAGED_FORCE_TORCH=1`` takes the PyTorch path on a GPU too (it wins over the next one);
 * ``HF_PAGED_FORCE_TRITON=1`` takes the Triton path for CPU tensors too; only meaningful with
   ``TRITON_INTERPRET=1`` (set before triton is first imported), which is how the kernels are tested.
@@ -20,6 +21,7 @@ import os
 import torch
 
 from . import cache_ops as _torch_cache_ops
+from . import cpu_decode_attention as _cpu_kernel
 from . import paged_attention as _torch_attention
 from .paged_attention import PagedAttentionMetadata
 
@@ -65,7 +67,8 @@ def write_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tens
         from .triton_cache_ops import write_kv_triton
 
         write_kv_triton(key_cache, value_cache, key, value, slot_mapping)
-    else:
+    elif not (key_cache.device.type == "cpu" and _cpu_kernel.write_kv_cpu(key_cache, value_cache, key, value,
+                                                                         slot_mapping)):
         _torch_cache_ops.write_kv(key_cache, value_cache, key, value, slot_mapping)
 
 

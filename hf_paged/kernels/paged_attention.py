@@ -94,6 +94,20 @@ class PagedAttentionMetadata(OpaqueBase):
             self._decode_tables["g"] = out
         return self._decode_tables["g"]
 
+    def cpu_decode_plan(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, scale: float,
+                        sliding_window: int | None, softcap: float | None) -> "_cpu_kernel.DecodePlan | None":
+        """The C decode kernel's call for this step's decodes (built by the first layer, reused by the others);
+        None where the kernel does not apply."""
+        if not _cpu_kernel.enabled():
+            return None
+        key = ("cpu", query.dtype, key_cache.dtype, scale, sliding_window, softcap)
+        if key not in self._decode_tables:
+            d = self.num_decodes
+            self._decode_tables[key] = _cpu_kernel.DecodePlan.for_step(
+                query[:d], key_cache, value_cache, self.block_tables[:d], self.kv_lens[:d], scale, sliding_window,
+                softcap)
+        return self._decode_tables[key]
+
     def decode_mask(self, group: int, sliding_window: int | None) -> torch.Tensor:
         """``[G, 1, 1, L]`` additive fp32 mask (0 or -inf) of the gathered key slots of one decode group."""
         key = ("d", group, sliding_window)
@@ -155,10 +169,11 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     group = num_heads // kv_heads
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)  # contiguous: [T, H, D]
     d = meta.num_decodes
-    if d and _cpu_kernel.supports(query, key_cache, value_cache):
+    plan = meta.cpu_decode_plan(query, key_cache, value_cache, scale, sliding_window, softcap) if d else None
+    if plan is not None:
         # The C kernel reads K/V straight from the blocks: no gather, no grouping.
-        _cpu_kernel.decode_attention_cpu(query[:d], key_cache, value_cache, meta.block_tables[:d],
-                                         meta.kv_lens[:d], scale, sliding_window, softcap, out=out[:d])
+        whole = d == num_tokens
+        plan(query if whole else query[:d], key_cache, value_cache, out if whole else out[:d])
         groups = []
     else:
         groups = meta.decode_groups()

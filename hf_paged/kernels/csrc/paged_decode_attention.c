@@ -28,6 +28,8 @@
  * prefetch each gain ~15-20%; walking all KV heads of a row together (one pass for the whole sequence)
  * computes a little faster but streams from memory slower.
  *
+ * paged_write_kv, beside it, scatters a step's new K/V rows into their slots (the cache write of every layer).
+ *
  * No -ffast-math: exp is a polynomial written here and no loop needs reassociation permission. Head dims
  * that are not a multiple of VL take a plain scalar path.
  */
@@ -496,6 +498,21 @@ int paged_decode_attention_f32(ARGS) { return paged_decode_attention(0, PASS); }
 
 /* q, key/value caches and out hold bfloat16 (uint16 bit patterns). */
 int paged_decode_attention_bf16(ARGS) { return paged_decode_attention(1, PASS); }
+
+/* Scatter the K and V rows of T new tokens into their slots: k/v [T, KVH, hd] with element strides k_s0 (token)
+ * and k_s1 (head), head_dim contiguous; caches [num_blocks * block_size, KVH, hd] contiguous; esz bytes an
+ * element. A few hundred bytes a row: plain copies, no threads. */
+void paged_write_kv(const char *k, long k_s0, long k_s1, const char *v, long v_s0, long v_s1,
+                    const int64_t *slots, long T, char *key_cache, char *value_cache, int KVH, int hd, int esz) {
+    const size_t row = (size_t)hd * esz;
+    for (long t = 0; t < T; t++) {
+        const long base = slots[t] * KVH;
+        for (int h = 0; h < KVH; h++) {
+            memcpy(key_cache + (base + h) * row, k + (t * k_s0 + h * k_s1) * esz, row);
+            memcpy(value_cache + (base + h) * row, v + (t * v_s0 + h * v_s1) * esz, row);
+        }
+    }
+}
 
 /* The vector width in floats this library was built for. */
 int paged_decode_attention_vector_width(void) { return VL; }
