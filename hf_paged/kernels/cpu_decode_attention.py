@@ -199,20 +199,9 @@ def decode_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor, value_cac
         out = torch.empty((num_seqs, num_heads, head_dim), dtype=query.dtype)
     elif out.shape != query.shape or out.dtype != query.dtype or out.stride(2) != 1:
         raise ValueError("out must be [D, H, hd] in the query's dtype with a contiguous last dim")
-    if num_seqs == 0:
-        return out
-    args = (query.data_ptr(), query.stride(0), query.stride(1), key_cache.data_ptr(), value_cache.data_ptr(),
-            block_tables.data_ptr(), block_tables.stride(0), kv_lens.data_ptr(), out.data_ptr(), out.stride(0),
-            out.stride(1), num_seqs, num_heads, kv_heads, head_dim, block_size, int(sliding_window or 0),
-            float(scale), float(softcap or 0.0), torch.get_num_threads())
-    fn = getattr(lib, _DTYPES[query.dtype])
-    if _profiler_enabled():  # a foreign call is invisible to torch.profiler: give it a row of its own
-        with torch.profiler.record_function("hf_paged::paged_decode_attention"):
-            rc = fn(*args)
-    else:
-        rc = fn(*args)
-    if rc != 0:
-        raise RuntimeError(f"paged_decode_attention failed ({rc})")
+    if num_seqs:
+        DecodePlan(getattr(lib, _DTYPES[query.dtype]), block_tables[:num_seqs], kv_lens[:num_seqs], num_heads,
+                   kv_heads, head_dim, block_size, scale, sliding_window, softcap)(query, key_cache, value_cache, out)
     return out
 
 
@@ -252,7 +241,7 @@ class DecodePlan:
         args = (query.data_ptr(), query.stride(0), query.stride(1), key_cache.data_ptr(), value_cache.data_ptr(),
                 bt, bt_stride, lens, out.data_ptr(), out.stride(0), out.stride(1), *self.tail,
                 torch.get_num_threads())
-        if _profiler_enabled():
+        if _profiler_enabled():  # a foreign call is invisible to torch.profiler: give it a row of its own
             with torch.profiler.record_function("hf_paged::paged_decode_attention"):
                 rc = self.fn(*args)
         else:

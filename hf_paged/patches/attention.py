@@ -21,6 +21,7 @@ from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedM
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from ..kernels.dispatch import paged_attention, write_kv
 from ..kernels.paged_attention import PagedAttentionMetadata
 
 ATTN_IMPLEMENTATION = "hf_paged"
@@ -40,15 +41,13 @@ def _base_attention_fn(module: torch.nn.Module):
 
 
 def paged_attention_layer(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, meta: PagedAttentionMetadata,
-                       layer: int, scale: float, sliding_window: int | None, softcap: float | None) -> torch.Tensor:
+                          layer: int, scale: float, sliding_window: int | None, softcap: float | None) -> torch.Tensor:
     """One layer's paged attention: write the step's new K/V (``[1, KVH, T, hd]``) into the pool, attend the
     queries ``[1, H, T, hd]`` over the blocks -> ``[1, T, H, hd]``.
 
     A custom op so that a compiled forward keeps it whole (one opaque call per layer, the metadata an opaque
     graph input). The pool is written through ``meta`` (hidden from the compiler on purpose: nothing in the
     graph reads the pool, and the data dependency between layers keeps the calls in order)."""
-    from ..kernels.dispatch import paged_attention, write_kv
-
     pool = meta.pool
     key_cache, value_cache = pool.key_cache(layer), pool.value_cache(layer)
     # HF hands q/k/v as [1, heads, T, head_dim]; the kernels use [T, heads, head_dim].
