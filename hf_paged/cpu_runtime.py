@@ -38,8 +38,13 @@ _omp_pause = None  # omp_pause_resource_all of the loaded OpenMP runtime, False 
 _malloc_tuned = False
 
 
+def env_switch(name: str) -> bool:
+    """An on-by-default switch: off only when the variable is set to 0 / false / no / off (read on each call)."""
+    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def _enabled() -> bool:
-    return os.environ.get("HF_PAGED_TUNE_CPU", "1").strip().lower() not in ("0", "false", "no", "off")
+    return env_switch("HF_PAGED_TUNE_CPU")
 
 
 def _loaded_openmp() -> str | None:

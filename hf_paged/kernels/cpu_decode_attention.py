@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from ..cpu_runtime import env_switch
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["available", "decode_attention_cpu", "DecodePlan", "write_kv_cpu", "library_path", "build_seconds"]
@@ -51,7 +53,7 @@ _path: Path | None = None
 
 def enabled() -> bool:
     """``HF_PAGED_CPU_KERNEL`` does not turn the kernels off (read on every call)."""
-    return os.environ.get("HF_PAGED_CPU_KERNEL", "1").strip().lower() not in ("0", "false", "no", "off")
+    return env_switch("HF_PAGED_CPU_KERNEL")
 
 
 

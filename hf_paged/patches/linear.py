@@ -10,7 +10,8 @@ Paging stays a property of the call: each packed layer gets a ``forward`` that u
 while the calling thread is inside :func:`packed_linears` (the engine's forward) and otherwise runs
 ``nn.Linear.forward`` itself, so a plain ``model(...)`` computes exactly what it did before. The packed
 copy is taken when an engine is built (and kept for the next engine while the weight is unchanged): later
-changes to the weights are not seen by engine forwards until :func:`pack_linear_weights` runs again. It costs one more copy of the linear weights.
+changes to the weights are not seen by engine forwards until :func:`pack_linear_weights` runs again. It costs
+one more copy of the linear weights.
 """
 
 from __future__ import annotations
