@@ -18,7 +18,11 @@
  * per-thread buffer (VL keys at a time: the VL dot products of a head are reduced together by a shuffle
  * tree, no horizontal sum per dot); then the softmax (max, exp, sum); pass 2 accumulates the weighted V
  * rows in registers, two heads at a time. Everything accumulates in fp32; bf16 inputs (uint16 bit
- * patterns) are widened on load and the output rounded to nearest even.
+ * patterns) are widened on load and the output rounded to nearest even. Except with AVX512-BF16, for bf16
+ * and head dims that are multiples of 32 (unit_dp): vdpbf16ps dot products on the rows as stored, q.k over key
+ * pairs sharing a vector (scale applied to the fp32 scores), and sum p v over pairs of V rows interleaved
+ * against their probabilities rounded to bf16, as vLLM's and IPEX's CPU attention do (1.4-1.65x faster with
+ * K/V in cache, ~1.2x when they stream from DRAM).
  *
  * An OpenMP task is a whole sequence (its KV heads one after the other) when there are at least 4
  * sequences per thread, else one unit. Threads claim tasks from a shared counter one ahead, so that the
@@ -39,6 +43,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 #if defined(__AVX512F__)
 #define VL 16
@@ -177,6 +184,8 @@ typedef struct {
     vf *tile;       /* [G, VL] partial dot products of one tile of keys */
     float *sc;      /* [G, ldsc] scores, then probabilities */
     float *inv_sum; /* [G] */
+    uint32_t *pw;   /* [G, ldsc / 2] bf16 probability pairs (the AVX512-BF16 path) */
+    vf *kp;         /* [VL / 2, C] K rows of a tile's key pairs (the AVX512-BF16 path) */
     const char *rows[VL];  /* the rows of the current tile */
     const char *ahead[VL]; /* rows to prefetch while computing it */
     int n_ahead;
@@ -193,6 +202,12 @@ static inline void tile_rows(const params_t *p, const char *cache, const int64_t
     const int bs = p->block_size;
     int blk = pos / bs, off = pos % bs;
     const char *base = cache + (bt[blk] * bs * p->row + (long)kh * p->hd) * esz;
+    if (off + cnt <= bs) { /* all in one block (the common case): no per-row test */
+        const long stride = p->row * esz;
+        base += off * stride;
+        for (int jj = 0; jj < cnt; jj++) rows[jj] = base + jj * stride;
+        return;
+    }
     for (int jj = 0; jj < cnt; jj++) {
         rows[jj] = base + off * p->row * esz;
         if (++off == bs && jj + 1 < cnt) {
@@ -363,6 +378,191 @@ static inline __attribute__((always_inline)) void unit_vec(const int bf16, const
             store_vec(bf16, o + g * o_head + c * VL * esz, w->acc[g * C + c] * w->inv_sum[g]);
 }
 
+#if defined(__AVX512BF16__) && VL == 16
+#define HAVE_DPBF16 1
+/* The AVX512-BF16 path (bf16, head dim = C * 16 with C even): vdpbf16ps, fp32 lane i += a[2i] * b[2i] +
+ * a[2i+1] * b[2i+1] (exact products, fp32 sums, DAZ/FTZ, RNE). */
+
+/* Lanes [0, 8) of R[i] hold partial sums of key 2i, lanes [8, 16) of key 2i + 1 -> lane j = key j's sum
+ * (the last three levels of reduce_tile's tree). */
+static inline __attribute__((always_inline)) __m512 dp_reduce8(__m512 *R) {
+    const __m512i l1 = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
+    const __m512i l2 = _mm512_setr_epi32(0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29);
+    const __m512i l3 = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i h1 = _mm512_add_epi32(l1, _mm512_set1_epi32(4)), h2 = _mm512_add_epi32(l2, _mm512_set1_epi32(2)),
+                  h3 = _mm512_add_epi32(l3, _mm512_set1_epi32(1));
+    for (int i = 0; i < 4; i++)
+        R[i] = _mm512_add_ps(_mm512_permutex2var_ps(R[2 * i], l1, R[2 * i + 1]),
+                             _mm512_permutex2var_ps(R[2 * i], h1, R[2 * i + 1]));
+    for (int i = 0; i < 2; i++)
+        R[i] = _mm512_add_ps(_mm512_permutex2var_ps(R[2 * i], l2, R[2 * i + 1]),
+                             _mm512_permutex2var_ps(R[2 * i], h2, R[2 * i + 1]));
+    return _mm512_add_ps(_mm512_permutex2var_ps(R[0], l3, R[1]), _mm512_permutex2var_ps(R[0], h3, R[1]));
+}
+
+/* Pass 1 over one tile of VL keys (rows past the visible ones repeat the last row: their scores are
+ * overwritten by the softmax): keys 2i and 2i + 1 share a vector, m-th of C: dims [16m, 16m + 16) of key 2i in
+ * the low half, of key 2i + 1 in the high half; q's pair vectors hold the same 16 dims twice. C dot products
+ * per key pair and head leave 8 partial sums per key; dp_reduce8 finishes them, the scale goes on after. */
+static inline __attribute__((always_inline)) void dp_k_tile(const int C, const params_t *p, work_t *w, int cnt,
+                                                            float *sc, long nbytes) {
+    __m512i *kp = (__m512i *)w->kp;
+    for (int i = 0; i < VL / 2; i++) {
+        const char *r0 = w->rows[2 * i < cnt ? 2 * i : cnt - 1], *r1 = w->rows[2 * i + 1 < cnt ? 2 * i + 1 : cnt - 1];
+        for (int m = 0; m < C; m++)
+            kp[i * C + m] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(r0 + 32 * m))),
+                                               _mm256_loadu_si256((const __m256i *)(r1 + 32 * m)), 1);
+    }
+    const __m512 scale = _mm512_set1_ps(p->scale);
+    for (int g = 0; g < p->G; g++) {
+        const __m512i *qg = (const __m512i *)w->qv + g * C;
+        __m512 R[VL / 2];
+        for (int i = 0; i < VL / 2; i++) {
+            /* The prefetches spread over the first two heads' work (one head: two per key pair). */
+            if (g * (VL / 2) + i < VL) prefetch_ahead(w, g * (VL / 2) + i, nbytes);
+            if (p->G == 1) prefetch_ahead(w, VL / 2 + i, nbytes);
+            __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)qg[0], (__m512bh)kp[i * C]);
+            for (int m = 1; m < C; m++) a = _mm512_dpbf16_ps(a, (__m512bh)qg[m], (__m512bh)kp[i * C + m]);
+            R[i] = a;
+        }
+        _mm512_store_ps(sc + (long)g * p->ldsc, _mm512_mul_ps(dp_reduce8(R), scale));
+    }
+}
+
+/* Pass 2 over one tile's cnt rows, output dims [32 * cb0, 32 * (cb0 + CW / 2)) of heads [g0, g0 + NG): keys in
+ * pairs, their V rows interleaved 16-bit-wise within 128-bit lanes (unpacklo / unpackhi), each pair against the
+ * broadcast bf16 pair of its probabilities; an odd last key pairs with a zero row. Accumulator 2b (lo) of 32-dim
+ * block b holds, in 128-bit lane l, dims 32b + 8l + [0, 4); 2b + 1 (hi) dims 32b + 8l + [4, 8). */
+static inline __attribute__((always_inline)) void dp_v_tile(const int CW, const int NG, const int C, work_t *w,
+                                                            int g0, int cb0, int cnt, const uint32_t *pw, long ldpw,
+                                                            long nbytes, int prefetch) {
+    __m512 acc[4][4];
+    __m512 *src = (__m512 *)w->acc + (long)g0 * C + 2 * cb0;
+    for (int h = 0; h < NG; h++)
+        for (int c = 0; c < CW; c++) acc[h][c] = src[h * C + c];
+    pw += (long)g0 * ldpw;
+    for (int jj = 0; jj < cnt; jj += 2) {
+        const int odd = jj + 1 == cnt;
+        if (prefetch) {
+            prefetch_ahead(w, jj, nbytes);
+            if (!odd) prefetch_ahead(w, jj + 1, nbytes);
+        }
+        const char *r0 = w->rows[jj] + 64 * cb0, *r1 = w->rows[odd ? jj : jj + 1] + 64 * cb0;
+        __m512bh wp[4];
+        for (int h = 0; h < NG; h++) wp[h] = (__m512bh)_mm512_set1_epi32((int)pw[h * ldpw + jj / 2]);
+        for (int b = 0; b < CW / 2; b++) {
+            const __m512i v0 = _mm512_loadu_si512(r0 + 64 * b);
+            const __m512i v1 = odd ? _mm512_setzero_si512() : _mm512_loadu_si512(r1 + 64 * b);
+            const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(v0, v1), hi = (__m512bh)_mm512_unpackhi_epi16(v0, v1);
+            for (int h = 0; h < NG; h++) {
+                acc[h][2 * b] = _mm512_dpbf16_ps(acc[h][2 * b], lo, wp[h]);
+                acc[h][2 * b + 1] = _mm512_dpbf16_ps(acc[h][2 * b + 1], hi, wp[h]);
+            }
+        }
+    }
+    for (int h = 0; h < NG; h++)
+        for (int c = 0; c < CW; c++) src[h * C + c] = acc[h][c];
+}
+
+/* unit_vec on the dot products: pass 1 takes q and the K rows as they are (no widening) and scales the fp32
+ * scores; the softmax is unit_vec's; pass 2 weighs V by the probabilities rounded to bf16 (1 / the sum of the
+ * rounded ones normalizes). */
+static inline __attribute__((always_inline)) void unit_dp(const int C, const params_t *p, work_t *w, int s, int kh,
+                                                          int next_s, int next_kh) {
+    const long esz = 2;
+    const int G = p->G;
+    const int len = p->kv_lens[s];
+    const int start = first_key(p, len);
+    const int n = len - start;
+    const int64_t *bt = p->block_tables + (long)s * p->bt_stride;
+    const long o_head = p->o_s1 * esz, nbytes = (long)p->hd * esz;
+    char *o = p->out + ((long)s * p->o_s0 + (long)kh * G * p->o_s1) * esz;
+    if (n <= 0) {
+        for (int g = 0; g < G; g++) memset(o + g * o_head, 0, (size_t)nbytes);
+        return;
+    }
+    /* q's pair vectors: [G, C], the m-th holding dims [16m, 16m + 16) in both halves. */
+    for (int g = 0; g < G; g++) {
+        const char *qs = p->q + ((long)s * p->q_s0 + (long)(kh * G + g) * p->q_s1) * esz;
+        for (int m = 0; m < C; m++)
+            ((__m512i *)w->qv)[g * C + m] = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(qs + 32 * m)));
+    }
+    /* Pass 1, scores. */
+    const next_pass_t to_v = {p->value_cache, bt, kh, start, len};
+    for (int t = start; t < len; t += VL) {
+        const int cnt = len - t < VL ? len - t : VL;
+        pass_tile(p, w, p->key_cache, bt, kh, esz, t, len, &to_v);
+        dp_k_tile(C, p, w, cnt, w->sc + (t - start), nbytes);
+    }
+    softmax_rows(p, w->sc, n, w->inv_sum);
+    /* The probabilities to bf16 pairs (keys 2i, 2i + 1 -> pw[i]; past n they are 0), 1 / their sum. */
+    const long ldpw = p->ldsc / 2;
+    const int nv = (n + VL - 1) / VL;
+    for (int g = 0; g < G; g++) {
+        const float *sg = w->sc + (long)g * p->ldsc;
+        uint32_t *pg = w->pw + g * ldpw;
+        __m512 sum = _mm512_setzero_ps();
+        for (int v = 0; v < nv; v++) {
+            const __m256bh b = _mm512_cvtneps_pbh(_mm512_load_ps(sg + v * VL));
+            _mm256_storeu_si256((__m256i *)(pg + v * (VL / 2)), (__m256i)b);
+            sum = _mm512_add_ps(sum, _mm512_cvtpbh_ps(b));
+        }
+        w->inv_sum[g] = 1.0f / _mm512_reduce_add_ps(sum);
+    }
+    /* Pass 2, weighted sum of V rows: 128 output dims (4 accumulators) of up to 4 heads at a time, else 64. */
+    next_pass_t to_next = {NULL, NULL, 0, 0, 0};
+    if (next_s >= 0) {
+        const int next_len = p->kv_lens[next_s];
+        to_next = (next_pass_t){p->key_cache, p->block_tables + (long)next_s * p->bt_stride, next_kh,
+                                first_key(p, next_len), next_len};
+    }
+    for (int i = 0; i < G * C; i++) w->acc[i] = splat(0.0f);
+    for (int t = start; t < len; t += VL) {
+        const int cnt = len - t < VL ? len - t : VL;
+        pass_tile(p, w, p->value_cache, bt, kh, esz, t, len, &to_next);
+        const uint32_t *pw = w->pw + (t - start) / 2;
+        if (C % 4 == 0) {
+            for (int cb = 0; cb < C / 2; cb += 2)
+                for (int g0 = 0; g0 < G; g0 += 4) {
+                    const int pf = g0 == 0 && cb == 0;
+                    switch (G - g0) {
+                    case 1: dp_v_tile(4, 1, C, w, g0, cb, cnt, pw, ldpw, nbytes, pf); break;
+                    case 2: dp_v_tile(4, 2, C, w, g0, cb, cnt, pw, ldpw, nbytes, pf); break;
+                    case 3: dp_v_tile(4, 3, C, w, g0, cb, cnt, pw, ldpw, nbytes, pf); break;
+                    default: dp_v_tile(4, 4, C, w, g0, cb, cnt, pw, ldpw, nbytes, pf); break;
+                    }
+                }
+        } else {
+            for (int cb = 0; cb < C / 2; cb++)
+                for (int g0 = 0; g0 < G; g0 += 4) {
+                    const int pf = g0 == 0 && cb == 0;
+                    switch (G - g0) {
+                    case 1: dp_v_tile(2, 1, C, w, g0, cb, cnt, pw, ldpw, nbytes, pf); break;
+                    case 2: dp_v_tile(2, 2, C, w, g0, cb, cnt, pw, ldpw, nbytes, pf); break;
+                    case 3: dp_v_tile(2, 3, C, w, g0, cb, cnt, pw, ldpw, nbytes, pf); break;
+                    default: dp_v_tile(2, 4, C, w, g0, cb, cnt, pw, ldpw, nbytes, pf); break;
+                    }
+                }
+        }
+    }
+    /* Undo the interleave (see dp_v_tile), normalize, round. */
+    const __m512i idx0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i idx1 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    for (int g = 0; g < G; g++) {
+        const __m512 *a = (const __m512 *)w->acc + g * C;
+        const __m512 inv = _mm512_set1_ps(w->inv_sum[g]);
+        for (int b = 0; b < C / 2; b++) {
+            const __m512 d0 = _mm512_permutex2var_ps(a[2 * b], idx0, a[2 * b + 1]);
+            const __m512 d1 = _mm512_permutex2var_ps(a[2 * b], idx1, a[2 * b + 1]);
+            store_vec(1, o + g * o_head + 64 * b, (vf)_mm512_mul_ps(d0, inv));
+            store_vec(1, o + g * o_head + 64 * b + 32, (vf)_mm512_mul_ps(d1, inv));
+        }
+    }
+}
+#else
+#define HAVE_DPBF16 0
+#endif
+
 /* The same for any head dim with plain scalar loops (head dims that are not a multiple of VL). */
 static inline __attribute__((always_inline)) void unit_scalar(const int bf16, const params_t *p, work_t *w, int s,
                                                              int kh) {
@@ -440,7 +640,8 @@ static inline __attribute__((always_inline)) int paged_decode_attention(
     const int C = hd % VL == 0 ? hd / VL : 0;
     const int G = p.G;
     const size_t per_head = (size_t)(hd + VL - 1) / VL; /* vectors per head row */
-    const size_t ws_bytes = sizeof(vf) * ((size_t)G * (2 * per_head + VL)) + sizeof(float) * (size_t)G * (p.ldsc + 1);
+    const size_t ws_bytes = sizeof(vf) * ((size_t)G * (2 * per_head + VL) + VL / 2 * per_head) +
+                            sizeof(float) * (size_t)G * (p.ldsc + 1) + sizeof(uint32_t) * (size_t)G * (p.ldsc / 2);
     long counter = 0;
     int err = 0;
 #pragma omp parallel num_threads(num_threads)
@@ -454,8 +655,10 @@ static inline __attribute__((always_inline)) int paged_decode_attention(
             w.qv = (vf *)ws;
             w.acc = w.qv + G * per_head;
             w.tile = w.acc + G * per_head;
-            w.sc = (float *)(w.tile + G * VL);
+            w.kp = w.tile + G * VL;
+            w.sc = (float *)(w.kp + VL / 2 * per_head);
             w.inv_sum = w.sc + (size_t)G * p.ldsc;
+            w.pw = (uint32_t *)(w.inv_sum + G);
             /* Dynamic scheduling by hand: the next task is claimed before the current one runs, so that its
              * first rows can be prefetched while the current one ends. */
             long task, next;
@@ -470,6 +673,16 @@ static inline __attribute__((always_inline)) int paged_decode_attention(
                     const long nu = u + 1 < first + per_task ? u + 1 : (next < n_tasks ? next * per_task : -1);
                     const int ns = nu < 0 ? -1 : (int)(nu / KVH), nk = nu < 0 ? 0 : (int)(nu % KVH);
                     /* The switch sits inside the parallel region so that C is a constant in the outlined body. */
+#if HAVE_DPBF16
+                    if (bf16 && C > 0 && C % 2 == 0) {
+                        switch (C) {
+                        case 4: unit_dp(4, &p, &w, s, kh, ns, nk); break;
+                        case 8: unit_dp(8, &p, &w, s, kh, ns, nk); break;
+                        default: unit_dp(C, &p, &w, s, kh, ns, nk); break;
+                        }
+                        continue;
+                    }
+#endif
                     switch (C) {
                     case 64 / VL: unit_vec(bf16, 64 / VL, &p, &w, s, kh, ns, nk); break;
                     case 128 / VL: unit_vec(bf16, 128 / VL, &p, &w, s, kh, ns, nk); break;
