@@ -160,6 +160,19 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     return torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(q.dtype)
 
 
+def _attend_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int, scale: float) -> torch.Tensor:
+    """q ``[1, H, M, D]``, the last M of k/v's ``[1, KVH, prefix + M, D]`` positions, causal: two unmasked
+    flash-attention calls (the prefix; the chunk over itself, causal) merged by their log-sum-exps."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if q.device.type != "cpu":
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(prefix)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    o_pre, lse_pre = flash(q, k[:, :, :prefix], v[:, :, :prefix], scale=scale)
+    o_new, lse_new = flash(q, k[:, :, prefix:], v[:, :, prefix:], is_causal=True, scale=scale)
+    w_pre = torch.sigmoid(lse_pre - lse_new).unsqueeze(-1)  # = e^lse_pre / (e^lse_pre + e^lse_new)
+    return torch.lerp(o_new.float(), o_pre.float(), w_pre).to(q.dtype)
+
+
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                     meta: PagedAttentionMetadata, scale: float, sliding_window: int | None = None,
                     softcap: float | None = None) -> torch.Tensor:
@@ -195,11 +208,14 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
         table = meta.block_tables[seq : seq + 1, :nblocks]
         k = gather_blocks(key_cache, table, kv_len)[0].transpose(0, 1)  # [KVH, L, hd]
         v = gather_blocks(value_cache, table, kv_len)[0].transpose(0, 1)
-        if q_len == kv_len and not sliding_window and not softcap:
-            # A whole prompt: plain causal attention, which SDPA's flash kernel does without a mask (2-5x faster).
+        if not sliding_window and not softcap:
+            # Causal attention without a mask, which SDPA's flash kernel does 2-5x faster than a masked one.
             q = query[start : start + q_len].transpose(0, 1).unsqueeze(0)
-            o = F.scaled_dot_product_attention(q, k.unsqueeze(0).to(q.dtype), v.unsqueeze(0).to(q.dtype),
-                                               is_causal=True, scale=scale, enable_gqa=True)
+            k, v = k.unsqueeze(0).to(q.dtype), v.unsqueeze(0).to(q.dtype)
+            if q_len == kv_len:  # a whole prompt
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+            else:  # a later chunk of a prompt: all of the cached prefix, then causal within the chunk
+                o = _attend_chunk(q, k, v, kv_len - q_len, scale)
             out[start : start + q_len] = o[0].transpose(0, 1)
             continue
         # [q_len, KVH, g, hd] -> [KVH, g*q_len, hd]: the heads sharing a KV head become extra query rows.
