@@ -20,6 +20,7 @@ from transformers import GenerationConfig
 from .cache import PagedCache
 from .engine import LLMEngine
 from .patches.attention import disable_paged_attention, supports_paged_attention
+from .patches.compiled_layers import uncompile_layers
 from .patches.linear import unpack_linear_weights
 from .sequence import SamplingParams
 
@@ -65,6 +66,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     model.__dict__.pop(_CONFIG_ATTR, None)
     model.__dict__.pop(_ENGINE_ATTR, None)
     disable_paged_attention(model)
+    uncompile_layers(model)
     unpack_linear_weights(model)
     return model
 

@@ -9,40 +9,25 @@ token of the sequences that sample this step (``logits_to_keep``).
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import Any, Callable
+from contextlib import ExitStack
 
 import torch
-import torch.fx.experimental._config as fx_config
 
 from .block_pool import BlockPool
 from .kernels.paged_attention import PagedAttentionMetadata
+from .patches.compiled_layers import compile_layers, compile_settings, uncompile_layers
 from .patches.linear import pack_linear_weights, packed_linears
 from .scheduler import ScheduledStep
-
-
-def compile_forward(model: torch.nn.Module) -> Callable[..., Any]:
-    """``model``'s forward compiled with inductor once for every step shape (token and sequence counts are
-    symbolic, 1 included, so decode-only, single-sequence and mixed steps share one graph), attention kept
-    whole as the ``hf_paged::paged_attention`` op. ``model`` itself is not changed."""
-    compiled = torch.compile(model, dynamic=True)
-
-    def forward(**kwargs: Any) -> Any:
-        # No 0/1 specialisation and no "same size now, same size always" equalities between inputs: without
-        # these a step with one token, or with as many sampled rows as tokens, would compile another graph.
-        with fx_config.patch(backed_size_oblivious=True, use_duck_shape=False):
-            return compiled(**kwargs)
-
-    return forward
 
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, pool: BlockPool, compile: bool = False,
                  pack_weights: bool = False) -> None:
         self.model = model
-        self.forward = compile_forward(model) if compile else model
-        # Packed oneDNN weights (eager CPU forwards only; inductor lays out its own GEMMs).
-        self.packed = not compile and pack_weights and pack_linear_weights(model) > 0
+        # Packed oneDNN weights; compiled layers reach them through the hf_paged::packed_linear op.
+        uncompile_layers(model)  # a previous engine's, if any
+        self.packed = pack_weights and pack_linear_weights(model) > 0
+        self.compiled = compile and compile_layers(model)
         self.pool = pool
         self.device = pool.device
         # transformers returns a 4-D mask unchanged, so no causal mask is built; hf_paged ignores it.
@@ -95,8 +80,12 @@ class ModelRunner:
         ids, pos, meta, sample_rows = self.build(step)
         self.pool.flush_copies()
         keep = meta.cu_seqlens_q[1:][sample_rows] - 1
-        with packed_linears() if self.packed else nullcontext():
-            out = self.forward(input_ids=ids, position_ids=pos, attention_mask=self._mask_placeholder,
-                               paged_metadata=meta, logits_to_keep=keep, use_cache=False)
+        with ExitStack() as scope:
+            if self.packed or self.compiled:
+                scope.enter_context(packed_linears())
+            if self.compiled:
+                scope.enter_context(compile_settings())
+            out = self.model(input_ids=ids, position_ids=pos, attention_mask=self._mask_placeholder,
+                             paged_metadata=meta, logits_to_keep=keep, use_cache=False)
         self.num_forward_tokens += ids.shape[1]
         return out.logits[0].float(), sample_rows

@@ -1,4 +1,4 @@
-"""The CPU speed paths keep HF's greedy tokens: the compiled forward (one graph for every step shape), the
+"""The CPU speed paths keep HF's greedy tokens: the compiled decoder layers (a graph or two for every layer and step shape), the
 packed oneDNN linears (call-scoped: a plain forward is untouched), and the process-level CPU settings."""
 
 import threading
@@ -16,8 +16,10 @@ from test_engine import hf_greedy
 GREEDY24 = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2"])  # gemma2: sliding window + soft-capping
-def test_compiled_engine_equals_hf_with_one_graph(arch, tiny_model_dir):
+# Graphs: one for single-token steps and one for the rest, per kind of layer (gemma2 alternates sliding-window and
+# global layers), never one per layer or per step shape. gemma2: sliding window + soft-capping.
+@pytest.mark.parametrize("arch,max_graphs", [("llama", 2), ("qwen3", 2), ("gemma2", 4)])
+def test_compiled_engine_equals_hf_with_few_graphs(arch, max_graphs, tiny_model_dir):
     model = build_tiny_model(arch, tiny_model_dir)
     prompts = tiny_prompts(6, seed=5)
     refs = hf_greedy(model, prompts, 24, 0, set(), batch=6)
@@ -27,12 +29,13 @@ def test_compiled_engine_equals_hf_with_one_graph(arch, tiny_model_dir):
     engine = LLMEngine(model, None, num_blocks=200, max_num_batched_tokens=16, enable_prefix_caching=False,
                        compile=True)
     # One request alone first (single-token decode steps, one sampled row), then a ragged batch with
-    # chunked prefills mixed with decodes: every shape must reuse the first graph.
+    # chunked prefills mixed with decodes.
     first = engine.generate(prompts[:1], GREEDY24, use_tqdm=False)
     outs = engine.generate(prompts, GREEDY24, use_tqdm=False)
     assert first[0].token_ids == refs[0]
     assert [o.token_ids for o in outs] == refs
-    assert stats["unique_graphs"] - graphs_before == 1
+    assert engine.runner.compiled
+    assert 1 <= stats["unique_graphs"] - graphs_before <= max_graphs
     # The compiled engine leaves plain forwards of the model as they were.
     ids = torch.tensor([prompts[0]])
     with torch.inference_mode():
