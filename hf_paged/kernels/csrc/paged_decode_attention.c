@@ -289,22 +289,37 @@ static inline void softmax_rows(const params_t *p, float *sc, int n, float *inv_
     }
 }
 
+/* What a unit (sequence s, KV head kh) reads and writes: its visible keys [start, len), block table and output
+ * rows. With no visible key the output rows are zeroed and 0 returned. */
+typedef struct {
+    int len, start, n;
+    const int64_t *bt;
+    char *o;
+} unit_span_t;
+
+static inline int unit_span(const params_t *p, int s, int kh, long esz, unit_span_t *u) {
+    u->len = p->kv_lens[s];
+    u->start = first_key(p, u->len);
+    u->n = u->len - u->start;
+    u->bt = p->block_tables + (long)s * p->bt_stride;
+    u->o = p->out + ((long)s * p->o_s0 + (long)kh * p->G * p->o_s1) * esz;
+    if (u->n > 0) return 1;
+    for (int g = 0; g < p->G; g++) memset(u->o + g * p->o_s1 * esz, 0, (size_t)(p->hd * esz));
+    return 0;
+}
+
 /* One unit: sequence s, KV head kh, its G query heads; head dim = C * VL (C is a compile-time constant
  * in the common cases). `next` is the unit this thread runs after this one (s < 0: none). */
 static inline __attribute__((always_inline)) void unit_vec(const int bf16, const int C, const params_t *p,
                                                           work_t *w, int s, int kh, int next_s, int next_kh) {
     const long esz = bf16 ? 2 : 4;
     const int G = p->G;
-    const int len = p->kv_lens[s];
-    const int start = first_key(p, len);
-    const int n = len - start;
-    const int64_t *bt = p->block_tables + (long)s * p->bt_stride;
     const long o_head = p->o_s1 * esz, nbytes = (long)p->hd * esz;
-    char *o = p->out + ((long)s * p->o_s0 + (long)kh * G * p->o_s1) * esz;
-    if (n <= 0) {
-        for (int g = 0; g < G; g++) memset(o + g * o_head, 0, (size_t)nbytes);
-        return;
-    }
+    unit_span_t u;
+    if (!unit_span(p, s, kh, esz, &u)) return;
+    const int len = u.len, start = u.start, n = u.n;
+    const int64_t *bt = u.bt;
+    char *o = u.o;
     /* The scale folds into q (the softcap divides the scaled score). */
     for (int g = 0; g < G; g++) {
         const char *qs = p->q + ((long)s * p->q_s0 + (long)(kh * G + g) * p->q_s1) * esz;
@@ -471,16 +486,12 @@ static inline __attribute__((always_inline)) void unit_dp(const int C, const par
                                                           int next_s, int next_kh) {
     const long esz = 2;
     const int G = p->G;
-    const int len = p->kv_lens[s];
-    const int start = first_key(p, len);
-    const int n = len - start;
-    const int64_t *bt = p->block_tables + (long)s * p->bt_stride;
     const long o_head = p->o_s1 * esz, nbytes = (long)p->hd * esz;
-    char *o = p->out + ((long)s * p->o_s0 + (long)kh * G * p->o_s1) * esz;
-    if (n <= 0) {
-        for (int g = 0; g < G; g++) memset(o + g * o_head, 0, (size_t)nbytes);
-        return;
-    }
+    unit_span_t u;
+    if (!unit_span(p, s, kh, esz, &u)) return;
+    const int len = u.len, start = u.start, n = u.n;
+    const int64_t *bt = u.bt;
+    char *o = u.o;
     /* q's pair vectors: [G, C], the m-th holding dims [16m, 16m + 16) in both halves. */
     for (int g = 0; g < G; g++) {
         const char *qs = p->q + ((long)s * p->q_s0 + (long)(kh * G + g) * p->q_s1) * esz;
@@ -568,15 +579,11 @@ static inline __attribute__((always_inline)) void unit_scalar(const int bf16, co
                                                              int kh) {
     const long esz = bf16 ? 2 : 4;
     const int G = p->G, hd = p->hd;
-    const int len = p->kv_lens[s];
-    const int start = first_key(p, len);
-    const int n = len - start;
-    const int64_t *bt = p->block_tables + (long)s * p->bt_stride;
-    char *o = p->out + ((long)s * p->o_s0 + (long)kh * G * p->o_s1) * esz;
-    if (n <= 0) {
-        for (int g = 0; g < G; g++) memset(o + g * p->o_s1 * esz, 0, (size_t)(esz * hd));
-        return;
-    }
+    unit_span_t u;
+    if (!unit_span(p, s, kh, esz, &u)) return;
+    const int start = u.start, n = u.n;
+    const int64_t *bt = u.bt;
+    char *o = u.o;
     float *qf = (float *)w->qv, *acc = (float *)w->acc;
     for (int g = 0; g < G; g++) {
         const char *qs = p->q + ((long)s * p->q_s0 + (long)(kh * G + g) * p->q_s1) * esz;
