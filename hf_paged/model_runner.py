@@ -24,8 +24,8 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, pool: BlockPool, compile: bool = False,
                  pack_weights: bool = False) -> None:
         self.model = model
+        uncompile_layers(model)  # a previous engine's compiled layers, if any
         # Packed oneDNN weights; compiled layers reach them through the hf_paged::packed_linear op.
-        uncompile_layers(model)  # a previous engine's, if any
         self.packed = pack_weights and pack_linear_weights(model) > 0
         self.compiled = compile and compile_layers(model)
         self.pool = pool

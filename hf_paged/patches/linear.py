@@ -37,35 +37,34 @@ _packers: "weakref.WeakValueDictionary[int, _PackedLinearForward]" = weakref.Wea
 
 
 class _PackedLinearForward:
-    """The ``forward`` of one packed ``nn.Linear`` (an instance attribute, removed by ``unpack``)."""
+    """One ``nn.Linear``'s packed weight and the ``forward`` that uses it (an instance attribute, except in compiled
+    layers); the module keeps it under ``_PACKER`` until ``unpack``."""
 
     def __init__(self, module: torch.nn.Linear) -> None:
         self.module = module
-        self.source = self.weight_state(module)
+        self.source = self.weight_state(module.weight)
         self.packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), None)
         _packers[self.source[0]] = self
 
     @staticmethod
-    def weight_state(module: torch.nn.Linear) -> tuple[int, int, torch.dtype]:
+    def weight_state(weight: torch.Tensor) -> tuple[int, int, torch.dtype]:
         """What changes when the weight is replaced or modified in place."""
-        w = module.weight
-        return w.data_ptr(), w._version, w.dtype
+        return weight.data_ptr(), weight._version, weight.dtype
 
-    def matmul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         module = self.module
         if in_packed_call() and x.dtype == module.weight.dtype:
-            return self.matmul(x, module.weight, module.bias)
+            return self.matmul(x, module.bias)
         return torch.nn.Linear.forward(module, x)
 
 
 def _packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     packer = _packers.get(weight.data_ptr())
-    if packer is not None and x.dtype == weight.dtype and packer.source == (
-            weight.data_ptr(), weight._version, weight.dtype):
-        return packer.matmul(x, weight, bias)
+    if packer is not None and x.dtype == weight.dtype and packer.source == packer.weight_state(weight):
+        return packer.matmul(x, bias)
     return F.linear(x, weight, bias)
 
 
@@ -97,7 +96,7 @@ def pack_linear_weights(model: torch.nn.Module) -> int:
         for module in model.modules():
             if _packable(module):
                 packer = module.__dict__.get(_PACKER)
-                if not (packer is not None and packer.source == _PackedLinearForward.weight_state(module)):
+                if not (packer is not None and packer.source == _PackedLinearForward.weight_state(module.weight)):
                     packer = _PackedLinearForward(module)
                     module.__dict__[_PACKER] = packer
                 module.forward = packer
