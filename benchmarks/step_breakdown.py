@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("-n", "--num-prompts", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--max-batched-tokens", type=int, default=2048, help="the step's token budget")
     args = ap.parse_args()
     import torch
 
@@ -38,7 +39,8 @@ def main() -> None:
 
     model, tok = load_default_model(dtype=getattr(torch, args.dtype))
     start = time.perf_counter()
-    engine = LLMEngine(model, tok, memory_bytes=3 << 30, enable_prefix_caching=False, compile=args.compile)
+    engine = LLMEngine(model, tok, memory_bytes=3 << 30, enable_prefix_caching=False, compile=args.compile,
+                       max_num_batched_tokens=args.max_batched_tokens)
     wl = (fixed_workload(tok, args.num_prompts, 128, 128) if args.workload == "fixed"
           else mixed_workload(tok, args.num_prompts, 0, (20, 1000), (16, 512)))
 

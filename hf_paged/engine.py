@@ -9,10 +9,12 @@ A step whose forward fails fails only the requests in that step; every block the
 
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import threading
 import time
+import weakref
 from typing import Iterable, Iterator, Sequence as Seq
 
 import torch
@@ -31,6 +33,13 @@ from .sequence import FinishReason, RequestOutput, SamplingParams, Sequence, Seq
 logger = logging.getLogger(__name__)
 
 DEFAULT_KV_MEMORY_BYTES = 2 << 30
+_engines: "weakref.WeakSet[LLMEngine]" = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_engines() -> None:
+    for engine in list(_engines):
+        engine.shutdown()
 
 
 class LLMEngine:
@@ -79,7 +88,9 @@ class LLMEngine:
         self._inbox: "queue.SimpleQueue[tuple[str, object]]" = queue.SimpleQueue()
         self._wake = threading.Condition()
         self._pending = 0
+        self._stopping = False
         self._thread: threading.Thread | None = None
+        _engines.add(self)
         self._by_id: dict[str, Sequence] = {}
 
     # ---- submission (any thread) ---------------------------------------------------------------
@@ -152,18 +163,33 @@ class LLMEngine:
             self._inbox.put((kind, item))
             self._pending += 1
             self._wake.notify()
+            self._stopping = False
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name="hf_paged-engine", daemon=True)
                 self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the engine thread after its current step (requests still queued are not run; a later
+        submission starts it again). Runs at interpreter exit: a thread still inside torch while the
+        interpreter tears torch down can abort the process."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
 
     # ---- the engine thread ---------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._pending and not self.scheduler.has_work():
+                while not self._stopping and not self._pending and not self.scheduler.has_work():
                     if not self._wake.wait(timeout=30.0):
                         self._thread = None
                         return
+                if self._stopping:
+                    self._thread = None
+                    return
             self.step()
 
     def _drain_inbox(self) -> None:

@@ -140,6 +140,20 @@ def test_abort_frees_blocks_and_others_finish(smollm2, chat_ids):
     assert engine.pool.num_free_blocks == engine.pool.num_blocks
 
 
+def test_shutdown_stops_the_thread_and_a_new_request_restarts_it(smollm2, chat_ids):
+    model, tok = smollm2
+    engine = LLMEngine(model, tok, num_blocks=256)
+    greedy = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
+    first = engine.generate(chat_ids[:1], greedy, use_tqdm=False)
+    thread = engine._thread
+    assert thread is not None and thread.is_alive()
+    engine.shutdown()
+    assert not thread.is_alive()
+    out = engine.generate(chat_ids[:1], greedy, use_tqdm=False)
+    assert out[0].token_ids == first[0].token_ids and len(first[0].token_ids) == 8
+    assert engine.pool.num_free_blocks == engine.pool.num_blocks
+
+
 def test_failing_request_does_not_stop_the_engine(smollm2, chat_ids):
     model, tok = smollm2
     engine = LLMEngine(model, tok, num_blocks=256)
