@@ -87,7 +87,8 @@ def main() -> None:
     print(f"{args.workload} {args.dtype} compile={args.compile}: {produced / elapsed:.1f} output tok/s, "
           f"{elapsed:.2f} s (start-up incl. warm-up {startup_s:.1f} s)")
     print(f"  steps with prefill: {len(prefill)}, {sum(prefill):.2f} s")
-    print(f"  decode-only steps:  {len(decode)}, {sum(decode):.2f} s ({1e3 * sum(decode) / max(len(decode), 1):.1f} ms each)")
+    per_step = 1e3 * sum(decode) / max(len(decode), 1)
+    print(f"  decode-only steps:  {len(decode)}, {sum(decode):.2f} s ({per_step:.1f} ms each)")
     print(f"  outside forwards:   {elapsed - sum(prefill) - sum(decode):.2f} s")
     print("  attention (steps " + ", ".join(f"{k}: {v:.2f} s" for k, v in sorted(attention.items())) + ")")
 

@@ -46,10 +46,11 @@ class LLMEngine:
     """Serve many generation requests at once on paged KV memory with an unmodified HF causal LM.
 
     The KV pool takes ``num_blocks`` blocks of ``block_size`` tokens, or as many as fit in ``memory_bytes``
-    (default 2 GiB), in the model's dtype. ``compile``: run the forward through ``torch.compile`` (one graph for
-    every step shape; tens of seconds at the first step). ``pack_weights`` (default: on for CPU models): engine
-    forwards multiply with pre-packed oneDNN weights (one more copy of the linear weights; plain forwards of the
-    model are unchanged). ``share_blocks=False`` copies blocks for n-samples and beams instead of sharing them.
+    (default 2 GiB), in the model's dtype. ``compile``: run the decoder layers through ``torch.compile`` (one
+    graph shared by all layers and step shapes, one more for single-token steps; seconds at the first steps).
+    ``pack_weights`` (default: on for CPU models): engine forwards multiply with pre-packed oneDNN weights (one
+    more copy of the linear weights; plain forwards of the model are unchanged). ``share_blocks=False`` copies
+    blocks for n-samples and beams instead of sharing them.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, *, block_size: int = 16, num_blocks: int | None = None,

@@ -1,5 +1,6 @@
-"""The CPU speed paths keep HF's greedy tokens: the compiled decoder layers (a graph or two for every layer and step shape), the
-packed oneDNN linears (call-scoped: a plain forward is untouched), and the process-level CPU settings."""
+"""The CPU speed paths keep HF's greedy tokens: the compiled decoder layers (a graph or two for all layers and
+step shapes), the packed oneDNN linears (call-scoped: a plain forward is untouched), and the process-level CPU
+settings."""
 
 import threading
 
