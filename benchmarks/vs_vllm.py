@@ -48,7 +48,9 @@ def run_vllm(model_dir: Path, wl, dtype: str, threads: int) -> dict:
     raise RuntimeError("vLLM run failed:\n" + proc.stdout[-2000:] + proc.stderr[-4000:])
 
 
-def run_hf_paged(dtype: str, wl, compile: bool = False) -> dict:
+def run_hf_paged(dtype: str, wl, compile: bool = False, instrument=None, **engine_kwargs) -> dict:
+    """hf_paged on ``wl``: engine build and warm-up (reported as start-up), then the timed run.
+    ``instrument(engine)``, if given, runs between the two."""
     import torch
 
     from hf_paged import LLMEngine, SamplingParams
@@ -56,7 +58,8 @@ def run_hf_paged(dtype: str, wl, compile: bool = False) -> dict:
 
     model, tok = load_default_model(dtype=getattr(torch, dtype))
     start = time.perf_counter()
-    engine = LLMEngine(model, tok, memory_bytes=3 << 30, enable_prefix_caching=False, compile=compile)
+    engine = LLMEngine(model, tok, memory_bytes=3 << 30, enable_prefix_caching=False, compile=compile,
+                       **engine_kwargs)
 
     def params(m: int) -> SamplingParams:
         return SamplingParams(max_new_tokens=m, min_new_tokens=m, temperature=0.0)
@@ -64,6 +67,8 @@ def run_hf_paged(dtype: str, wl, compile: bool = False) -> dict:
     engine.generate(wl.warmup_prompts, params(4), use_tqdm=False)
     engine.generate(wl.warmup_prompts[:1], params(4), use_tqdm=False)  # single-token steps (their own graph)
     startup_s = time.perf_counter() - start  # engine build + warm-up (+ compile)
+    if instrument is not None:
+        instrument(engine)
     start = time.perf_counter()
     outs = engine.generate(wl.prompts, [params(m) for m in wl.out_lens], use_tqdm=False)
     elapsed = time.perf_counter() - start
@@ -91,15 +96,13 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from hf_paged.models import default_model_dir
-    from workloads import fixed_workload, mixed_workload
+    from workloads import peer_workload
 
     model_dir = default_model_dir()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    workloads = {"fixed": lambda: fixed_workload(tok, args.num_prompts, 128, 128),
-                 "mixed": lambda: mixed_workload(tok, args.num_prompts, args.seed, (20, 1000), (16, 512))}
     rows = []
     for name in args.workload.split(","):
-        wl = workloads[name]()
+        wl = peer_workload(name, tok, args.num_prompts, args.seed)
         for dtype in args.dtype.split(","):
             ours = run_hf_paged(dtype, wl, args.hf_compile)
             print(f"[{time.strftime('%H:%M:%S')}] hf_paged {name} {dtype}: {ours['output_tok_per_s']:.1f} tok/s "

@@ -148,3 +148,13 @@ def mixed_workload(tokenizer, n: int, seed: int, prompt_range: tuple[int, int],
     return Workload("mixed", prompts, out_lens, _warmup_ids(tokenizer),
                     f"{n} prompts, lengths uniform in [{prompt_range[0]}, {prompt_range[1]}], outputs uniform in "
                     f"[{out_range[0]}, {out_range[1]}] (seed {seed})", {"seed": seed})
+
+
+def peer_workload(name: str, tokenizer, n: int, seed: int = 0) -> Workload:
+    """The workloads hf_paged is measured on against vLLM: "fixed" (n x 128 prompt tokens x 128 new tokens, the
+    peers' reference workload) and "mixed" (prompts of 20-1000 tokens, 16-512 new tokens)."""
+    if name == "fixed":
+        return fixed_workload(tokenizer, n, 128, 128)
+    if name == "mixed":
+        return mixed_workload(tokenizer, n, seed, (20, 1000), (16, 512))
+    raise ValueError(f"workload: expected 'fixed' or 'mixed', got {name!r}")

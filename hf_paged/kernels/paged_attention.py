@@ -161,12 +161,9 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
 
 
 def _attend_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int, scale: float) -> torch.Tensor:
-    """q ``[1, H, M, D]``, the last M of k/v's ``[1, KVH, prefix + M, D]`` positions, causal: two unmasked
+    """q ``[1, H, M, D]``, the last M of k/v's ``[1, KVH, prefix + M, D]`` positions, causal (CPU): two unmasked
     flash-attention calls (the prefix; the chunk over itself, causal) merged by their log-sum-exps."""
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    if q.device.type != "cpu":
-        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(prefix)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     o_pre, lse_pre = flash(q, k[:, :, :prefix], v[:, :, :prefix], scale=scale)
     o_new, lse_new = flash(q, k[:, :, prefix:], v[:, :, prefix:], is_causal=True, scale=scale)
     w_pre = torch.sigmoid(lse_pre - lse_new).unsqueeze(-1)  # = e^lse_pre / (e^lse_pre + e^lse_new)
@@ -208,7 +205,7 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
         table = meta.block_tables[seq : seq + 1, :nblocks]
         k = gather_blocks(key_cache, table, kv_len)[0].transpose(0, 1)  # [KVH, L, hd]
         v = gather_blocks(value_cache, table, kv_len)[0].transpose(0, 1)
-        if not sliding_window and not softcap:
+        if not sliding_window and not softcap and (q_len == kv_len or query.device.type == "cpu"):
             # Causal attention without a mask, which SDPA's flash kernel does 2-5x faster than a masked one.
             q = query[start : start + q_len].transpose(0, 1).unsqueeze(0)
             k, v = k.unsqueeze(0).to(q.dtype), v.unsqueeze(0).to(q.dtype)

@@ -15,7 +15,7 @@ plain ``model(...)`` computes exactly what it did before.
 from __future__ import annotations
 
 import logging
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 import torch
@@ -104,10 +104,9 @@ def uncompile_layers(model: torch.nn.Module) -> None:
 @contextmanager
 def compile_settings() -> Iterator[None]:
     """Around a forward through compiled layers: trace so that one graph serves every step and layer."""
-    with ExitStack() as stack:
-        # No 0/1 specialisation and no "same size now, same size always" equalities between inputs: without
-        # these a step with one token, or with as many sampled rows as tokens, would compile another graph.
-        stack.enter_context(fx_config.patch(backed_size_oblivious=True, use_duck_shape=False))
-        # The layer index (attention's cache slot) is an input, not a constant: one graph for all layers.
-        stack.enter_context(torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True))
+    # No 0/1 specialisation and no "same size now, same size always" equalities between inputs (else a step with
+    # as many sampled rows as tokens would compile another graph); the layer index (attention's cache slot) is an
+    # input, not a constant, so one graph serves all layers.
+    with fx_config.patch(backed_size_oblivious=True, use_duck_shape=False), \
+            torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
         yield
