@@ -21,6 +21,7 @@ from .cache import PagedCache
 from .engine import LLMEngine
 from .patches.attention import disable_paged_attention, supports_paged_attention
 from .patches.compiled_layers import uncompile_layers
+from .patches.fused_layers import unfuse_layers
 from .patches.linear import unpack_linear_weights
 from .sequence import SamplingParams
 
@@ -67,6 +68,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     model.__dict__.pop(_ENGINE_ATTR, None)
     disable_paged_attention(model)
     uncompile_layers(model)
+    unfuse_layers(model)
     unpack_linear_weights(model)
     return model
 

@@ -49,14 +49,18 @@ class LLMEngine:
     (default 2 GiB), in the model's dtype. ``compile``: run the decoder layers through ``torch.compile`` (one
     graph shared by all layers and step shapes, one more for single-token steps; seconds at the first steps).
     ``pack_weights`` (default: on for CPU models): engine forwards multiply with pre-packed oneDNN weights (one
-    more copy of the linear weights; plain forwards of the model are unchanged). ``share_blocks=False`` copies
-    blocks for n-samples and beams instead of sharing them.
+    more copy of the linear weights; plain forwards of the model are unchanged). ``fuse_layers`` (default: as
+    ``pack_weights``; never with ``compile``): Llama-style attention, MLP and RMSNorm modules run fused forwards
+    in engine forwards (q/k/v and gate/up as one packed GEMM each, the small ops as one C call each; see
+    ``patches/fused_layers.py``). ``share_blocks=False`` copies blocks for n-samples and beams instead of
+    sharing them.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, *, block_size: int = 16, num_blocks: int | None = None,
                  memory_bytes: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
                  enable_prefix_caching: bool = True, max_model_len: int | None = None,
-                 share_blocks: bool = True, compile: bool = False, pack_weights: bool | None = None) -> None:
+                 share_blocks: bool = True, compile: bool = False, pack_weights: bool | None = None,
+                 fuse_layers: bool | None = None) -> None:
         if max_num_batched_tokens <= 0 or max_num_seqs <= 0:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
         ok, why = supports_paged_attention(model)
@@ -73,8 +77,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.pool, SchedulerConfig(max_num_seqs, max_num_batched_tokens,
                                                               enable_prefix_caching))
         self._on_cpu = self.pool.device.type == "cpu"
-        self.runner = ModelRunner(model, self.pool, compile=compile,
-                                  pack_weights=self._on_cpu if pack_weights is None else pack_weights)
+        pack_weights = self._on_cpu if pack_weights is None else pack_weights
+        self.runner = ModelRunner(model, self.pool, compile=compile, pack_weights=pack_weights,
+                                  fuse=pack_weights if fuse_layers is None else fuse_layers)
         if self._on_cpu:
             tune_malloc()
         self.sampler = Sampler()

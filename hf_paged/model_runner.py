@@ -16,17 +16,22 @@ import torch
 from .block_pool import BlockPool
 from .kernels.paged_attention import PagedAttentionMetadata
 from .patches.compiled_layers import compile_layers, compile_settings, uncompile_layers
+from .patches.fused_layers import fuse_layers, unfuse_layers
 from .patches.linear import pack_linear_weights, packed_linears
 from .scheduler import ScheduledStep
 
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, pool: BlockPool, compile: bool = False,
-                 pack_weights: bool = False) -> None:
+                 pack_weights: bool = False, fuse: bool = False) -> None:
         self.model = model
         uncompile_layers(model)  # a previous engine's compiled layers, if any
+        num_fused, grouped = fuse_layers(model) if fuse and not compile else (0, [])
+        if not num_fused:
+            unfuse_layers(model)
+        self.fused = num_fused > 0
         # Packed oneDNN weights; compiled layers reach them through the hf_paged::packed_linear op.
-        self.packed = pack_weights and pack_linear_weights(model) > 0
+        self.packed = pack_weights and pack_linear_weights(model, skip=grouped) > 0
         self.compiled = compile and compile_layers(model)
         self.pool = pool
         self.device = pool.device
@@ -81,7 +86,7 @@ class ModelRunner:
         self.pool.flush_copies()
         keep = meta.cu_seqlens_q[1:][sample_rows] - 1
         with ExitStack() as scope:
-            if self.packed or self.compiled:
+            if self.packed or self.compiled or self.fused:
                 scope.enter_context(packed_linears())
             if self.compiled:
                 scope.enter_context(compile_settings())

@@ -249,7 +249,7 @@ def test_builds_into_the_cache_folder(tmp_path):
     first = _run_fresh(code, {"HF_PAGED_CACHE": str(tmp_path)})
     assert first.returncode == 0, first.stderr
     name, seconds = first.stdout.split()
-    assert name.startswith("paged_decode_attention_") and (tmp_path / name).exists()
+    assert name.startswith("hf_paged_cpu_") and (tmp_path / name).exists()
     assert seconds != "None"
     second = _run_fresh(code, {"HF_PAGED_CACHE": str(tmp_path)})
     assert second.returncode == 0, second.stderr

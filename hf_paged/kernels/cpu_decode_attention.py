@@ -6,151 +6,33 @@ blocks through the block table, once, one OpenMP task per (sequence, KV head). :
 with the per-step arguments converted once and shared by all layers; :func:`write_kv_cpu` is the cache write
 (a step's new K/V rows into their slots) as one C call instead of two index ops and their views.
 
-The kernel is plain C (no torch headers), compiled on first use with the system C compiler (``$CC``, else
-``gcc``, else ``cc``) into ``$HF_PAGED_CACHE`` (default ``~/.cache/hf_paged``); the file name carries a hash
-of the source, the flags, the compiler's version and the CPU (``-march=native``), and the library is built
-under a temporary name and renamed into place, so processes that race build it twice at worst. It is
-loaded with ``ctypes`` and called with raw ``data_ptr()``s (ctypes drops the GIL for the call).
-
-If no compiler is there or the build fails, :func:`available` is False (one warning is logged) and the
-callers keep the PyTorch path; nothing here raises at import. ``HF_PAGED_CPU_KERNEL=0`` turns the kernel off
-(read on every call).
+The kernel is plain C (no torch headers) in the library that ``cpu_library`` builds on first use and loads
+with ``ctypes``; it is called with raw ``data_ptr()``s (ctypes drops the GIL for the call). If no compiler
+is there or the build fails, :func:`available` is False and the callers keep the PyTorch path; nothing here
+raises at import. ``HF_PAGED_CPU_KERNEL=0`` turns the kernels off (read on every call).
 """
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
-import time
-from pathlib import Path
-
 import torch
 
-from ..cpu_runtime import env_switch
-
-logger = logging.getLogger(__name__)
+from . import cpu_library
 
 __all__ = ["available", "decode_attention_cpu", "DecodePlan", "write_kv_cpu", "library_path", "build_seconds"]
-
-SOURCE = Path(__file__).parent / "csrc" / "paged_decode_attention.c"
-# No -ffast-math: the reductions are vectorized through `omp simd reduction` and exp is a polynomial in
-# the source, so the results stay within ~1e-6 of fp32 PyTorch without it.
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-strict-aliasing", "-std=gnu11"]
-
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_state: str | None = None  # None: not tried yet; "ok"; "failed"
-_build_seconds: float | None = None  # how long the compile took in this process (None: loaded from the cache)
-_path: Path | None = None
 
 
 def enabled() -> bool:
     """``HF_PAGED_CPU_KERNEL`` does not turn the kernels off (read on every call)."""
-    return env_switch("HF_PAGED_CPU_KERNEL")
-
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "gcc", "cc"):
-        if name and shutil.which(name):
-            return name
-    return None
-
-
-def _cpu_id() -> str:
-    """What -march=native depends on: the CPU's model and flags."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = [ln for ln in f.read().splitlines() if ln.startswith(("model name", "flags"))]
-        return "\n".join(lines[:2])
-    except OSError:
-        return platform.processor() or platform.machine()
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("HF_PAGED_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "hf_paged"
-
-
-def _build(cc: str) -> Path:
-    source = SOURCE.read_bytes()
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(b"\0".join([source, " ".join(CFLAGS).encode(), version.encode(),
-                                     _cpu_id().encode(), platform.machine().encode()])).hexdigest()[:16]
-    folder = _cache_dir()
-    path = folder / f"paged_decode_attention_{key}.so"
-    if path.exists():
-        return path
-    global _build_seconds
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        t0 = time.perf_counter()
-        res = subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
-                             timeout=300)
-        if res.returncode != 0:
-            raise RuntimeError(f"{cc} failed ({res.returncode}): {res.stderr.strip()[-2000:]}")
-        _build_seconds = time.perf_counter() - t0
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, path)  # atomic: a racing process sees either no file or a whole one
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    logger.info("built %s in %.2f s", path, _build_seconds)
-    return path
-
-
-def _load() -> ctypes.CDLL | None:
-    global _lib, _state, _path
-    if _state is not None:
-        return _lib
-    with _lock:
-        if _state is not None:
-            return _lib
-        try:
-            cc = _compiler()
-            if cc is None:
-                raise RuntimeError("no C compiler found ($CC, gcc, cc)")
-            _path = _build(cc)
-            lib = ctypes.CDLL(str(_path))
-            ptr, i64, i32, f32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
-            for name in ("paged_decode_attention_f32", "paged_decode_attention_bf16"):
-                fn = getattr(lib, name)
-                fn.restype = ctypes.c_int
-                fn.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, i64,
-                               i32, i32, i32, i32, i32, i32, f32, f32, i32]
-            lib.paged_write_kv.restype = None
-            lib.paged_write_kv.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, i64, ptr, ptr, i32, i32, i32]
-            _lib = lib
-            _state = "ok"
-        except Exception as exc:  # no compiler, a failed build, an unloadable library: keep PyTorch
-            logger.warning("the C decode-attention kernel is not usable (%s); the CPU path stays on PyTorch", exc)
-            _lib = None
-            _state = "failed"
-    return _lib
+    return cpu_library.enabled()
 
 
 def available() -> bool:
     """Whether :func:`decode_attention_cpu` can run here (builds the library on the first call)."""
-    return enabled() and _load() is not None
+    return cpu_library.available()
 
 
-def library_path() -> Path | None:
-    """The loaded library's path (None until loaded)."""
-    return _path
-
-
-def build_seconds() -> float | None:
-    """The compile time of the library in this process, or None if it came from the cache (or not yet)."""
-    return _build_seconds
+library_path = cpu_library.library_path
+build_seconds = cpu_library.build_seconds
 
 
 _profiler_enabled = torch._C._autograd._profiler_enabled
@@ -175,7 +57,7 @@ def decode_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor, value_cac
     already in the caches ``[num_blocks, block_size, KVH, hd]``), block_tables ``[D, >= blocks]``, kv_lens
     ``[D]`` -> ``[D, H, hd]`` in the query's dtype (written into ``out`` when given; any strides with a
     contiguous last dim). fp32 or bf16; fp32 accumulation."""
-    lib = _load()
+    lib = cpu_library.load()
     if lib is None:
         raise RuntimeError("the C decode-attention kernel is not available")
     if query.dtype not in _DTYPES or key_cache.dtype != query.dtype or value_cache.dtype != query.dtype:
@@ -231,7 +113,7 @@ class DecodePlan:
             return None
         block_tables = block_tables.to(torch.int64).contiguous()
         kv_lens = kv_lens.to(torch.int32).contiguous()
-        return cls(getattr(_load(), _DTYPES[query.dtype]), block_tables, kv_lens, query.shape[1],
+        return cls(getattr(cpu_library.load(), _DTYPES[query.dtype]), block_tables, kv_lens, query.shape[1],
                    key_cache.shape[2], query.shape[2], key_cache.shape[1], scale, sliding_window, softcap)
 
     def __call__(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -270,6 +152,6 @@ def write_kv_cpu(key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.
 
 
 def _write(key_cache, value_cache, key, value, slot_mapping) -> None:
-    _lib.paged_write_kv(key.data_ptr(), key.stride(0), key.stride(1), value.data_ptr(), value.stride(0),
+    cpu_library.load().paged_write_kv(key.data_ptr(), key.stride(0), key.stride(1), value.data_ptr(), value.stride(0),
                         value.stride(1), slot_mapping.data_ptr(), key.shape[0], key_cache.data_ptr(),
                         value_cache.data_ptr(), key.shape[1], key.shape[2], key.element_size())

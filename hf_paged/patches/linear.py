@@ -25,7 +25,7 @@ from __future__ import annotations
 import threading
 import weakref
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +61,29 @@ class _PackedLinearForward:
         return torch.nn.Linear.forward(module, x)
 
 
+class PackedGroup:
+    """Several ``nn.Linear`` of one input (q/k/v, gate/up) as one packed weight: one GEMM instead of several,
+    its output their outputs side by side. Fewer, larger GEMMs stream the weights faster (measured on a
+    [32, 576] input in bf16: three of 576/192/192 outputs 114 us, one of 960 outputs 74 us)."""
+
+    def __init__(self, linears: list[torch.nn.Linear]) -> None:
+        self.sources = [_PackedLinearForward.weight_state(m.weight) for m in linears]
+        weight = torch.cat([m.weight.detach() for m in linears])
+        has_bias = [m.bias is not None for m in linears]
+        if any(has_bias) and not all(has_bias):
+            raise ValueError("a packed group needs a bias on all of its layers or on none")
+        self.bias = torch.cat([m.bias.detach() for m in linears]) if all(has_bias) else None
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        self.dtype = weight.dtype
+
+    def current(self, linears: list[torch.nn.Linear]) -> bool:
+        """Whether it still holds these layers' weights."""
+        return self.sources == [_PackedLinearForward.weight_state(m.weight) for m in linears]
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
 def _packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     packer = _packers.get(weight.data_ptr())
     if packer is not None and x.dtype == weight.dtype and packer.source == packer.weight_state(weight):
@@ -85,16 +108,21 @@ def _packable(module: torch.nn.Module) -> bool:
             and w.dtype in (torch.float32, torch.bfloat16))
 
 
-def pack_linear_weights(model: torch.nn.Module) -> int:
-    """Give every plain CPU ``nn.Linear`` of ``model`` a packed weight (kept if it is still the current
-    weight's, re-packed otherwise); returns how many layers are packed. Does nothing where this torch has no
-    oneDNN."""
+def pack_linear_weights(model: torch.nn.Module, skip: Iterable[torch.nn.Module] = ()) -> int:
+    """Give every plain CPU ``nn.Linear`` of ``model`` but those in ``skip`` (computed through a
+    :class:`PackedGroup`) a packed weight (kept if it is still the current weight's, re-packed otherwise);
+    returns how many layers are packed. Does nothing where this torch has no oneDNN."""
     if not torch.backends.mkldnn.is_available():
         return 0
     count = 0
+    skipped = {id(m) for m in skip}
     with torch.inference_mode():
         for module in model.modules():
-            if _packable(module):
+            if id(module) in skipped:
+                if isinstance(module.__dict__.get("forward"), _PackedLinearForward):
+                    del module.forward
+                module.__dict__.pop(_PACKER, None)
+            elif _packable(module):
                 packer = module.__dict__.get(_PACKER)
                 if not (packer is not None and packer.source == _PackedLinearForward.weight_state(module.weight)):
                     packer = _PackedLinearForward(module)

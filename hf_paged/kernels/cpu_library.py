@@ -1,0 +1,153 @@
+"""Builds and loads the CPU kernels' C library (``csrc/*.c``): paged decode attention and the cache write
+(``cpu_decode_attention``), the small per-layer ops (``cpu_fused_ops``).
+
+The sources are plain C (no torch headers), compiled on first use with the system C compiler (``$CC``, else
+``gcc``, else ``cc``) into one shared library in ``$HF_PAGED_CACHE`` (default ``~/.cache/hf_paged``). Its
+file name carries a hash of the sources, the flags, the compiler's version and the CPU (``-march=native``);
+it is built under a temporary name and renamed into place, so processes that race build it twice at worst.
+It is loaded with ``ctypes``, each function declared with its argument types (:data:`SIGNATURES`).
+
+If no compiler is there or the build fails, :func:`available` is False (one warning is logged) and the
+callers keep their PyTorch paths; nothing here raises at import. ``HF_PAGED_CPU_KERNEL=0`` turns the kernels
+off (read on every call).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from ..cpu_runtime import env_switch
+
+logger = logging.getLogger(__name__)
+
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / "paged_decode_attention.c", CSRC / "fused_layer_ops.c"]
+HEADERS = [CSRC / "cpu_vec.h"]
+# No -ffast-math: the reductions are vectorized through `omp simd reduction` and exp is a polynomial in
+# the source, so the results stay within ~1e-6 of fp32 PyTorch without it.
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-strict-aliasing", "-std=gnu11"]
+
+_p, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
+_DECODE = [_p, _i64, _i64, _p, _p, _p, _i64, _p, _p, _i64, _i64, _i32, _i32, _i32, _i32, _i32, _i32, _f32, _f32, _i32]
+SIGNATURES: dict[str, tuple[type | None, list]] = {  # name -> (restype, argtypes)
+    "paged_decode_attention_f32": (ctypes.c_int, _DECODE),
+    "paged_decode_attention_bf16": (ctypes.c_int, _DECODE),
+    "paged_write_kv": (None, [_p, _i64, _i64, _p, _i64, _i64, _p, _i64, _p, _p, _i32, _i32, _i32]),
+    "hf_rms_norm": (None, [_p, _i64, _p, _p, _i64, _i64, _i32, _f32, _i32]),
+    "hf_add_rms_norm": (None, [_p, _p, _p, _p, _p, _i64, _i32, _f32, _i32]),
+    "hf_rope": (None, [_p, _i64, _i64, _i32, _p, _i64, _i64, _i32, _p, _p, _p, _p, _i64, _i32, _i32]),
+    "hf_silu_mul": (None, [_p, _i64, _p, _i64, _i64, _i32, _i32]),
+}
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_state: str | None = None  # None: not tried yet; "ok"; "failed"
+_build_seconds: float | None = None  # how long the compile took in this process (None: loaded from the cache)
+_path: Path | None = None
+
+
+def enabled() -> bool:
+    """``HF_PAGED_CPU_KERNEL`` does not turn the kernels off (read on every call)."""
+    return env_switch("HF_PAGED_CPU_KERNEL")
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "gcc", "cc"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU's model and flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f.read().splitlines() if ln.startswith(("model name", "flags"))]
+        return "\n".join(lines[:2])
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("HF_PAGED_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "hf_paged"
+
+
+def _build(cc: str) -> Path:
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    parts = [p.read_bytes() for p in SOURCES + HEADERS]
+    key = hashlib.sha256(b"\0".join([*parts, " ".join(CFLAGS).encode(), version.encode(),
+                                     _cpu_id().encode(), platform.machine().encode()])).hexdigest()[:16]
+    folder = _cache_dir()
+    path = folder / f"hf_paged_cpu_{key}.so"
+    if path.exists():
+        return path
+    global _build_seconds
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        t0 = time.perf_counter()
+        res = subprocess.run([cc, *CFLAGS, *map(str, SOURCES), "-o", tmp, "-lm"], capture_output=True, text=True,
+                             timeout=300)
+        if res.returncode != 0:
+            raise RuntimeError(f"{cc} failed ({res.returncode}): {res.stderr.strip()[-2000:]}")
+        _build_seconds = time.perf_counter() - t0
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, path)  # atomic: a racing process sees either no file or a whole one
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    logger.info("built %s in %.2f s", path, _build_seconds)
+    return path
+
+
+def load() -> ctypes.CDLL | None:
+    """The loaded library (built on the first call), or None where it cannot be built or loaded."""
+    global _lib, _state, _path
+    if _state is not None:
+        return _lib
+    with _lock:
+        if _state is not None:
+            return _lib
+        try:
+            cc = _compiler()
+            if cc is None:
+                raise RuntimeError("no C compiler found ($CC, gcc, cc)")
+            _path = _build(cc)
+            lib = ctypes.CDLL(str(_path))
+            for name, (restype, argtypes) in SIGNATURES.items():
+                fn = getattr(lib, name)
+                fn.restype, fn.argtypes = restype, argtypes
+            _lib = lib
+            _state = "ok"
+        except Exception as exc:  # no compiler, a failed build, an unloadable library: keep PyTorch
+            logger.warning("the C CPU kernels are not usable (%s); the CPU path stays on PyTorch", exc)
+            _lib = None
+            _state = "failed"
+    return _lib
+
+
+def available() -> bool:
+    """Whether the kernels can run here (builds the library on the first call)."""
+    return enabled() and load() is not None
+
+
+def library_path() -> Path | None:
+    """The loaded library's path (None until loaded)."""
+    return _path
+
+
+def build_seconds() -> float | None:
+    """The compile time of the library in this process, or None if it came from the cache (or not yet)."""
+    return _build_seconds

@@ -1,0 +1,231 @@
+"""Fused forwards for Llama-style attention, MLP and RMSNorm modules, used only inside engine forwards (CPU).
+
+Eager, a batch-32 bf16 decode step of SmolLM2 spent ~14 of its ~41 ms outside the GEMMs and the attention
+kernel: ~40 small torch ops a layer and their dispatch. Inside :func:`~hf_paged.patches.linear.packed_linears`
+(the engine's forward), modules recognised here run a shorter path with the same arithmetic:
+
+* **attention**: q, k and v from one packed GEMM (:class:`~hf_paged.patches.linear.PackedGroup`), the rotary
+  embedding of q and k in one C call, straight into the paged attention op, then ``o_proj``;
+* **MLP**: gate and up from one packed GEMM, ``silu(gate) * up`` in one C call, then ``down_proj``;
+* **RMSNorm**: one C call.
+
+A module is recognised only when its class's ``forward`` has the same bytecode as transformers' Llama module
+(so Mistral / Qwen2 / Qwen3 MLPs and norms qualify, and any attention whose code differs, e.g. with a sliding
+window or q/k norms, does not) and, for attention, the rotary functions its module calls are Llama's too.
+Everything else, and every call outside an engine forward, runs the class's own ``forward``: a plain
+``model(...)`` computes exactly what it did before. The fused kernels and what they compute are in
+``kernels/cpu_fused_ops.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import torch
+from transformers.activations import SiLUActivation
+from transformers.models.llama import modeling_llama
+
+from ..kernels import cpu_fused_ops, cpu_library
+from .attention import ATTN_IMPLEMENTATION, paged_attention_layer
+from .linear import PackedGroup, in_packed_call
+
+logger = logging.getLogger(__name__)
+
+
+def _same_code(fn: Any, reference: Any) -> bool:
+    a, b = getattr(fn, "__code__", None), reference.__code__
+    return a is not None and (a.co_code, a.co_consts, a.co_names) == (b.co_code, b.co_consts, b.co_names)
+
+
+def _plain_linears(module: torch.nn.Module, names: tuple[str, ...]) -> list[torch.nn.Linear] | None:
+    linears = [getattr(module, n, None) for n in names]
+    if not all(type(m) is torch.nn.Linear for m in linears):
+        return None
+    if len({(m.in_features, m.weight.dtype, m.weight.device, m.bias is None) for m in linears}) != 1:
+        return None
+    return linears
+
+
+class _Fused:
+    """Base of the fused forwards: the module, its packed group (if any) and the layers in that group."""
+
+    names: tuple[str, ...] = ()
+
+    def __init__(self, module: torch.nn.Module, previous: "_Fused | None") -> None:
+        self.module = module
+        self.lib = cpu_library.load()  # fuse_layers installs nothing where it is None
+        self.bf16 = int(next(module.parameters()).dtype == torch.bfloat16)
+        self.linears = _plain_linears(module, self.names) if self.names else []
+        reuse = previous is not None and self.names and previous.group is not None \
+            and previous.group.current(self.linears)
+        self.group = (previous.group if reuse else PackedGroup(self.linears)) if self.names else None
+
+    def original(self, *args: Any, **kwargs: Any) -> Any:
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+
+class _FusedAttention(_Fused):
+    names = ("q_proj", "k_proj", "v_proj")
+
+    @staticmethod
+    def matches(module: torch.nn.Module) -> bool:
+        source = sys.modules.get(type(module).__module__)
+        return (_same_code(type(module).forward, modeling_llama.LlamaAttention.forward)
+                and _same_code(getattr(source, "apply_rotary_pos_emb", None), modeling_llama.apply_rotary_pos_emb)
+                and _same_code(getattr(source, "rotate_half", None), modeling_llama.rotate_half)
+                and _plain_linears(module, _FusedAttention.names) is not None
+                and isinstance(getattr(module, "layer_idx", None), int))
+
+    def __call__(self, hidden_states: torch.Tensor, position_embeddings: tuple | None = None,
+                 attention_mask: torch.Tensor | None = None, past_key_values: Any = None, **kwargs: Any):
+        meta = kwargs.get("paged_metadata")
+        if not (meta is not None and past_key_values is None and position_embeddings is not None
+                and in_packed_call() and self.usable(hidden_states)):
+            return self.original(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
+        return self.fast(hidden_states, position_embeddings, meta), None
+
+    def usable(self, hidden_states: torch.Tensor) -> bool:
+        return (hidden_states.dim() == 3 and hidden_states.shape[0] == 1 and hidden_states.dtype == self.group.dtype
+                and self.module.config._attn_implementation == ATTN_IMPLEMENTATION and cpu_library.enabled())
+
+    def fast(self, hidden_states: torch.Tensor, position_embeddings: tuple, meta: Any) -> torch.Tensor:
+        """The engine's attention for hidden states ``[1, T, D]``: packed q/k/v GEMM, rotary embedding in C,
+        paged attention, ``o_proj``."""
+        m = self.module
+        tokens = hidden_states.shape[1]
+        hd = m.head_dim
+        q_width, kv_width = m.q_proj.out_features, m.k_proj.out_features
+        qkv = self.group.matmul(hidden_states)[0]
+        q = qkv[:, :q_width].view(tokens, -1, hd)
+        k = qkv[:, q_width:q_width + kv_width].view(tokens, -1, hd)
+        v = qkv[:, q_width + kv_width:].view(tokens, -1, hd)
+        cos, sin = position_embeddings[0][0], position_embeddings[1][0]
+        if cos.dtype == q.dtype and cos.is_contiguous() and sin.is_contiguous() and cos.shape == (tokens, hd):
+            q_rot, k_rot = torch.empty(q.shape, dtype=q.dtype), torch.empty(k.shape, dtype=k.dtype)
+            self.lib.hf_rope(q.data_ptr(), q.stride(0), q.stride(1), q.shape[1], k.data_ptr(), k.stride(0),
+                             k.stride(1), k.shape[1], q_rot.data_ptr(), k_rot.data_ptr(), cos.data_ptr(),
+                             sin.data_ptr(), tokens, hd, self.bf16)
+            q, k = q_rot, k_rot
+        else:
+            q, k = cpu_fused_ops.rope_reference(q, k, cos, sin)
+        out = paged_attention_layer(q.unsqueeze(0).transpose(1, 2), k.unsqueeze(0).transpose(1, 2),
+                                    v.unsqueeze(0).transpose(1, 2), meta, m.layer_idx, float(m.scaling), None, None)
+        return m.o_proj.forward(out.reshape(1, tokens, -1))  # .forward: its packed weight, no hook machinery
+
+
+class _FusedMLP(_Fused):
+    names = ("gate_proj", "up_proj")
+
+    @staticmethod
+    def matches(module: torch.nn.Module) -> bool:
+        return (_same_code(type(module).forward, modeling_llama.LlamaMLP.forward)
+                and type(getattr(module, "act_fn", None)) in (SiLUActivation, torch.nn.SiLU)
+                and _plain_linears(module, _FusedMLP.names) is not None
+                and isinstance(getattr(module, "down_proj", None), torch.nn.Module))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not (in_packed_call() and x.dtype == self.group.dtype and x.device.type == "cpu" and cpu_library.enabled()):
+            return self.original(x)
+        return self.fast(x)
+
+    def fast(self, x: torch.Tensor) -> torch.Tensor:
+        """Packed gate/up GEMM, ``silu(gate) * up`` in C, ``down_proj``."""
+        gate_up = self.group.matmul(x)
+        inter = gate_up.shape[-1] // 2
+        act = torch.empty((*gate_up.shape[:-1], inter), dtype=gate_up.dtype)
+        self.lib.hf_silu_mul(gate_up.data_ptr(), 2 * inter, act.data_ptr(), inter, act.numel() // inter, inter,
+                             self.bf16)
+        return self.module.down_proj.forward(act)
+
+
+class _FusedRMSNorm(_Fused):
+    @staticmethod
+    def matches(module: torch.nn.Module) -> bool:
+        return (_same_code(type(module).forward, modeling_llama.LlamaRMSNorm.forward)
+                and isinstance(getattr(module, "weight", None), torch.Tensor)
+                and isinstance(getattr(module, "variance_epsilon", None), float))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if in_packed_call():
+            out = cpu_fused_ops.rms_norm(x, self.module.weight, self.module.variance_epsilon)
+            if out is not None:
+                return out
+        return self.original(x)
+
+
+class _FusedDecoderLayer(_Fused):
+    """A Llama decoder layer whose four parts are all fused: it calls their fused paths directly (none of
+    ``nn.Module.__call__``'s work for them) and does the residual add with the post-attention norm in one C call."""
+
+    @staticmethod
+    def matches(module: torch.nn.Module) -> bool:
+        parts = [getattr(module, n, None) for n in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")]
+        return (_same_code(type(module).forward, modeling_llama.LlamaDecoderLayer.forward)
+                and all(isinstance(p, torch.nn.Module) for p in parts)
+                and [type(p.__dict__.get("forward")) for p in parts] == [_FusedAttention, _FusedMLP, _FusedRMSNorm,
+                                                                          _FusedRMSNorm]
+                and len({p.weight.dtype for p in parts[2:]} | {parts[0].forward.group.dtype}) == 1)
+
+    def __call__(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 position_ids: torch.Tensor | None = None, past_key_values: Any = None, use_cache: bool | None = False,
+                 position_embeddings: tuple | None = None, **kwargs: Any) -> torch.Tensor:
+        m = self.module
+        attention = m.self_attn.forward
+        meta = kwargs.get("paged_metadata")
+        if not (meta is not None and past_key_values is None and position_embeddings is not None
+                and in_packed_call() and attention.usable(hidden_states) and hidden_states.is_contiguous()
+                and cpu_library.enabled()):
+            return self.original(hidden_states, attention_mask, position_ids, past_key_values, use_cache,
+                                 position_embeddings, **kwargs)
+        lib, bf16 = self.lib, self.bf16
+        rows, dim = hidden_states.numel() // hidden_states.shape[-1], hidden_states.shape[-1]
+        pre, post = m.input_layernorm, m.post_attention_layernorm
+        normed = torch.empty_like(hidden_states)
+        lib.hf_rms_norm(hidden_states.data_ptr(), dim, pre.weight.data_ptr(), normed.data_ptr(), dim, rows, dim,
+                        pre.variance_epsilon, bf16)
+        attended = attention.fast(normed, position_embeddings, meta)
+        residual = torch.empty_like(hidden_states)
+        lib.hf_add_rms_norm(hidden_states.data_ptr(), attended.data_ptr(), post.weight.data_ptr(), residual.data_ptr(),
+                            normed.data_ptr(), rows, dim, post.variance_epsilon, bf16)
+        return residual.add_(m.mlp.forward.fast(normed))
+
+
+_KINDS = (_FusedAttention, _FusedMLP, _FusedRMSNorm)
+
+
+def fuse_layers(model: torch.nn.Module) -> tuple[int, list[torch.nn.Linear]]:
+    """Give every recognised CPU attention, MLP, RMSNorm and decoder-layer module of ``model`` its fused forward
+    (keeping packed groups that still hold the current weights); returns how many modules are fused and the
+    linears now computed through packed groups (they need no packed weight of their own). Nothing is fused
+    where the C kernels or oneDNN are not available."""
+    if not (cpu_library.available() and torch.backends.mkldnn.is_available()):
+        return 0, []
+    grouped: list[torch.nn.Linear] = []
+    counts = {kind.__name__: 0 for kind in _KINDS + (_FusedDecoderLayer,)}
+    with torch.inference_mode():
+        for kinds in (_KINDS, (_FusedDecoderLayer,)):  # layers after their parts: they need theirs fused
+            for module in model.modules():
+                own = module.__dict__.get("forward")
+                if own is not None and not isinstance(own, _Fused):
+                    continue  # a forward somebody else put there
+                weight = next(module.parameters(), None)
+                if weight is None or weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
+                    continue
+                for kind in kinds:
+                    if kind.matches(module):
+                        fused = kind(module, own if type(own) is kind else None)
+                        module.forward = fused
+                        grouped.extend(fused.linears)
+                        counts[kind.__name__] += 1
+                        break
+    logger.info("fused layers: %s", counts)
+    return sum(counts.values()), grouped
+
+
+def unfuse_layers(model: torch.nn.Module) -> None:
+    """Every module back to its class's ``forward``."""
+    for module in model.modules():
+        if isinstance(module.__dict__.get("forward"), _Fused):
+            del module.forward

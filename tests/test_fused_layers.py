@@ -1,0 +1,201 @@
+"""The fused CPU forwards of Llama-style layers (``patches/fused_layers.py``) and their C kernels
+(``kernels/cpu_fused_ops.py``): the kernels against transformers' own modules, which modules each architecture
+gets fused, HF's greedy tokens through fused engines, call-scoping, re-packing after a weight change, and the
+kernel switch."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.models.llama import modeling_llama
+
+from hf_paged import LLMEngine, SamplingParams, unwrap
+from hf_paged.kernels import cpu_fused_ops, cpu_library
+from hf_paged.patches import fused_layers
+
+from conftest import build_tiny_model, tiny_prompts
+from test_engine import hf_greedy
+
+needs_kernel = pytest.mark.skipif(not cpu_library.available(), reason="the C kernels could not be built here")
+GREEDY16 = SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True)
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _hf_norm(weight: torch.Tensor, eps: float) -> torch.nn.Module:
+    norm = modeling_llama.LlamaRMSNorm(weight.shape[0], eps=eps).to(weight.dtype)
+    norm.weight.data.copy_(weight)
+    return norm
+
+
+def _assert_rounding_close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """fp32: within a few ulps. bf16: a value differs from the reference only where an fp32 value before a
+    rounding did by an ulp or so, and rarely: by an ulp of the intermediate that was rounded (up to 2^-7
+    relative) plus the last rounding's."""
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    if out.dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=2e-6, atol=1e-6)
+    else:
+        torch.testing.assert_close(out.float(), ref.float(), rtol=2 ** -6, atol=1e-5)
+        assert (out != ref).float().mean().item() < 0.01
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", [64, 576, 40])  # 40: not a multiple of the vector width (scalar path)
+def test_rms_norm_kernels_match_transformers(dtype, dim):
+    g = torch.Generator().manual_seed(dim)
+    x = (torch.randn(3, 7, dim, generator=g) * 3).to(dtype)
+    a = torch.randn(3, 7, dim, generator=g).to(dtype)
+    w = torch.randn(dim, generator=g).to(dtype)
+    norm = _hf_norm(w, 1e-6)
+    with torch.inference_mode():
+        _assert_rounding_close(cpu_fused_ops.rms_norm(x, w, 1e-6), norm(x))
+        residual, normed = cpu_fused_ops.add_rms_norm(x, a, w, 1e-6)
+        assert torch.equal(residual, x + a)
+        _assert_rounding_close(normed, norm(x + a))
+        # A strided last dim is not for the kernel: the caller runs transformers' code instead.
+        assert cpu_fused_ops.rms_norm(x.transpose(0, 2), w[:3].contiguous(), 1e-6) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 16, 24])
+def test_rope_kernel_is_bit_exact(dtype, head_dim):
+    """q and k as the engine has them (strided views of one q/k/v projection), against transformers'
+    ``apply_rotary_pos_emb``: the same bits in fp32 and bf16."""
+    g = torch.Generator().manual_seed(head_dim)
+    tokens, hq, hk = 9, 6, 2
+    qkv = torch.randn(tokens, (hq + 2 * hk) * head_dim, generator=g).to(dtype)
+    q = qkv[:, : hq * head_dim].view(tokens, hq, head_dim)
+    k = qkv[:, hq * head_dim : (hq + hk) * head_dim].view(tokens, hk, head_dim)
+    angles = torch.randn(tokens, head_dim // 2, generator=g) * 10
+    emb = torch.cat([angles, angles], dim=-1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    q_out, k_out = cpu_fused_ops.rope(q, k, cos, sin)
+    q_ref, k_ref = modeling_llama.apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                                      cos[None], sin[None])
+    assert q_out.is_contiguous() and k_out.is_contiguous()
+    assert torch.equal(q_out, q_ref[0].transpose(0, 1)) and torch.equal(k_out, k_ref[0].transpose(0, 1))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inter", [128, 1536, 40])
+def test_silu_mul_kernel_matches_transformers(dtype, inter):
+    g = torch.Generator().manual_seed(inter)
+    gate_up = (torch.randn(2, 5, 2 * inter, generator=g) * 4).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    _assert_rounding_close(cpu_fused_ops.silu_mul(gate_up), F.silu(gate) * up)
+    # Large |x|: exp's argument is kept finite, silu(-100) is still (about) zero and silu(100) is 100.
+    extreme = torch.tensor([[-100.0, 100.0, 1.0, 1.0]], dtype=dtype)
+    torch.testing.assert_close(cpu_fused_ops.silu_mul(extreme).float(), torch.tensor([[0.0, 100.0]]))
+
+
+def _fused_kinds(model: torch.nn.Module) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        own = module.__dict__.get("forward")
+        if isinstance(own, fused_layers._Fused):
+            counts[type(own).__name__] = counts.get(type(own).__name__, 0) + 1
+    return counts
+
+
+@needs_kernel
+def test_fused_engine_equals_hf_and_stays_call_scoped(tiny_model_dir):
+    """A Llama model gets every part fused; the engine's greedy tokens equal HF generate's (ragged batch, chunked
+    prefills); plain forwards are bit-identical before, during and after, and unwrap removes the fused forwards."""
+    model = build_tiny_model("llama", tiny_model_dir)
+    prompts = tiny_prompts(6, seed=11)
+    ids = torch.tensor([prompts[0]])
+    with torch.inference_mode():
+        before = model(ids).logits
+    refs = hf_greedy(model, prompts, 16, 0, set(), batch=6)
+    engine = LLMEngine(model, None, num_blocks=200, max_num_batched_tokens=16, enable_prefix_caching=False)
+    layers = model.config.num_hidden_layers
+    assert engine.runner.fused
+    assert _fused_kinds(model) == {"_FusedAttention": layers, "_FusedMLP": layers, "_FusedRMSNorm": 2 * layers + 1,
+                                   "_FusedDecoderLayer": layers}
+    outs = engine.generate(prompts, GREEDY16, use_tqdm=False)
+    assert [o.token_ids for o in outs] == refs
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, before)
+    engine.shutdown()
+    unwrap(model)
+    assert _fused_kinds(model) == {}
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, before)
+
+
+@needs_kernel
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3", "phi3", "gemma2", "gpt2"])
+def test_only_recognised_modules_are_fused(arch, tiny_model_dir):
+    """Attention is fused only where its code is Llama's (not Mistral's, Qwen's or Phi-3's), MLPs and norms where
+    theirs are (Phi-3's MLP has one gate_up projection: norms only); Gemma-2 (its own norm, GELU) and GPT-2 get
+    nothing. Greedy tokens still equal HF's."""
+    model = build_tiny_model(arch, tiny_model_dir)
+    prompts = tiny_prompts(4, seed=12)
+    refs = hf_greedy(model, prompts, 16, 0, set(), batch=4)
+    engine = LLMEngine(model, None, num_blocks=200, max_num_batched_tokens=32, enable_prefix_caching=False)
+    kinds = _fused_kinds(model)
+    assert "_FusedAttention" not in kinds and "_FusedDecoderLayer" not in kinds
+    if arch in ("gemma2", "gpt2"):
+        assert kinds == {} and not engine.runner.fused
+    else:
+        assert kinds.get("_FusedRMSNorm", 0) >= 2 * model.config.num_hidden_layers and engine.runner.fused
+        assert ("_FusedMLP" in kinds) == (arch != "phi3")
+    assert [o.token_ids for o in engine.generate(prompts, GREEDY16, use_tqdm=False)] == refs
+    engine.shutdown()
+
+
+@needs_kernel
+def test_fused_engine_agrees_with_unfused_and_sees_new_weights(smollm2, chat_ids):
+    """SmolLM2 (head dim 64: the kernels' vector paths): same greedy tokens and close logprobs with and without
+    fused layers. Then a weight changed in place: the next engine packs the q/k/v group again."""
+    model, tok = smollm2
+    params = SamplingParams(max_new_tokens=16, temperature=0, logprobs=1)
+    outs = {}
+    for fuse in (False, True):
+        engine = LLMEngine(model, tok, num_blocks=512, enable_prefix_caching=False, fuse_layers=fuse)
+        assert engine.runner.fused == fuse
+        outs[fuse] = engine.generate(chat_ids[:8], params, use_tqdm=False)
+        engine.shutdown()
+    assert [o.token_ids for o in outs[True]] == [o.token_ids for o in outs[False]]
+    for a, b in zip(outs[True], outs[False]):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-3, rtol=0)
+
+    attn = model.model.layers[0].self_attn
+    group = attn.forward.group
+    weight = attn.q_proj.weight
+    saved = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.mul_(0.5)
+        engine = LLMEngine(model, tok, num_blocks=512, enable_prefix_caching=False)
+        assert attn.forward.group is not group  # re-packed from the changed weight
+        changed = engine.generate(chat_ids[:8], params, use_tqdm=False)
+        engine.shutdown()
+        unfused = LLMEngine(model, tok, num_blocks=512, enable_prefix_caching=False, fuse_layers=False)
+        expected = unfused.generate(chat_ids[:8], params, use_tqdm=False)
+        unfused.shutdown()
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    assert [o.token_ids for o in changed] == [o.token_ids for o in expected]
+    assert [o.token_ids for o in changed] != [o.token_ids for o in outs[True]]
+
+
+@needs_kernel
+def test_kernel_switch_off_runs_transformers_code(tiny_model_dir, monkeypatch):
+    """``HF_PAGED_CPU_KERNEL=0`` (read on every call): fused modules run their class's own forward."""
+    model = build_tiny_model("llama", tiny_model_dir)
+    prompts = tiny_prompts(3, seed=13)
+    refs = hf_greedy(model, prompts, 16, 0, set(), batch=3)
+    engine = LLMEngine(model, None, num_blocks=200, enable_prefix_caching=False)
+    calls = []
+    monkeypatch.setenv("HF_PAGED_CPU_KERNEL", "0")
+    original = modeling_llama.LlamaAttention.forward
+    monkeypatch.setattr(modeling_llama.LlamaAttention, "forward",
+                        lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    outs = engine.generate(prompts, GREEDY16, use_tqdm=False)
+    engine.shutdown()
+    assert [o.token_ids for o in outs] == refs
+    assert calls  # transformers' own attention ran
