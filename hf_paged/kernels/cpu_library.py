@@ -46,7 +46,10 @@ SIGNATURES: dict[str, tuple[type | None, list]] = {  # name -> (restype, argtype
     "hf_rms_norm": (None, [_p, _i64, _p, _p, _i64, _i64, _i32, _f32, _i32]),
     "hf_add_rms_norm": (None, [_p, _p, _p, _p, _p, _i64, _i32, _f32, _i32]),
     "hf_rope": (None, [_p, _i64, _i64, _i32, _p, _i64, _i64, _i32, _p, _p, _p, _p, _i64, _i32, _i32]),
+    "hf_rope_write_kv": (None, [_p, _i64, _i64, _i32, _p, _i64, _i64, _i32, _p, _i64, _i64, _p, _p, _p, _p, _p, _p,
+                                _i64, _i32, _i32]),
     "hf_silu_mul": (None, [_p, _i64, _p, _i64, _i64, _i32, _i32]),
+    "hf_argmax_rows": (None, [_p, _i64, _i64, _i64, _p]),
 }
 
 _lock = threading.Lock()

@@ -28,6 +28,7 @@ from transformers.activations import SiLUActivation
 from transformers.models.llama import modeling_llama
 
 from ..kernels import cpu_fused_ops, cpu_library
+from ..kernels.dispatch import paged_attention, use_triton
 from .attention import ATTN_IMPLEMENTATION, paged_attention_layer
 from .linear import PackedGroup, in_packed_call
 
@@ -91,8 +92,8 @@ class _FusedAttention(_Fused):
                 and self.module.config._attn_implementation == ATTN_IMPLEMENTATION and cpu_library.enabled())
 
     def fast(self, hidden_states: torch.Tensor, position_embeddings: tuple, meta: Any) -> torch.Tensor:
-        """The engine's attention for hidden states ``[1, T, D]``: packed q/k/v GEMM, rotary embedding in C,
-        paged attention, ``o_proj``."""
+        """The engine's attention for hidden states ``[1, T, D]``: packed q/k/v GEMM, rotary embedding and the
+        cache write in one C call, paged attention, ``o_proj``."""
         m = self.module
         tokens = hidden_states.shape[1]
         hd = m.head_dim
@@ -102,14 +103,21 @@ class _FusedAttention(_Fused):
         k = qkv[:, q_width:q_width + kv_width].view(tokens, -1, hd)
         v = qkv[:, q_width + kv_width:].view(tokens, -1, hd)
         cos, sin = position_embeddings[0][0], position_embeddings[1][0]
-        if cos.dtype == q.dtype and cos.is_contiguous() and sin.is_contiguous() and cos.shape == (tokens, hd):
-            q_rot, k_rot = torch.empty(q.shape, dtype=q.dtype), torch.empty(k.shape, dtype=k.dtype)
-            self.lib.hf_rope(q.data_ptr(), q.stride(0), q.stride(1), q.shape[1], k.data_ptr(), k.stride(0),
-                             k.stride(1), k.shape[1], q_rot.data_ptr(), k_rot.data_ptr(), cos.data_ptr(),
-                             sin.data_ptr(), tokens, hd, self.bf16)
-            q, k = q_rot, k_rot
-        else:
-            q, k = cpu_fused_ops.rope_reference(q, k, cos, sin)
+        rope_ok = cos.dtype == q.dtype and cos.is_contiguous() and sin.is_contiguous() and cos.shape == (tokens, hd)
+        key_cache, value_cache = meta.pool.key_cache(m.layer_idx), meta.pool.value_cache(m.layer_idx)
+        if (rope_ok and key_cache.dtype == q.dtype and key_cache.is_contiguous() and value_cache.is_contiguous()
+                and key_cache.shape[2:] == k.shape[1:] and meta.slot_mapping.dtype == torch.int64
+                and not use_triton(key_cache)):
+            # Rotary embedding and the cache write in one call; then attention over the blocks.
+            q_rot = torch.empty(q.shape, dtype=q.dtype)
+            self.lib.hf_rope_write_kv(q.data_ptr(), q.stride(0), q.stride(1), q.shape[1], k.data_ptr(), k.stride(0),
+                                      k.stride(1), k.shape[1], v.data_ptr(), v.stride(0), v.stride(1),
+                                      q_rot.data_ptr(), cos.data_ptr(), sin.data_ptr(), meta.slot_mapping.data_ptr(),
+                                      key_cache.data_ptr(), value_cache.data_ptr(), tokens, hd, self.bf16)
+            out = paged_attention(q_rot, key_cache, value_cache, meta, float(m.scaling))
+            return m.o_proj.forward(out.view(1, tokens, -1))
+        rotated = cpu_fused_ops.rope(q, k, cos, sin) if rope_ok else None
+        q, k = rotated if rotated is not None else cpu_fused_ops.rope_reference(q, k, cos, sin)
         out = paged_attention_layer(q.unsqueeze(0).transpose(1, 2), k.unsqueeze(0).transpose(1, 2),
                                     v.unsqueeze(0).transpose(1, 2), meta, m.layer_idx, float(m.scaling), None, None)
         return m.o_proj.forward(out.reshape(1, tokens, -1))  # .forward: its packed weight, no hook machinery

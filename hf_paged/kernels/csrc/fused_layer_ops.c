@@ -194,6 +194,26 @@ INLINE vf reciprocal(vf d) {
 #endif
 }
 
+/* hf_rope, with k's rotated rows and v's rows written straight into their cache slots (the engine's cache
+ * write): q_out [T, Hq, hd] contiguous; caches [num_slots, Hk, hd] contiguous; slots [T]. */
+void hf_rope_write_kv(const char *q, long q_s0, long q_s1, int Hq, const char *k, long k_s0, long k_s1, int Hk,
+                      const char *v, long v_s0, long v_s1, char *q_out, const char *cos, const char *sin,
+                      const int64_t *slots, char *key_cache, char *value_cache, long T, int hd, int bf16) {
+    const long esz = bf16 ? 2 : 4;
+    const long row = (long)hd * esz;
+#pragma omp parallel for schedule(static) if (T * (Hq + Hk) * hd >= PARALLEL_MIN_ELEMENTS)
+    for (long t = 0; t < T; t++) {
+        const char *qt = q + t * q_s0 * esz, *kt = k + t * k_s0 * esz, *c = cos + t * hd * esz, *s = sin + t * hd * esz;
+        char *qo = q_out + t * Hq * row, *ko = key_cache + slots[t] * Hk * row;
+        if (bf16)
+            rope_token(1, qt, q_s1, Hq, kt, k_s1, Hk, qo, ko, c, s, hd);
+        else
+            rope_token(0, qt, q_s1, Hq, kt, k_s1, Hk, qo, ko, c, s, hd);
+        for (int h = 0; h < Hk; h++)
+            memcpy(value_cache + (slots[t] * Hk + h) * row, v + (t * v_s0 + h * v_s1) * esz, row);
+    }
+}
+
 /* silu(x) = x / (1 + exp(-x)) (exp's argument kept finite: the quotient is -0 or a denormal either way). */
 INLINE vf silu_vec(vf x) {
     vf e = -x;
@@ -228,5 +248,64 @@ void hf_silu_mul(const char *gate_up, long gu_stride, char *out, long out_stride
             silu_mul_row(1, gate_up + r * gu_stride * esz, out + r * out_stride * esz, inter);
         else
             silu_mul_row(0, gate_up + r * gu_stride * esz, out + r * out_stride * esz, inter);
+    }
+}
+
+/* out[r] = the index of the first maximum of row r of x [rows, n] (fp32), or of its first NaN, as torch.max
+ * along a dim picks it: greedy sampling's argmax over the vocabulary. */
+void hf_argmax_rows(const float *x, long stride, long rows, long n, int64_t *out) {
+#pragma omp parallel for schedule(static) if (rows * n >= PARALLEL_MIN_ELEMENTS)
+    for (long r = 0; r < rows; r++) {
+        const float *row = x + r * stride;
+        long i = 0, best_i = 0;
+        float best = n > 0 ? row[0] : 0.0f;
+        int nan = n > 0 && best != best;
+        if (n >= VL && !nan) {
+            vf lane_best = *(const vf_unaligned *)row;
+            vi lane_i = {0}, idx = {0};
+            for (int l = 0; l < VL; l++) idx[l] = l;
+            lane_i = idx;
+            vi any_nan = lane_best != lane_best;
+            for (i = VL; i + VL <= n; i += VL) {
+                vf v = *(const vf_unaligned *)(row + i);
+                idx += VL;
+                vi gt = v > lane_best; /* strictly greater: a lane keeps its first maximum */
+                any_nan |= v != v;
+                lane_best = (vf)(((vi)v & gt) | ((vi)lane_best & ~gt));
+                lane_i = (idx & gt) | (lane_i & ~gt);
+            }
+            int seen_nan = 0;
+            for (int l = 0; l < VL; l++) seen_nan |= any_nan[l] != 0;
+            if (seen_nan) {
+                i = 0; /* rare: find the first NaN by a plain scan below */
+                nan = 1;
+            } else {
+                best = lane_best[0];
+                best_i = lane_i[0];
+                for (int l = 1; l < VL; l++)
+                    if (lane_best[l] > best || (lane_best[l] == best && lane_i[l] < best_i)) {
+                        best = lane_best[l];
+                        best_i = lane_i[l];
+                    }
+            }
+        }
+        if (nan) {
+            for (i = 0; i < n && row[i] == row[i]; i++) {
+            }
+            out[r] = i < n ? i : 0;
+            continue;
+        }
+        for (; i < n; i++) {
+            const float v = row[i];
+            if (v != v) { /* a NaN in the tail */
+                best_i = i;
+                break;
+            }
+            if (v > best) {
+                best = v;
+                best_i = i;
+            }
+        }
+        out[r] = best_i;
     }
 }
