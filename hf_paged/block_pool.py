@@ -19,6 +19,8 @@ from typing import Iterable, Sequence
 
 import torch
 
+from .cpu_runtime import zeros_on_huge_pages
+
 
 class BlockPool:
     """Fixed-size KV blocks for all layers of one model, with reference counts and a prefix cache."""
@@ -50,7 +52,11 @@ class BlockPool:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.bytes_per_block = bytes_per_block
-        self.kv = torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+        shape = (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
+        if torch.device(device).type == "cpu":
+            self.kv = zeros_on_huge_pages(shape, dtype)
+        else:
+            self.kv = torch.zeros(shape, dtype=dtype, device=device)
         self.ref_counts = [0] * num_blocks
         # Free blocks, oldest-freed first: allocation takes from the front, so recently freed cached
         # blocks survive longest (LRU eviction of the prefix cache).

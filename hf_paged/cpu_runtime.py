@@ -13,8 +13,13 @@
   run took 2.7 s instead of 1.8 s). :func:`tune_malloc` raises the mmap and trim thresholds so freed
   activations are reused.
 
-Both act through ``ctypes`` on what is already loaded; where a call is not available (another libc or OpenMP
-runtime) they do nothing. ``HF_PAGED_TUNE_CPU=0`` turns both off.
+* **Huge pages for the KV pool.** Decode attention reads a few KB from each of thousands of blocks scattered
+  over a pool of GBs: with 4 KB pages nearly every block costs a TLB miss. :func:`zeros_on_huge_pages` asks
+  the kernel for transparent huge pages (``madvise(MADV_HUGEPAGE)``) before the pool is first touched.
+  Measured on the mixed workload in bf16: decode attention 8.19 -> 7.75 s, output 351 -> 359 tok/s.
+
+All act through ``ctypes`` on what is already loaded; where a call is not available (another libc or OpenMP
+runtime, another OS) they do nothing. ``HF_PAGED_TUNE_CPU=0`` turns them off.
 """
 
 from __future__ import annotations
@@ -23,7 +28,10 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import sys
 import threading
+
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +40,13 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's upper bound for M_MMAP_THRESHOLD on 64-bit
 _TRIM_THRESHOLD_BYTES = 1 << 30
+_MADV_HUGEPAGE = 14
+_HUGE_PAGE_BYTES = 2 << 20
 
 _lock = threading.Lock()
 _omp_pause = None  # omp_pause_resource_all of the loaded OpenMP runtime, False if there is none
 _malloc_tuned = False
+_libc = None
 
 
 def env_switch(name: str) -> bool:
@@ -49,8 +60,6 @@ def _enabled() -> bool:
 
 def _loaded_openmp() -> str | None:
     """Path of the OpenMP runtime torch runs on (other packages may have loaded their own copies too)."""
-    import torch
-
     torch_dir = os.path.dirname(torch.__file__)
     found = []
     try:
@@ -95,3 +104,26 @@ def tune_malloc() -> bool:
             _malloc_tuned = True
             logger.info("malloc tuned for reuse of large activations (HF_PAGED_TUNE_CPU=0 to keep the defaults)")
     return _malloc_tuned
+
+
+def _c_library():
+    global _libc
+    if _libc is None:
+        name = ctypes.util.find_library("c")
+        _libc = ctypes.CDLL(name, use_errno=True) if name else False
+    return _libc
+
+
+def zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """``torch.zeros(shape, dtype)`` on the CPU, its memory advised to be backed by transparent huge pages
+    (the 2 MB-aligned part of it, before the zeros touch it; Linux only, best effort)."""
+    out = torch.empty(shape, dtype=dtype)
+    libc = _c_library() if _enabled() and sys.platform.startswith("linux") else None
+    madvise = getattr(libc, "madvise", None)
+    if madvise is not None:
+        start = -(-out.data_ptr() // _HUGE_PAGE_BYTES) * _HUGE_PAGE_BYTES
+        end = (out.data_ptr() + out.numel() * out.element_size()) // _HUGE_PAGE_BYTES * _HUGE_PAGE_BYTES
+        if end > start:
+            madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+            madvise(start, end - start, _MADV_HUGEPAGE)  # fails harmlessly where THP is off
+    return out.zero_()
