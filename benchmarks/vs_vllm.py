@@ -72,6 +72,7 @@ def run_hf_paged(dtype: str, wl, compile: bool = False, instrument=None, **engin
     start = time.perf_counter()
     outs = engine.generate(wl.prompts, [params(m) for m in wl.out_lens], use_tqdm=False)
     elapsed = time.perf_counter() - start
+    engine.shutdown()
     produced = sum(len(o.token_ids) for o in outs)
     return {"engine": "hf_paged", "dtype": dtype, "elapsed_s": elapsed, "startup_s": startup_s, "output_tokens": produced,
             "output_tok_per_s": produced / elapsed, "tokens": [o.token_ids for o in outs],

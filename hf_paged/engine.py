@@ -190,6 +190,8 @@ class LLMEngine:
         while True:
             with self._wake:
                 while not self._stopping and not self._pending and not self.scheduler.has_work():
+                    if self._on_cpu:  # idle: its OpenMP workers would slow other threads' (see cpu_runtime)
+                        release_openmp_pool()
                     if not self._wake.wait(timeout=30.0):
                         self._thread = None
                         return

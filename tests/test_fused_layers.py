@@ -11,6 +11,7 @@ from transformers.models.llama import modeling_llama
 from hf_paged import LLMEngine, SamplingParams, unwrap
 from hf_paged.kernels import cpu_fused_ops, cpu_library
 from hf_paged.patches import fused_layers
+from hf_paged.patches.linear import AMX_MAX_ROWS, AmxWeight, amx_available
 
 from conftest import build_tiny_model, tiny_prompts
 from test_engine import hf_greedy
@@ -199,3 +200,43 @@ def test_kernel_switch_off_runs_transformers_code(tiny_model_dir, monkeypatch):
     engine.shutdown()
     assert [o.token_ids for o in outs] == refs
     assert calls  # transformers' own attention ran
+
+
+@pytest.mark.skipif(not amx_available(), reason="no AMX tiles on this CPU")
+@pytest.mark.parametrize("rows", [1, 5, 16, 33, 256])
+def test_amx_linear_matches_f_linear(rows):
+    """bf16 products on AMX tiles: each output is the fp32 product rounded once to bf16 (the accumulation order
+    aside), for any row count up to AMX_MAX_ROWS, rows read with a stride, with and without bias."""
+    g = torch.Generator().manual_seed(rows)
+    weight = torch.randn(96, 64, generator=g).to(torch.bfloat16)
+    bias = torch.randn(96, generator=g).to(torch.bfloat16)
+    wide = torch.randn(rows, 100, generator=g).to(torch.bfloat16)
+    x = wide[:, 10:74]  # rows with a stride of 100 elements
+    packed = AmxWeight(weight)
+    for b in (None, bias):
+        out = packed.matmul(x, b)
+        ref = F.linear(x.float(), weight.float(), None if b is None else b.float())
+        assert out.dtype == torch.bfloat16 and out.shape == (rows, 96)
+        assert ((out.float() - ref).abs() <= ref.abs() * 2 ** -8 + 1e-4).all()
+    assert packed.matmul(torch.zeros(AMX_MAX_ROWS + 1, 64, dtype=torch.bfloat16), None) is None
+
+
+@needs_kernel
+def test_bf16_fused_engine_follows_hf_logits(tiny_model_dir):
+    """A bf16 Llama through the fused engine (AMX linears where the CPU has them): every generated token is, by
+    transformers' own forward over the same sequence, within bf16 noise of the most likely one, and the engine's
+    logprobs match transformers'."""
+    model = build_tiny_model("llama", tiny_model_dir).to(torch.bfloat16)
+    prompts = tiny_prompts(5, seed=14)
+    engine = LLMEngine(model, None, num_blocks=200, max_num_batched_tokens=32, enable_prefix_caching=False)
+    params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True, logprobs=1)
+    outs = engine.generate(prompts, params, use_tqdm=False)
+    engine.shutdown()
+    assert engine.runner.fused
+    for prompt, out in zip(prompts, outs):
+        ids = torch.tensor([prompt + out.token_ids])
+        with torch.inference_mode():
+            logp = torch.log_softmax(model(ids).logits[0, len(prompt) - 1 : -1].float(), dim=-1)
+        chosen = logp.gather(1, torch.tensor(out.token_ids).unsqueeze(1)).squeeze(1)
+        assert (logp.max(dim=-1).values - chosen <= 0.05).all()
+        torch.testing.assert_close(torch.tensor(out.logprobs), chosen, atol=0.05, rtol=0)
