@@ -31,7 +31,8 @@ from ..cpu_runtime import env_switch
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / "paged_decode_attention.c", CSRC / "fused_layer_ops.c", CSRC / "amx_linear.c"]
+SOURCES = [CSRC / "paged_decode_attention.c", CSRC / "fused_layer_ops.c", CSRC / "amx_linear.c",
+           CSRC / "llama_decode_layer.c"]
 HEADERS = [CSRC / "cpu_vec.h"]
 # No -ffast-math: the reductions are vectorized through `omp simd reduction` and exp is a polynomial in
 # the source, so the results stay within ~1e-6 of fp32 PyTorch without it.
@@ -53,6 +54,10 @@ SIGNATURES: dict[str, tuple[type | None, list]] = {  # name -> (restype, argtype
     "hf_amx_available": (ctypes.c_int, []),
     "hf_amx_pack": (None, [_p, _i64, _i64, _i64, _p]),
     "hf_amx_linear": (ctypes.c_int, [_p, _i64, _i64, _p, _p, _i64, _i64, _p, _i64, _i32]),
+    "hf_llama_decode_layer_workspace": (ctypes.c_long, [_i64, _i32, _i32, _i32, _i32, _i32]),
+    "hf_llama_decode_layer": (ctypes.c_int, [_p, _p, _i64, _i32, _p, _f32, _p, _f32, _p, _p, _i32, _i32, _i32, _p, _p,
+                                             _p, _p, _i32, _p, _p, _p, _p, _p, _p, _p, _p, _i64, _p, _i32, _f32,
+                                             _p, _i32]),
 }
 
 _lock = threading.Lock()

@@ -30,7 +30,7 @@ from transformers.models.llama import modeling_llama
 from ..kernels import cpu_fused_ops, cpu_library
 from ..kernels.dispatch import paged_attention, use_triton
 from .attention import ATTN_IMPLEMENTATION, paged_attention_layer
-from .linear import PackedGroup, in_packed_call
+from .linear import _PACKER, AMX_MAX_ROWS, AmxWeight, PackedGroup, in_packed_call
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,10 @@ class _FusedRMSNorm(_Fused):
 
 class _FusedDecoderLayer(_Fused):
     """A Llama decoder layer whose four parts are all fused: it calls their fused paths directly (none of
-    ``nn.Module.__call__``'s work for them) and does the residual add with the post-attention norm in one C call."""
+    ``nn.Module.__call__``'s work for them) and does the residual add with the post-attention norm in one C call.
+    A decode-only bf16 step on AMX runs the whole layer as one C call (``one_call``)."""
+
+    one_call = True
 
     @staticmethod
     def matches(module: torch.nn.Module) -> bool:
@@ -187,6 +190,10 @@ class _FusedDecoderLayer(_Fused):
                 and cpu_library.enabled()):
             return self.original(hidden_states, attention_mask, position_ids, past_key_values, use_cache,
                                  position_embeddings, **kwargs)
+        if self.one_call:
+            out = self._decode_in_one_call(hidden_states, position_embeddings, meta)
+            if out is not None:
+                return out
         lib, bf16 = self.lib, self.bf16
         rows, dim = hidden_states.numel() // hidden_states.shape[-1], hidden_states.shape[-1]
         pre, post = m.input_layernorm, m.post_attention_layernorm
@@ -198,6 +205,55 @@ class _FusedDecoderLayer(_Fused):
         lib.hf_add_rms_norm(hidden_states.data_ptr(), attended.data_ptr(), post.weight.data_ptr(), residual.data_ptr(),
                             normed.data_ptr(), rows, dim, post.variance_epsilon, bf16)
         return residual.add_(m.mlp.forward.fast(normed))
+
+
+    def _decode_in_one_call(self, hidden_states: torch.Tensor, position_embeddings: tuple,
+                            meta: Any) -> torch.Tensor | None:
+        """The whole layer as one C call (``csrc/llama_decode_layer.c``: the same kernels in the same order, without
+        the Python between them) for a decode-only bf16 step whose four GEMMs are all on AMX tiles; None where that
+        does not apply."""
+        tokens = hidden_states.shape[1]
+        if not (self.bf16 and meta.num_decodes == tokens and 0 < tokens <= AMX_MAX_ROWS):
+            return None
+        m = self.module
+        attn, mlp, pre, post = m.self_attn, m.mlp, m.input_layernorm, m.post_attention_layernorm
+        o_packer, down_packer = attn.o_proj.__dict__.get(_PACKER), mlp.down_proj.__dict__.get(_PACKER)
+        if o_packer is None or down_packer is None:
+            return None
+        qkv, gate_up = attn.forward.group, mlp.forward.group
+        packs = (qkv.packed, o_packer.packed, gate_up.packed, down_packer.packed)
+        biases = (qkv.bias, attn.o_proj.bias, gate_up.bias, mlp.down_proj.bias)
+        if not (all(isinstance(p, AmxWeight) for p in packs)
+                and all(b is None or (b.dtype == torch.bfloat16 and b.is_contiguous()) for b in biases)):
+            return None
+        hd = attn.head_dim
+        heads, kv_heads = attn.q_proj.out_features // hd, attn.k_proj.out_features // hd
+        cos, sin = position_embeddings[0][0], position_embeddings[1][0]
+        key_cache, value_cache = meta.pool.key_cache(attn.layer_idx), meta.pool.value_cache(attn.layer_idx)
+        if not (cos.dtype == torch.bfloat16 and cos.is_contiguous() and sin.is_contiguous()
+                and cos.shape == (tokens, hd) and key_cache.dtype == torch.bfloat16 and key_cache.is_contiguous()
+                and value_cache.is_contiguous() and key_cache.shape[2:] == (kv_heads, hd)
+                and meta.slot_mapping.dtype == torch.int64 and not use_triton(key_cache)):
+            return None
+        dim, inter, scale = hidden_states.shape[-1], gate_up.packed.out_features // 2, float(attn.scaling)
+        lib = self.lib
+        work = torch.empty(lib.hf_llama_decode_layer_workspace(tokens, dim, heads, kv_heads, hd, inter),
+                           dtype=torch.bfloat16)
+        query = work[: tokens * heads * hd].view(tokens, heads, hd)  # for the plan's shape and dtype checks
+        plan = meta.cpu_decode_plan(query, key_cache, value_cache, scale, None, None)
+        if plan is None:
+            return None
+        tables, lengths_ptr = plan.tables[:2], plan.tables[2]
+        out = torch.empty_like(hidden_states)
+        ptr = [None if b is None else b.data_ptr() for b in biases]
+        rc = lib.hf_llama_decode_layer(
+            hidden_states.data_ptr(), out.data_ptr(), tokens, dim, pre.weight.data_ptr(), pre.variance_epsilon,
+            post.weight.data_ptr(), post.variance_epsilon, packs[0].packed.data_ptr(), ptr[0], heads, kv_heads, hd,
+            packs[1].packed.data_ptr(), ptr[1], packs[2].packed.data_ptr(), ptr[2], inter, packs[3].packed.data_ptr(),
+            ptr[3], cos.data_ptr(), sin.data_ptr(), meta.slot_mapping.data_ptr(), key_cache.data_ptr(),
+            value_cache.data_ptr(), *tables, lengths_ptr, key_cache.shape[1], scale, work.data_ptr(),
+            torch.get_num_threads())
+        return out if rc == 0 else None
 
 
 _KINDS = (_FusedAttention, _FusedMLP, _FusedRMSNorm)
