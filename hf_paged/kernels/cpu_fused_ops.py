@@ -3,8 +3,8 @@ PyTorch code they stand for beside each (transformers' eager code: the reference
 
 Eager, a decode step spends more time in these ops' dispatch than in their arithmetic: an RMSNorm is 8 torch
 ops, a rotary embedding of q and k 14, SiLU(gate) * up 2, on a few dozen rows. ``add_rms_norm`` is a decoder
-layer's residual add and the norm after it; ``argmax_rows`` is greedy sampling's argmax. The C versions compute the same
-values (rounding to bf16 where the torch ops round; see the C file for what is bit-exact) in one call.
+layer's residual add and the norm after it; ``argmax_rows`` is greedy sampling's argmax. The C versions compute
+the same values (rounding to bf16 where the torch ops round; see the C file for what is bit-exact) in one call.
 
 Each function takes CPU tensors in fp32 or bf16 and returns None where its kernel does not apply (another
 device or dtype, a strided last dim, no kernel library), so the caller runs the reference instead.

@@ -5,9 +5,12 @@ kernel: ~40 small torch ops a layer and their dispatch. Inside :func:`~hf_paged.
 (the engine's forward), modules recognised here run a shorter path with the same arithmetic:
 
 * **attention**: q, k and v from one packed GEMM (:class:`~hf_paged.patches.linear.PackedGroup`), the rotary
-  embedding of q and k in one C call, straight into the paged attention op, then ``o_proj``;
+  embedding of q and k and the cache write of k and v in one C call, paged attention, then ``o_proj``;
 * **MLP**: gate and up from one packed GEMM, ``silu(gate) * up`` in one C call, then ``down_proj``;
-* **RMSNorm**: one C call.
+* **RMSNorm**: one C call;
+* **decoder layer** (its four parts all fused): their fused paths called directly, the residual add and the
+  norm after it in one C call; for a decode-only bf16 step with every GEMM on AMX tiles, the whole layer in one
+  C call (``kernels/csrc/llama_decode_layer.c``).
 
 A module is recognised only when its class's ``forward`` has the same bytecode as transformers' Llama module
 (so Mistral / Qwen2 / Qwen3 MLPs and norms qualify, and any attention whose code differs, e.g. with a sliding
@@ -58,10 +61,12 @@ class _Fused:
         self.module = module
         self.lib = cpu_library.load()  # fuse_layers installs nothing where it is None
         self.bf16 = int(next(module.parameters()).dtype == torch.bfloat16)
-        self.linears = _plain_linears(module, self.names) if self.names else []
-        reuse = previous is not None and self.names and previous.group is not None \
-            and previous.group.current(self.linears)
-        self.group = (previous.group if reuse else PackedGroup(self.linears)) if self.names else None
+        self.linears: list[torch.nn.Linear] = []
+        self.group: PackedGroup | None = None
+        if self.names:
+            self.linears = _plain_linears(module, self.names)
+            kept = previous.group if previous is not None else None
+            self.group = kept if kept is not None and kept.current(self.linears) else PackedGroup(self.linears)
 
     def original(self, *args: Any, **kwargs: Any) -> Any:
         return type(self.module).forward(self.module, *args, **kwargs)
@@ -91,6 +96,17 @@ class _FusedAttention(_Fused):
         return (hidden_states.dim() == 3 and hidden_states.shape[0] == 1 and hidden_states.dtype == self.group.dtype
                 and self.module.config._attn_implementation == ATTN_IMPLEMENTATION and cpu_library.enabled())
 
+    def caches_for_c_write(self, meta: Any, dtype: torch.dtype, kv_heads: int,
+                           head_dim: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This layer's (key, value) caches where the C kernels may write them directly, else None."""
+        layer = self.module.layer_idx
+        key_cache, value_cache = meta.pool.key_cache(layer), meta.pool.value_cache(layer)
+        if (key_cache.dtype == dtype and key_cache.is_contiguous() and value_cache.is_contiguous()
+                and key_cache.shape[2:] == (kv_heads, head_dim) and meta.slot_mapping.dtype == torch.int64
+                and not use_triton(key_cache)):
+            return key_cache, value_cache
+        return None
+
     def fast(self, hidden_states: torch.Tensor, position_embeddings: tuple, meta: Any) -> torch.Tensor:
         """The engine's attention for hidden states ``[1, T, D]``: packed q/k/v GEMM, rotary embedding and the
         cache write in one C call, paged attention, ``o_proj``."""
@@ -104,11 +120,10 @@ class _FusedAttention(_Fused):
         v = qkv[:, q_width + kv_width:].view(tokens, -1, hd)
         cos, sin = position_embeddings[0][0], position_embeddings[1][0]
         rope_ok = cos.dtype == q.dtype and cos.is_contiguous() and sin.is_contiguous() and cos.shape == (tokens, hd)
-        key_cache, value_cache = meta.pool.key_cache(m.layer_idx), meta.pool.value_cache(m.layer_idx)
-        if (rope_ok and key_cache.dtype == q.dtype and key_cache.is_contiguous() and value_cache.is_contiguous()
-                and key_cache.shape[2:] == k.shape[1:] and meta.slot_mapping.dtype == torch.int64
-                and not use_triton(key_cache)):
+        caches = self.caches_for_c_write(meta, q.dtype, k.shape[1], hd) if rope_ok else None
+        if caches is not None:
             # Rotary embedding and the cache write in one call; then attention over the blocks.
+            key_cache, value_cache = caches
             q_rot = torch.empty(q.shape, dtype=q.dtype)
             self.lib.hf_rope_write_kv(q.data_ptr(), q.stride(0), q.stride(1), q.shape[1], k.data_ptr(), k.stride(0),
                                       k.stride(1), k.shape[1], v.data_ptr(), v.stride(0), v.stride(1),
@@ -229,12 +244,13 @@ class _FusedDecoderLayer(_Fused):
         hd = attn.head_dim
         heads, kv_heads = attn.q_proj.out_features // hd, attn.k_proj.out_features // hd
         cos, sin = position_embeddings[0][0], position_embeddings[1][0]
-        key_cache, value_cache = meta.pool.key_cache(attn.layer_idx), meta.pool.value_cache(attn.layer_idx)
         if not (cos.dtype == torch.bfloat16 and cos.is_contiguous() and sin.is_contiguous()
-                and cos.shape == (tokens, hd) and key_cache.dtype == torch.bfloat16 and key_cache.is_contiguous()
-                and value_cache.is_contiguous() and key_cache.shape[2:] == (kv_heads, hd)
-                and meta.slot_mapping.dtype == torch.int64 and not use_triton(key_cache)):
+                and cos.shape == (tokens, hd)):
             return None
+        caches = attn.forward.caches_for_c_write(meta, torch.bfloat16, kv_heads, hd)
+        if caches is None:
+            return None
+        key_cache, value_cache = caches
         dim, inter, scale = hidden_states.shape[-1], gate_up.packed.out_features // 2, float(attn.scaling)
         lib = self.lib
         work = torch.empty(lib.hf_llama_decode_layer_workspace(tokens, dim, heads, kv_heads, hd, inter),

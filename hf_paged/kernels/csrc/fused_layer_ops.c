@@ -1,11 +1,13 @@
 /* The small per-layer ops of a Llama-style decoder layer, one C call each instead of 5-15 eager torch ops:
- * RMSNorm (alone, or after the residual add), rotary embedding of q and k, and SiLU(gate) * up.
+ * RMSNorm (alone, or after the residual add), rotary embedding of q and k (alone, or writing the rotated k and v
+ * into their cache slots), and SiLU(gate) * up; beside them greedy sampling's argmax over the vocabulary.
  *
- * Built with paged_decode_attention.c into one library (hf_paged/kernels/cpu_library.py), called through
- * ctypes by hf_paged/kernels/cpu_fused_ops.py. Each function computes what transformers' eager code computes,
- * rounding to bf16 where its ops round (a bf16 torch op computes in fp32 and rounds its result): rotary
- * embedding is bit-exact in fp32 and bf16; RMSNorm sums the squares in another order and SiLU uses
- * cpu_vec.h's exp, so those differ from torch by an ulp or so of fp32 before any rounding.
+ * Built with the other CPU kernels into one library (hf_paged/kernels/cpu_library.py), called through ctypes
+ * by hf_paged/kernels/cpu_fused_ops.py and hf_paged/patches/fused_layers.py. Each function computes what
+ * transformers' eager code computes, rounding to bf16 where its ops round (a bf16 torch op computes in fp32 and
+ * rounds its result): rotary embedding is bit-exact in fp32 and bf16; RMSNorm sums the squares in another order
+ * and SiLU uses cpu_vec.h's exp and a refined reciprocal, so those differ from torch by an ulp or so of fp32
+ * before any rounding.
  *
  * torch rounds the products of q*cos + rotate_half(q)*sin separately: no_contract() keeps the compiler from
  * fusing them into a multiply-add.
@@ -127,7 +129,8 @@ void hf_add_rms_norm(const char *x, const char *a, const char *w, char *residual
                           load_vec(bf16, x + off + i * esz) + load_vec(bf16, a + off + i * esz));
         } else {
             for (int i = 0; i < dim; i++)
-                store_scalar(bf16, residual_out + off, i, load_scalar(bf16, x + off, i) + load_scalar(bf16, a + off, i));
+                store_scalar(bf16, residual_out + off, i,
+                             load_scalar(bf16, x + off, i) + load_scalar(bf16, a + off, i));
         }
         if (bf16)
             rms_norm_row(1, residual_out + off, w, out + off, dim, eps);

@@ -65,7 +65,8 @@ int hf_llama_decode_layer(const uint16_t *x, uint16_t *out, long T, int D, const
     const long n = T * D;
     long i = 0;
     for (; i + VL <= n; i += VL)
-        store_vec(1, (char *)(out + i), load_vec(1, (const char *)(residual + i)) + load_vec(1, (const char *)(down + i)));
+        store_vec(1, (char *)(out + i),
+                  load_vec(1, (const char *)(residual + i)) + load_vec(1, (const char *)(down + i)));
     for (; i < n; i++) out[i] = f32_to_bf16(bf16_to_f32(residual[i]) + bf16_to_f32(down[i]));
     return 0;
 }
