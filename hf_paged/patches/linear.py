@@ -5,14 +5,17 @@ dozen rows against a 576 x 1536 weight) that costs as much as the product. oneDN
 kernel's layout (``mkldnn._reorder_linear_weight``) and multiply with it directly
 (``mkldnn._linear_pointwise``, AMX on CPUs that have it). Measured on SmolLM2 at batch 32: a decode step
 53.3 -> 46.4 ms in bf16, 90.6 -> 83.6 ms in fp32, greedy tokens unchanged. (MKL's packed fp32 sgemm,
-``mkl._mkl_linear``, is only faster for the one row count it was packed for.)
+``mkl._mkl_linear``, is only faster for the one row count it was packed for.) On CPUs with AMX, bf16 weights
+are packed for hf_paged's own AMX kernel instead (:class:`AmxWeight`): oneDNN spends ~15 us a call before any
+arithmetic, which a decode step's ~120 small products feel.
 
 Paging stays a property of the call: each packed layer gets a ``forward`` that uses the packed weight only
 while the calling thread is inside :func:`packed_linears` (the engine's forward) and otherwise runs
 ``nn.Linear.forward`` itself, so a plain ``model(...)`` computes exactly what it did before. The packed
 copy is taken when an engine is built (and kept for the next engine while the weight is unchanged): later
 changes to the weights are not seen by engine forwards until :func:`pack_linear_weights` runs again. It costs
-one more copy of the linear weights.
+one more copy of the linear weights (two for the q/k/v and gate/up weights of bf16 :class:`PackedGroup`s on AMX,
+which keep their concatenated weight for products too large for the AMX kernel).
 
 Compiled decoder layers (``compiled_layers``) cannot call a layer's own ``forward`` object (the compiler
 would specialise the graph on it, one graph a layer); their linears become the ``hf_paged::packed_linear``
