@@ -219,6 +219,9 @@ def test_decode_split_heuristic():
 # ---- prefill -----------------------------------------------------------------------------------------
 # (kv_len, q_len): a full prompt; chunks after a cached prefix ending on / one past a block boundary;
 # a prefix-cache hit leaving one token; a long chunk spanning several query tiles.
+# Open (session 4): the fp32 window-12 + softcap-3 case fails in ~5% of fresh interpreter processes; there the
+# PyTorch reference (paged_attention._attend, soft-capped path) is 1.06e-4 off the naive oracle while the Triton
+# kernel matches it to 7e-7, the same value each time (one of two outcomes per process, not PYTHONHASHSEED alone).
 @interpreted
 @pytest.mark.parametrize("group,head_dim,block_size,dtype,window,softcap,tiles", [
     (1, 128, 32, torch.float32, None, None, "default"),
