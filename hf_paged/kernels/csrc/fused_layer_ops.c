@@ -54,14 +54,27 @@ static inline vf round_to(const int bf16, vf x) {
 static inline void store_out(const int bf16, char *p, vf x) { store_vec(bf16, p, x); }
 #endif
 
-/* x as computed, never fused with the operation that uses it (an empty asm the compiler cannot see through). */
+/* x as computed, never fused with the operation that uses it (an empty asm the compiler cannot see through;
+ * elsewhere than x86-64 and AArch64, a trip through memory). */
+#if defined(__x86_64__) || defined(__i386__)
+#define OPAQUE(x) __asm__("" : "+v"(x))
+#elif defined(__aarch64__)
+#define OPAQUE(x) __asm__("" : "+w"(x))
+#else
+#define OPAQUE(x)                            \
+    do {                                     \
+        volatile __typeof__(x) opaque_ = (x); \
+        (x) = opaque_;                       \
+    } while (0)
+#endif
+
 static inline vf no_contract(vf x) {
-    __asm__("" : "+v"(x));
+    OPAQUE(x);
     return x;
 }
 
 static inline float no_contract_scalar(float x) {
-    __asm__("" : "+v"(x));
+    OPAQUE(x);
     return x;
 }
 
