@@ -219,9 +219,10 @@ def test_decode_split_heuristic():
 # ---- prefill -----------------------------------------------------------------------------------------
 # (kv_len, q_len): a full prompt; chunks after a cached prefix ending on / one past a block boundary;
 # a prefix-cache hit leaving one token; a long chunk spanning several query tiles.
-# Open (session 4): the fp32 window-12 + softcap-3 case fails in ~5% of fresh interpreter processes; there the
-# PyTorch reference (paged_attention._attend, soft-capped path) is 1.06e-4 off the naive oracle while the Triton
-# kernel matches it to 7e-7, the same value each time (one of two outcomes per process, not PYTHONHASHSEED alone).
+# Compared with the naive oracle: against the PyTorch path, the fp32 window-12 + softcap-3 case failed in some fresh
+# interpreter processes (2 of 5 full suites, session 4): there the PyTorch path (paged_attention._attend, soft-capped)
+# was 1.06e-4 off the oracle while the Triton kernel matched it to 7e-7, the same value each time (one of two
+# outcomes per process, not PYTHONHASHSEED alone). Open: the PyTorch path's own error in those processes.
 @interpreted
 @pytest.mark.parametrize("group,head_dim,block_size,dtype,window,softcap,tiles", [
     (1, 128, 32, torch.float32, None, None, "default"),
@@ -241,7 +242,10 @@ def test_prefill(request, group, head_dim, block_size, dtype, window, softcap, t
     scale = head_dim ** -0.5
     kw = dict(sliding_window=window, softcap=softcap)
     out = tpa.paged_attention_triton(query, kc, vc, meta, scale, **kw)
-    check(out, reference(query, kc, vc, meta, scale, **kw), dtype)
+    # Against the token-by-token oracle, not the PyTorch path (see the note above this test's cases).
+    oracle = paged_attention_naive(query, kc, vc, meta.block_tables, meta.kv_lens_list, meta.cu_seqlens_q.tolist(),
+                                   scale, **kw)
+    check(out, oracle, dtype)
 
 
 # ---- mixed batches through the dispatch point --------------------------------------------------------
