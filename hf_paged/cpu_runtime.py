@@ -96,9 +96,7 @@ def tune_malloc() -> bool:
     if not _enabled() or _malloc_tuned:
         return _malloc_tuned
     with _lock:
-        name = ctypes.util.find_library("c")
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = getattr(libc, "mallopt", None)
+        mallopt = getattr(_c_library(), "mallopt", None)
         if mallopt is not None and mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES) == 1:
             mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES)
             _malloc_tuned = True
@@ -107,6 +105,7 @@ def tune_malloc() -> bool:
 
 
 def _c_library():
+    """The C library (False where none is found), loaded once."""
     global _libc
     if _libc is None:
         name = ctypes.util.find_library("c")

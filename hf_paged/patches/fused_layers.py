@@ -43,6 +43,15 @@ def _same_code(fn: Any, reference: Any) -> bool:
     return a is not None and (a.co_code, a.co_consts, a.co_names) == (b.co_code, b.co_consts, b.co_names)
 
 
+def _rotary_tables(position_embeddings: tuple, dtype: torch.dtype, tokens: int,
+                   head_dim: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(cos, sin) ``[T, head_dim]`` of the step, and whether the C rotary kernels can read them (contiguous, in the
+    activations' dtype)."""
+    cos, sin = position_embeddings[0][0], position_embeddings[1][0]
+    usable = cos.dtype == dtype and cos.is_contiguous() and sin.is_contiguous() and cos.shape == (tokens, head_dim)
+    return cos, sin, usable
+
+
 def _plain_linears(module: torch.nn.Module, names: tuple[str, ...]) -> list[torch.nn.Linear] | None:
     linears = [getattr(module, n, None) for n in names]
     if not all(type(m) is torch.nn.Linear for m in linears):
@@ -118,8 +127,7 @@ class _FusedAttention(_Fused):
         q = qkv[:, :q_width].view(tokens, -1, hd)
         k = qkv[:, q_width:q_width + kv_width].view(tokens, -1, hd)
         v = qkv[:, q_width + kv_width:].view(tokens, -1, hd)
-        cos, sin = position_embeddings[0][0], position_embeddings[1][0]
-        rope_ok = cos.dtype == q.dtype and cos.is_contiguous() and sin.is_contiguous() and cos.shape == (tokens, hd)
+        cos, sin, rope_ok = _rotary_tables(position_embeddings, q.dtype, tokens, hd)
         caches = self.caches_for_c_write(meta, q.dtype, k.shape[1], hd) if rope_ok else None
         if caches is not None:
             # Rotary embedding and the cache write in one call; then attention over the blocks.
@@ -221,7 +229,6 @@ class _FusedDecoderLayer(_Fused):
                             normed.data_ptr(), rows, dim, post.variance_epsilon, bf16)
         return residual.add_(m.mlp.forward.fast(normed))
 
-
     def _decode_in_one_call(self, hidden_states: torch.Tensor, position_embeddings: tuple,
                             meta: Any) -> torch.Tensor | None:
         """The whole layer as one C call (``csrc/llama_decode_layer.c``: the same kernels in the same order, without
@@ -243,11 +250,8 @@ class _FusedDecoderLayer(_Fused):
             return None
         hd = attn.head_dim
         heads, kv_heads = attn.q_proj.out_features // hd, attn.k_proj.out_features // hd
-        cos, sin = position_embeddings[0][0], position_embeddings[1][0]
-        if not (cos.dtype == torch.bfloat16 and cos.is_contiguous() and sin.is_contiguous()
-                and cos.shape == (tokens, hd)):
-            return None
-        caches = attn.forward.caches_for_c_write(meta, torch.bfloat16, kv_heads, hd)
+        cos, sin, rope_ok = _rotary_tables(position_embeddings, torch.bfloat16, tokens, hd)
+        caches = attn.forward.caches_for_c_write(meta, torch.bfloat16, kv_heads, hd) if rope_ok else None
         if caches is None:
             return None
         key_cache, value_cache = caches
@@ -259,7 +263,6 @@ class _FusedDecoderLayer(_Fused):
         plan = meta.cpu_decode_plan(query, key_cache, value_cache, scale, None, None)
         if plan is None:
             return None
-        tables, lengths_ptr = plan.tables[:2], plan.tables[2]
         out = torch.empty_like(hidden_states)
         ptr = [None if b is None else b.data_ptr() for b in biases]
         rc = lib.hf_llama_decode_layer(
@@ -267,7 +270,7 @@ class _FusedDecoderLayer(_Fused):
             post.weight.data_ptr(), post.variance_epsilon, packs[0].packed.data_ptr(), ptr[0], heads, kv_heads, hd,
             packs[1].packed.data_ptr(), ptr[1], packs[2].packed.data_ptr(), ptr[2], inter, packs[3].packed.data_ptr(),
             ptr[3], cos.data_ptr(), sin.data_ptr(), meta.slot_mapping.data_ptr(), key_cache.data_ptr(),
-            value_cache.data_ptr(), *tables, lengths_ptr, key_cache.shape[1], scale, work.data_ptr(),
+            value_cache.data_ptr(), *plan.tables, key_cache.shape[1], scale, work.data_ptr(),
             torch.get_num_threads())
         return out if rc == 0 else None
 
