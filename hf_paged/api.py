@@ -4,31 +4,35 @@ A padded batch of ``input_ids`` + ``attention_mask`` becomes one request per row
 ``num_return_sequences``); the rows join whatever else the engine is running, from any thread, and the
 result is built with exactly the shape and padding of HF's output (``GenerateDecoderOnlyOutput`` with
 ``sequences`` and ``scores`` under ``return_dict_in_generate=True``). Anything the engine does not do
-(beam search for now, assisted decoding, constraints, streamers, ...) is handed to HF's own ``generate``
+(assisted decoding, constraints, a streamer on more than one sequence, ...) is handed to HF's own ``generate``
 on a ``PagedCache``, with one logged line saying why. ``unwrap`` restores the model.
+
+One engine per model: the first ``generate`` builds it (under a lock, so concurrent first callers share it) and
+every later call, from any thread, joins its running batch. The engine installs nothing on the model between its
+forwards, so a wrapped model can be copied (``copy.deepcopy``), pickled (``torch.save``), saved
+(``save_pretrained``) and trained; a copy is wrapped with the same options and builds its own engine on first use.
+Weights changed between calls are seen by the next call (see ``LLMEngine``).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
-import types
+import threading
 from typing import Any
 
 import torch
 from transformers import GenerationConfig
 
+from . import distributed, streaming
 from .cache import PagedCache
-from .engine import LLMEngine
-from .patches.attention import disable_paged_attention, supports_paged_attention
-from .patches.compiled_layers import uncompile_layers
-from .patches.fused_layers import unfuse_layers
-from .patches.linear import unpack_linear_weights
+from .engine import LLMEngine, validate_engine_options
+from .patches.attention import supports_paged_attention
 from .sequence import SamplingParams
 
 logger = logging.getLogger("hf_paged")
 
-_ENGINE_ATTR = "_hf_paged_engine"
-_CONFIG_ATTR = "_hf_paged_engine_config"
+_SLOT = "_hf_paged"  # the one attribute wrap adds to the model (besides its generate)
 
 # Generation-config fields the engine implements; any other field set away from its default falls back.
 _SUPPORTED_FIELDS = {
@@ -38,49 +42,98 @@ _SUPPORTED_FIELDS = {
     "transformers_version", "_from_model_config", "_original_object_hash", "_commit_hash", "early_stopping",
     "length_penalty", "compile_config", "disable_compile", "decoder_start_token_id", "generation_kwargs",
 }
-_FALLBACK_ARGS = ("stopping_criteria", "prefix_allowed_tokens_fn", "assistant_model", "streamer",
+_FALLBACK_ARGS = ("stopping_criteria", "prefix_allowed_tokens_fn", "assistant_model",
                   "negative_prompt_ids", "negative_prompt_attention_mask", "custom_generate", "synced_gpus")
+
+
+class _Wrapping:
+    """What ``wrap`` keeps on a model: the engine options, the tokenizer and, once built, the engine. A copy of the
+    model (``deepcopy``, pickle) gets a fresh one with the same options: the copy's engine is its own."""
+
+    def __init__(self, options: dict[str, Any], tokenizer: Any) -> None:
+        self.options = options
+        self.tokenizer = tokenizer
+        self.engine: LLMEngine | None = None
+        self._lock = threading.Lock()
+
+    def engine_for(self, model: torch.nn.Module) -> LLMEngine:
+        engine = self.engine
+        if engine is None or engine.closed:
+            with self._lock:
+                if self.engine is None or self.engine.closed:
+                    self.engine = LLMEngine(model, self.tokenizer, **self.options)
+                engine = self.engine
+        return engine
+
+    def close(self) -> None:
+        with self._lock:
+            if self.engine is not None:
+                self.engine.close()
+                self.engine = None
+
+    def __deepcopy__(self, memo: dict) -> "_Wrapping":
+        return _Wrapping(copy.deepcopy(self.options, memo), self.tokenizer)
+
+    def __reduce__(self):
+        return _Wrapping, (self.options, self.tokenizer)
+
+
+class _PagedGenerate:
+    """A wrapped model's ``generate`` (an instance attribute, so copies and pickles of the model carry it)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.__doc__ = _paged_generate.__doc__
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        if distributed.is_tensor_parallel(self.model):  # every rank calls it; rank 0's engine serves the call
+            return distributed.spmd_generate(self.model, _paged_generate, args, kwargs)
+        return _paged_generate(self.model, *args, **kwargs)
+
+    def __reduce__(self):
+        return _PagedGenerate, (self.model,)
 
 
 def wrap(model: torch.nn.Module, tokenizer: Any = None, **engine_config: Any) -> torch.nn.Module:
     """Make ``model.generate`` run on hf_paged's continuous-batching engine; returns the same object.
 
     ``engine_config`` goes to ``LLMEngine`` (``num_blocks`` / ``memory_bytes``, ``block_size``,
-    ``max_num_seqs``, ``max_num_batched_tokens``, ``enable_prefix_caching``). A model whose attention
-    cannot be paged is returned unchanged, with the reason logged.
+    ``max_num_seqs``, ``max_num_batched_tokens``, ``enable_prefix_caching``, ...); a bad option raises
+    ``ValueError`` naming it here. A model whose attention cannot be paged is returned unchanged, with the reason
+    logged.
     """
+    validate_engine_options(engine_config)
     ok, why = supports_paged_attention(model)
     if not ok:
         logger.warning("hf_paged: not wrapping %s (%s); it keeps HF generate", type(model).__name__, why)
         return model
-    if model.__dict__.get(_CONFIG_ATTR) is not None:
+    if is_wrapped(model):
         unwrap(model)
-    model.__dict__[_CONFIG_ATTR] = dict(engine_config, tokenizer=tokenizer)
-    model.__dict__[_ENGINE_ATTR] = None
-    model.generate = types.MethodType(_paged_generate, model)
+    model.__dict__[_SLOT] = _Wrapping(dict(engine_config), tokenizer)
+    model.__dict__["generate"] = _PagedGenerate(model)
     return model
 
 
+def is_wrapped(model: torch.nn.Module) -> bool:
+    return isinstance(model.__dict__.get(_SLOT), _Wrapping)
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """Undo ``wrap``: HF's own ``generate`` and the model's previous attention implementation."""
-    model.__dict__.pop("generate", None)
-    model.__dict__.pop(_CONFIG_ATTR, None)
-    model.__dict__.pop(_ENGINE_ATTR, None)
-    disable_paged_attention(model)
-    uncompile_layers(model)
-    unfuse_layers(model)
-    unpack_linear_weights(model)
+    """Undo ``wrap``: close the model's engine (its thread, its KV pool) and give back HF's own ``generate``."""
+    slot = model.__dict__.pop(_SLOT, None)
+    if isinstance(model.__dict__.get("generate"), _PagedGenerate):
+        del model.__dict__["generate"]
+    if isinstance(slot, _Wrapping):
+        slot.close()
     return model
 
 
 def get_engine(model: torch.nn.Module) -> LLMEngine:
-    """The engine behind a wrapped model (created on first use)."""
-    engine = model.__dict__.get(_ENGINE_ATTR)
-    if engine is None:
-        config = dict(model.__dict__[_CONFIG_ATTR])
-        engine = LLMEngine(model, config.pop("tokenizer"), **config)
-        model.__dict__[_ENGINE_ATTR] = engine
-    return engine
+    """The engine behind a wrapped model (built on first use; thread-safe: one engine per model)."""
+    slot = model.__dict__.get(_SLOT)
+    if not isinstance(slot, _Wrapping):
+        raise ValueError(f"model: this {type(model).__name__} is not wrapped; call hf_paged.wrap(model) first")
+    return slot.engine_for(model)
 
 
 # Values of unsupported fields that change nothing (what _prepare_generation_config fills in).
@@ -109,6 +162,7 @@ def _unsupported(gen: GenerationConfig) -> str | None:
 
 def _paged_generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None,
                     logits_processor: Any = None, **kwargs: Any):
+    """HF's ``generate`` signature and output, run on the model's hf_paged engine (see ``hf_paged.wrap``)."""
     for name in _FALLBACK_ARGS:
         if kwargs.get(name) is not None:
             return _fallback(self, f"argument {name}", inputs, generation_config, logits_processor, kwargs)
@@ -119,6 +173,7 @@ def _paged_generate(self, inputs: torch.Tensor | None = None, generation_config:
     input_ids = inputs if inputs is not None else call_kwargs.pop("input_ids", None)
     attention_mask = call_kwargs.pop("attention_mask", None)
     tokenizer = call_kwargs.pop("tokenizer", None)
+    streamer = call_kwargs.pop("streamer", None)  # HF streamers: fed by streaming.generate_with_streamer
     gen, model_kwargs = self._prepare_generation_config(generation_config, **call_kwargs)
     model_kwargs.pop("use_cache", None)
     if input_ids is None or model_kwargs:
@@ -140,9 +195,18 @@ def _paged_generate(self, inputs: torch.Tensor | None = None, generation_config:
     if (gen.num_beams or 1) > 1 and logits_processor:
         return _fallback(self, "beam search with a logits_processor", inputs, generation_config, logits_processor,
                          kwargs)
+    if streamer is not None:
+        reason = streaming.streamer_fallback_reason(input_ids, gen.num_return_sequences or 1, gen.num_beams or 1)
+        if reason:
+            return _fallback(self, reason, inputs, generation_config, logits_processor, kwargs)
+    if distributed.follows_rank0(self):  # a tensor-parallel rank > 0: rank 0's engine runs this call's steps here
+        return distributed.follow_rank0(self, input_ids.device)
     engine = get_engine(self)
     params = _sampling_params(gen, input_ids.shape[1], logits_processor, tokenizer, engine)
     n = gen.num_return_sequences or 1
+    if streamer is not None:
+        out = streaming.generate_with_streamer(engine, input_ids[0][mask[0]].tolist(), params, streamer, input_ids)
+        return _build_output(input_ids, [out], n, gen, params)
     roots = []
     try:
         for row in range(input_ids.shape[0]):
@@ -233,8 +297,8 @@ def _fallback(model, reason: str, inputs, generation_config, logits_processor, k
                                                                      if k not in ("input_ids", "attention_mask")})
     rows = ids.shape[0] * max(gen.num_beams or 1, gen.num_return_sequences or 1)
     length = ids.shape[-1] + (gen.max_new_tokens if gen.max_new_tokens is not None else (gen.max_length or 20))
-    engine_config = model.__dict__.get(_CONFIG_ATTR) or {}
-    block_size = engine_config.get("block_size", 16)
+    slot = model.__dict__.get(_SLOT)
+    block_size = slot.options.get("block_size", 16) if isinstance(slot, _Wrapping) else 16
     cache = PagedCache(model, block_size=block_size, num_blocks=rows * (-(-length // block_size) + 1))
     try:
         return generate(model, inputs, generation_config, logits_processor, past_key_values=cache, **kwargs)

@@ -8,6 +8,10 @@ block, and a write into a block held by more than one table first copies it (cop
 queued on the pool and done in one ``flush_copies`` call per step, before any K/V is written.
 
 A sequence never holds more than one partially filled block, so waste is under one block per sequence.
+
+One more block than ``num_blocks`` is stored: the null block (``null_block``, the last one), never allocated.
+Block tables padded to a common width point their padding at it, so a kernel that reads or writes past a
+sequence's own blocks touches no block a sequence owns.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ class BlockPool:
         if num_blocks is None:
             if memory_bytes is None:
                 raise ValueError("give num_blocks or memory_bytes to size the block pool")
-            num_blocks = int(memory_bytes) // bytes_per_block
+            num_blocks = int(memory_bytes) // bytes_per_block - 1  # one block is the null block
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive (memory_bytes too small?), got {num_blocks}")
         self.num_layers = num_layers
@@ -52,7 +56,8 @@ class BlockPool:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.bytes_per_block = bytes_per_block
-        shape = (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
+        self.null_block = num_blocks
+        shape = (num_layers, 2, num_blocks + 1, block_size, num_kv_heads, head_dim)
         if torch.device(device).type == "cpu":
             self.kv = zeros_on_huge_pages(shape, dtype)
         else:
@@ -75,6 +80,25 @@ class BlockPool:
     @property
     def device(self) -> torch.device:
         return self.kv.device
+
+    def grow(self, num_new_blocks: int) -> None:
+        """Add ``num_new_blocks`` free blocks (the storage is reallocated and copied; block ids stay valid, the null
+        block moves to the new end). For pools that size themselves on demand (``PagedCache`` without a size)."""
+        old, num = self.kv, self.num_blocks
+        shape = (self.num_layers, 2, num + num_new_blocks + 1, self.block_size, self.num_kv_heads, self.head_dim)
+        self.kv = (zeros_on_huge_pages(shape, old.dtype) if old.device.type == "cpu"
+                   else torch.zeros(shape, dtype=old.dtype, device=old.device))
+        self.kv[:, :, :num] = old[:, :, :num]
+        self.num_blocks = num + num_new_blocks
+        self.null_block = self.num_blocks
+        self.ref_counts.extend([0] * num_new_blocks)
+        for block in range(num, num + num_new_blocks):
+            self._free[block] = None
+
+    def release(self) -> None:
+        """Give the storage back (the pool's owner is closing; every block must be free)."""
+        self.kv = torch.empty((self.num_layers, 2, 0, self.block_size, self.num_kv_heads, self.head_dim),
+                              dtype=self.kv.dtype, device=self.kv.device)
 
     def key_cache(self, layer: int) -> torch.Tensor:
         """``[num_blocks, block_size, kv_heads, head_dim]`` keys of one layer (a view)."""
@@ -151,15 +175,17 @@ class BlockPool:
                 src = pending_src
         self._pending_copies.append((src, dst))
 
-    def flush_copies(self) -> None:
+    def flush_copies(self, plan=None) -> None:
         """Do every queued copy-on-write block copy (all layers, K and V) in one operation."""
         if not self._pending_copies:
             return
         from .kernels.dispatch import copy_blocks
 
-        pairs = torch.tensor(self._pending_copies, dtype=torch.long, device=self.device)
+        # Staged in pinned memory on CUDA and copied without waiting: no host synchronisation per step.
+        pairs = torch.tensor(self._pending_copies, dtype=torch.long, pin_memory=self.kv.is_cuda)
+        pairs = pairs.to(self.device, non_blocking=True)
         self._pending_copies.clear()
-        copy_blocks(self.kv, pairs)
+        copy_blocks(self.kv, pairs, plan)
 
 
 def hash_block_tokens(parent: bytes | None, token_ids: Sequence[int], salt: str | None = None) -> bytes:

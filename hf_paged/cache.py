@@ -21,6 +21,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .block_pool import BlockPool, BlockTable
 from .kernels.cache_ops import gather_blocks
 from .kernels.dispatch import write_kv
+from .plan import default_plan
 
 
 def kv_geometry(config: Any) -> tuple[int, int, int]:
@@ -34,8 +35,12 @@ def kv_geometry(config: Any) -> tuple[int, int, int]:
 
 def make_pool(model: torch.nn.Module, *, block_size: int = 16, num_blocks: int | None = None,
               memory_bytes: int | None = None, dtype: torch.dtype | None = None) -> BlockPool:
-    """A block pool shaped for ``model``'s layers and KV heads."""
+    """A block pool shaped for ``model``'s layers and KV heads (this rank's KV heads for a tensor-parallel model)."""
+    from .distributed import local_kv_heads
+
     layers, kv_heads, head_dim = kv_geometry(model.config)
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    kv_heads = local_kv_heads(model, text.num_attention_heads, kv_heads, head_dim)
     param = next(model.parameters())
     return BlockPool(layers, kv_heads, head_dim, block_size=block_size, num_blocks=num_blocks,
                      memory_bytes=memory_bytes, dtype=dtype or param.dtype, device=param.device)
@@ -85,18 +90,26 @@ class _PagedLayer(CacheLayerMixin):
 class PagedCache(Cache):
     """KV cache of one ``generate`` call, stored in a (possibly shared) ``BlockPool``.
 
-    Give the pool size as ``num_blocks`` or ``memory_bytes``, or pass an existing ``pool``. Call ``free()``
-    (or use it as a context manager) to return its blocks when the generation is over.
+    Give the pool size as ``num_blocks`` or ``memory_bytes``, pass an existing ``pool``, or give neither: like
+    ``DynamicCache``, the cache then grows on demand (its own pool starts at ``INITIAL_BLOCKS`` blocks and doubles
+    whenever a step needs more). Call ``free()`` (or use it as a context manager) to return its blocks when the
+    generation is over.
     """
+
+    INITIAL_BLOCKS = 16
 
     def __init__(self, model: torch.nn.Module | None = None, *, pool: BlockPool | None = None,
                  block_size: int = 16, num_blocks: int | None = None, memory_bytes: int | None = None,
                  share_identical_rows: bool = True) -> None:
+        self.growable = pool is None and num_blocks is None and memory_bytes is None
         if pool is None:
             if model is None:
-                raise ValueError("PagedCache needs a model (to size a pool) or a pool")
+                raise ValueError("model: PagedCache needs a model (to shape its pool) or a pool")
+            if self.growable:
+                num_blocks = self.INITIAL_BLOCKS
             pool = make_pool(model, block_size=block_size, num_blocks=num_blocks, memory_bytes=memory_bytes)
         self.pool = pool
+        self.plan = default_plan(pool.kv)
         self.share_identical_rows = share_identical_rows
         super().__init__(layers=[_PagedLayer(self, i) for i in range(pool.num_layers)])
         self.rows: list[BlockTable] = []
@@ -118,7 +131,7 @@ class PagedCache(Cache):
         v = value_states if writers is None else value_states.index_select(0, writers)
         kvh, hd = k.shape[1], k.shape[3]
         write_kv(key_cache, value_cache, k.transpose(1, 2).reshape(-1, kvh, hd),
-                 v.transpose(1, 2).reshape(-1, kvh, hd), self._slots)
+                 v.transpose(1, 2).reshape(-1, kvh, hd), self._slots, self.plan)
         self.lengths[layer_idx] += q_len
         self.layers[layer_idx].is_initialized = True
         length = self.lengths[layer_idx]
@@ -139,6 +152,9 @@ class PagedCache(Cache):
         slots: list[int] = []
         for row in writers:
             row_slots = self.rows[row].append_slots(q_len)
+            while row_slots is None and self.growable:
+                self.pool.grow(max(self.pool.num_blocks, self.rows[row].blocks_needed(q_len)))
+                row_slots = self.rows[row].append_slots(q_len)
             if row_slots is None:
                 raise MemoryError(
                     f"PagedCache: the block pool ({self.pool.num_blocks} blocks of {self.pool.block_size}) is too "
@@ -186,7 +202,8 @@ class PagedCache(Cache):
     def _refresh_tables(self) -> None:
         if self.rows and self.rows[0].blocks:
             width = max(len(r.blocks) for r in self.rows)
-            self._tables = torch.tensor([r.blocks + [0] * (width - len(r.blocks)) for r in self.rows],
+            null = self.pool.null_block
+            self._tables = torch.tensor([r.blocks + [null] * (width - len(r.blocks)) for r in self.rows],
                                         dtype=torch.long, device=self.pool.device)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

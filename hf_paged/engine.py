@@ -1,34 +1,42 @@
-"""The continuous-batching engine: scheduler + model runner + sampler around one block pool.
+"""The continuous-batching engine: scheduler + model runner + sampler + output processor around one block pool.
 
 Requests are submitted from any thread (``submit``): they are validated in the caller's thread (bad input
 raises ``ValueError`` there and never reaches the running batch), then handed to one engine thread that
-runs ``step`` while there is work. Each step, finished requests leave and waiting ones join; a request's
-tokens stream out through its queue as they are sampled, and ``abort`` stops a request at the next step.
-A step whose forward fails fails only the requests in that step; every block they held is freed.
+runs ``step`` while there is work. A step is schedule -> execute -> sample -> process: finished requests
+leave and waiting ones join; a request's tokens stream out as ``StreamDelta``s as they are sampled, and
+``abort`` stops a request at the next step. A step whose forward fails fails only the requests in that step;
+every block they held is freed. ``close`` (or leaving a ``with`` block) stops the thread, aborts what is left,
+frees the pool and drops everything the engine built for the model's forwards.
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
+import inspect
 import logging
 import queue
 import threading
 import time
 import weakref
-from typing import Iterable, Iterator, Sequence as Seq
+from typing import Any, AsyncIterator, Iterable, Iterator, Sequence as Seq
 
 import torch
 
 from .block_pool import BlockTable
 from .cache import make_pool
 from .cpu_runtime import release_openmp_pool, tune_malloc
+from .distributed import is_tensor_parallel, make_runner
+from .kv_cache_manager import KVCacheManager
 from .metrics import EngineMetrics
-from .model_runner import ModelRunner
-from .patches.attention import enable_paged_attention, supports_paged_attention
+from .model_runner import ModelRunner, WeightWatcher
+from .output_processor import OutputProcessor
+from .patches.attention import supports_paged_attention
+from .plan import build_plan
 from .sampler import Sampler
 from .scheduler import Scheduler, SchedulerConfig
 from .beam_search import BeamSearchState
-from .sequence import FinishReason, RequestOutput, SamplingParams, Sequence, SequenceGroup
+from .sequence import RequestOutput, SamplingParams, Sequence, SequenceGroup, StreamDelta
 
 logger = logging.getLogger(__name__)
 
@@ -42,62 +50,125 @@ def _shutdown_engines() -> None:
         engine.shutdown()
 
 
+def _positive_int(name: str, value: Any, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name}: must be a positive integer{' or None' if optional else ''} (got {value!r})")
+
+
+def validate_engine_options(options: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the first engine option that ``LLMEngine`` would not accept."""
+    known = [p for p in inspect.signature(LLMEngine.__init__).parameters if p not in ("self", "model", "tokenizer")]
+    for name, value in options.items():
+        if name not in known:
+            raise ValueError(f"{name}: not an engine option (known: {', '.join(known)})")
+        if name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            _positive_int(name, value)
+        elif name in ("num_blocks", "memory_bytes", "max_model_len"):
+            _positive_int(name, value, optional=True)
+        elif name in ("enable_prefix_caching", "share_blocks", "compile"):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name}: must be True or False (got {value!r})")
+        elif value is not None and not isinstance(value, bool):
+            raise ValueError(f"{name}: must be True, False or None for the default (got {value!r})")
+
+
+class _LoopQueue:
+    """The engine thread's end of an asyncio queue: ``put`` from any thread, delivered on the loop's thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, target: "asyncio.Queue[StreamDelta]") -> None:
+        self.loop, self.target = loop, target
+
+    def put(self, item: StreamDelta) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.target.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+
 class LLMEngine:
     """Serve many generation requests at once on paged KV memory with an unmodified HF causal LM.
 
     The KV pool takes ``num_blocks`` blocks of ``block_size`` tokens, or as many as fit in ``memory_bytes``
-    (default 2 GiB), in the model's dtype. ``compile``: run the decoder layers through ``torch.compile`` (one
-    graph shared by all layers and step shapes, one more for single-token steps; seconds at the first steps).
-    ``pack_weights`` (default: on for CPU models): engine forwards multiply with pre-packed oneDNN weights (one
-    more copy of the linear weights; plain forwards of the model are unchanged). ``fuse_layers`` (default: as
-    ``pack_weights``; never with ``compile``): Llama-style attention, MLP and RMSNorm modules run fused forwards
-    in engine forwards (q/k/v and gate/up as one packed GEMM each, the small ops as one C call each; see
-    ``patches/fused_layers.py``). ``share_blocks=False`` copies blocks for n-samples and beams instead of
-    sharing them.
+    (default 2 GiB), in the model's dtype. What the forwards run is decided once, in ``engine.plan``
+    (:mod:`hf_paged.plan`): ``compile`` runs the decoder layers through ``torch.compile`` (one graph shared by all
+    layers and step shapes, one more for single-token steps; seconds at the first steps); ``pack_weights`` (default:
+    on for CPU models) multiplies with pre-packed oneDNN weights (one more copy of the linear weights);
+    ``fuse_layers`` (default: as ``pack_weights``; never with ``compile``) runs Llama-style attention, MLP and
+    RMSNorm modules through fused forwards (see ``patches/fused_layers.py``); ``cpu_kernels`` (default: on where
+    they build, ``HF_PAGED_CPU_KERNEL``), ``amx`` (default: where the CPU has it, ``HF_PAGED_AMX``) and ``triton``
+    (default: on CUDA) force those paths on or off. None of it changes the model outside the engine's own
+    forwards. Several engines may serve one model: their forwards take turns. ``share_blocks=False`` copies
+    blocks for n-samples and beams instead of sharing them. ``cuda_graphs`` (default: on for a CUDA model with the
+    Triton kernels) replays decode-only steps from CUDA graphs captured at padded batch sizes
+    (:mod:`hf_paged.cuda_graphs`); steps with prefill run eagerly.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, *, block_size: int = 16, num_blocks: int | None = None,
                  memory_bytes: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
                  enable_prefix_caching: bool = True, max_model_len: int | None = None,
                  share_blocks: bool = True, compile: bool = False, pack_weights: bool | None = None,
-                 fuse_layers: bool | None = None) -> None:
-        if max_num_batched_tokens <= 0 or max_num_seqs <= 0:
-            raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
+                 fuse_layers: bool | None = None, cpu_kernels: bool | None = None, amx: bool | None = None,
+                 triton: bool | None = None, cuda_graphs: bool | None = None) -> None:
+        validate_engine_options(dict(
+            block_size=block_size, num_blocks=num_blocks, memory_bytes=memory_bytes, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
+            max_model_len=max_model_len, share_blocks=share_blocks, compile=compile, pack_weights=pack_weights,
+            fuse_layers=fuse_layers, cpu_kernels=cpu_kernels, amx=amx, triton=triton, cuda_graphs=cuda_graphs))
         ok, why = supports_paged_attention(model)
         if not ok:
             raise ValueError(f"model: hf_paged cannot page this model ({why}); use HF generate")
-        enable_paged_attention(model)
         self.model = model
-        self.tokenizer = tokenizer
-        # Off: n samples are n independent requests and beams copy their blocks (for measuring what sharing saves).
-        self.share_blocks = share_blocks
         if num_blocks is None and memory_bytes is None:
             memory_bytes = DEFAULT_KV_MEMORY_BYTES
         self.pool = make_pool(model, block_size=block_size, num_blocks=num_blocks, memory_bytes=memory_bytes)
-        self.scheduler = Scheduler(self.pool, SchedulerConfig(max_num_seqs, max_num_batched_tokens,
-                                                              enable_prefix_caching))
+        self.kv = KVCacheManager(self.pool, enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, SchedulerConfig(max_num_seqs, max_num_batched_tokens))
+        self.plan = build_plan(self.pool.device, next(model.parameters()).dtype, compile=compile,
+                               pack_weights=pack_weights, fuse_layers=fuse_layers, cpu_kernels=cpu_kernels, amx=amx,
+                               triton=triton, cuda_graphs=cuda_graphs, tensor_parallel=is_tensor_parallel(model))
+        logger.info("hf_paged engine for %s: %s", type(model).__name__, self.plan)
         self._on_cpu = self.pool.device.type == "cpu"
-        pack_weights = self._on_cpu if pack_weights is None else pack_weights
-        self.runner = ModelRunner(model, self.pool, compile=compile, pack_weights=pack_weights,
-                                  fuse=pack_weights if fuse_layers is None else fuse_layers)
+        self.runner = make_runner(model, self.pool, self.plan)  # sharded: rank 0 drives the others (distributed.py)
+        self.weights = WeightWatcher(model)
         if self._on_cpu:
             tune_malloc()
-        self.sampler = Sampler()
+        self.sampler = Sampler(c_argmax=self.plan.cpu_kernels)
         config = model.config.get_text_config()
         self.max_model_len = max_model_len or getattr(config, "max_position_embeddings", None) or 1 << 30
         self.vocab_size = config.vocab_size
+        if self.plan.cuda_graphs:
+            from .cuda_graphs import DecodeGraphs
+
+            self.runner.decode_graphs = DecodeGraphs(self.runner, max_num_seqs, self.max_model_len)
         eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
         if eos is None:
             eos = config.eos_token_id
         self.eos_token_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         self.metrics = EngineMetrics()
+        self.outputs = OutputProcessor(self.scheduler, self.metrics, tokenizer, self.max_model_len, share_blocks)
         self._inbox: "queue.SimpleQueue[tuple[str, object]]" = queue.SimpleQueue()
         self._wake = threading.Condition()
         self._pending = 0
         self._stopping = False
+        self._closed = False
         self._thread: threading.Thread | None = None
         _engines.add(self)
-        self._by_id: dict[str, Sequence] = {}
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.outputs.tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: Any) -> None:
+        self.outputs.tokenizer = tokenizer
+
+    def __enter__(self) -> "LLMEngine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     # ---- submission (any thread) ---------------------------------------------------------------
     def make_sequence(self, prompt: str | Seq[int], params: SamplingParams | None = None,
@@ -126,7 +197,7 @@ class LLMEngine:
         if need > self.pool.num_blocks:
             raise ValueError(f"max_new_tokens: prompt + max_new_tokens need {need} KV blocks but the pool has "
                              f"{self.pool.num_blocks}; the request can never fit")
-        if request_id is not None and request_id in self._by_id:
+        if request_id is not None and request_id in self.outputs.requests:
             raise ValueError(f"request_id: {request_id!r} is already in use")
         seq = Sequence(ids, params, BlockTable(self.pool), request_id, self.eos_token_ids)
         if params.num_beams > 1:
@@ -149,23 +220,30 @@ class LLMEngine:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else None
 
     def submit(self, prompt: str | Seq[int], params: SamplingParams | None = None, request_id: str | None = None,
-               stream: bool = False) -> Sequence:
-        """Queue a request; returns its sequence (``seq.done`` is set when it finishes)."""
+               stream: bool | Any = False) -> Sequence:
+        """Queue a request; returns its sequence (``seq.done`` is set when it finishes). ``stream``: True, or a
+        queue (anything with ``put``), to receive its ``StreamDelta``s in ``seq.stream``."""
         seq = self.make_sequence(prompt, params, request_id)
-        if stream:
+        if stream is not False and stream is not None:
             if seq.group is not None:
                 raise ValueError("stream: streaming is for single-sequence requests (n=1, num_beams=1)")
-            seq.stream = queue.SimpleQueue()
+            seq.stream = queue.SimpleQueue() if stream is True else stream
         self._post("add", seq)
         return seq
 
     def abort(self, request_id: str) -> None:
-        self._post("abort", request_id)
+        """Stop a request at the next step (its blocks are freed; its waiters see ``FinishReason.ABORT``)."""
+        try:
+            self._post("abort", request_id)
+        except RuntimeError:  # closed: every request was aborted already
+            pass
 
     def _post(self, kind: str, item: object) -> None:
         if self._on_cpu:  # the poster's idle OpenMP workers would slow the engine thread's (see cpu_runtime)
             release_openmp_pool()
         with self._wake:
+            if self._closed:
+                raise RuntimeError("this LLMEngine is closed")
             self._inbox.put((kind, item))
             self._pending += 1
             self._wake.notify()
@@ -185,6 +263,25 @@ class LLMEngine:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
+    def close(self) -> None:
+        """Stop the engine thread, abort every request still queued or running, free the KV pool and drop what the
+        engine built for the model's forwards. The engine cannot be used afterwards; the model is as it was."""
+        with self._wake:
+            if self._closed:
+                return
+            self._closed = True
+        self.shutdown(timeout=60.0)
+        self._drain_inbox()
+        for request_id in list(self.outputs.requests):
+            self.outputs.abort(request_id)
+        self.runner.close()
+        self.pool.release()
+        _engines.discard(self)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     # ---- the engine thread ---------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
@@ -200,161 +297,51 @@ class LLMEngine:
                     return
             self.step()
 
-    def _drain_inbox(self) -> None:
+    def _drain_inbox(self) -> bool:
+        """Take what other threads posted; True if new requests arrived."""
+        added = False
         while True:
             try:
                 kind, item = self._inbox.get_nowait()
             except queue.Empty:
-                return
+                return added
             with self._wake:
                 self._pending -= 1
             if kind == "add":
-                self._by_id[item.request_id] = item
-                self.scheduler.add(item)
+                self.outputs.add(item)
+                added = True
             elif kind == "abort":
-                seq = self._by_id.get(item)
-                if seq is not None and not seq.finished:
-                    if seq.group is not None:
-                        self._finish_group(seq.group, FinishReason.ABORT)
-                    else:
-                        self._finish(seq, FinishReason.ABORT)
+                self.outputs.abort(item)
+
+    def _sync_weights(self, was_idle: bool) -> None:
+        """Before new requests run: if the model's weights changed since the last step (an optimizer step, a
+        ``load_state_dict``, a merged adapter), cached prefixes hold stale K/V and packed copies stale weights."""
+        if self.weights.changed(full=was_idle):
+            self.kv.reset_prefix_cache()
+            self.runner.build()
 
     def step(self) -> list[Sequence]:
-        """One scheduling + forward + sampling iteration; returns the sequences that finished in it."""
-        self._drain_inbox()
+        """One iteration (schedule -> execute -> sample -> process); returns the sequences that finished in it."""
+        was_idle = not self.scheduler.has_work()
+        if self._drain_inbox():
+            self._sync_weights(was_idle)
         step = self.scheduler.schedule()
-        if step.preempted:
-            self.metrics.preemptions += len(step.preempted)
+        self.metrics.preemptions += len(step.preempted)
         if not step.seqs:
             return []
         started = time.perf_counter()
         try:
             logits, rows = self.runner.execute(step)
-            for seq, n in zip(step.seqs, step.num_new_tokens):
-                old = seq.num_computed_tokens
-                seq.num_computed_tokens = old + n
-                self.scheduler.register_computed_blocks(seq, old)
-            sampling, sample_rows = [], []
-            for row, seq in enumerate(step.seqs[r] for r in rows):  # row: the seq's row of logits
-                group = seq.group
-                if group is not None and group.beam is not None:
-                    seq.pending_logits = logits[row]
-                elif group is not None and seq is group.root:  # n > 1: the prompt is done; fork n samples
-                    children = [seq.fork_child(i, self.share_blocks) for i in range(seq.params.n)]
-                    group.live = children
-                    self.scheduler.replace([seq], children)
-                    sampling.extend(children)
-                    sample_rows.extend([row] * len(children))
-                else:
-                    sampling.append(seq)
-                    sample_rows.append(row)
-            if sample_rows != list(range(len(rows))):  # n > 1 repeats the prompt's row
-                logits = logits[sample_rows] if sample_rows else logits[:0]
+            self.scheduler.postprocess(step)
+            seqs, logits = self.outputs.rows_to_sample(step, logits, rows)
             # In place: the step's logits are ours (beam rows were taken out above by indexing, a copy).
-            tokens, logprobs = self.sampler(logits, sampling, inplace=True) if sampling else ([], None)
-            self._advance_beams(step.seqs)
+            sampled = self.sampler(logits, seqs, inplace=True) if seqs else ([], None, None)
+            self.outputs.advance_beams(step.seqs)
         except Exception as exc:  # a failed forward fails only this step's requests
             logger.exception("engine step failed; failing its %d requests", len(step.seqs))
-            for seq in step.seqs:
-                if seq.group is not None:
-                    self._finish_group(seq.group, FinishReason.ERROR, exc)
-                elif not seq.finished:
-                    self._finish(seq, FinishReason.ERROR, exc)
-            return list(step.seqs)
-        now = time.perf_counter()
-        self.metrics.record_step(step, now - started, self.pool, self.scheduler)
-        finished = []
-        for i, (seq, token) in enumerate(zip(sampling, tokens)):
-            if seq.error is not None:
-                self._finish(seq, FinishReason.ERROR, seq.error)
-                finished.append(seq)
-                continue
-            seq.token_ids.append(token)
-            if logprobs is not None:
-                seq.logprobs.append(logprobs[i])
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            reason = self._stop_reason(seq, token)
-            if seq.stream is not None:
-                seq.stream.put(token)
-            if reason is not None:
-                self._finish(seq, reason)
-                finished.append(seq)
-        return finished
-
-    def _advance_beams(self, seqs: list[Sequence]) -> None:
-        """Run a beam-search step for every group whose live beams all have their logits."""
-        groups = {id(s.group): s.group for s in seqs if s.group is not None and s.group.beam is not None}
-        for group in groups.values():
-            beams = group.live
-            if any(b.pending_logits is None for b in beams):
-                continue
-            logits = torch.stack([b.pending_logits for b in beams])
-            if len(beams) == 1:  # the prompt: HF starts from k identical beams
-                logits = logits.expand(group.beam.k, -1)
-            pairs = group.beam.step(logits)
-            for b in beams:
-                b.pending_logits = None
-            if group.root.first_token_time is None:
-                group.root.first_token_time = time.perf_counter()
-            if group.beam.done:
-                self._finish_group(group, FinishReason.STOP)
-                continue
-            children = []
-            for i, (parent, token) in enumerate(pairs):
-                child = beams[parent].fork_child(i, self.share_blocks)
-                child.token_ids.append(token)
-                children.append(child)
-            group.live = children
-            self.scheduler.replace(beams, children)
-
-    def _finish_group(self, group: SequenceGroup, reason: FinishReason, error: BaseException | None = None) -> None:
-        for seq in list(group.live):
-            if seq is not group.root:
-                self._finish(seq, reason, error)
-        root = group.root
-        if not root.finished:
-            if group.beam is None and group.finished:
-                reason = group.finished[0].finish_reason if reason == FinishReason.STOP else reason
-            self._finish(root, reason, error)
-
-    def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
-        p = seq.params
-        n_out = seq.num_output_tokens
-        if token in seq.stop_ids and n_out >= p.min_new_tokens:
-            return FinishReason.STOP
-        if p.stop and self.tokenizer is not None:
-            text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
-            hits = [text.find(s) for s in p.stop if s in text]
-            if hits:
-                seq.text = text[: min(hits)]
-                return FinishReason.STOP
-        if n_out >= p.max_new_tokens or seq.num_tokens >= self.max_model_len:
-            return FinishReason.LENGTH
-        return None
-
-    def _finish(self, seq: Sequence, reason: FinishReason, error: BaseException | None = None) -> None:
-        seq.finish_reason = reason
-        seq.error = error
-        seq.finish_time = time.perf_counter()
-        self.scheduler.finish(seq)
-        group = seq.group
-        if seq.text is None and self.tokenizer is not None and (group is None or group.beam is None):
-            seq.text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
-        if group is None or seq is not group.root or group.beam is not None:
-            self.metrics.record_finish(seq)
-        if seq.stream is not None:
-            seq.stream.put(None)
-        if group is not None and seq is not group.root:
-            if seq in group.live:
-                group.live.remove(seq)
-            if group.beam is None:
-                group.finished.append(seq)
-            if not group.live:
-                self._finish_group(group, reason, error)
-            return
-        self._by_id.pop(seq.request_id, None)
-        seq.done.set()
+            return self.outputs.fail(step.seqs, exc)
+        self.metrics.record_step(step, time.perf_counter() - started, self.pool, self.scheduler)
+        return self.outputs.process(seqs, *sampled)
 
     # ---- convenience APIs ----------------------------------------------------------------------
     def generate(self, prompts: str | Seq[int] | Iterable[str | Seq[int]],
@@ -371,9 +358,15 @@ class LLMEngine:
             if len(params_list) != len(prompts):
                 raise ValueError("sampling_params: give one SamplingParams or one per prompt")
         seqs = [self.make_sequence(p, sp) for p, sp in zip(prompts, params_list)]
-        for seq in seqs:
-            self._post("add", seq)
-        self._wait(seqs, use_tqdm)
+        try:
+            for seq in seqs:
+                self._post("add", seq)
+            self._wait(seqs, use_tqdm)
+        except BaseException:  # e.g. KeyboardInterrupt while waiting: nothing of this call keeps running
+            for seq in seqs:
+                if not seq.done.is_set():
+                    self.abort(seq.request_id)
+            raise
         return [s.output() for s in seqs]
 
     def _wait(self, seqs: list[Sequence], use_tqdm: bool) -> None:
@@ -397,12 +390,52 @@ class LLMEngine:
     def stream(self, prompt: str | Seq[int], params: SamplingParams | None = None,
                request_id: str | None = None) -> Iterator[int]:
         """Yield a request's tokens as they are sampled."""
+        for delta in self.stream_text(prompt, params, request_id):
+            yield from delta.token_ids
+
+    def stream_text(self, prompt: str | Seq[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> Iterator[StreamDelta]:
+        """Yield a request's ``StreamDelta``s (new text, token ids, logprobs) as they are sampled; the last has the
+        finish reason and the whole output. Leaving the loop early aborts the request."""
         seq = self.submit(prompt, params, request_id, stream=True)
-        while True:
-            token = seq.stream.get()
-            if token is None:
-                return
-            yield token
+        finished = False
+        try:
+            while not finished:
+                delta = seq.stream.get()
+                finished = delta.finish_reason is not None
+                yield delta
+        finally:
+            if not finished:
+                self.abort(seq.request_id)
+
+    async def astream_text(self, prompt: str | Seq[int], params: SamplingParams | None = None,
+                           request_id: str | None = None) -> AsyncIterator[StreamDelta]:
+        """``stream_text`` for asyncio: the deltas arrive on the running loop; cancelling the consuming task (or
+        closing the iterator early) aborts the request."""
+        deltas: "asyncio.Queue[StreamDelta]" = asyncio.Queue()
+        seq = self.submit(prompt, params, request_id, stream=_LoopQueue(asyncio.get_running_loop(), deltas))
+        finished = False
+        try:
+            while not finished:
+                delta = await deltas.get()
+                finished = delta.finish_reason is not None
+                yield delta
+        finally:
+            if not finished and not self._closed:
+                self.abort(seq.request_id)
 
     def idle(self) -> bool:
         return not self._pending and not self.scheduler.has_work()
+
+    def stats(self) -> dict[str, float]:
+        """A snapshot for monitoring (safe from any thread): requests running and waiting, KV blocks, prefix-cache
+        queries and hits (in tokens), preemptions, prompt and generated tokens so far."""
+        pool, bs = self.pool, self.pool.block_size
+        return {
+            "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting) + self._pending,
+            "num_blocks": pool.num_blocks, "num_free_blocks": pool.num_free_blocks,
+            "kv_cache_usage": pool.num_used_blocks / pool.num_blocks,
+            "prefix_cache_queries": pool.prefix_queries * bs, "prefix_cache_hits": pool.prefix_hits * bs,
+            "preemptions": self.metrics.preemptions, "prompt_tokens": self.metrics.prompt_tokens,
+            "generation_tokens": self.metrics.generation_tokens,
+        }

@@ -27,7 +27,9 @@ class EngineMetrics:
     prefix_cached_tokens: int = 0
     cached_blocks: int = 0
     forward_tokens: int = 0
-    output_tokens: int = 0
+    prompt_tokens: int = 0  # of every request added
+    generation_tokens: int = 0  # every sampled token
+    output_tokens: int = 0  # of finished requests
     finished: int = 0
     step_time_s: float = 0.0
     ttft_s: list[float] = field(default_factory=list)

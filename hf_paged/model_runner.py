@@ -5,41 +5,146 @@ metadata (slots, block tables, lengths) rides in the forward's kwargs to the reg
 attention, which writes the new K/V into the pool and attends over the blocks. A ready 4-D mask
 placeholder makes transformers skip building a ``[T, T]`` mask. Logits are computed only for the last
 token of the sequences that sample this step (``logits_to_keep``).
+
+The runner owns what its engine's plan adds to the model's forwards (packed weights, fused or compiled layer
+forwards, the ``hf_paged`` attention selection) and installs it only for the length of each forward, under a
+lock per model (engines on one model take turns): between steps, and for every other caller, the model is exactly
+as it was. A ``WeightWatcher`` notices weights changed between calls; ``build`` then re-packs what changed.
 """
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+import threading
+import weakref
+from contextlib import ExitStack, contextmanager
+from typing import Callable, Iterator
 
 import torch
 
 from .block_pool import BlockPool
 from .kernels.paged_attention import PagedAttentionMetadata
-from .patches.compiled_layers import compile_layers, compile_settings, uncompile_layers
-from .patches.fused_layers import fuse_layers, unfuse_layers
-from .patches.linear import pack_linear_weights, packed_linears
+from .patches.attention import attention_configs, paged_attention_selected
+from .patches.compiled_layers import build_compiled, compile_settings
+from .patches.fused_layers import build_fused, fuse_decoder_layers
+from .patches.linear import build_packers, packed_linears
+from .plan import ExecutionPlan
 from .scheduler import ScheduledStep
+
+_model_locks: "weakref.WeakKeyDictionary[torch.nn.Module, threading.Lock]" = weakref.WeakKeyDictionary()
+_model_locks_guard = threading.Lock()
+
+
+def model_lock(model: torch.nn.Module) -> threading.Lock:
+    """The lock that engines on ``model`` hold while their forward-time patches are installed."""
+    with _model_locks_guard:
+        lock = _model_locks.get(model)
+        if lock is None:
+            lock = _model_locks[model] = threading.Lock()
+        return lock
+
+
+class WeightWatcher:
+    """Tells whether a model's weights changed since the last look: cheaply (each parameter's storage and version
+    counter, which in-place updates such as optimizer steps and ``load_state_dict`` bump), or fully (also a walk
+    over the modules, for parameters replaced or added and PEFT adapters merged through ``.data``)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self._take()
+
+    def _structure(self) -> list:
+        out = []
+        for module in self.model.modules():
+            out.extend(id(p) for p in module._parameters.values() if p is not None)
+            merged = getattr(module, "merged_adapters", None)
+            if merged is not None:
+                out.append(tuple(merged))
+        return out
+
+    def _take(self) -> None:
+        self.params = list(self.model.parameters())
+        self.state = [(p.data_ptr(), p._version) for p in self.params]
+        self.structure = self._structure()
+
+    def changed(self, full: bool) -> bool:
+        """Whether anything changed since the last call (and remember the current state)."""
+        state = [(p.data_ptr(), p._version) for p in self.params]
+        if state != self.state or (full and self._structure() != self.structure):
+            self._take()
+            return True
+        return False
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, pool: BlockPool, compile: bool = False,
-                 pack_weights: bool = False, fuse: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, pool: BlockPool, plan: ExecutionPlan) -> None:
         self.model = model
-        uncompile_layers(model)  # a previous engine's compiled layers, if any
-        num_fused, grouped = fuse_layers(model) if fuse and not compile else (0, [])
-        if not num_fused:
-            unfuse_layers(model)
-        self.fused = num_fused > 0
-        # Packed oneDNN weights; compiled layers reach them through the hf_paged::packed_linear op.
-        self.packed = pack_weights and pack_linear_weights(model, skip=grouped) > 0
-        self.compiled = compile and compile_layers(model)
         self.pool = pool
+        self.plan = plan
         self.device = pool.device
+        self._lock = model_lock(model)
+        self._configs = attention_configs(model)
+        self.forwards: dict[torch.nn.Module, Callable] = {}  # installed on their modules during forwards
+        self._packers: dict = {}
+        self._fused: dict = {}
+        self._packers_by_weight: dict = {}
+        self.compiled = False
+        self.decode_graphs = None  # a cuda_graphs.DecodeGraphs where the plan has cuda_graphs (set by the engine)
+        self.build()
         # transformers returns a 4-D mask unchanged, so no causal mask is built; hf_paged ignores it.
         self._mask_placeholder = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
         self.num_forward_tokens = 0
 
-    def build(self, step: ScheduledStep) -> tuple[torch.Tensor, torch.Tensor, PagedAttentionMetadata, list[int]]:
+    @property
+    def fused(self) -> bool:
+        return bool(self._fused)
+
+    @property
+    def packed(self) -> bool:
+        return bool(self._packers)
+
+    def build(self) -> None:
+        """(Re)build the plan's forwards for the model as it is now, keeping packed copies of unchanged weights."""
+        plan, model = self.plan, self.model
+        amx = plan.linears == "amx"
+        fused, grouped = build_fused(model, amx, self._fused) if plan.fused_layers else ({}, [])
+        packers = build_packers(model, amx, skip=grouped, previous=self._packers) if plan.linears != "torch" else {}
+        compiled = build_compiled(model) if plan.compiled else None
+        forwards: dict[torch.nn.Module, Callable] = {}
+        if compiled is not None:  # the graphs call packed_linear; the linears get no forward of their own
+            forwards.update(compiled)
+        else:
+            fused.update(fuse_decoder_layers(model, {**fused, **packers}, plan.one_call_layers))
+            forwards.update(packers)
+            forwards.update(fused)
+        self._fused = fused
+        self._packers = packers
+        self._packers_by_weight = {p.source[0]: p for p in packers.values()}
+        self.compiled = compiled is not None
+        self.forwards = forwards
+        if getattr(self, "decode_graphs", None) is not None:  # captured with the old weights and forwards
+            self.decode_graphs.reset()
+
+    def close(self) -> None:
+        """Drop everything this runner built (nothing is installed between forwards)."""
+        self.forwards, self._packers, self._fused, self._packers_by_weight = {}, {}, {}, {}
+        if self.decode_graphs is not None:
+            self.decode_graphs.reset()
+
+    @contextmanager
+    def _installed(self) -> Iterator[None]:
+        installed = []
+        for module, forward in self.forwards.items():
+            if "forward" not in module.__dict__:  # a forward somebody else put there since wins
+                module.__dict__["forward"] = forward
+                installed.append(module)
+        try:
+            with paged_attention_selected(self._configs), packed_linears(self._packers_by_weight):
+                yield
+        finally:
+            for module in installed:
+                del module.__dict__["forward"]
+
+    def build_inputs(self, step: ScheduledStep) -> tuple[torch.Tensor, torch.Tensor, PagedAttentionMetadata, list[int]]:
         """(input_ids, position_ids, metadata, sampling rows) of one step."""
         input_ids: list[int] = []
         positions: list[int] = []
@@ -63,31 +168,50 @@ class ModelRunner:
             if end == seq.num_tokens:
                 sample_rows.append(i)
         width = max(len(t) for t in tables)
-        dev = self.device
+        null = self.pool.null_block
+        # Everything in one host buffer (pinned on CUDA), copied to the device once per step, without waiting:
+        # ids | positions | slots | cu_seqlens_q | kv_lens | logits rows to keep | block tables (padded).
+        t, s = len(input_ids), len(tables)
+        keep = [cu[i + 1] - 1 for i in sample_rows]
+        flat = input_ids + positions + slots + cu + kv_lens + keep
+        for table in tables:
+            flat += table
+            flat += [null] * (width - len(table))
+        staged = self.to_device(flat)
+        ids, pos, slot_mapping, cu_q, lens, self._keep, tables_dev = staged.split(
+            [t, t, t, s + 1, s, len(keep), s * width])
         meta = PagedAttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=dev),
-            kv_lens=torch.tensor(kv_lens, dtype=torch.int32, device=dev),
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.long, device=dev),
+            slot_mapping=slot_mapping,
+            block_tables=tables_dev.view(s, width),
+            kv_lens=lens.to(torch.int32),
+            cu_seqlens_q=cu_q,
             num_decodes=num_decodes,
             kv_lens_list=kv_lens,
             q_lens_list=list(step.num_new_tokens),
             block_size=self.pool.block_size,
             pool=self.pool,
+            plan=self.plan,
         )
-        ids = torch.tensor([input_ids], dtype=torch.long, device=dev)
-        pos = torch.tensor([positions], dtype=torch.long, device=dev)
-        return ids, pos, meta, sample_rows
+        return ids.view(1, t), pos.view(1, t), meta, sample_rows
+
+    def to_device(self, values: list[int]) -> torch.Tensor:
+        """``values`` as one int64 tensor on the model's device: on CUDA staged in pinned host memory and copied
+        without waiting (the host allocator keeps the buffer until the copy is done), so building a step's inputs
+        never synchronises with the GPU."""
+        if self.device.type == "cpu":
+            return torch.tensor(values, dtype=torch.long)
+        host = torch.tensor(values, dtype=torch.long, pin_memory=self.device.type == "cuda")
+        return host.to(self.device, non_blocking=True)
 
     @torch.inference_mode()
     def execute(self, step: ScheduledStep) -> tuple[torch.Tensor, list[int]]:
         """Run the step's forward; returns (logits ``[num_sampling, vocab]`` in fp32, their row indices)."""
-        ids, pos, meta, sample_rows = self.build(step)
-        self.pool.flush_copies()
-        keep = meta.cu_seqlens_q[1:][sample_rows] - 1
-        with ExitStack() as scope:
-            if self.packed or self.compiled or self.fused:
-                scope.enter_context(packed_linears())
+        if self.decode_graphs is not None and self.decode_graphs.accepts(step):
+            return self.decode_graphs.execute(step)
+        ids, pos, meta, sample_rows = self.build_inputs(step)
+        keep = self._keep
+        self.pool.flush_copies(self.plan)
+        with self._lock, self._installed(), ExitStack() as scope:
             if self.compiled:
                 scope.enter_context(compile_settings())
             out = self.model(input_ids=ids, position_ids=pos, attention_mask=self._mask_placeholder,

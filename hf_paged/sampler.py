@@ -4,7 +4,7 @@ Order, as in HF: per-request logits processors, repetition / presence / frequenc
 min-new-tokens ban on stop tokens; then greedy rows take the argmax and sampled rows go through
 temperature, top-k, top-p and min-p and draw from the result. A request with a seed draws from its own
 generator, so its tokens do not depend on what else is in the batch. Logprobs are those of the model's
-raw distribution (as vLLM reports them).
+raw distribution (as vLLM reports them), with the ``top_logprobs`` most likely alternatives where asked.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import torch
 
 from .kernels.cpu_fused_ops import argmax_rows
 from .sequence import Sequence
+
+TopLogprobs = list[list[tuple[int, float]]]
 
 
 def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
@@ -53,9 +55,13 @@ def _warp(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 
 
 class Sampler:
+    def __init__(self, c_argmax: bool = True) -> None:
+        self.c_argmax = c_argmax  # greedy rows' argmax in one C call (CPU kernels on)
+
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence],
-                 inplace: bool = False) -> tuple[list[int], list[float] | None]:
-        """logits ``[B, vocab]`` fp32 for ``seqs`` -> (next token per row, its logprob per row or None).
+                 inplace: bool = False) -> tuple[list[int], list[float] | None, TopLogprobs | None]:
+        """logits ``[B, vocab]`` fp32 for ``seqs`` -> (next token per row, its logprob per row or None, the
+        ``top_logprobs`` best (id, logprob) pairs per row or None).
         ``inplace``: the caller's logits may be overwritten (saves a copy of ``[B, vocab]`` a step); they are
         copied anyway where raw logits (logprobs), kept scores or user processors are involved."""
         if not inplace or any(s.params.logprobs or s.params.keep_scores or s.params.logits_processors for s in seqs):
@@ -65,7 +71,7 @@ class Sampler:
             return self._select(logits, logits, seqs)
 
     def _select(self, raw: torch.Tensor, logits: torch.Tensor,
-                seqs: list[Sequence]) -> tuple[list[int], list[float] | None]:
+                seqs: list[Sequence]) -> tuple[list[int], list[float] | None, TopLogprobs | None]:
         for row, seq in enumerate(seqs):
             procs = seq.params.logits_processors
             if procs:
@@ -77,11 +83,14 @@ class Sampler:
         if any(s.params.repetition_penalty != 1.0 or s.params.presence_penalty or s.params.frequency_penalty
                for s in seqs):
             _apply_penalties(logits, seqs)
-        for row, seq in enumerate(seqs):
-            if seq.num_output_tokens < seq.params.min_new_tokens and seq.stop_ids:
-                logits[row, list(seq.stop_ids)] = float("-inf")
+        banned = [(row, token) for row, seq in enumerate(seqs)
+                  if seq.num_output_tokens < seq.params.min_new_tokens for token in seq.stop_ids]
+        if banned:  # min_new_tokens: one indexed write for all rows (one host-to-device copy on a GPU)
+            index = torch.tensor(banned, dtype=torch.long, pin_memory=logits.is_cuda)
+            index = index.to(logits.device, non_blocking=True)
+            logits[index[:, 0], index[:, 1]] = float("-inf")
 
-        tokens = argmax_rows(logits)  # one C call on the CPU (~0.6x of torch's time on SmolLM2's vocabulary)
+        tokens = argmax_rows(logits) if self.c_argmax else None  # one C call on the CPU
         if tokens is None:
             tokens = logits.max(dim=-1).indices  # the first maximum, like argmax, in less than half its time
         sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
@@ -104,7 +113,14 @@ class Sampler:
             if seq.params.keep_scores:
                 seq.scores.append(logits[row].clone())
         token_list = tokens.tolist()
-        logprobs = None
+        logprobs = top = None
         if any(s.params.logprobs for s in seqs):
-            logprobs = torch.log_softmax(raw, dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
-        return token_list, logprobs
+            log_probs = torch.log_softmax(raw, dim=-1)
+            logprobs = log_probs.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+            k = max(s.params.top_logprobs for s in seqs)
+            if k:
+                values, ids = log_probs.topk(k, dim=-1)
+                values, ids = values.tolist(), ids.tolist()
+                top = [list(zip(ids[r][:s.params.top_logprobs], values[r][:s.params.top_logprobs]))
+                       for r, s in enumerate(seqs)]
+        return token_list, logprobs, top

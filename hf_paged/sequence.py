@@ -38,7 +38,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     stop: list[str] = field(default_factory=list)  # stop strings
     ignore_eos: bool = False
-    logprobs: bool = False
+    logprobs: bool = False  # the log-probability of each sampled token
+    top_logprobs: int = 0  # also the most likely alternatives at each position (at most 20)
     keep_scores: bool = False  # keep each step's processed logits (HF output_scores)
     logits_processors: Any = None  # an HF LogitsProcessorList (or callables (input_ids, scores) -> scores)
     cache_salt: str | None = None
@@ -75,6 +76,10 @@ class SamplingParams:
             raise bad("stop", "must be a string or a list of non-empty strings")
         if not all(isinstance(t, int) for t in self.stop_token_ids):
             raise bad("stop_token_ids", "must be a list of token ids")
+        if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= 20:
+            raise bad("top_logprobs", "must be an integer in [0, 20]")
+        if self.top_logprobs:
+            self.logprobs = True
         if self.seed is not None and not isinstance(self.seed, int):
             raise bad("seed", "must be an integer")
         if not isinstance(self.n, int) or self.n < 1:
@@ -113,6 +118,7 @@ class RequestOutput:
     text: str | None = None
     finish_reason: FinishReason | None = None
     logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per token: (id, logprob), most likely first
     scores: list[torch.Tensor] | None = None
     error: BaseException | None = None
     metrics: dict[str, float] = field(default_factory=dict)
@@ -122,6 +128,22 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass
+class StreamDelta:
+    """What a streamed request gained since its previous delta (``LLMEngine.stream_text``).
+
+    ``text`` never contains a stop string; while one could still be forming at the end of the text, that end is
+    held back. The last delta of a request has ``finish_reason`` and the whole ``output``."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    finish_reason: FinishReason | None = None
+    output: RequestOutput | None = None
 
 
 _ids = itertools.count()
@@ -142,6 +164,7 @@ class Sequence:
         self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
         self.eos_token_ids = set(eos_token_ids)
         self.logprobs: list[float] = []
+        self.top_logprobs: list[list[tuple[int, float]]] = []
         self.scores: list[torch.Tensor] = []
         self.finish_reason: FinishReason | None = None
         self.error: BaseException | None = None
@@ -151,10 +174,16 @@ class Sequence:
             self.generator = torch.Generator(device="cpu")
             self.generator.manual_seed(params.seed)
         self.arrival_time = time.perf_counter()
+        self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
         self.num_preemptions = 0
-        self.stream: "queue.SimpleQueue[RequestOutput | None] | None" = None
+        # Streamed requests: where each StreamDelta goes (anything with put()), and how they are made.
+        self.stream: "queue.SimpleQueue[StreamDelta] | None" = None
+        self.detokenizer: Any = None  # an IncrementalDetokenizer, for stop strings and streamed text
+        self.text_sent = 0  # characters of the detokenizer's text already streamed
+        self.tokens_sent = len(self.token_ids)  # tokens already streamed (the prompt counts as sent)
+        self.stop_string: str | None = None  # the stop string that ended it
         self.done = threading.Event()
         self.group: SequenceGroup | None = None
         self.pending_logits: torch.Tensor | None = None  # beam search: this beam's logits, waiting for its group
@@ -171,6 +200,7 @@ class Sequence:
         child.num_computed_tokens = self.num_computed_tokens
         child.block_hashes = list(self.block_hashes)
         child.arrival_time, child.first_token_time = self.arrival_time, self.first_token_time
+        child.first_scheduled_time = self.first_scheduled_time
         child.group = self.group
         return child
 
@@ -201,12 +231,17 @@ class Sequence:
             request_id=self.request_id, prompt_token_ids=self.prompt_token_ids, token_ids=self.output_token_ids,
             text=self.text, finish_reason=self.finish_reason,
             logprobs=list(self.logprobs) if self.params.logprobs else None,
+            top_logprobs=list(self.top_logprobs) if self.params.top_logprobs else None,
             scores=self.scores if self.params.keep_scores else None, error=self.error,
             metrics=self.timing(),
         )
 
     def timing(self) -> dict[str, float]:
         out: dict[str, float] = {}
+        if self.first_scheduled_time is not None:
+            out["queue_s"] = self.first_scheduled_time - self.arrival_time
+        if self.finish_time is not None:
+            out["e2e_s"] = self.finish_time - self.arrival_time
         if self.first_token_time is not None:
             out["ttft_s"] = self.first_token_time - self.arrival_time
             if self.finish_time is not None and self.num_output_tokens > 1:
@@ -242,6 +277,7 @@ class SequenceGroup:
         return RequestOutput(
             request_id=root.request_id, prompt_token_ids=root.prompt_token_ids,
             token_ids=best.token_ids if best else [], text=best.text if best else None,
-            finish_reason=root.finish_reason, logprobs=best.logprobs if best else None, error=root.error,
+            finish_reason=root.finish_reason, logprobs=best.logprobs if best else None,
+            top_logprobs=best.top_logprobs if best else None, error=root.error,
             metrics=root.timing(), samples=samples, score=best.score if best else None,
         )

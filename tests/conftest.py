@@ -133,3 +133,35 @@ def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tenso
         ids[i, width - len(r):] = torch.tensor(r)
         mask[i, width - len(r):] = 1
     return ids, mask
+
+
+# ---- the OpenAI-compatible server (tests/test_server*.py) --------------------------------------
+@pytest.fixture(scope="session")
+def hf_paged_server():
+    """``python -m hf_paged.serve`` (SmolLM2, served as "smollm2") on a free loopback port, started once for the
+    server tests and stopped with SIGTERM at the end of the session, which must exit 0. Failing to start fails."""
+    from hf_paged.serve.process import ServerProcess
+
+    server = ServerProcess.hf_paged(["--served-model-name", "smollm2", "--kv-memory", "256MiB",
+                                     "--disable-access-log", "--log-level", "warning"], start_timeout=180)
+    with server:
+        yield server
+    assert server.returncode == 0, f"the server exited with {server.returncode}:\n{server.log_tail()}"
+
+
+# ---- C kernels: skip where they cannot be built, except in CI ------------------------------------
+@pytest.fixture(scope="session")
+def cpu_kernels():
+    """Tests of the C kernels use this: where the library cannot be built they skip, but under ``CI=true`` they
+    fail (a broken build must not land green)."""
+    from hf_paged.kernels import cpu_library
+
+    if cpu_library.load() is None:
+        message = f"the C CPU kernels could not be built here: {cpu_library.failure()}"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message + " (CI=true: required)")
+        pytest.skip(message)
+    return cpu_library
+
+
+needs_cpu_kernels = pytest.mark.usefixtures("cpu_kernels")

@@ -380,12 +380,13 @@ def test_exhausted_pool_raises_memory_error():
 def test_pool_sized_by_memory_bytes(dtype, elem_bytes):
     layers, kv_heads, head_dim, block_size = 3, 2, 8, 16
     per_block = 2 * layers * block_size * kv_heads * head_dim * elem_bytes  # K and V, every layer
-    pool = BlockPool(layers, kv_heads, head_dim, block_size=block_size, memory_bytes=per_block * 7 + per_block - 1,
+    # 7 usable blocks and the null block fit; padded block tables point at the null block, the last one.
+    pool = BlockPool(layers, kv_heads, head_dim, block_size=block_size, memory_bytes=per_block * 8 + per_block - 1,
                      dtype=dtype)
-    assert pool.num_blocks == 7
+    assert pool.num_blocks == 7 and pool.null_block == 7
     assert pool.bytes_per_block == per_block
-    assert pool.kv.shape == (layers, 2, 7, block_size, kv_heads, head_dim)
-    assert pool.kv.numel() * pool.kv.element_size() == 7 * per_block
+    assert pool.kv.shape == (layers, 2, 8, block_size, kv_heads, head_dim)
+    assert pool.kv.numel() * pool.kv.element_size() == 8 * per_block
     assert pool.num_free_blocks == 7
     with pytest.raises(ValueError):
         BlockPool(layers, kv_heads, head_dim, block_size=block_size, memory_bytes=per_block - 1, dtype=dtype)

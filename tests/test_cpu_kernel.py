@@ -16,7 +16,9 @@ import torch
 from hf_paged.kernels import cpu_decode_attention as cpu_kernel
 from hf_paged.kernels.paged_attention import PagedAttentionMetadata, paged_attention, paged_attention_naive
 
-needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason="the C kernel could not be built here")
+from conftest import needs_cpu_kernels
+
+needs_kernel = needs_cpu_kernels
 
 SCALE = 0.125
 

@@ -8,15 +8,15 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama import modeling_llama
 
-from hf_paged import LLMEngine, SamplingParams, unwrap
-from hf_paged.kernels import cpu_fused_ops, cpu_library
+from hf_paged import LLMEngine, SamplingParams
+from hf_paged.kernels import cpu_fused_ops
 from hf_paged.patches import fused_layers
 from hf_paged.patches.linear import AMX_MAX_ROWS, AmxWeight, amx_available
 
-from conftest import build_tiny_model, tiny_prompts
+from conftest import build_tiny_model, needs_cpu_kernels, tiny_prompts
 from test_engine import hf_greedy
 
-needs_kernel = pytest.mark.skipif(not cpu_library.available(), reason="the C kernels could not be built here")
+needs_kernel = needs_cpu_kernels
 GREEDY16 = SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True)
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -91,13 +91,16 @@ def test_silu_mul_kernel_matches_transformers(dtype, inter):
     torch.testing.assert_close(cpu_fused_ops.silu_mul(extreme).float(), torch.tensor([[0.0, 100.0]]))
 
 
-def _fused_kinds(model: torch.nn.Module) -> dict[str, int]:
+def _fused_kinds(engine: LLMEngine) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for module in model.modules():
-        own = module.__dict__.get("forward")
-        if isinstance(own, fused_layers._Fused):
-            counts[type(own).__name__] = counts.get(type(own).__name__, 0) + 1
+    for forward in engine.runner.forwards.values():
+        if isinstance(forward, fused_layers._Fused):
+            counts[type(forward).__name__] = counts.get(type(forward).__name__, 0) + 1
     return counts
+
+
+def _own_forwards(model: torch.nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if "forward" in m.__dict__]
 
 
 @needs_kernel
@@ -112,16 +115,15 @@ def test_fused_engine_equals_hf_and_stays_call_scoped(tiny_model_dir):
     refs = hf_greedy(model, prompts, 16, 0, set(), batch=6)
     engine = LLMEngine(model, None, num_blocks=200, max_num_batched_tokens=16, enable_prefix_caching=False)
     layers = model.config.num_hidden_layers
-    assert engine.runner.fused
-    assert _fused_kinds(model) == {"_FusedAttention": layers, "_FusedMLP": layers, "_FusedRMSNorm": 2 * layers + 1,
-                                   "_FusedDecoderLayer": layers}
+    assert engine.runner.fused and engine.plan.fused_layers
+    assert _fused_kinds(engine) == {"_FusedAttention": layers, "_FusedMLP": layers,
+                                    "_FusedRMSNorm": 2 * layers + 1, "_FusedDecoderLayer": layers}
     outs = engine.generate(prompts, GREEDY16, use_tqdm=False)
     assert [o.token_ids for o in outs] == refs
+    assert _own_forwards(model) == []  # installed only for the engine's own forwards
     with torch.inference_mode():
         assert torch.equal(model(ids).logits, before)
-    engine.shutdown()
-    unwrap(model)
-    assert _fused_kinds(model) == {}
+    engine.close()
     with torch.inference_mode():
         assert torch.equal(model(ids).logits, before)
 
@@ -136,7 +138,7 @@ def test_only_recognised_modules_are_fused(arch, tiny_model_dir):
     prompts = tiny_prompts(4, seed=12)
     refs = hf_greedy(model, prompts, 16, 0, set(), batch=4)
     engine = LLMEngine(model, None, num_blocks=200, max_num_batched_tokens=32, enable_prefix_caching=False)
-    kinds = _fused_kinds(model)
+    kinds = _fused_kinds(engine)
     assert "_FusedAttention" not in kinds and "_FusedDecoderLayer" not in kinds
     if arch in ("gemma2", "gpt2"):
         assert kinds == {} and not engine.runner.fused
@@ -150,7 +152,8 @@ def test_only_recognised_modules_are_fused(arch, tiny_model_dir):
 @needs_kernel
 def test_fused_engine_agrees_with_unfused_and_sees_new_weights(smollm2, chat_ids):
     """SmolLM2 (head dim 64: the kernels' vector paths): same greedy tokens and close logprobs with and without
-    fused layers. Then a weight changed in place: the next engine packs the q/k/v group again."""
+    fused layers. Then a weight changed in place between two calls: the same engine packs the q/k/v group again
+    (and only it) and generates what an unfused engine on the changed model generates."""
     model, tok = smollm2
     params = SamplingParams(max_new_tokens=16, temperature=0, logprobs=1)
     outs = {}
@@ -164,19 +167,21 @@ def test_fused_engine_agrees_with_unfused_and_sees_new_weights(smollm2, chat_ids
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-3, rtol=0)
 
     attn = model.model.layers[0].self_attn
-    group = attn.forward.group
+    other = model.model.layers[1].self_attn
+    engine = LLMEngine(model, tok, num_blocks=512, enable_prefix_caching=False)
+    group, other_group = engine.runner.forwards[attn].group, engine.runner.forwards[other].group
     weight = attn.q_proj.weight
     saved = weight.detach().clone()
     try:
         with torch.no_grad():
             weight.mul_(0.5)
-        engine = LLMEngine(model, tok, num_blocks=512, enable_prefix_caching=False)
-        assert attn.forward.group is not group  # re-packed from the changed weight
         changed = engine.generate(chat_ids[:8], params, use_tqdm=False)
-        engine.shutdown()
+        assert engine.runner.forwards[attn].group is not group  # re-packed from the changed weight
+        assert engine.runner.forwards[other].group is other_group  # unchanged: kept
+        engine.close()
         unfused = LLMEngine(model, tok, num_blocks=512, enable_prefix_caching=False, fuse_layers=False)
         expected = unfused.generate(chat_ids[:8], params, use_tqdm=False)
-        unfused.shutdown()
+        unfused.close()
     finally:
         with torch.no_grad():
             weight.copy_(saved)
@@ -185,14 +190,20 @@ def test_fused_engine_agrees_with_unfused_and_sees_new_weights(smollm2, chat_ids
 
 
 @needs_kernel
-def test_kernel_switch_off_runs_transformers_code(tiny_model_dir, monkeypatch):
-    """``HF_PAGED_CPU_KERNEL=0`` (read on every call): fused modules run their class's own forward."""
+@pytest.mark.parametrize("how", ["option", "environment"])
+def test_kernel_switch_off_runs_transformers_code(tiny_model_dir, monkeypatch, how):
+    """``cpu_kernels=False`` (or ``HF_PAGED_CPU_KERNEL=0`` when the engine is built; the plan is decided then): no
+    fused modules, transformers' own attention runs, HF's tokens."""
     model = build_tiny_model("llama", tiny_model_dir)
     prompts = tiny_prompts(3, seed=13)
     refs = hf_greedy(model, prompts, 16, 0, set(), batch=3)
-    engine = LLMEngine(model, None, num_blocks=200, enable_prefix_caching=False)
+    if how == "environment":
+        monkeypatch.setenv("HF_PAGED_CPU_KERNEL", "0")
+    engine = LLMEngine(model, None, num_blocks=200, enable_prefix_caching=False,
+                       **({"cpu_kernels": False} if how == "option" else {}))
+    monkeypatch.delenv("HF_PAGED_CPU_KERNEL", raising=False)
+    assert engine.plan.attention == "torch" and not engine.plan.fused_layers and not engine.runner.fused
     calls = []
-    monkeypatch.setenv("HF_PAGED_CPU_KERNEL", "0")
     original = modeling_llama.LlamaAttention.forward
     monkeypatch.setattr(modeling_llama.LlamaAttention, "forward",
                         lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
@@ -256,8 +267,11 @@ def test_decode_layer_in_one_call_is_bit_identical(tiny_model_dir, monkeypatch):
                         lambda self, *a: calls.append(1) or one_call(self, *a))
     outs = {}
     for flag in (True, False):
-        monkeypatch.setattr(fused_layers._FusedDecoderLayer, "one_call", flag)
         engine = LLMEngine(model, None, num_blocks=200, max_num_batched_tokens=32, enable_prefix_caching=False)
+        assert engine.plan.one_call_layers
+        for forward in engine.runner.forwards.values():
+            if isinstance(forward, fused_layers._FusedDecoderLayer):
+                forward.one_call = flag
         # Stepped here, all requests queued first: the same steps both times (bf16 results depend on how tokens
         # are batched, and the engine thread would start stepping while requests still arrive).
         seqs = [engine.make_sequence(p, params) for p in prompts]
@@ -266,6 +280,7 @@ def test_decode_layer_in_one_call_is_bit_identical(tiny_model_dir, monkeypatch):
         while not all(seq.finished for seq in seqs):
             engine.step()
         outs[flag] = [seq.output() for seq in seqs]
+        engine.close()
         if flag:
             assert calls  # it ran
     assert [o.token_ids for o in outs[True]] == [o.token_ids for o in outs[False]]

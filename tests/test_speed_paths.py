@@ -9,7 +9,7 @@ import torch
 
 from hf_paged import LLMEngine, SamplingParams
 from hf_paged.cpu_runtime import release_openmp_pool, tune_malloc
-from hf_paged.patches.linear import _PackedLinearForward, pack_linear_weights, packed_linears, unpack_linear_weights
+from hf_paged.patches.linear import build_packers, packed_linears
 
 from conftest import build_tiny_model, tiny_prompts
 from test_engine import hf_greedy
@@ -48,9 +48,11 @@ def test_packed_linears_are_call_scoped(smollm2, chat_ids):
     ids = torch.tensor([chat_ids[0]])
     with torch.inference_mode():
         before = model(ids).logits
-        assert pack_linear_weights(model) > 0
+        packers = build_packers(model, amx=False)
+        assert packers and not any("forward" in m.__dict__ for m in model.modules())  # built, not installed
+        for module, forward in packers.items():  # installed, as an engine's runner does around its forwards
+            module.__dict__["forward"] = forward
         try:
-            assert any(isinstance(m.__dict__.get("forward"), _PackedLinearForward) for m in model.modules())
             plain = model(ids).logits
             with packed_linears():
                 packed = model(ids).logits
@@ -61,8 +63,8 @@ def test_packed_linears_are_call_scoped(smollm2, chat_ids):
                 t.start()
                 t.join()
         finally:
-            unpack_linear_weights(model)
-        assert not any(isinstance(m.__dict__.get("forward"), _PackedLinearForward) for m in model.modules())
+            for module in packers:
+                del module.__dict__["forward"]
         after = model(ids).logits
     assert torch.equal(before, plain) and torch.equal(before, after) and torch.equal(before, seen[0])
     torch.testing.assert_close(packed, before, atol=1e-3, rtol=1e-3)  # fp32 over 30 layers
@@ -76,7 +78,7 @@ def test_engine_with_and_without_packed_weights_agree(smollm2, chat_ids):
         engine = LLMEngine(model, tok, num_blocks=512, enable_prefix_caching=False, pack_weights=pack)
         outs[pack] = engine.generate(chat_ids[:16], params, use_tqdm=False)
         assert engine.runner.packed == pack
-    unpack_linear_weights(model)
+        engine.close()
     assert [o.token_ids for o in outs[True]] == [o.token_ids for o in outs[False]]
     for a, b in zip(outs[True], outs[False]):
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-3, rtol=0)

@@ -46,7 +46,7 @@ def supports(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
             and key_cache.dtype == query.dtype and value_cache.dtype == query.dtype
             and key_cache.is_contiguous() and value_cache.is_contiguous()
             and key_cache.shape == value_cache.shape and query.shape[-1] == key_cache.shape[-1]
-            and query.shape[1] % key_cache.shape[2] == 0 and available())
+            and query.shape[1] % key_cache.shape[2] == 0 and cpu_library.loaded())
 
 
 def decode_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -141,7 +141,7 @@ def write_kv_cpu(key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.
     if not (key.dtype == value.dtype == key_cache.dtype == value_cache.dtype and key.device.type == "cpu"
             and key_cache.is_contiguous() and value_cache.is_contiguous() and key.stride(2) == 1
             and value.stride(2) == 1 and slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous()
-            and key.shape == value.shape and key.shape[1:] == key_cache.shape[2:] and available()):
+            and key.shape == value.shape and key.shape[1:] == key_cache.shape[2:] and cpu_library.loaded()):
         return False
     if _profiler_enabled():
         with torch.profiler.record_function("hf_paged::write_kv"):

@@ -23,7 +23,7 @@ _profiler_enabled = torch._C._autograd._profiler_enabled
 def _usable(*tensors: torch.Tensor) -> bool:
     dtype = tensors[0].dtype
     return (dtype in _DTYPES and all(t.device.type == "cpu" and t.dtype == dtype and t.stride(-1) == 1
-                                     for t in tensors) and cpu_library.available())
+                                     for t in tensors) and cpu_library.loaded())
 
 
 def _call(name: str, *args) -> None:
@@ -121,7 +121,7 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor | None:
     """``x.max(dim=-1).indices`` of a 2-D fp32 CPU tensor (the first maximum of each row, or its first NaN), in
     one C call: greedy sampling over the vocabulary."""
     if not (x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu" and x.stride(1) == 1
-            and cpu_library.available()):
+            and cpu_library.loaded()):
         return None
     out = torch.empty(x.shape[0], dtype=torch.int64)
     _call("hf_argmax_rows", x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], out.data_ptr())

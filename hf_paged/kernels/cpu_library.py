@@ -2,14 +2,21 @@
 (``cpu_decode_attention``), the small per-layer ops (``cpu_fused_ops``).
 
 The sources are plain C (no torch headers), compiled on first use with the system C compiler (``$CC``, else
-``gcc``, else ``cc``) into one shared library in ``$HF_PAGED_CACHE`` (default ``~/.cache/hf_paged``). Its
-file name carries a hash of the sources, the flags, the compiler's version and the CPU (``-march=native``);
-it is built under a temporary name and renamed into place, so processes that race build it twice at worst.
-It is loaded with ``ctypes``, each function declared with its argument types (:data:`SIGNATURES`).
+``gcc``, else ``cc``; clang works too) into one shared library in ``$HF_PAGED_CACHE`` (default
+``~/.cache/hf_paged``). ``HF_PAGED_CFLAGS`` replaces the target flags (default ``-march=native``; e.g.
+``-march=x86-64-v3`` for a library that runs on other machines). The file name carries a hash of the sources, the
+flags, the compiler's version and the CPU's model and full feature set (x86-64 ``flags``, AArch64 ``Features``), so a
+library built for one CPU is never loaded on another; it is built under a temporary name and renamed into place,
+so processes that race build it twice at worst.
 
-If no compiler is there or the build fails, :func:`available` is False (one warning is logged) and the
-callers keep their PyTorch paths; nothing here raises at import. ``HF_PAGED_CPU_KERNEL=0`` turns the kernels
-off (read on every call).
+ctypes rather than a torch extension: the kernels need no torch headers, so the library builds in a second with
+any C compiler and is the same for every torch version. Each function is declared with its argument types
+(:data:`SIGNATURES`, checked against the C prototypes by the tests), so a call with a wrong argument type raises
+``ctypes.ArgumentError`` instead of passing garbage; the Python wrappers check shapes and dtypes before calling.
+
+If no compiler is there or the build fails, :func:`available` is False (one warning is logged, :func:`failure`
+says why) and the callers keep their PyTorch paths; nothing here raises at import. ``HF_PAGED_CPU_KERNEL=0``
+turns the kernels off for engines built afterwards.
 """
 
 from __future__ import annotations
@@ -36,7 +43,14 @@ SOURCES = [CSRC / "paged_decode_attention.c", CSRC / "fused_layer_ops.c", CSRC /
 HEADERS = [CSRC / "cpu_vec.h"]
 # No -ffast-math: the reductions are vectorized through `omp simd reduction` and exp is a polynomial in
 # the source, so the results stay within ~1e-6 of fp32 PyTorch without it.
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-strict-aliasing", "-std=gnu11"]
+CFLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-fno-strict-aliasing", "-std=gnu11"]
+TARGET_FLAGS = ["-march=native"]  # HF_PAGED_CFLAGS replaces these
+
+
+def compiler_flags() -> list[str]:
+    """The flags the library is built with (read when it is built)."""
+    target = os.environ.get("HF_PAGED_CFLAGS")
+    return CFLAGS + (target.split() if target is not None else TARGET_FLAGS)
 
 _p, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
 _DECODE = [_p, _i64, _i64, _p, _p, _p, _i64, _p, _p, _i64, _i64, _i32, _i32, _i32, _i32, _i32, _i32, _f32, _f32, _i32]
@@ -65,6 +79,7 @@ _lib: ctypes.CDLL | None = None
 _state: str | None = None  # None: not tried yet; "ok"; "failed"
 _build_seconds: float | None = None  # how long the compile took in this process (None: loaded from the cache)
 _path: Path | None = None
+_failure: str | None = None  # why the library could not be built or loaded
 
 
 def enabled() -> bool:
@@ -79,12 +94,16 @@ def _compiler() -> str | None:
     return None
 
 
+_CPU_ID_FIELDS = ("model name", "flags", "vendor_id", "cpu family", "model\t",  # x86-64
+                  "Features", "CPU implementer", "CPU architecture", "CPU variant", "CPU part")  # AArch64
+
+
 def _cpu_id() -> str:
-    """What -march=native depends on: the CPU's model and flags."""
+    """What -march=native depends on: the CPU's model and its full feature set (each distinct line once)."""
     try:
         with open("/proc/cpuinfo") as f:
-            lines = [ln for ln in f.read().splitlines() if ln.startswith(("model name", "flags"))]
-        return "\n".join(lines[:2])
+            lines = sorted({ln.strip() for ln in f.read().splitlines() if ln.startswith(_CPU_ID_FIELDS)})
+        return "\n".join(lines) or platform.processor() or platform.machine()
     except OSError:
         return platform.processor() or platform.machine()
 
@@ -97,7 +116,8 @@ def _cache_dir() -> Path:
 def _build(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     parts = [p.read_bytes() for p in SOURCES + HEADERS]
-    key = hashlib.sha256(b"\0".join([*parts, " ".join(CFLAGS).encode(), version.encode(),
+    flags = compiler_flags()
+    key = hashlib.sha256(b"\0".join([*parts, " ".join(flags).encode(), version.encode(),
                                      _cpu_id().encode(), platform.machine().encode()])).hexdigest()[:16]
     folder = _cache_dir()
     path = folder / f"hf_paged_cpu_{key}.so"
@@ -109,7 +129,7 @@ def _build(cc: str) -> Path:
     os.close(fd)
     try:
         t0 = time.perf_counter()
-        res = subprocess.run([cc, *CFLAGS, *map(str, SOURCES), "-o", tmp, "-lm"], capture_output=True, text=True,
+        res = subprocess.run([cc, *flags, *map(str, SOURCES), "-o", tmp, "-lm"], capture_output=True, text=True,
                              timeout=300)
         if res.returncode != 0:
             raise RuntimeError(f"{cc} failed ({res.returncode}): {res.stderr.strip()[-2000:]}")
@@ -143,6 +163,8 @@ def load() -> ctypes.CDLL | None:
             _lib = lib
             _state = "ok"
         except Exception as exc:  # no compiler, a failed build, an unloadable library: keep PyTorch
+            global _failure
+            _failure = str(exc)
             logger.warning("the C CPU kernels are not usable (%s); the CPU path stays on PyTorch", exc)
             _lib = None
             _state = "failed"
@@ -150,8 +172,19 @@ def load() -> ctypes.CDLL | None:
 
 
 def available() -> bool:
-    """Whether the kernels can run here (builds the library on the first call)."""
+    """Whether the kernels can run here and are not switched off by ``HF_PAGED_CPU_KERNEL=0`` (builds the library on
+    the first call). An engine asks once, for its plan; its hot path then uses :func:`loaded`."""
     return enabled() and load() is not None
+
+
+def loaded() -> bool:
+    """Whether the library is built and loaded (no environment lookup: for hot paths an engine's plan chose)."""
+    return _lib is not None or load() is not None
+
+
+def failure() -> str | None:
+    """Why the library could not be built or loaded (None if it was, or was not tried yet)."""
+    return _failure
 
 
 def library_path() -> Path | None:

@@ -1,25 +1,26 @@
 """The one dispatch point for the hot-path kernels: ``write_kv``, ``copy_blocks`` and ``paged_attention``
 with the PyTorch signatures (``cache_ops`` / ``paged_attention``).
 
-* CUDA tensors take the Triton kernels (``triton_cache_ops`` / ``triton_paged_attention``);
-* CPU tensors take the PyTorch implementations, except where the C kernels of ``cpu_decode_attention`` apply
-  (the cache write; decode attention, chosen inside the PyTorch ``paged_attention``);
-* ``HF_PAGED_FORCE_TORCH=1`` takes the PyTorch path on a GPU too (it wins over the next one);
-* ``HF_PAGED_FORCE_TRITON=1`` takes the Triton path for CPU tensors too; only meaningful with
-  ``TRITON_INTERPRET=1`` (set before triton is first imported), which is how the kernels are tested.
+Which one runs is the caller's :class:`~hf_paged.plan.ExecutionPlan` (an engine's, decided once; in the
+attention metadata for ``paged_attention``):
 
-triton is imported lazily, on the first call that takes the Triton path, so importing ``hf_paged`` never
-needs triton or a GPU. On a GPU without an importable triton the PyTorch path is used (with one warning).
-The environment variables are read on every call.
+* Triton kernels (``triton_cache_ops`` / ``triton_paged_attention``): CUDA tensors, or CPU tensors when forced
+  (``HF_PAGED_FORCE_TRITON=1`` with ``TRITON_INTERPRET=1``: how the kernels are tested);
+* otherwise the PyTorch implementations, except where the C kernels of ``cpu_decode_attention`` apply (the cache
+  write; decode attention, chosen inside the PyTorch ``paged_attention``).
+
+Calls without a plan (kernel tests, ``PagedCache`` built before) use ``plan.default_plan``, which reads the
+environment. triton is imported lazily, on the first call that takes the Triton path, so importing ``hf_paged``
+never needs triton or a GPU. On a GPU without an importable triton the PyTorch path is used (with one warning).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
+from ..plan import ExecutionPlan, default_plan
 from . import cache_ops as _torch_cache_ops
 from . import cpu_decode_attention as _cpu_kernel
 from . import paged_attention as _torch_attention
@@ -27,16 +28,13 @@ from .paged_attention import PagedAttentionMetadata
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["write_kv", "copy_blocks", "paged_attention", "use_triton"]
+__all__ = ["write_kv", "copy_blocks", "paged_attention", "use_triton", "triton_importable"]
 
 _triton_ok: bool | None = None
 
 
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _triton_importable() -> bool:
+def triton_importable() -> bool:
+    """Whether triton imports here (tried once per process)."""
     global _triton_ok
     if _triton_ok is None:
         try:
@@ -50,31 +48,27 @@ def _triton_importable() -> bool:
     return _triton_ok
 
 
-def use_triton(tensor: torch.Tensor) -> bool:
+def use_triton(tensor: torch.Tensor, plan: ExecutionPlan | None = None) -> bool:
     """Whether an operation on ``tensor`` takes the Triton path."""
-    if _flag("HF_PAGED_FORCE_TORCH"):
-        return False
-    if tensor.is_cuda or _flag("HF_PAGED_FORCE_TRITON"):
-        return _triton_importable()
-    return False
+    return (plan or default_plan(tensor)).triton
 
 
 def write_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+             slot_mapping: torch.Tensor, plan: ExecutionPlan | None = None) -> None:
     """Scatter ``key``/``value`` ``[tokens, kv_heads, head_dim]`` into the slots ``slot_mapping[tokens]``
     of one layer's caches ``[num_blocks, block_size, kv_heads, head_dim]``."""
-    if use_triton(key_cache):
+    way = (plan or default_plan(key_cache)).cache_write
+    if way == "triton":
         from .triton_cache_ops import write_kv_triton
 
         write_kv_triton(key_cache, value_cache, key, value, slot_mapping)
-    elif not (key_cache.device.type == "cpu" and _cpu_kernel.write_kv_cpu(key_cache, value_cache, key, value,
-                                                                         slot_mapping)):
+    elif not (way == "c" and _cpu_kernel.write_kv_cpu(key_cache, value_cache, key, value, slot_mapping)):
         _torch_cache_ops.write_kv(key_cache, value_cache, key, value, slot_mapping)
 
 
-def copy_blocks(kv: torch.Tensor, pairs: torch.Tensor) -> None:
+def copy_blocks(kv: torch.Tensor, pairs: torch.Tensor, plan: ExecutionPlan | None = None) -> None:
     """For every (src, dst) row of ``pairs`` copy block src to block dst, in every layer, K and V."""
-    if use_triton(kv):
+    if use_triton(kv, plan):
         from .triton_cache_ops import copy_blocks_triton
 
         copy_blocks_triton(kv, pairs)
@@ -86,7 +80,7 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
                     meta: PagedAttentionMetadata, scale: float, sliding_window: int | None = None,
                     softcap: float | None = None) -> torch.Tensor:
     """query ``[T, H, D]`` (the step's new tokens, K/V already written to the caches) -> ``[T, H, D]``."""
-    if use_triton(query):
+    if (meta.plan or default_plan(query)).triton:
         from .triton_paged_attention import paged_attention_triton
 
         return paged_attention_triton(query, key_cache, value_cache, meta, scale, sliding_window, softcap)

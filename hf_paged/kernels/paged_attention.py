@@ -8,7 +8,7 @@ are attended one by one against their cached prefix plus their own new tokens, c
 with no cached prefix through SDPA's causal kernel, no mask).
 
 On the CPU, fp32 and bf16 decodes take the C kernel of ``cpu_decode_attention`` instead (K/V read straight
-from the blocks, once) when it could be built; ``HF_PAGED_CPU_KERNEL=0`` keeps them on the PyTorch path.
+from the blocks, once) where the step's plan says so (``attention="c-decode"``).
 
 Masks depend only on the step and on the layer's sliding window, so they are built once per step and
 window and shared by all layers.
@@ -21,11 +21,20 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch._library.opaque_object import register_opaque_type
-from torch._opaque_base import OpaqueBase
 
 from . import cpu_decode_attention as _cpu_kernel
 from .cache_ops import gather_blocks
+
+try:  # torch's opaque reference types (private API): let compiled graphs take the metadata as an input
+    from torch._library.opaque_object import register_opaque_type
+    from torch._opaque_base import OpaqueBase
+
+    OPAQUE_METADATA = True
+except ImportError:  # an older torch: eager engines work the same; compile=True is refused by the engine
+    OpaqueBase, OPAQUE_METADATA = object, False
+
+    def register_opaque_type(cls, typ):
+        return None
 
 
 @dataclass(eq=False)
@@ -41,7 +50,7 @@ class PagedAttentionMetadata(OpaqueBase):
     """
 
     slot_mapping: torch.Tensor  # [T] long: slot of each new token
-    block_tables: torch.Tensor  # [S, max_blocks] long (padded with 0)
+    block_tables: torch.Tensor  # [S, max_blocks] long (padded with the pool's null block)
     kv_lens: torch.Tensor  # [S] int32/long
     cu_seqlens_q: torch.Tensor  # [S+1] long
     num_decodes: int
@@ -49,6 +58,10 @@ class PagedAttentionMetadata(OpaqueBase):
     q_lens_list: list[int]
     block_size: int
     pool: Any = field(default=None, repr=False)  # the BlockPool the attention layers read and write
+    plan: Any = field(default=None, repr=False)  # the engine's ExecutionPlan (None: plan.default_plan)
+    # A bound on the decode lengths that the Triton decode kernel sizes its split-K from instead of
+    # ``max(kv_lens_list)``: a CUDA graph's metadata (hf_paged/cuda_graphs.py), whose host lists are not the step's.
+    max_decode_len: int | None = None
     _masks: dict = field(default_factory=dict, repr=False)
     _decode_tables: dict = field(default_factory=dict, repr=False)
 
@@ -98,7 +111,12 @@ class PagedAttentionMetadata(OpaqueBase):
                         sliding_window: int | None, softcap: float | None) -> "_cpu_kernel.DecodePlan | None":
         """The C decode kernel's call for this step's decodes (built by the first layer, reused by the others);
         None where the kernel does not apply."""
-        if not _cpu_kernel.enabled():
+        plan = self.plan
+        if plan is None:  # called outside an engine
+            from ..plan import default_plan
+
+            plan = default_plan(query)
+        if not plan.cpu_kernels:
             return None
         key = ("cpu", query.dtype, key_cache.dtype, scale, sliding_window, softcap)
         if key not in self._decode_tables:

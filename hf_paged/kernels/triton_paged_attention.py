@@ -349,8 +349,9 @@ def paged_attention_triton(query: torch.Tensor, key_cache: torch.Tensor, value_c
         return out
     d = meta.num_decodes
     if d:
+        max_len = meta.max_decode_len or max(meta.kv_lens_list[:d])
         paged_decode_attention(out, query, key_cache, value_cache, meta.block_tables, meta.kv_lens, d,
-                               max(meta.kv_lens_list[:d]), scale, sliding_window, softcap, num_splits=num_splits)
+                               max_len, scale, sliding_window, softcap, num_splits=num_splits)
     if d < meta.num_seqs:
         paged_prefill_attention(out, query, key_cache, value_cache, meta.block_tables[d:], meta.kv_lens[d:],
                                 meta.cu_seqlens_q[d:], meta.q_lens_list[d:], scale, sliding_window, softcap)

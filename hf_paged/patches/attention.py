@@ -1,7 +1,8 @@
 """The ``hf_paged`` attention implementation, registered with transformers' AttentionInterface.
 
-Paging is a property of the call, not of the model: the function attends over the block pool only when
-the forward carries ``paged_metadata`` (the engine's ragged step). Every other call — a plain
+Paging is a property of the call, not of the model: an engine selects ``hf_paged`` on the model's configs only
+for the length of its own forwards (:func:`paged_attention_selected`), and the function attends over the block
+pool only when the forward carries ``paged_metadata`` (the engine's ragged step). Every other call — a plain
 ``model(...)``, HF ``generate`` with a ``DynamicCache`` or with a ``PagedCache`` (whose ``update``
 already returns the K/V read from the blocks) — is handed, unchanged, to the implementation the model
 used before (``sdpa`` unless it was set otherwise), and the mask function registered beside it does the
@@ -12,9 +13,11 @@ The name has no ``paged|`` prefix: transformers strips that prefix on lookup.
 
 from __future__ import annotations
 
+import inspect
 import sys
 import threading
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedModel
@@ -51,7 +54,7 @@ def paged_attention_layer(query: torch.Tensor, key: torch.Tensor, value: torch.T
     pool = meta.pool
     key_cache, value_cache = pool.key_cache(layer), pool.value_cache(layer)
     # HF hands q/k/v as [1, heads, T, head_dim]; the kernels use [T, heads, head_dim].
-    write_kv(key_cache, value_cache, key[0].transpose(0, 1), value[0].transpose(0, 1), meta.slot_mapping)
+    write_kv(key_cache, value_cache, key[0].transpose(0, 1), value[0].transpose(0, 1), meta.slot_mapping, meta.plan)
     out = paged_attention(query[0].transpose(0, 1), key_cache, value_cache, meta, scale,
                           sliding_window=sliding_window, softcap=softcap)
     return out.unsqueeze(0)
@@ -88,22 +91,83 @@ AttentionInterface.register(ATTN_IMPLEMENTATION, hf_paged_attention)
 AttentionMaskInterface.register(ATTN_IMPLEMENTATION, hf_paged_mask)
 
 
+_routes_through_interface: dict[type, bool] = {}
+
+
+def _attention_class_without_interface(model: torch.nn.Module) -> str | None:
+    """The name of an ``*Attention*`` module class of ``model`` whose ``forward`` does not look up the
+    AttentionInterface, or None. transformers' own check reads the model class's module and caches its answer on
+    the class, where subclasses inherit it: a custom (``trust_remote_code``) subclass of a Llama model that swaps in
+    its own attention modules would pass it."""
+    for module in model.modules():
+        cls = type(module)
+        if "Attention" not in cls.__name__:
+            continue
+        if cls not in _routes_through_interface:
+            forward = next((c.__dict__["forward"] for c in cls.__mro__ if "forward" in c.__dict__), None)
+            try:
+                _routes_through_interface[cls] = "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(forward)
+            except (OSError, TypeError):
+                _routes_through_interface[cls] = False
+        if not _routes_through_interface[cls]:
+            return cls.__name__
+    return None
+
+
 def supports_paged_attention(model: PreTrainedModel) -> tuple[bool, str]:
     """Whether this model routes attention through the AttentionInterface (and so can be paged)."""
     if not getattr(model, "_can_set_attn_implementation", lambda: False)():
         return False, f"{type(model).__name__} does not use transformers' AttentionInterface"
+    own = _attention_class_without_interface(model)
+    if own is not None:
+        return False, f"its {own} modules do not use transformers' AttentionInterface"
     if getattr(model.config, "is_encoder_decoder", False):
         return False, "encoder-decoder models are not supported"
     return True, ""
 
 
+def attention_configs(model: torch.nn.Module) -> list[Any]:
+    """Every distinct config object the model's modules read their attention implementation from (sub-configs
+    included)."""
+    found: dict[int, Any] = {}
+    stack = [getattr(m, "config", None) for m in model.modules()]
+    while stack:
+        config = stack.pop()
+        if config is None or id(config) in found or not hasattr(config, "_attn_implementation_internal"):
+            continue
+        found[id(config)] = config
+        stack.extend(getattr(config, key, None) for key in getattr(config, "sub_configs", {}) or {})
+    return list(found.values())
+
+
+def _base_name(current: str | None) -> str:
+    return current if current in ("eager", "sdpa") or current in ALL_MASK_ATTENTION_FUNCTIONS else "sdpa"
+
+
+@contextmanager
+def paged_attention_selected(configs: list[Any]) -> Iterator[None]:
+    """For the length of an engine forward, ``configs`` select ``hf_paged``; plain calls that other threads make
+    meanwhile are handed to the implementation each config had. Restored on exit."""
+    previous = [config._attn_implementation_internal for config in configs]
+    for config, current in zip(configs, previous):
+        if current != ATTN_IMPLEMENTATION:
+            _base_impl_by_config[id(config)] = _base_name(current)
+        config._attn_implementation_internal = ATTN_IMPLEMENTATION
+    try:
+        yield
+    finally:
+        for config, current in zip(configs, previous):
+            config._attn_implementation_internal = current
+
+
 def enable_paged_attention(model: PreTrainedModel) -> None:
-    """Select ``hf_paged`` for this model, remembering the implementation it delegates plain calls to."""
+    """Select ``hf_paged`` for this model for good (engines do not need this: they select it per forward),
+    remembering the implementation it delegates plain calls to."""
     with _lock:
         current = model.config._attn_implementation
         if current == ATTN_IMPLEMENTATION:
             return
-        base = current if current in ("eager", "sdpa") or current in ALL_MASK_ATTENTION_FUNCTIONS else "sdpa"
+        base = _base_name(current)
         for module in model.modules():
             config = getattr(module, "config", None)
             if config is not None:

@@ -7,9 +7,10 @@ fuses what eager runs as ~40 small ops a layer (norms, rotary, activation, resid
 ``hf_paged::packed_linear`` (packed oneDNN weights, see ``patches.linear``) through a pass over the captured
 graph, and attention stays whole as the ``hf_paged::paged_attention`` op.
 
-Call-scoped like everything in ``patches``: a compiled layer runs its graph only while the calling thread is
-inside the engine's forward (``packed_linears``); any other call runs the layer's own ``forward``, so a
-plain ``model(...)`` computes exactly what it did before.
+Call-scoped like everything in ``patches``: the engine's runner installs the compiled forwards on the layers for
+the length of its own forwards, and a compiled layer runs its graph only while the calling thread is inside the
+engine's forward (``packed_linears``); any other call runs the layer's own ``forward``, so a plain ``model(...)``
+computes exactly what it did before.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 import torch.fx.experimental._config as fx_config
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from .linear import _PackedLinearForward, in_packed_call
+from .linear import in_packed_call
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def _layer_forward(layer: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
 
 
 class _CompiledLayerForward:
-    """A decoder layer's ``forward`` (an instance attribute, removed by ``uncompile_layers``)."""
+    """A decoder layer's ``forward`` while the engine's runner has it installed."""
 
     def __init__(self, layer: torch.nn.Module, compiled: Callable[..., Any]) -> None:
         self.layer = layer
@@ -70,35 +71,22 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList | None:
     return None
 
 
-def compile_layers(model: torch.nn.Module) -> bool:
-    """Give every decoder layer a compiled forward (one graph for all of them); False, with the reason
-    logged, where the model has no recognisable layer stack or its layers carry hooks or forwards of their
-    own."""
+def build_compiled(model: torch.nn.Module) -> dict[torch.nn.Module, _CompiledLayerForward] | None:
+    """A compiled forward for every decoder layer (one graph for all of them); None, with the reason logged, where
+    the model has no recognisable layer stack or its layers carry hooks or forwards of their own. Nothing is
+    installed on the model; the linears inside the layers must not get forwards of their own either (the graph
+    calls ``packed_linear`` itself; a forward object would specialise the graph per layer)."""
     layers = decoder_layers(model)
     if layers is None:
         logger.warning("compile: no stack of %s decoder layers found; running eager",
                        getattr(model.config, "num_hidden_layers", "?"))
-        return False
+        return None
     for layer in layers:
-        own = layer.__dict__.get("forward")
-        if (own is not None and not isinstance(own, _CompiledLayerForward)) or layer._forward_hooks \
-                or layer._forward_pre_hooks:
+        if "forward" in layer.__dict__ or layer._forward_hooks or layer._forward_pre_hooks:
             logger.warning("compile: %s has hooks or a forward of its own; running eager", type(layer).__name__)
-            return False
+            return None
     compiled = torch.compile(_layer_forward, dynamic=True, options={"pre_grad_custom_pass": _LinearsToPackedLinear()})
-    for layer in layers:
-        layer.forward = _CompiledLayerForward(layer, compiled)
-        for module in layer.modules():  # the graph calls packed_linear itself; a forward object would
-            if isinstance(module.__dict__.get("forward"), _PackedLinearForward):  # specialise it per layer
-                del module.forward
-    return True
-
-
-def uncompile_layers(model: torch.nn.Module) -> None:
-    """Every decoder layer back to its own ``forward``."""
-    for module in model.modules():
-        if isinstance(module.__dict__.get("forward"), _CompiledLayerForward):
-            del module.forward
+    return {layer: _CompiledLayerForward(layer, compiled) for layer in layers}
 
 
 @contextmanager

@@ -16,13 +16,13 @@ A module is recognised only when its class's ``forward`` has the same bytecode a
 (so Mistral / Qwen2 / Qwen3 MLPs and norms qualify, and any attention whose code differs, e.g. with a sliding
 window or q/k norms, does not) and, for attention, the rotary functions its module calls are Llama's too.
 Everything else, and every call outside an engine forward, runs the class's own ``forward``: a plain
-``model(...)`` computes exactly what it did before. The fused kernels and what they compute are in
-``kernels/cpu_fused_ops.py``.
+``model(...)`` computes exactly what it did before. :func:`build_fused` only builds the fused forwards; the
+engine's model runner installs them on their modules for the length of its own forwards. The fused kernels and
+what they compute are in ``kernels/cpu_fused_ops.py``.
 """
 
 from __future__ import annotations
 
-import logging
 import sys
 from typing import Any
 
@@ -31,11 +31,9 @@ from transformers.activations import SiLUActivation
 from transformers.models.llama import modeling_llama
 
 from ..kernels import cpu_fused_ops, cpu_library
-from ..kernels.dispatch import paged_attention, use_triton
+from ..kernels.dispatch import paged_attention
 from .attention import ATTN_IMPLEMENTATION, paged_attention_layer
-from .linear import _PACKER, AMX_MAX_ROWS, AmxWeight, PackedGroup, in_packed_call
-
-logger = logging.getLogger(__name__)
+from .linear import AMX_MAX_ROWS, AmxWeight, PackedGroup, in_packed_call
 
 
 def _same_code(fn: Any, reference: Any) -> bool:
@@ -66,16 +64,20 @@ class _Fused:
 
     names: tuple[str, ...] = ()
 
-    def __init__(self, module: torch.nn.Module, previous: "_Fused | None") -> None:
+    def __init__(self, module: torch.nn.Module, previous: "_Fused | None", amx: bool) -> None:
         self.module = module
-        self.lib = cpu_library.load()  # fuse_layers installs nothing where it is None
+        self.lib = cpu_library.load()  # build_fused builds nothing where it is None
         self.bf16 = int(next(module.parameters()).dtype == torch.bfloat16)
         self.linears: list[torch.nn.Linear] = []
         self.group: PackedGroup | None = None
         if self.names:
             self.linears = _plain_linears(module, self.names)
             kept = previous.group if previous is not None else None
-            self.group = kept if kept is not None and kept.current(self.linears) else PackedGroup(self.linears)
+            self.group = kept if kept is not None and kept.current(self.linears) else PackedGroup(self.linears, amx)
+
+    def is_current(self) -> bool:
+        """Whether its packed group still holds its layers' weights."""
+        return self.group is None or self.group.current(self.linears)
 
     def original(self, *args: Any, **kwargs: Any) -> Any:
         return type(self.module).forward(self.module, *args, **kwargs)
@@ -103,7 +105,7 @@ class _FusedAttention(_Fused):
 
     def usable(self, hidden_states: torch.Tensor) -> bool:
         return (hidden_states.dim() == 3 and hidden_states.shape[0] == 1 and hidden_states.dtype == self.group.dtype
-                and self.module.config._attn_implementation == ATTN_IMPLEMENTATION and cpu_library.enabled())
+                and self.module.config._attn_implementation == ATTN_IMPLEMENTATION)
 
     def caches_for_c_write(self, meta: Any, dtype: torch.dtype, kv_heads: int,
                            head_dim: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -112,7 +114,7 @@ class _FusedAttention(_Fused):
         key_cache, value_cache = meta.pool.key_cache(layer), meta.pool.value_cache(layer)
         if (key_cache.dtype == dtype and key_cache.is_contiguous() and value_cache.is_contiguous()
                 and key_cache.shape[2:] == (kv_heads, head_dim) and meta.slot_mapping.dtype == torch.int64
-                and not use_triton(key_cache)):
+                and meta.plan is not None and meta.plan.cache_write == "c"):
             return key_cache, value_cache
         return None
 
@@ -157,7 +159,7 @@ class _FusedMLP(_Fused):
                 and isinstance(getattr(module, "down_proj", None), torch.nn.Module))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not (in_packed_call() and x.dtype == self.group.dtype and x.device.type == "cpu" and cpu_library.enabled()):
+        if not (in_packed_call() and x.dtype == self.group.dtype and x.device.type == "cpu"):
             return self.original(x)
         return self.fast(x)
 
@@ -191,26 +193,35 @@ class _FusedDecoderLayer(_Fused):
     ``nn.Module.__call__``'s work for them) and does the residual add with the post-attention norm in one C call.
     A decode-only bf16 step on AMX runs the whole layer as one C call (``one_call``)."""
 
-    one_call = True
+    PARTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
 
-    @staticmethod
-    def matches(module: torch.nn.Module) -> bool:
-        parts = [getattr(module, n, None) for n in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")]
+    def __init__(self, module: torch.nn.Module, parts: dict, one_call: bool) -> None:
+        super().__init__(module, None, False)
+        self.attention, self.mlp = parts[module.self_attn], parts[module.mlp]
+        # The o_proj / down_proj packers (for the one-call layer), or None.
+        self.o_packer, self.down_packer = parts.get(module.self_attn.o_proj), parts.get(module.mlp.down_proj)
+        self.one_call = one_call
+
+    @classmethod
+    def matches(cls, module: torch.nn.Module, parts: dict) -> bool:
+        """Whether ``module`` is a Llama decoder layer whose four parts have fused forwards in ``parts``."""
+        found = [getattr(module, n, None) for n in cls.PARTS]
         return (_same_code(type(module).forward, modeling_llama.LlamaDecoderLayer.forward)
-                and all(isinstance(p, torch.nn.Module) for p in parts)
-                and [type(p.__dict__.get("forward")) for p in parts] == [_FusedAttention, _FusedMLP, _FusedRMSNorm,
-                                                                          _FusedRMSNorm]
-                and len({p.weight.dtype for p in parts[2:]} | {parts[0].forward.group.dtype}) == 1)
+                and all(isinstance(p, torch.nn.Module) for p in found)
+                and [type(parts.get(p)) for p in found] == [_FusedAttention, _FusedMLP, _FusedRMSNorm, _FusedRMSNorm]
+                and len({p.weight.dtype for p in found[2:]} | {parts[found[0]].group.dtype}) == 1)
+
+    def is_current(self) -> bool:
+        return self.attention.is_current() and self.mlp.is_current()
 
     def __call__(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  position_ids: torch.Tensor | None = None, past_key_values: Any = None, use_cache: bool | None = False,
                  position_embeddings: tuple | None = None, **kwargs: Any) -> torch.Tensor:
         m = self.module
-        attention = m.self_attn.forward
+        attention = self.attention
         meta = kwargs.get("paged_metadata")
         if not (meta is not None and past_key_values is None and position_embeddings is not None
-                and in_packed_call() and attention.usable(hidden_states) and hidden_states.is_contiguous()
-                and cpu_library.enabled()):
+                and in_packed_call() and attention.usable(hidden_states) and hidden_states.is_contiguous()):
             return self.original(hidden_states, attention_mask, position_ids, past_key_values, use_cache,
                                  position_embeddings, **kwargs)
         if self.one_call:
@@ -227,7 +238,7 @@ class _FusedDecoderLayer(_Fused):
         residual = torch.empty_like(hidden_states)
         lib.hf_add_rms_norm(hidden_states.data_ptr(), attended.data_ptr(), post.weight.data_ptr(), residual.data_ptr(),
                             normed.data_ptr(), rows, dim, post.variance_epsilon, bf16)
-        return residual.add_(m.mlp.forward.fast(normed))
+        return residual.add_(self.mlp.fast(normed))
 
     def _decode_in_one_call(self, hidden_states: torch.Tensor, position_embeddings: tuple,
                             meta: Any) -> torch.Tensor | None:
@@ -239,10 +250,10 @@ class _FusedDecoderLayer(_Fused):
             return None
         m = self.module
         attn, mlp, pre, post = m.self_attn, m.mlp, m.input_layernorm, m.post_attention_layernorm
-        o_packer, down_packer = attn.o_proj.__dict__.get(_PACKER), mlp.down_proj.__dict__.get(_PACKER)
+        o_packer, down_packer = self.o_packer, self.down_packer
         if o_packer is None or down_packer is None:
             return None
-        qkv, gate_up = attn.forward.group, mlp.forward.group
+        qkv, gate_up = self.attention.group, self.mlp.group
         packs = (qkv.packed, o_packer.packed, gate_up.packed, down_packer.packed)
         biases = (qkv.bias, attn.o_proj.bias, gate_up.bias, mlp.down_proj.bias)
         if not (all(isinstance(p, AmxWeight) for p in packs)
@@ -251,7 +262,7 @@ class _FusedDecoderLayer(_Fused):
         hd = attn.head_dim
         heads, kv_heads = attn.q_proj.out_features // hd, attn.k_proj.out_features // hd
         cos, sin, rope_ok = _rotary_tables(position_embeddings, torch.bfloat16, tokens, hd)
-        caches = attn.forward.caches_for_c_write(meta, torch.bfloat16, kv_heads, hd) if rope_ok else None
+        caches = self.attention.caches_for_c_write(meta, torch.bfloat16, kv_heads, hd) if rope_ok else None
         if caches is None:
             return None
         key_cache, value_cache = caches
@@ -278,37 +289,39 @@ class _FusedDecoderLayer(_Fused):
 _KINDS = (_FusedAttention, _FusedMLP, _FusedRMSNorm)
 
 
-def fuse_layers(model: torch.nn.Module) -> tuple[int, list[torch.nn.Linear]]:
-    """Give every recognised CPU attention, MLP, RMSNorm and decoder-layer module of ``model`` its fused forward
-    (keeping packed groups that still hold the current weights); returns how many modules are fused and the
-    linears now computed through packed groups (they need no packed weight of their own). Nothing is fused
-    where the C kernels or oneDNN are not available."""
-    if not (cpu_library.available() and torch.backends.mkldnn.is_available()):
-        return 0, []
+def build_fused(model: torch.nn.Module, amx: bool, previous: dict | None = None
+                ) -> tuple[dict[torch.nn.Module, _Fused], list[torch.nn.Linear]]:
+    """A fused forward for every recognised CPU attention, MLP, RMSNorm and decoder-layer module of ``model``
+    (keeping the packed groups of ``previous`` that still hold the current weights), and the linears now computed
+    through packed groups (they need no packed weight of their own). Empty where the C kernels or oneDNN are not
+    available. Modules with a ``forward`` of their own (hooks that replace it) are left alone. Nothing is installed on
+    the model."""
+    if not (cpu_library.loaded() and torch.backends.mkldnn.is_available()):
+        return {}, []
+    previous = previous or {}
+    fused: dict[torch.nn.Module, _Fused] = {}
     grouped: list[torch.nn.Linear] = []
-    counts = {kind.__name__: 0 for kind in _KINDS + (_FusedDecoderLayer,)}
     with torch.inference_mode():
-        for kinds in (_KINDS, (_FusedDecoderLayer,)):  # layers after their parts: they need theirs fused
-            for module in model.modules():
-                own = module.__dict__.get("forward")
-                if own is not None and not isinstance(own, _Fused):
-                    continue  # a forward somebody else put there
-                weight = next(module.parameters(), None)
-                if weight is None or weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
-                    continue
-                for kind in kinds:
-                    if kind.matches(module):
-                        fused = kind(module, own if type(own) is kind else None)
-                        module.forward = fused
-                        grouped.extend(fused.linears)
-                        counts[kind.__name__] += 1
-                        break
-    logger.info("fused layers: %s", counts)
-    return sum(counts.values()), grouped
+        for module in model.modules():
+            if "forward" in module.__dict__:
+                continue  # a forward somebody else put there
+            weight = next(module.parameters(), None)
+            if weight is None or weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
+                continue
+            for kind in _KINDS:
+                if kind.matches(module):
+                    old = previous.get(module)
+                    fused[module] = kind(module, old if type(old) is kind else None, amx)
+                    grouped.extend(fused[module].linears)
+                    break
+    return fused, grouped
 
 
-def unfuse_layers(model: torch.nn.Module) -> None:
-    """Every module back to its class's ``forward``."""
+def fuse_decoder_layers(model: torch.nn.Module, parts: dict, one_call: bool) -> dict[torch.nn.Module, _Fused]:
+    """Fused forwards for the decoder layers whose four parts all have theirs in ``parts`` (fused modules and
+    packed linears by module). ``one_call``: decode-only bf16 steps on AMX run each such layer as one C call."""
+    layers = {}
     for module in model.modules():
-        if isinstance(module.__dict__.get("forward"), _Fused):
-            del module.forward
+        if "forward" not in module.__dict__ and _FusedDecoderLayer.matches(module, parts):
+            layers[module] = _FusedDecoderLayer(module, parts, one_call)
+    return layers

@@ -9,24 +9,24 @@ kernel's layout (``mkldnn._reorder_linear_weight``) and multiply with it directl
 are packed for hf_paged's own AMX kernel instead (:class:`AmxWeight`): oneDNN spends ~15 us a call before any
 arithmetic, which a decode step's ~120 small products feel.
 
-Paging stays a property of the call: each packed layer gets a ``forward`` that uses the packed weight only
-while the calling thread is inside :func:`packed_linears` (the engine's forward) and otherwise runs
-``nn.Linear.forward`` itself, so a plain ``model(...)`` computes exactly what it did before. The packed
-copy is taken when an engine is built (and kept for the next engine while the weight is unchanged): later
-changes to the weights are not seen by engine forwards until :func:`pack_linear_weights` runs again. It costs
-one more copy of the linear weights (two for the q/k/v and gate/up weights of bf16 :class:`PackedGroup`s on AMX,
-which keep their concatenated weight for products too large for the AMX kernel).
+Paging stays a property of the call: an engine owns its packed weights (:func:`build_packers`) and its model
+runner installs each packed layer's ``forward`` only for the length of its own forwards; that ``forward`` uses the
+packed weight only while the calling thread is inside :func:`packed_linears` (the engine's forward) and otherwise
+runs ``nn.Linear.forward`` itself, so a plain ``model(...)``, even from another thread meanwhile, computes exactly
+what it did before. A weight changed later (an optimizer step, ``load_state_dict``) is re-packed by the engine
+before its next forward (``is_current``). It costs one more copy of the linear weights (two for the q/k/v and
+gate/up weights of bf16 :class:`PackedGroup`s on AMX, which keep their concatenated weight for products too large
+for the AMX kernel).
 
 Compiled decoder layers (``compiled_layers``) cannot call a layer's own ``forward`` object (the compiler
 would specialise the graph on it, one graph a layer); their linears become the ``hf_paged::packed_linear``
-op instead, which finds the packed weight from the weight tensor it is given (falling back to ``F.linear``
-for a weight that has none or has changed since it was packed).
+op instead, which finds the packed weight from the weight tensor it is given among the calling engine's packers
+(falling back to ``F.linear`` for a weight that has none or has changed since it was packed).
 """
 
 from __future__ import annotations
 
 import threading
-import weakref
 from contextlib import contextmanager
 from typing import Iterable, Iterator
 
@@ -35,10 +35,7 @@ import torch.nn.functional as F
 
 from ..kernels import cpu_library
 
-_active = threading.local()
-_PACKER = "_hf_paged_packed_linear"  # the module attribute that keeps a layer's packer alive
-# weight.data_ptr() -> its packer (alive while its module holds it).
-_packers: "weakref.WeakValueDictionary[int, _PackedLinearForward]" = weakref.WeakValueDictionary()
+_active = threading.local()  # .on: inside an engine forward; .packers: that engine's packers by weight data_ptr
 
 
 class AmxWeight:
@@ -63,7 +60,7 @@ class AmxWeight:
         """``F.linear(x, weight, bias)``, or None where this kernel does not take ``x`` (too many rows, another
         dtype, a strided last dim, the kernels switched off)."""
         rows = x.numel() // self.in_features if x.shape[-1] == self.in_features else 0
-        if not (0 < rows <= AMX_MAX_ROWS and x.dtype == torch.bfloat16 and cpu_library.enabled()
+        if not (0 < rows <= AMX_MAX_ROWS and x.dtype == torch.bfloat16
                 and (bias is None or (bias.dtype == torch.bfloat16 and bias.is_contiguous()))):
             return None
         x2 = x.reshape(rows, self.in_features)
@@ -88,8 +85,10 @@ def amx_available() -> bool:
     return _amx
 
 
-def _pack(weight: torch.Tensor) -> "AmxWeight | torch.Tensor":
-    return AmxWeight(weight) if AmxWeight.supports(weight) else torch.ops.mkldnn._reorder_linear_weight(weight, None)
+def _pack(weight: torch.Tensor, amx: bool) -> "AmxWeight | torch.Tensor":
+    if amx and AmxWeight.supports(weight):
+        return AmxWeight(weight)
+    return torch.ops.mkldnn._reorder_linear_weight(weight, None)
 
 
 def _matmul(packed: "AmxWeight | torch.Tensor", weight: torch.Tensor, x: torch.Tensor,
@@ -100,21 +99,26 @@ def _matmul(packed: "AmxWeight | torch.Tensor", weight: torch.Tensor, x: torch.T
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
+def weight_state(weight: torch.Tensor) -> tuple[int, int, torch.dtype]:
+    """What changes when a weight is replaced or modified in place."""
+    return weight.data_ptr(), weight._version, weight.dtype
+
+
 class _PackedLinearForward:
-    """One ``nn.Linear``'s packed weight and the ``forward`` that uses it (an instance attribute, except in compiled
-    layers); the module keeps it under ``_PACKER`` until ``unpack``. bf16 weights on a CPU with AMX are packed for
-    the AMX kernel (larger products take ``F.linear``), others for oneDNN."""
+    """One ``nn.Linear``'s packed weight and the ``forward`` that uses it (installed on the module by the engine's
+    runner for its forwards; compiled layers reach it through ``hf_paged::packed_linear`` instead). With ``amx``,
+    bf16 weights are packed for the AMX kernel (larger products take ``F.linear``), others for oneDNN."""
 
-    def __init__(self, module: torch.nn.Linear) -> None:
+    def __init__(self, module: torch.nn.Linear, amx: bool) -> None:
         self.module = module
-        self.source = self.weight_state(module.weight)
-        self.packed = _pack(module.weight.detach())
-        _packers[self.source[0]] = self
+        self.amx = amx
+        self.source = weight_state(module.weight)
+        with torch.inference_mode():
+            self.packed = _pack(module.weight.detach(), amx)
 
-    @staticmethod
-    def weight_state(weight: torch.Tensor) -> tuple[int, int, torch.dtype]:
-        """What changes when the weight is replaced or modified in place."""
-        return weight.data_ptr(), weight._version, weight.dtype
+    def is_current(self) -> bool:
+        """Whether the packed copy still holds the module's weight."""
+        return self.source == weight_state(self.module.weight)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return _matmul(self.packed, self.module.weight, x, bias)
@@ -132,28 +136,28 @@ class PackedGroup:
     [32, 576] input in bf16: three of 576/192/192 outputs 114 us, one of 960 outputs 74 us). With AMX the
     concatenated weight is kept too, for products too large for the AMX kernel."""
 
-    def __init__(self, linears: list[torch.nn.Linear]) -> None:
-        self.sources = [_PackedLinearForward.weight_state(m.weight) for m in linears]
+    def __init__(self, linears: list[torch.nn.Linear], amx: bool) -> None:
+        self.sources = [weight_state(m.weight) for m in linears]
         weight = torch.cat([m.weight.detach() for m in linears])
         has_bias = [m.bias is not None for m in linears]
         if any(has_bias) and not all(has_bias):
             raise ValueError("a packed group needs a bias on all of its layers or on none")
         self.bias = torch.cat([m.bias.detach() for m in linears]) if all(has_bias) else None
-        self.packed = _pack(weight)
+        self.packed = _pack(weight, amx)
         self.weight = weight if isinstance(self.packed, AmxWeight) else None
         self.dtype = weight.dtype
 
     def current(self, linears: list[torch.nn.Linear]) -> bool:
         """Whether it still holds these layers' weights."""
-        return self.sources == [_PackedLinearForward.weight_state(m.weight) for m in linears]
+        return self.sources == [weight_state(m.weight) for m in linears]
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return _matmul(self.packed, self.weight, x, self.bias)
 
 
 def _packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    packer = _packers.get(weight.data_ptr())
-    if packer is not None and x.dtype == weight.dtype and packer.source == packer.weight_state(weight):
+    packer = getattr(_active, "packers", {}).get(weight.data_ptr())
+    if packer is not None and x.dtype == weight.dtype and packer.source == weight_state(weight):
         return packer.matmul(x, bias)
     return F.linear(x, weight, bias)
 
@@ -175,36 +179,23 @@ def _packable(module: torch.nn.Module) -> bool:
             and w.dtype in (torch.float32, torch.bfloat16))
 
 
-def pack_linear_weights(model: torch.nn.Module, skip: Iterable[torch.nn.Module] = ()) -> int:
-    """Give every plain CPU ``nn.Linear`` of ``model`` but those in ``skip`` (computed through a
-    :class:`PackedGroup`) a packed weight (kept if it is still the current weight's, re-packed otherwise);
-    returns how many layers are packed. Does nothing where this torch has no oneDNN."""
+def build_packers(model: torch.nn.Module, amx: bool, skip: Iterable[torch.nn.Module] = (),
+                  previous: dict[torch.nn.Module, _PackedLinearForward] | None = None
+                  ) -> dict[torch.nn.Module, _PackedLinearForward]:
+    """A packed weight for every plain CPU ``nn.Linear`` of ``model`` but those in ``skip`` (computed through a
+    :class:`PackedGroup`), reusing those of ``previous`` that still hold their layer's weight. Empty where this
+    torch has no oneDNN. Nothing is installed on the model."""
     if not torch.backends.mkldnn.is_available():
-        return 0
-    count = 0
+        return {}
+    previous = previous or {}
     skipped = {id(m) for m in skip}
-    with torch.inference_mode():
-        for module in model.modules():
-            if id(module) in skipped:
-                if isinstance(module.__dict__.get("forward"), _PackedLinearForward):
-                    del module.forward
-                module.__dict__.pop(_PACKER, None)
-            elif _packable(module):
-                packer = module.__dict__.get(_PACKER)
-                if not (packer is not None and packer.source == _PackedLinearForward.weight_state(module.weight)):
-                    packer = _PackedLinearForward(module)
-                    module.__dict__[_PACKER] = packer
-                module.forward = packer
-                count += 1
-    return count
-
-
-def unpack_linear_weights(model: torch.nn.Module) -> None:
-    """Remove the packed weights: every layer back to plain ``nn.Linear.forward``."""
+    packers = {}
     for module in model.modules():
-        if isinstance(module.__dict__.get("forward"), _PackedLinearForward):
-            del module.forward
-        module.__dict__.pop(_PACKER, None)
+        if id(module) not in skipped and _packable(module):
+            kept = previous.get(module)
+            packers[module] = kept if kept is not None and kept.amx == amx and kept.is_current() \
+                else _PackedLinearForward(module, amx)
+    return packers
 
 
 def in_packed_call() -> bool:
@@ -213,11 +204,13 @@ def in_packed_call() -> bool:
 
 
 @contextmanager
-def packed_linears() -> Iterator[None]:
-    """Packed layers use their packed weights (and compiled layers their graph) in this thread while inside."""
-    previous = getattr(_active, "on", False)
+def packed_linears(packers_by_weight: dict[int, _PackedLinearForward] | None = None) -> Iterator[None]:
+    """Packed layers use their packed weights (and compiled layers their graph, finding their packers by the weight's
+    ``data_ptr`` in ``packers_by_weight``) in this thread while inside."""
+    previous = getattr(_active, "on", False), getattr(_active, "packers", {})
     _active.on = True
+    _active.packers = packers_by_weight or {}
     try:
         yield
     finally:
-        _active.on = previous
+        _active.on, _active.packers = previous

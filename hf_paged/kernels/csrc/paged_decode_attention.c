@@ -49,8 +49,21 @@
 
 #include "cpu_vec.h"
 
-/* P[0..VL) -> the vector whose lane i is the sum of P[i]'s lanes (P is clobbered). A tree of two-source
- * shuffles: each level halves the number of vectors and the number of lanes summed per key. */
+/* P[0..VL) -> the vector whose lane i is the sum of P[i]'s lanes (P is clobbered). With GCC: a tree of two-source
+ * shuffles, each level halving the number of vectors and the number of lanes summed per key. Clang has no shuffle
+ * with a runtime mask (__builtin_shuffle): there each lane is summed on its own. */
+#if defined(__clang__)
+static inline vf reduce_tile(vf *P) {
+    vf out;
+    for (int i = 0; i < VL; i++) {
+        float s = 0.0f;
+        for (int j = 0; j < VL; j++)
+            s += P[i][j];
+        out[i] = s;
+    }
+    return out;
+}
+#else
 static inline vf reduce_tile(vf *P) {
 #if VL == 16
     static const vi lo[4] = {
@@ -78,6 +91,7 @@ static inline vf reduce_tile(vf *P) {
     }
     return P[0];
 }
+#endif
 
 typedef struct {
     const char *q, *key_cache, *value_cache;

@@ -1,0 +1,136 @@
+"""Which code an engine's forwards run, decided once when the engine starts.
+
+The choice depends on the device, the model's dtype, what this CPU has (the C kernels built, AMX tiles), what
+this torch has (oneDNN, triton), the engine's options and a few environment variables. All of it is read here,
+once, into an :class:`ExecutionPlan`; the hot path (attention dispatch, linears, fused layers) reads the plan
+it is handed and never the environment. The plan is logged at INFO and kept as ``engine.plan``.
+
+Environment defaults (an engine option given explicitly wins):
+
+* ``HF_PAGED_CPU_KERNEL=0``: no C kernels (decode attention, cache write, fused layer ops, AMX linears);
+* ``HF_PAGED_AMX=0``: no AMX tiles even where the CPU has them (measures the non-AMX path on an AMX CPU);
+* ``HF_PAGED_FORCE_TRITON=1``: the Triton kernels on CPU tensors too (with ``TRITON_INTERPRET=1``: how they are
+  tested); ``HF_PAGED_FORCE_TORCH=1``: the PyTorch path on a GPU too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """A boolean environment variable: 1/true/yes/on or 0/false/no/off; anything else (or unset) is ``default``."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    return default
+
+
+@dataclass(frozen=True)
+class ExecutionPlan:
+    """What runs in an engine's forwards. ``attention``: ``triton`` | ``c-decode`` (C kernel for decode tokens,
+    PyTorch for prefill chunks) | ``torch``; ``cache_write``: ``triton`` | ``c`` | ``torch``; ``linears``: ``amx``
+    (hf_paged's AMX tile kernel for bf16 products of up to 256 rows, unpacked above) | ``onednn`` (pre-packed
+    oneDNN weights) | ``torch``."""
+
+    device: str
+    dtype: torch.dtype
+    attention: str
+    cache_write: str
+    linears: str
+    fused_layers: bool
+    one_call_layers: bool
+    compiled: bool
+    cuda_graphs: bool = False  # decode-only steps replayed from CUDA graphs (hf_paged/cuda_graphs.py)
+
+    @property
+    def triton(self) -> bool:
+        return self.attention == "triton"
+
+    @property
+    def cpu_kernels(self) -> bool:
+        return self.attention == "c-decode"
+
+    def __str__(self) -> str:
+        dtype = str(self.dtype).replace("torch.", "")
+        return (f"device={self.device} dtype={dtype} attention={self.attention} cache_write={self.cache_write} "
+                f"linears={self.linears} fused_layers={self.fused_layers} one_call_layers={self.one_call_layers} "
+                f"compiled={self.compiled} cuda_graphs={self.cuda_graphs}")
+
+
+def _triton_usable() -> bool:
+    from .kernels import dispatch
+
+    return dispatch.triton_importable()
+
+
+def build_plan(device: torch.device | str, dtype: torch.dtype, *, compile: bool = False,
+               pack_weights: bool | None = None, fuse_layers: bool | None = None, cpu_kernels: bool | None = None,
+               amx: bool | None = None, triton: bool | None = None,
+               cuda_graphs: bool | None = None, tensor_parallel: bool = False) -> ExecutionPlan:
+    """The plan for a model on ``device`` in ``dtype`` with these engine options (None: the default).
+    ``cuda_graphs`` (default: on for CUDA) needs a CUDA model and the Triton attention (the only attention whose
+    launches read nothing from the host), and is off with ``compile``. ``tensor_parallel`` (a model sharded by
+    transformers, see ``hf_paged.distributed``): plain linears (its DTensor weights cannot be packed or fused), no
+    compile, no CUDA graphs; the attention kernels work on the local heads and stay."""
+    device = torch.device(device).type
+    on_cpu = device == "cpu"
+    if tensor_parallel:
+        for name, value in (("compile", compile), ("pack_weights", pack_weights), ("fuse_layers", fuse_layers),
+                            ("cuda_graphs", cuda_graphs)):
+            if value:
+                raise ValueError(f"{name}: not available for a tensor-parallel (sharded) model")
+        pack_weights, fuse_layers, cuda_graphs = False, False, False
+    if compile:
+        from .kernels.paged_attention import OPAQUE_METADATA
+
+        if not OPAQUE_METADATA:
+            raise ValueError(f"compile: needs torch's opaque reference types, which torch {torch.__version__} lacks")
+    if triton is None:
+        forced_torch = env_flag("HF_PAGED_FORCE_TORCH", False)
+        triton = not forced_torch and (not on_cpu or env_flag("HF_PAGED_FORCE_TRITON", False))
+    triton = triton and _triton_usable()
+    kernels = False
+    if on_cpu and not triton:
+        wanted = env_flag("HF_PAGED_CPU_KERNEL", True) if cpu_kernels is None else cpu_kernels
+        if wanted:
+            from .kernels import cpu_library
+
+            kernels = cpu_library.available()
+    attention = "triton" if triton else ("c-decode" if kernels else "torch")
+    cache_write = "triton" if triton else ("c" if kernels else "torch")
+
+    pack = on_cpu if pack_weights is None else pack_weights
+    pack = pack and on_cpu and torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16)
+    linears = "torch"
+    if pack:
+        linears = "onednn"
+        if dtype == torch.bfloat16 and kernels and (env_flag("HF_PAGED_AMX", True) if amx is None else amx):
+            from .patches.linear import amx_available
+
+            linears = "amx" if amx_available() else "onednn"
+    elif amx:
+        raise ValueError("amx: the AMX linears need pack_weights (a CPU model in bf16)")
+    fused = (pack if fuse_layers is None else fuse_layers) and kernels and linears != "torch" and not compile
+    graphs_possible = device == "cuda" and attention == "triton" and not compile
+    if cuda_graphs and not graphs_possible:
+        raise ValueError(f"cuda_graphs: needs a CUDA model with the Triton attention and without compile "
+                         f"(device={device}, attention={attention}, compile={compile})")
+    graphs = graphs_possible if cuda_graphs is None else bool(cuda_graphs)
+    return ExecutionPlan(device=device, dtype=dtype, attention=attention, cache_write=cache_write, linears=linears,
+                         fused_layers=bool(fused), one_call_layers=bool(fused and linears == "amx"),
+                         compiled=bool(compile), cuda_graphs=graphs)
+
+
+def default_plan(tensor: torch.Tensor) -> ExecutionPlan:
+    """The plan for kernels called outside an engine (``PagedCache``, direct kernel calls): from the tensor's
+    device and dtype and the environment as it is now."""
+    return build_plan(tensor.device, tensor.dtype, pack_weights=False)
