@@ -7,6 +7,9 @@
     engine.generate(prompts, hf_paged.SamplingParams(max_new_tokens=64))
 
     model.generate(**inputs, past_key_values=hf_paged.PagedCache(model, num_blocks=512))  # HF generate, paged
+
+    pipeline("text-generation", model=path, backend="hf_paged")   # HF's pipeline on the engine
+    import hf_paged.auto                          # (or hf_paged.enable()) every causal LM loaded afterwards
 """
 
 from .block_pool import BlockPool, BlockTable
@@ -14,7 +17,15 @@ from .cache import PagedCache
 from .engine import LLMEngine
 from .patches.attention import ATTN_IMPLEMENTATION
 from .api import get_engine, unwrap, wrap
-from .sequence import FinishReason, RequestOutput, SamplingParams
+from .plan import ExecutionPlan
+from .sequence import FinishReason, RequestOutput, SamplingParams, StreamDelta
+from .patches import pipeline as _pipeline_patch
+from .patches.auto_model import disable, enable
+from .patches.pipeline import PagedTextGenerationPipeline
+from .streaming import astream_text, stream_text
 
-__all__ = ["ATTN_IMPLEMENTATION", "BlockPool", "BlockTable", "FinishReason", "LLMEngine", "PagedCache",
-           "RequestOutput", "SamplingParams", "get_engine", "unwrap", "wrap"]
+_pipeline_patch.install()  # pipeline(..., backend="hf_paged"); calls without the flag are untouched
+
+__all__ = ["ATTN_IMPLEMENTATION", "BlockPool", "BlockTable", "ExecutionPlan", "FinishReason", "LLMEngine",
+           "PagedCache", "PagedTextGenerationPipeline", "RequestOutput", "SamplingParams", "StreamDelta",
+           "astream_text", "disable", "enable", "get_engine", "stream_text", "unwrap", "wrap"]

@@ -1,0 +1,222 @@
+"""CUDA graphs for the engine's decode-only steps.
+
+A decode step's forward is the same sequence of kernel launches whatever the tokens are, so it can be captured once
+and replayed: what a replay reads comes from static device buffers (token ids, positions, slots, block tables,
+lengths) that each step overwrites in place. Graphs are captured lazily, one per padded batch size (as vLLM: 1, 2, 4,
+8, then steps of 8 up to ``max_num_seqs``); a step of ``n`` sequences runs the graph of the smallest size >= ``n``.
+The padded rows are inert: token 0 at position 0, length 1, their one slot and every block-table entry on the pool's
+null block (``BlockPool.null_block``, never allocated), so they read and write no block a sequence owns; their logits
+are dropped. Steps with prefill tokens run eagerly (``ModelRunner.execute``).
+
+Only the Triton attention is captured: its launches read nothing from the host lists of the step's metadata (the
+decode kernel sizes its split-K from ``max_decode_len``, the bound of the graph's block-table width), while the
+PyTorch path shapes its gathers from them. ``ExecutionPlan.cuda_graphs`` (engine option ``cuda_graphs``, default on
+for CUDA) decides. The capture itself is behind a small interface (``capture(fn) -> graph`` with ``graph.output``
+and ``graph.replay()``): :class:`CudaGraphCapturer` on the GPU, :class:`EagerGraphStandIn` off it, which re-runs the
+captured callable on the static buffers at each replay (the tests and ``benchmarks/gpu_check.py --dry-run`` check
+the padding and buffer logic with it on the CPU).
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+import torch
+
+from .kernels.paged_attention import PagedAttentionMetadata
+
+if TYPE_CHECKING:
+    from .model_runner import ModelRunner
+    from .scheduler import ScheduledStep
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """The padded batch sizes graphs are captured at: 1, 2, 4, 8, 16, 24, ... up to ``max_num_seqs`` (included)."""
+    if max_num_seqs <= 0:
+        raise ValueError(f"max_num_seqs: must be positive (got {max_num_seqs})")
+    sizes = [s for s in (1, 2, 4) if s < max_num_seqs] + list(range(8, max_num_seqs + 1, 8))
+    if not sizes or sizes[-1] != max_num_seqs:
+        sizes.append(max_num_seqs)
+    return sizes
+
+
+def padded_batch_size(num_seqs: int, sizes: list[int]) -> int | None:
+    """The smallest of ``sizes`` (sorted) that holds ``num_seqs`` rows; None if none does."""
+    i = bisect.bisect_left(sizes, num_seqs)
+    return sizes[i] if i < len(sizes) else None
+
+
+class CapturedGraph(Protocol):
+    output: Any
+
+    def replay(self) -> None: ...
+
+
+class GraphCapturer(Protocol):
+    def capture(self, fn: Callable[[], torch.Tensor]) -> CapturedGraph: ...
+
+
+class _CudaGraph:
+    __slots__ = ("graph", "output")
+
+    def __init__(self, graph: "torch.cuda.CUDAGraph", output: torch.Tensor) -> None:
+        self.graph, self.output = graph, output
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+class CudaGraphCapturer:
+    """Captures with ``torch.cuda.CUDAGraph``, all graphs of one engine in one memory pool, after one warm-up run
+    on a side stream (Triton compiles and cuBLAS initialises outside the capture). Capture errors are raised only
+    for this thread's illegal calls (``capture_error_mode="thread_local"``): other threads may use CUDA meanwhile."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.pool: Any = None
+
+    def capture(self, fn: Callable[[], torch.Tensor]) -> CapturedGraph:
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            fn()
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            output = fn()
+        return _CudaGraph(graph, output)
+
+
+class _EagerGraph:
+    __slots__ = ("owner", "fn", "output")
+
+    def __init__(self, owner: "EagerGraphStandIn", fn: Callable[[], torch.Tensor], output: torch.Tensor) -> None:
+        self.owner, self.fn, self.output = owner, fn, output
+
+    def replay(self) -> None:
+        self.owner.replays += 1
+        self.output.copy_(self.fn())
+
+
+class EagerGraphStandIn:
+    """Capture and replay without a GPU: ``capture`` runs the callable once (the warm-up a real capture does) and
+    records it; ``replay`` runs it again and writes the result into the output tensor ``capture`` returned, as a
+    replayed graph rewrites its output in place. Faithful to a graph as long as the callable's launches depend only
+    on the static buffers, which is what it is there to check."""
+
+    def __init__(self) -> None:
+        self.captures = 0
+        self.replays = 0
+
+    def capture(self, fn: Callable[[], torch.Tensor]) -> CapturedGraph:
+        self.captures += 1
+        return _EagerGraph(self, fn, fn())
+
+
+class DecodeGraphs:
+    """The decode-step graphs of one engine's runner and their static input buffers."""
+
+    def __init__(self, runner: "ModelRunner", max_num_seqs: int, max_model_len: int,
+                 capturer: GraphCapturer | None = None) -> None:
+        if not runner.plan.triton:
+            raise ValueError("cuda_graphs: decode graphs need the Triton attention (plan.attention == 'triton')")
+        pool = runner.pool
+        self.runner = runner
+        self.sizes = graph_batch_sizes(max_num_seqs)
+        self.max_batch = self.sizes[-1]
+        # Block-table width: no sequence holds more blocks than its context or the pool allow.
+        self.width = max(1, min(-(-max_model_len // pool.block_size), pool.num_blocks))
+        self.max_len = self.width * pool.block_size
+        device, batch, null = pool.device, self.max_batch, pool.null_block
+        self.input_ids = torch.zeros(1, batch, dtype=torch.long, device=device)
+        self.positions = torch.zeros(1, batch, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((batch,), null * pool.block_size, dtype=torch.long, device=device)
+        self.block_tables = torch.full((batch, self.width), null, dtype=torch.long, device=device)
+        self.kv_lens = torch.ones(batch, dtype=torch.int32, device=device)
+        self.cu_seqlens_q = torch.arange(batch + 1, dtype=torch.long, device=device)
+        self.capturer: GraphCapturer = capturer if capturer is not None else CudaGraphCapturer(device)
+        self.graphs: dict[int, CapturedGraph] = {}
+        self.num_replays = 0
+
+    def reset(self) -> None:
+        """Drop every graph (the weights or the forwards they captured changed); they are captured again on use."""
+        self.graphs.clear()
+
+    def accepts(self, step: "ScheduledStep") -> bool:
+        """Whether ``step`` is decode-only and fits the largest graph."""
+        return (0 < len(step.seqs) <= self.max_batch and all(n == 1 for n in step.num_new_tokens)
+                and all(len(seq.block_table.blocks) <= self.width for seq in step.seqs))
+
+    def stage(self, step: "ScheduledStep") -> tuple[int, int, list[int], torch.Tensor]:
+        """The step's inputs padded to its graph's batch size, on the device in one copy: (size, block-table width,
+        sampling rows, ids | positions | slots | lengths | sampling rows | block tables ``[size, width]``)."""
+        pool = self.runner.pool
+        null, block_size = pool.null_block, pool.block_size
+        num = len(step.seqs)
+        size = padded_batch_size(num, self.sizes)
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        lens: list[int] = []
+        rows: list[int] = []
+        width = 1
+        for i, seq in enumerate(step.seqs):
+            start = seq.num_computed_tokens
+            ids.append(seq.token_ids[start])
+            positions.append(start)
+            slots.extend(seq.block_table.slots(start, start + 1))
+            lens.append(start + 1)
+            width = max(width, len(seq.block_table.blocks))
+            if start + 1 == seq.num_tokens:
+                rows.append(i)
+        pad = size - num
+        flat = (ids + [0] * pad + positions + [0] * pad + slots + [null * block_size] * pad + lens + [1] * pad
+                + rows)
+        for seq in step.seqs:
+            blocks = seq.block_table.blocks
+            flat += blocks
+            flat += [null] * (width - len(blocks))
+        flat += [null] * (pad * width)
+        return size, width, rows, self.runner.to_device(flat)
+
+    def execute(self, step: "ScheduledStep") -> tuple[torch.Tensor, list[int]]:
+        """Run a decode-only step through its graph; returns what ``ModelRunner.execute`` returns."""
+        runner = self.runner
+        size, width, rows, staged = self.stage(step)
+        ids, positions, slots, lens, sample_rows, tables = staged.split([size] * 4 + [len(rows), size * width])
+        runner.pool.flush_copies(runner.plan)
+        with runner._lock, runner._installed():
+            self.input_ids[0, :size].copy_(ids)
+            self.positions[0, :size].copy_(positions)
+            self.slot_mapping[:size].copy_(slots)
+            self.kv_lens[:size].copy_(lens)
+            self.block_tables[:size, :width].copy_(tables.view(size, width))
+            self.block_tables[:size, width:].fill_(runner.pool.null_block)
+            graph = self.graphs.get(size)
+            if graph is None:
+                graph = self.graphs[size] = self._capture(size)
+            graph.replay()
+            self.num_replays += 1
+            logits = graph.output[0].index_select(0, sample_rows)
+        runner.num_forward_tokens += len(step.seqs)
+        return logits.float(), rows
+
+    def _capture(self, size: int) -> CapturedGraph:
+        runner, pool = self.runner, self.runner.pool
+        meta = PagedAttentionMetadata(
+            slot_mapping=self.slot_mapping[:size], block_tables=self.block_tables[:size],
+            kv_lens=self.kv_lens[:size], cu_seqlens_q=self.cu_seqlens_q[: size + 1], num_decodes=size,
+            kv_lens_list=[self.max_len] * size, q_lens_list=[1] * size, block_size=pool.block_size, pool=pool,
+            plan=runner.plan, max_decode_len=self.max_len)
+        ids, positions = self.input_ids[:, :size], self.positions[:, :size]
+        model, mask = runner.model, runner._mask_placeholder
+
+        def forward() -> torch.Tensor:
+            return model(input_ids=ids, position_ids=positions, attention_mask=mask, paged_metadata=meta,
+                         logits_to_keep=0, use_cache=False).logits
+
+        return self.capturer.capture(forward)

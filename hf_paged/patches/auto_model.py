@@ -1,0 +1,80 @@
+"""``hf_paged.enable()`` / ``hf_paged.disable()``: every causal LM loaded afterwards generates on the engine.
+
+``enable`` replaces ``AutoModelForCausalLM.from_pretrained`` with a function that calls the original and wraps the
+model it returns (``hf_paged.wrap``; a model the engine cannot page keeps HF ``generate``, with one logged line
+saying why), and makes every text-generation ``pipeline(...)`` a
+:class:`~hf_paged.patches.pipeline.PagedTextGenerationPipeline` (which also wraps a model object handed to it).
+``disable`` restores ``from_pretrained``, removes the pipeline hook (the ``backend="hf_paged"`` flag included) and
+unwraps every model wrapped while enabled. ``import hf_paged.auto`` calls ``enable()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from transformers import AutoModelForCausalLM
+
+from . import pipeline as pipeline_patch
+
+logger = logging.getLogger("hf_paged")
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {"enabled": False, "installed": False, "engine_options": {}}
+_original_from_pretrained = AutoModelForCausalLM.__dict__["from_pretrained"]  # a classmethod
+_wrapped = pipeline_patch.wrapped_while_enabled  # models wrapped while enabled, for disable() to unwrap
+
+
+def _from_pretrained(cls: type, *args: Any, **kwargs: Any) -> Any:
+    model = _original_from_pretrained.__get__(None, cls)(*args, **kwargs)
+    if _state["enabled"]:
+        wrap_loaded_model(model)
+    return model
+
+
+def wrap_loaded_model(model: Any) -> Any:
+    """Wrap a freshly loaded model for the engine (remembered for ``disable``); returns it."""
+    from .. import api
+
+    if api.is_wrapped(model):
+        return model
+    api.wrap(model, None, **_state["engine_options"])
+    if api.is_wrapped(model):
+        _wrapped.add(model)
+        logger.info("hf_paged: %s generates on the engine", type(model).__name__)
+    return model
+
+
+def enable(**engine_options: Any) -> None:
+    """Make every causal LM loaded from now on through ``AutoModelForCausalLM.from_pretrained`` or ``pipeline(...)``
+    generate through the engine. ``engine_options`` go to each model's ``LLMEngine`` (``memory_bytes``,
+    ``num_blocks``, ``max_num_seqs``, ...). Calling it again replaces the options for later loads."""
+    options = pipeline_patch.check_engine_options(engine_options, "enable")
+    with _lock:
+        _state["engine_options"] = options
+        if not _state["installed"]:
+            AutoModelForCausalLM.from_pretrained = classmethod(_from_pretrained)
+        _state.update(enabled=True, installed=True)
+    pipeline_patch.install(all_text_generation=True, engine_options=options)
+
+
+def disable() -> None:
+    """Undo :func:`enable` and the ``backend="hf_paged"`` pipeline flag: ``from_pretrained`` and
+    ``TextGenerationPipeline`` as transformers defines them, and every model wrapped while enabled unwrapped.
+    (``hf_paged.patches.pipeline.install()`` brings the flag alone back.)"""
+    from .. import api
+
+    with _lock:
+        if _state["installed"]:
+            AutoModelForCausalLM.from_pretrained = _original_from_pretrained
+        _state.update(enabled=False, installed=False, engine_options={})
+        models = list(_wrapped)
+        _wrapped.clear()
+    pipeline_patch.uninstall()
+    for model in models:
+        api.unwrap(model)
+
+
+def enabled() -> bool:
+    return _state["enabled"]
