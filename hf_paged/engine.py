@@ -150,7 +150,8 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.scheduler, self.metrics, tokenizer, self.max_model_len, share_blocks)
         self._inbox: "queue.SimpleQueue[tuple[str, object]]" = queue.SimpleQueue()
         self._wake = threading.Condition()
-        self._pending = 0
+        self._pending = 0  # messages posted, not yet taken by the engine thread
+        self._pending_adds = 0  # of which new requests
         self._stopping = False
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -246,6 +247,7 @@ class LLMEngine:
                 raise RuntimeError("this LLMEngine is closed")
             self._inbox.put((kind, item))
             self._pending += 1
+            self._pending_adds += kind == "add"
             self._wake.notify()
             self._stopping = False
             if self._thread is None or not self._thread.is_alive():
@@ -307,6 +309,7 @@ class LLMEngine:
                 return added
             with self._wake:
                 self._pending -= 1
+                self._pending_adds -= kind == "add"
             if kind == "add":
                 self.outputs.add(item)
                 added = True
@@ -432,7 +435,7 @@ class LLMEngine:
         queries and hits (in tokens), preemptions, prompt and generated tokens so far."""
         pool, bs = self.pool, self.pool.block_size
         return {
-            "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting) + self._pending,
+            "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting) + self._pending_adds,
             "num_blocks": pool.num_blocks, "num_free_blocks": pool.num_free_blocks,
             "kv_cache_usage": pool.num_used_blocks / pool.num_blocks,
             "prefix_cache_queries": pool.prefix_queries * bs, "prefix_cache_hits": pool.prefix_hits * bs,

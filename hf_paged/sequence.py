@@ -80,8 +80,9 @@ class SamplingParams:
             raise bad("top_logprobs", "must be an integer in [0, 20]")
         if self.top_logprobs:
             self.logprobs = True
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", "must be an integer")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not -2 ** 63 <= self.seed < 2 ** 63):
+            raise bad("seed", "must be an integer in [-2**63, 2**63)")
         if not isinstance(self.n, int) or self.n < 1:
             raise bad("n", "must be a positive integer")
         if not isinstance(self.num_beams, int) or self.num_beams < 1:
