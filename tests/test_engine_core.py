@@ -20,7 +20,7 @@ from hf_paged import LLMEngine, PagedCache, SamplingParams
 from hf_paged.detokenizer import IncrementalDetokenizer
 from hf_paged.patches.linear import amx_available
 
-from conftest import _pools, build_tiny_model, left_pad, tiny_prompts
+from conftest import build_tiny_model, left_pad, tiny_prompts
 from test_engine import hf_greedy
 
 GREEDY8 = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
@@ -64,13 +64,17 @@ def _wrap_and_generate(model, prompts: list[list[int]], max_new: int = 6) -> Non
 
 
 # ---- one engine per model ----------------------------------------------------------------------
-def test_concurrent_first_calls_share_one_engine(fresh_smollm2, chat_ids):
+def test_concurrent_first_calls_share_one_engine(fresh_smollm2, chat_ids, monkeypatch):
     model, tok = fresh_smollm2
+    import hf_paged.engine as engine_module
+
+    pools_made = []
+    real_make_pool = engine_module.make_pool
+    monkeypatch.setattr(engine_module, "make_pool", lambda *a, **k: pools_made.append(1) or real_make_pool(*a, **k))
     rows = [chat_ids[i % len(chat_ids)] for i in range(32)]
     refs = {}
     for row in {tuple(r) for r in rows}:
         refs[row] = model.generate(torch.tensor([row]), max_new_tokens=8, do_sample=False)[0, len(row):].tolist()
-    pools_before = len(_pools)
     hf_paged.wrap(model, tok, memory_bytes=64 << 20)
     results: dict[int, list[int]] = {}
     errors = []
@@ -92,7 +96,7 @@ def test_concurrent_first_calls_share_one_engine(fresh_smollm2, chat_ids):
     try:
         assert not errors, errors
         assert len(_engines_of(model)) == 1
-        assert len(_pools) - pools_before == 1
+        assert len(pools_made) == 1
         engine = hf_paged.get_engine(model)
         assert engine.metrics.steps < 32 * 8  # they ran together
         for i, row in enumerate(rows):
