@@ -56,7 +56,8 @@ class BeamSearchState:
         topk_log_probs, topk_seqs, topk_beam_indices = m._get_top_k_continuations(
             m, accumulated_log_probs=log_probs, running_sequences=self.running_sequences,
             running_beam_indices=self.running_beam_indices, cur_len=cur_len, decoder_prompt_len=p,
-            do_sample=False, beams_to_keep=self.beams_to_keep, num_beams=k, batch_size=1)
+            do_sample=False, beams_to_keep=self.beams_to_keep, num_beams=k, batch_size=1,
+            vocab_size=logits.shape[-1])  # transformers < 5.23 requires it, later ones ignore it
         last = topk_seqs[:, :, cur_len]
         hits = torch.isin(last, self.eos) | (cur_len + 1 >= self.max_length)
         self.running_sequences, self.running_beam_scores, self.running_beam_indices = \
