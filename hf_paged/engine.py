@@ -29,7 +29,7 @@ from .cpu_runtime import release_openmp_pool, tune_malloc
 from .distributed import is_tensor_parallel, make_runner
 from .kv_cache_manager import KVCacheManager
 from .metrics import EngineMetrics
-from .model_runner import ModelRunner, WeightWatcher
+from .model_runner import WeightWatcher
 from .output_processor import OutputProcessor
 from .patches.attention import supports_paged_attention
 from .plan import build_plan
