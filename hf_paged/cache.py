@@ -165,7 +165,7 @@ class PagedCache(Cache):
                 if leader != row:
                     self.rows[row].free()
                     self.rows[row] = self.rows[leader].fork()
-        self.pool.flush_copies()
+        self.pool.flush_copies(self.plan)
         device = self.pool.device
         self._writers = None if len(writers) == batch else torch.tensor(writers, device=device)
         self._slots = torch.tensor(slots, dtype=torch.long, device=device)

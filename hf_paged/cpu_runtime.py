@@ -49,9 +49,19 @@ _malloc_tuned = False
 _libc = None
 
 
+def env_flag(name: str, default: bool) -> bool:
+    """A boolean environment variable: 1/true/yes/on or 0/false/no/off; anything else (or unset) is ``default``."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    return default
+
+
 def env_switch(name: str) -> bool:
-    """An on-by-default switch: off only when the variable is set to 0 / false / no / off (read on each call)."""
-    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
+    """An on-by-default switch: off only when the variable is set to 0 / false / no / off."""
+    return env_flag(name, True)
 
 
 def _enabled() -> bool:

@@ -61,16 +61,17 @@ class WeightWatcher:
                 out.append(tuple(merged))
         return out
 
-    def _take(self) -> None:
+    def _take(self, structure: list | None = None) -> None:
         self.params = list(self.model.parameters())
         self.state = [(p.data_ptr(), p._version) for p in self.params]
-        self.structure = self._structure()
+        self.structure = structure if structure is not None else self._structure()
 
     def changed(self, full: bool) -> bool:
         """Whether anything changed since the last call (and remember the current state)."""
         state = [(p.data_ptr(), p._version) for p in self.params]
-        if state != self.state or (full and self._structure() != self.structure):
-            self._take()
+        structure = self._structure() if full else None
+        if state != self.state or (structure is not None and structure != self.structure):
+            self._take(structure)
             return True
         return False
 

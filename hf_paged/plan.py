@@ -15,24 +15,11 @@ Environment defaults (an engine option given explicitly wins):
 
 from __future__ import annotations
 
-import logging
-import os
 from dataclasses import dataclass
 
 import torch
 
-logger = logging.getLogger(__name__)
-
-
-def env_flag(name: str, default: bool) -> bool:
-    """A boolean environment variable: 1/true/yes/on or 0/false/no/off; anything else (or unset) is ``default``."""
-    value = os.environ.get(name, "").strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    return default
-
+from .cpu_runtime import env_flag
 
 @dataclass(frozen=True)
 class ExecutionPlan:

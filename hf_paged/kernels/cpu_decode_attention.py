@@ -9,7 +9,7 @@ with the per-step arguments converted once and shared by all layers; :func:`writ
 The kernel is plain C (no torch headers) in the library that ``cpu_library`` builds on first use and loads
 with ``ctypes``; it is called with raw ``data_ptr()``s (ctypes drops the GIL for the call). If no compiler
 is there or the build fails, :func:`available` is False and the callers keep the PyTorch path; nothing here
-raises at import. ``HF_PAGED_CPU_KERNEL=0`` turns the kernels off (read on every call).
+raises at import. Whether an engine uses it is its plan's choice (``hf_paged.plan``).
 """
 
 from __future__ import annotations
@@ -19,11 +19,6 @@ import torch
 from . import cpu_library
 
 __all__ = ["available", "decode_attention_cpu", "DecodePlan", "write_kv_cpu", "library_path", "build_seconds"]
-
-
-def enabled() -> bool:
-    """``HF_PAGED_CPU_KERNEL`` does not turn the kernels off (read on every call)."""
-    return cpu_library.enabled()
 
 
 def available() -> bool:
