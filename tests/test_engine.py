@@ -244,3 +244,17 @@ def test_metrics(smollm2, chat_ids):
     assert m["mean_ttft_s"] > 0 and m["mean_tpot_s"] > 0
     engine.generate(chat_ids[8:10], SamplingParams(max_new_tokens=4, temperature=0), use_tqdm=False)
     assert engine.metrics.summary()["prefix_cache_hit_rate"] > 0  # the chat template's system prompt is shared
+
+
+def test_sampler_draws_follow_the_warped_distribution():
+    """The inverse-CDF draw picks tokens at their probabilities and never one that top-k / top-p removed."""
+    from hf_paged.sampler import _inverse_cdf
+
+    probs = torch.tensor([[0.1, 0.0, 0.2, 0.3, 0.4, 0.0]]).expand(100_000, 6)
+    uniforms = torch.rand(100_000, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(_inverse_cdf(probs, uniforms), minlength=6).double() / 100_000
+    assert counts[1] == 0 and counts[5] == 0
+    assert torch.allclose(counts, probs[0].double(), atol=0.006)
+    # The largest uniform below 1 must still land on a token with probability, not past the end.
+    edge = _inverse_cdf(probs[:1], torch.tensor([1 - 2**-24]))
+    assert edge.item() == 4
