@@ -57,7 +57,7 @@ def profile(batch: int, dtype: str, compile: bool, pack: bool, steps: int) -> di
     for row in prof.key_averages():
         totals[CATEGORIES.get(row.key, "other")] += row.self_cpu_time_total
     for seq in seqs:  # stop here, in this thread (abort() would hand it to the engine thread)
-        engine._finish(seq, FinishReason.ABORT)
+        engine.outputs.finish(seq, FinishReason.ABORT)
     assert engine.pool.num_free_blocks == engine.pool.num_blocks
     everything = sum(totals.values())
     return {"batch": batch, "dtype": dtype, "compile": compile, "pack": pack, "prefill_s": prefill_s,

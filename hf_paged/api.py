@@ -298,8 +298,10 @@ def _fallback(model, reason: str, inputs, generation_config, logits_processor, k
     rows = ids.shape[0] * max(gen.num_beams or 1, gen.num_return_sequences or 1)
     length = ids.shape[-1] + (gen.max_new_tokens if gen.max_new_tokens is not None else (gen.max_length or 20))
     slot = model.__dict__.get(_SLOT)
-    block_size = slot.options.get("block_size", 16) if isinstance(slot, _Wrapping) else 16
-    cache = PagedCache(model, block_size=block_size, num_blocks=rows * (-(-length // block_size) + 1))
+    options = slot.options if isinstance(slot, _Wrapping) else {}
+    block_size = options.get("block_size", 16)
+    cache = PagedCache(model, block_size=block_size, num_blocks=rows * (-(-length // block_size) + 1),
+                       kv_cache_dtype=options.get("kv_cache_dtype", "auto"))
     try:
         return generate(model, inputs, generation_config, logits_processor, past_key_values=cache, **kwargs)
     finally:

@@ -12,6 +12,11 @@ A sequence never holds more than one partially filled block, so waste is under o
 One more block than ``num_blocks`` is stored: the null block (``null_block``, the last one), never allocated.
 Block tables padded to a common width point their padding at it, so a kernel that reads or writes past a
 sequence's own blocks touches no block a sequence owns.
+
+``kv_cache_dtype="int8"`` stores K and V as int8 with one fp32 scale per (token, KV head) (symmetric:
+``scale = max|x| / 127`` of that head's vector) in ``kv_scales[layer, 0|1, block, kv_head, slot_in_block]``:
+a block's scales of one KV head are contiguous, so a kernel walking a block reads them as one short vector.
+Copies, growth and the prefix cache treat the scales as part of their block.
 """
 
 from __future__ import annotations
@@ -24,6 +29,14 @@ from typing import Iterable, Sequence
 import torch
 
 from .cpu_runtime import zeros_on_huge_pages
+
+KV_CACHE_DTYPES = ("auto", "int8")
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    if torch.device(device).type == "cpu":
+        return zeros_on_huge_pages(shape, dtype)
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 class BlockPool:
@@ -40,10 +53,20 @@ class BlockPool:
         memory_bytes: int | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        kv_cache_dtype: str = "auto",
     ) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
-        bytes_per_block = 2 * num_layers * block_size * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype: expected one of {', '.join(map(repr, KV_CACHE_DTYPES))}, "
+                             f"got {kv_cache_dtype!r}")
+        self.kv_cache_dtype = kv_cache_dtype
+        quantized = kv_cache_dtype == "int8"
+        if quantized:
+            dtype = torch.int8
+        # Per token and KV head: head_dim elements (plus one fp32 scale when quantized), for K and V, every layer.
+        row_bytes = head_dim * dtype.itemsize + (4 if quantized else 0)
+        bytes_per_block = 2 * num_layers * block_size * num_kv_heads * row_bytes
         if num_blocks is None:
             if memory_bytes is None:
                 raise ValueError("give num_blocks or memory_bytes to size the block pool")
@@ -57,11 +80,10 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.bytes_per_block = bytes_per_block
         self.null_block = num_blocks
-        shape = (num_layers, 2, num_blocks + 1, block_size, num_kv_heads, head_dim)
-        if torch.device(device).type == "cpu":
-            self.kv = zeros_on_huge_pages(shape, dtype)
-        else:
-            self.kv = torch.zeros(shape, dtype=dtype, device=device)
+        self.kv = _zeros((num_layers, 2, num_blocks + 1, block_size, num_kv_heads, head_dim), dtype, device)
+        self.kv_scales: torch.Tensor | None = (
+            _zeros((num_layers, 2, num_blocks + 1, num_kv_heads, block_size), torch.float32, device) if quantized
+            else None)
         self.ref_counts = [0] * num_blocks
         # Free blocks, oldest-freed first: allocation takes from the front, so recently freed cached
         # blocks survive longest (LRU eviction of the prefix cache).
@@ -81,14 +103,28 @@ class BlockPool:
     def device(self) -> torch.device:
         return self.kv.device
 
+    @property
+    def quantized(self) -> bool:
+        """Whether K/V are stored as int8 with scales (``kv_cache_dtype="int8"``)."""
+        return self.kv_scales is not None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of storage held (K/V and their scales, the null block included)."""
+        scales = 0 if self.kv_scales is None else self.kv_scales.numel() * self.kv_scales.element_size()
+        return self.kv.numel() * self.kv.element_size() + scales
+
     def grow(self, num_new_blocks: int) -> None:
         """Add ``num_new_blocks`` free blocks (the storage is reallocated and copied; block ids stay valid, the null
         block moves to the new end). For pools that size themselves on demand (``PagedCache`` without a size)."""
         old, num = self.kv, self.num_blocks
         shape = (self.num_layers, 2, num + num_new_blocks + 1, self.block_size, self.num_kv_heads, self.head_dim)
-        self.kv = (zeros_on_huge_pages(shape, old.dtype) if old.device.type == "cpu"
-                   else torch.zeros(shape, dtype=old.dtype, device=old.device))
+        self.kv = _zeros(shape, old.dtype, old.device)
         self.kv[:, :, :num] = old[:, :, :num]
+        if self.kv_scales is not None:
+            old_scales = self.kv_scales
+            self.kv_scales = _zeros((*shape[:3], self.num_kv_heads, self.block_size), torch.float32, old.device)
+            self.kv_scales[:, :, :num] = old_scales[:, :, :num]
         self.num_blocks = num + num_new_blocks
         self.null_block = self.num_blocks
         self.ref_counts.extend([0] * num_new_blocks)
@@ -99,6 +135,9 @@ class BlockPool:
         """Give the storage back (the pool's owner is closing; every block must be free)."""
         self.kv = torch.empty((self.num_layers, 2, 0, self.block_size, self.num_kv_heads, self.head_dim),
                               dtype=self.kv.dtype, device=self.kv.device)
+        if self.kv_scales is not None:
+            self.kv_scales = torch.empty((self.num_layers, 2, 0, self.num_kv_heads, self.block_size),
+                                         dtype=torch.float32, device=self.kv.device)
 
     def key_cache(self, layer: int) -> torch.Tensor:
         """``[num_blocks, block_size, kv_heads, head_dim]`` keys of one layer (a view)."""
@@ -106,6 +145,14 @@ class BlockPool:
 
     def value_cache(self, layer: int) -> torch.Tensor:
         return self.kv[layer, 1]
+
+    def key_scales(self, layer: int) -> torch.Tensor | None:
+        """``[num_blocks, kv_heads, block_size]`` fp32 scales of one layer's int8 keys (a view); None unless
+        quantized."""
+        return None if self.kv_scales is None else self.kv_scales[layer, 0]
+
+    def value_scales(self, layer: int) -> torch.Tensor | None:
+        return None if self.kv_scales is None else self.kv_scales[layer, 1]
 
     # ---- allocation ----------------------------------------------------------------------------
     @property
@@ -176,7 +223,7 @@ class BlockPool:
         self._pending_copies.append((src, dst))
 
     def flush_copies(self, plan=None) -> None:
-        """Do every queued copy-on-write block copy (all layers, K and V) in one operation."""
+        """Do every queued copy-on-write block copy (all layers, K and V, their scales) in one operation."""
         if not self._pending_copies:
             return
         from .kernels.dispatch import copy_blocks
@@ -185,7 +232,7 @@ class BlockPool:
         pairs = torch.tensor(self._pending_copies, dtype=torch.long, pin_memory=self.kv.is_cuda)
         pairs = pairs.to(self.device, non_blocking=True)
         self._pending_copies.clear()
-        copy_blocks(self.kv, pairs, plan)
+        copy_blocks(self.kv, pairs, plan, scales=self.kv_scales)
 
 
 def hash_block_tokens(parent: bytes | None, token_ids: Sequence[int], salt: str | None = None) -> bytes:

@@ -4,6 +4,8 @@ Each batch row owns a ``BlockTable``. On each step the first layer's ``update`` 
 row's new tokens (copy-on-write where a row shares a partial block) and builds the gather index once;
 every layer then scatters its new K/V into those slots and returns the row's K/V read back from its blocks
 (dense, with the length ``get_mask_sizes`` reports), so any attention implementation works unchanged.
+``kv_cache_dtype="int8"`` stores the K/V quantized (see ``BlockPool``) and returns them dequantized to the model's
+dtype.
 
 Sharing: rows that ``generate`` expanded from one prompt (``num_beams``, ``num_return_sequences``) hold
 identical K/V after the prefill; the cache detects that on the first layer and stores the prompt once,
@@ -34,8 +36,10 @@ def kv_geometry(config: Any) -> tuple[int, int, int]:
 
 
 def make_pool(model: torch.nn.Module, *, block_size: int = 16, num_blocks: int | None = None,
-              memory_bytes: int | None = None, dtype: torch.dtype | None = None) -> BlockPool:
-    """A block pool shaped for ``model``'s layers and KV heads (this rank's KV heads for a tensor-parallel model)."""
+              memory_bytes: int | None = None, dtype: torch.dtype | None = None,
+              kv_cache_dtype: str = "auto") -> BlockPool:
+    """A block pool shaped for ``model``'s layers and KV heads (this rank's KV heads for a tensor-parallel model),
+    storing K/V in ``dtype`` (default: the model's) or, with ``kv_cache_dtype="int8"``, as int8 with scales."""
     from .distributed import local_kv_heads
 
     layers, kv_heads, head_dim = kv_geometry(model.config)
@@ -43,7 +47,8 @@ def make_pool(model: torch.nn.Module, *, block_size: int = 16, num_blocks: int |
     kv_heads = local_kv_heads(model, text.num_attention_heads, kv_heads, head_dim)
     param = next(model.parameters())
     return BlockPool(layers, kv_heads, head_dim, block_size=block_size, num_blocks=num_blocks,
-                     memory_bytes=memory_bytes, dtype=dtype or param.dtype, device=param.device)
+                     memory_bytes=memory_bytes, dtype=dtype or param.dtype, device=param.device,
+                     kv_cache_dtype=kv_cache_dtype)
 
 
 class _PagedLayer(CacheLayerMixin):
@@ -92,24 +97,28 @@ class PagedCache(Cache):
 
     Give the pool size as ``num_blocks`` or ``memory_bytes``, pass an existing ``pool``, or give neither: like
     ``DynamicCache``, the cache then grows on demand (its own pool starts at ``INITIAL_BLOCKS`` blocks and doubles
-    whenever a step needs more). Call ``free()`` (or use it as a context manager) to return its blocks when the
-    generation is over.
+    whenever a step needs more). ``kv_cache_dtype="int8"`` (for a pool of its own) stores K/V as int8 with scales.
+    Call ``free()`` (or use it as a context manager) to return its blocks when the generation is over.
     """
 
     INITIAL_BLOCKS = 16
 
     def __init__(self, model: torch.nn.Module | None = None, *, pool: BlockPool | None = None,
                  block_size: int = 16, num_blocks: int | None = None, memory_bytes: int | None = None,
-                 share_identical_rows: bool = True) -> None:
+                 share_identical_rows: bool = True, kv_cache_dtype: str | None = None) -> None:
         self.growable = pool is None and num_blocks is None and memory_bytes is None
         if pool is None:
             if model is None:
                 raise ValueError("model: PagedCache needs a model (to shape its pool) or a pool")
             if self.growable:
                 num_blocks = self.INITIAL_BLOCKS
-            pool = make_pool(model, block_size=block_size, num_blocks=num_blocks, memory_bytes=memory_bytes)
+            pool = make_pool(model, block_size=block_size, num_blocks=num_blocks, memory_bytes=memory_bytes,
+                             kv_cache_dtype=kv_cache_dtype or "auto")
+        elif kv_cache_dtype is not None and kv_cache_dtype != pool.kv_cache_dtype:
+            raise ValueError(f"kv_cache_dtype: {kv_cache_dtype!r} differs from the given pool's "
+                             f"{pool.kv_cache_dtype!r}")
         self.pool = pool
-        self.plan = default_plan(pool.kv)
+        self.plan = default_plan(pool.kv, pool.kv_cache_dtype)
         self.share_identical_rows = share_identical_rows
         super().__init__(layers=[_PagedLayer(self, i) for i in range(pool.num_layers)])
         self.rows: list[BlockTable] = []
@@ -126,17 +135,19 @@ class PagedCache(Cache):
             self._begin_step(key_states, value_states, q_len)
         pool = self.pool
         key_cache, value_cache = pool.key_cache(layer_idx), pool.value_cache(layer_idx)
+        key_scales, value_scales = pool.key_scales(layer_idx), pool.value_scales(layer_idx)  # None unless int8
         writers = self._writers
         k = key_states if writers is None else key_states.index_select(0, writers)
         v = value_states if writers is None else value_states.index_select(0, writers)
         kvh, hd = k.shape[1], k.shape[3]
         write_kv(key_cache, value_cache, k.transpose(1, 2).reshape(-1, kvh, hd),
-                 v.transpose(1, 2).reshape(-1, kvh, hd), self._slots, self.plan)
+                 v.transpose(1, 2).reshape(-1, kvh, hd), self._slots, self.plan, key_scales=key_scales,
+                 value_scales=value_scales)
         self.lengths[layer_idx] += q_len
         self.layers[layer_idx].is_initialized = True
         length = self.lengths[layer_idx]
-        keys = gather_blocks(key_cache, self._tables, length).transpose(1, 2)
-        values = gather_blocks(value_cache, self._tables, length).transpose(1, 2)
+        keys = gather_blocks(key_cache, self._tables, length, key_scales, key_states.dtype).transpose(1, 2)
+        values = gather_blocks(value_cache, self._tables, length, value_scales, value_states.dtype).transpose(1, 2)
         return keys, values
 
     def _begin_step(self, key_states: torch.Tensor, value_states: torch.Tensor, q_len: int) -> None:

@@ -297,7 +297,7 @@ class TensorParallelRunner(ModelRunner):
         self.engine_id = next(_engine_ids)
         self.num_steps = 0
         spec = {"block_size": pool.block_size, "num_blocks": pool.num_blocks, "dtype": pool.dtype,
-                "kv_shape": tuple(pool.kv.shape), "plan": plan}
+                "kv_cache_dtype": pool.kv_cache_dtype, "kv_shape": tuple(pool.kv.shape), "plan": plan}
         self.channel.send(("start", self.engine_id, spec), deferrable=True)
         self._open = True
 
@@ -421,13 +421,13 @@ class TensorParallelWorker:
         from .cache import make_pool
 
         pool = make_pool(self.model, block_size=spec["block_size"], num_blocks=spec["num_blocks"],
-                         dtype=spec["dtype"])
+                         dtype=spec["dtype"], kv_cache_dtype=spec.get("kv_cache_dtype", "auto"))
         if tuple(pool.kv.shape) != tuple(spec["kv_shape"]):
             raise TensorParallelError(f"rank {rank()}: KV pool {tuple(pool.kv.shape)} differs from rank 0's "
                                       f"{tuple(spec['kv_shape'])}")
         self.runners[engine_id] = ModelRunner(self.model, pool, spec["plan"])
         self.stats.engines_started += 1
-        self.stats.kv_bytes = pool.kv.numel() * pool.kv.element_size()
+        self.stats.kv_bytes = pool.nbytes
 
     def _step(self, engine_id: int, copies: list[tuple[int, int]], seqs: list[tuple]) -> None:
         runner = self.runners[engine_id]
@@ -584,11 +584,11 @@ def run_cli(args: Any, command: Callable[[Any], int]) -> int:
     the command's loader, see :func:`cli_load`), the other ranks load the same shards and run the worker loop
     until rank 0 is done. Stop signals go to rank 0 only (torchrun sends them to every rank)."""
     if getattr(args, "command", None) == "serve":
-        # serve restarts its process with OMP_WAIT_POLICY=PASSIVE (serve/cli.py): every rank does it here, before
+        # serve restarts its process with a short OpenMP spin (serve/cli.py): every rank does it here, before
         # joining the group (a rank restarting after it would leave the others waiting in a group it left)
-        from .serve.cli import _reexec_with_passive_openmp
+        from .serve.cli import _reexec_with_short_openmp_spin
 
-        _reexec_with_passive_openmp()
+        _reexec_with_short_openmp_spin()
     init_tensor_parallel()
     if rank() != 0:
         import signal

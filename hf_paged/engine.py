@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator, Iterable, Iterator, Sequence as Seq
 
 import torch
 
-from .block_pool import BlockTable
+from .block_pool import KV_CACHE_DTYPES, BlockTable
 from .cache import make_pool
 from .cpu_runtime import release_openmp_pool, tune_malloc
 from .distributed import is_tensor_parallel, make_runner
@@ -70,6 +70,9 @@ def validate_engine_options(options: dict[str, Any]) -> None:
         elif name in ("enable_prefix_caching", "share_blocks", "compile"):
             if not isinstance(value, bool):
                 raise ValueError(f"{name}: must be True or False (got {value!r})")
+        elif name == "kv_cache_dtype":
+            if not isinstance(value, str) or value not in KV_CACHE_DTYPES:
+                raise ValueError(f"{name}: must be one of {', '.join(map(repr, KV_CACHE_DTYPES))} (got {value!r})")
         elif value is not None and not isinstance(value, bool):
             raise ValueError(f"{name}: must be True, False or None for the default (got {value!r})")
 
@@ -102,7 +105,10 @@ class LLMEngine:
     forwards. Several engines may serve one model: their forwards take turns. ``share_blocks=False`` copies
     blocks for n-samples and beams instead of sharing them. ``cuda_graphs`` (default: on for a CUDA model with the
     Triton kernels) replays decode-only steps from CUDA graphs captured at padded batch sizes
-    (:mod:`hf_paged.cuda_graphs`); steps with prefill run eagerly.
+    (:mod:`hf_paged.cuda_graphs`); steps with prefill run eagerly. ``kv_cache_dtype="int8"`` stores K/V as int8
+    with one fp32 scale per token and KV head (symmetric, max|x| / 127): about a quarter of fp32's bytes per block
+    (half of bf16's), so ``memory_bytes`` holds that many more blocks and decode attention reads that many fewer
+    bytes, at the price of a small rounding error in attention; ``"auto"`` (the default) keeps the model's dtype.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, *, block_size: int = 16, num_blocks: int | None = None,
@@ -110,24 +116,27 @@ class LLMEngine:
                  enable_prefix_caching: bool = True, max_model_len: int | None = None,
                  share_blocks: bool = True, compile: bool = False, pack_weights: bool | None = None,
                  fuse_layers: bool | None = None, cpu_kernels: bool | None = None, amx: bool | None = None,
-                 triton: bool | None = None, cuda_graphs: bool | None = None) -> None:
+                 triton: bool | None = None, cuda_graphs: bool | None = None, kv_cache_dtype: str = "auto") -> None:
         validate_engine_options(dict(
             block_size=block_size, num_blocks=num_blocks, memory_bytes=memory_bytes, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
             max_model_len=max_model_len, share_blocks=share_blocks, compile=compile, pack_weights=pack_weights,
-            fuse_layers=fuse_layers, cpu_kernels=cpu_kernels, amx=amx, triton=triton, cuda_graphs=cuda_graphs))
+            fuse_layers=fuse_layers, cpu_kernels=cpu_kernels, amx=amx, triton=triton, cuda_graphs=cuda_graphs,
+            kv_cache_dtype=kv_cache_dtype))
         ok, why = supports_paged_attention(model)
         if not ok:
             raise ValueError(f"model: hf_paged cannot page this model ({why}); use HF generate")
         self.model = model
         if num_blocks is None and memory_bytes is None:
             memory_bytes = DEFAULT_KV_MEMORY_BYTES
-        self.pool = make_pool(model, block_size=block_size, num_blocks=num_blocks, memory_bytes=memory_bytes)
+        self.pool = make_pool(model, block_size=block_size, num_blocks=num_blocks, memory_bytes=memory_bytes,
+                              kv_cache_dtype=kv_cache_dtype)
         self.kv = KVCacheManager(self.pool, enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, SchedulerConfig(max_num_seqs, max_num_batched_tokens))
         self.plan = build_plan(self.pool.device, next(model.parameters()).dtype, compile=compile,
                                pack_weights=pack_weights, fuse_layers=fuse_layers, cpu_kernels=cpu_kernels, amx=amx,
-                               triton=triton, cuda_graphs=cuda_graphs, tensor_parallel=is_tensor_parallel(model))
+                               triton=triton, cuda_graphs=cuda_graphs, tensor_parallel=is_tensor_parallel(model),
+                               kv_cache_dtype=kv_cache_dtype)
         logger.info("hf_paged engine for %s: %s", type(model).__name__, self.plan)
         self._on_cpu = self.pool.device.type == "cpu"
         self.runner = make_runner(model, self.pool, self.plan)  # sharded: rank 0 drives the others (distributed.py)

@@ -106,9 +106,9 @@ class ModelRunner:
     def build(self) -> None:
         """(Re)build the plan's forwards for the model as it is now, keeping packed copies of unchanged weights."""
         plan, model = self.plan, self.model
-        amx = plan.linears == "amx"
-        fused, grouped = build_fused(model, amx, self._fused) if plan.fused_layers else ({}, [])
-        packers = build_packers(model, amx, skip=grouped, previous=self._packers) if plan.linears != "torch" else {}
+        fused, grouped = build_fused(model, plan.linears, self._fused) if plan.fused_layers else ({}, [])
+        packers = build_packers(model, plan.linears, skip=grouped, previous=self._packers) \
+            if plan.linears != "torch" else {}
         compiled = build_compiled(model) if plan.compiled else None
         forwards: dict[torch.nn.Module, Callable] = {}
         if compiled is not None:  # the graphs call packed_linear; the linears get no forward of their own

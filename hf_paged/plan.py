@@ -9,6 +9,8 @@ Environment defaults (an engine option given explicitly wins):
 
 * ``HF_PAGED_CPU_KERNEL=0``: no C kernels (decode attention, cache write, fused layer ops, AMX linears);
 * ``HF_PAGED_AMX=0``: no AMX tiles even where the CPU has them (measures the non-AMX path on an AMX CPU);
+* ``HF_PAGED_AVX512_LINEAR=0``: oneDNN for every product instead of hf_paged's AVX-512 kernel for decode-sized
+  ones (measures one against the other);
 * ``HF_PAGED_FORCE_TRITON=1``: the Triton kernels on CPU tensors too (with ``TRITON_INTERPRET=1``: how they are
   tested); ``HF_PAGED_FORCE_TORCH=1``: the PyTorch path on a GPU too.
 """
@@ -25,8 +27,10 @@ from .cpu_runtime import env_flag
 class ExecutionPlan:
     """What runs in an engine's forwards. ``attention``: ``triton`` | ``c-decode`` (C kernel for decode tokens,
     PyTorch for prefill chunks) | ``torch``; ``cache_write``: ``triton`` | ``c`` | ``torch``; ``linears``: ``amx``
-    (hf_paged's AMX tile kernel for bf16 products of up to 256 rows, unpacked above) | ``onednn`` (pre-packed
-    oneDNN weights) | ``torch``."""
+    (hf_paged's AMX tile kernel for bf16 products of up to 256 rows, unpacked above) | ``avx512`` (hf_paged's
+    AVX-512 kernel for fp32 / bf16 products of up to 128 rows, pre-packed oneDNN weights above) | ``onednn``
+    (pre-packed oneDNN weights) | ``torch``; ``kv_cache_dtype``: ``auto`` (K/V stored in ``dtype``) | ``int8``
+    (int8 with a scale per token and KV head; the kernels quantize on write and dequantize on read)."""
 
     device: str
     dtype: torch.dtype
@@ -37,6 +41,7 @@ class ExecutionPlan:
     one_call_layers: bool
     compiled: bool
     cuda_graphs: bool = False  # decode-only steps replayed from CUDA graphs (hf_paged/cuda_graphs.py)
+    kv_cache_dtype: str = "auto"
 
     @property
     def triton(self) -> bool:
@@ -48,9 +53,10 @@ class ExecutionPlan:
 
     def __str__(self) -> str:
         dtype = str(self.dtype).replace("torch.", "")
-        return (f"device={self.device} dtype={dtype} attention={self.attention} cache_write={self.cache_write} "
-                f"linears={self.linears} fused_layers={self.fused_layers} one_call_layers={self.one_call_layers} "
-                f"compiled={self.compiled} cuda_graphs={self.cuda_graphs}")
+        kv = dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype
+        return (f"device={self.device} dtype={dtype} kv_cache={kv} attention={self.attention} "
+                f"cache_write={self.cache_write} linears={self.linears} fused_layers={self.fused_layers} "
+                f"one_call_layers={self.one_call_layers} compiled={self.compiled} cuda_graphs={self.cuda_graphs}")
 
 
 def _triton_usable() -> bool:
@@ -62,8 +68,10 @@ def _triton_usable() -> bool:
 def build_plan(device: torch.device | str, dtype: torch.dtype, *, compile: bool = False,
                pack_weights: bool | None = None, fuse_layers: bool | None = None, cpu_kernels: bool | None = None,
                amx: bool | None = None, triton: bool | None = None,
-               cuda_graphs: bool | None = None, tensor_parallel: bool = False) -> ExecutionPlan:
+               cuda_graphs: bool | None = None, tensor_parallel: bool = False,
+               kv_cache_dtype: str = "auto") -> ExecutionPlan:
     """The plan for a model on ``device`` in ``dtype`` with these engine options (None: the default).
+    ``kv_cache_dtype="int8"`` changes no path: every kernel has its int8 form.
     ``cuda_graphs`` (default: on for CUDA) needs a CUDA model and the Triton attention (the only attention whose
     launches read nothing from the host), and is off with ``compile``. ``tensor_parallel`` (a model sharded by
     transformers, see ``hf_paged.distributed``): plain linears (its DTensor weights cannot be packed or fused), no
@@ -104,6 +112,10 @@ def build_plan(device: torch.device | str, dtype: torch.dtype, *, compile: bool 
             from .patches.linear import amx_available
 
             linears = "amx" if amx_available() else "onednn"
+        if linears == "onednn" and kernels and env_flag("HF_PAGED_AVX512_LINEAR", True):
+            from .patches.linear import small_rows_available
+
+            linears = "avx512" if small_rows_available(dtype) else "onednn"
     elif amx:
         raise ValueError("amx: the AMX linears need pack_weights (a CPU model in bf16)")
     fused = (pack if fuse_layers is None else fuse_layers) and kernels and linears != "torch" and not compile
@@ -113,11 +125,12 @@ def build_plan(device: torch.device | str, dtype: torch.dtype, *, compile: bool 
                          f"(device={device}, attention={attention}, compile={compile})")
     graphs = graphs_possible if cuda_graphs is None else bool(cuda_graphs)
     return ExecutionPlan(device=device, dtype=dtype, attention=attention, cache_write=cache_write, linears=linears,
-                         fused_layers=bool(fused), one_call_layers=bool(fused and linears == "amx"),
-                         compiled=bool(compile), cuda_graphs=graphs)
+                         fused_layers=bool(fused),
+                         one_call_layers=bool(fused and linears in ("amx", "avx512")),
+                         compiled=bool(compile), cuda_graphs=graphs, kv_cache_dtype=kv_cache_dtype)
 
 
-def default_plan(tensor: torch.Tensor) -> ExecutionPlan:
+def default_plan(tensor: torch.Tensor, kv_cache_dtype: str = "auto") -> ExecutionPlan:
     """The plan for kernels called outside an engine (``PagedCache``, direct kernel calls): from the tensor's
     device and dtype and the environment as it is now."""
-    return build_plan(tensor.device, tensor.dtype, pack_weights=False)
+    return build_plan(tensor.device, tensor.dtype, pack_weights=False, kv_cache_dtype=kv_cache_dtype)

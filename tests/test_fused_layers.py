@@ -11,7 +11,8 @@ from transformers.models.llama import modeling_llama
 from hf_paged import LLMEngine, SamplingParams
 from hf_paged.kernels import cpu_fused_ops
 from hf_paged.patches import fused_layers
-from hf_paged.patches.linear import AMX_MAX_ROWS, AmxWeight, amx_available
+from hf_paged.patches.linear import AMX_MAX_ROWS, SMALL_MAX_ROWS, AmxWeight, SmallRowsWeight, amx_available, \
+    small_rows_available
 
 from conftest import build_tiny_model, needs_cpu_kernels, tiny_prompts
 from test_engine import hf_greedy
@@ -232,6 +233,27 @@ def test_amx_linear_matches_f_linear(rows):
     assert packed.matmul(torch.zeros(AMX_MAX_ROWS + 1, 64, dtype=torch.bfloat16), None) is None
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 5, 7, 33, SMALL_MAX_ROWS, SMALL_MAX_ROWS + 1])
+def test_small_rows_linear_matches_f_linear(cpu_kernels, dtype, rows):
+    """hf_paged's AVX-512 linear (fp32 FMAs; bf16 dot products, rounded once to bf16): F.linear's product for any
+    row count up to SMALL_MAX_ROWS (oneDNN's above), rows read with a stride, with and without bias, and a column
+    count that is not a multiple of the kernel's 64-column groups."""
+    if not small_rows_available(dtype):
+        pytest.skip(f"no AVX-512{' BF16' if dtype == torch.bfloat16 else ''} in this CPU")
+    g = torch.Generator().manual_seed(rows)
+    weight = torch.randn(100, 64, generator=g).to(dtype)
+    bias = torch.randn(100, generator=g).to(dtype)
+    x = torch.randn(rows, 90, generator=g).to(dtype)[:, 13:77]  # rows with a stride of 90 elements
+    packed = SmallRowsWeight(weight)
+    for b in (None, bias):
+        out = packed.matmul(x, b)
+        ref = F.linear(x.float(), weight.float(), None if b is None else b.float())
+        assert out.dtype == dtype and out.shape == (rows, 100)
+        ulp = 2 ** -8 if dtype == torch.bfloat16 else 2 ** -20
+        assert ((out.float() - ref).abs() <= ref.abs() * ulp + 1e-4).all()
+
+
 @needs_kernel
 def test_bf16_fused_engine_follows_hf_logits(tiny_model_dir):
     """A bf16 Llama through the fused engine (AMX linears where the CPU has them): every generated token is, by
@@ -254,11 +276,14 @@ def test_bf16_fused_engine_follows_hf_logits(tiny_model_dir):
 
 
 @needs_kernel
-@pytest.mark.skipif(not amx_available(), reason="no AMX tiles on this CPU")
-def test_decode_layer_in_one_call_is_bit_identical(tiny_model_dir, monkeypatch):
-    """A decode-only bf16 step runs each Llama layer as one C call: the same kernels in the same order as the
-    fused Python path, so the same tokens and the same logprobs, bit for bit."""
-    model = build_tiny_model("llama", tiny_model_dir).to(torch.bfloat16)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_layer_in_one_call_is_bit_identical(tiny_model_dir, monkeypatch, dtype):
+    """A decode-only step on hf_paged's linear kernels (AMX for bf16 where the CPU has it, else AVX-512) runs each
+    Llama layer as one C call: the same kernels in the same order as the fused Python path, so the same tokens and
+    the same logprobs, bit for bit."""
+    if not (small_rows_available(dtype) or (dtype == torch.bfloat16 and amx_available())):
+        pytest.skip("neither AMX nor AVX-512 linears on this CPU")
+    model = build_tiny_model("llama", tiny_model_dir).to(dtype)
     prompts = tiny_prompts(6, seed=15)
     params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True, logprobs=1)
     calls = []

@@ -48,7 +48,7 @@ def test_packed_linears_are_call_scoped(smollm2, chat_ids):
     ids = torch.tensor([chat_ids[0]])
     with torch.inference_mode():
         before = model(ids).logits
-        packers = build_packers(model, amx=False)
+        packers = build_packers(model, "onednn")
         assert packers and not any("forward" in m.__dict__ for m in model.modules())  # built, not installed
         for module, forward in packers.items():  # installed, as an engine's runner does around its forwards
             module.__dict__["forward"] = forward

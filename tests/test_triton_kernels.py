@@ -346,14 +346,21 @@ def compile_for_sm90(fn, pointer_types, constexprs):
     triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32))
 
 meta = {"block_tables_ptr": "*i64", "kv_lens_ptr": "*i32", "cu_q_ptr": "*i64", "part_acc_ptr": "*fp32",
-        "part_m_ptr": "*fp32", "part_l_ptr": "*fp32"}
-for dt, prec, splits, group in (("*bf16", "tf32", 4, 4), ("*fp32", "ieee", 1, 1), ("*fp16", "tf32", 1, 8)):
-    c = dict(GROUP=group, BLOCK_D=128, BLOCK_SIZE=16, TILE_N=64, USE_SOFTCAP=splits > 1, DOT_PRECISION=prec)
-    compile_for_sm90(tpa._decode_kernel, dict(meta, default=dt), dict(c, BLOCK_G=16, NUM_SPLITS=splits))
-    compile_for_sm90(tpa._prefill_kernel, dict(meta, default=dt), dict(c, BLOCK_M=64, BLOCK_Q=64 // group))
+        "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"}
+int8_kv = {"k_cache_ptr": "*i8", "v_cache_ptr": "*i8"}
+for dt, prec, splits, group, kv8 in (("*bf16", "tf32", 4, 4, False), ("*fp32", "ieee", 1, 1, False),
+                                     ("*fp16", "tf32", 1, 8, False), ("*bf16", "tf32", 2, 3, True)):
+    c = dict(GROUP=group, BLOCK_D=128, BLOCK_SIZE=16, TILE_N=64, USE_SOFTCAP=splits > 1, DOT_PRECISION=prec,
+             KV_INT8=kv8)
+    types = dict(meta, default=dt, **(int8_kv if kv8 else {}))
+    compile_for_sm90(tpa._decode_kernel, types, dict(c, BLOCK_G=16, NUM_SPLITS=splits))
+    compile_for_sm90(tpa._prefill_kernel, types, dict(c, BLOCK_M=64, BLOCK_Q=64 // group))
 compile_for_sm90(tpa._decode_reduce_kernel, dict(meta, default="*bf16"), dict(NUM_SPLITS=5, BLOCK_S=8, BLOCK_D=128))
-compile_for_sm90(tco._write_kv_kernel, {"default": "*bf16", "slot_ptr": "*i64", "key_ptr": "*fp32"},
-                 dict(BLOCK_H=8, BLOCK_D=128))
+for kv8 in (False, True):
+    compile_for_sm90(tco._write_kv_kernel, {"default": "*bf16", "slot_ptr": "*i64", "key_ptr": "*fp32",
+                                            "key_scale_ptr": "*fp32", "value_scale_ptr": "*fp32",
+                                            **({"key_cache_ptr": "*i8", "value_cache_ptr": "*i8"} if kv8 else {})},
+                     dict(BLOCK_H=8, BLOCK_D=128, KV_INT8=kv8))
 compile_for_sm90(tco._copy_blocks_kernel, {"default": "*bf16", "pairs_ptr": "*i64"}, dict(BLOCK=4096))
 """
 

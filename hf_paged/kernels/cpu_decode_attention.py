@@ -6,6 +6,12 @@ blocks through the block table, once, one OpenMP task per (sequence, KV head). :
 with the per-step arguments converted once and shared by all layers; :func:`write_kv_cpu` is the cache write
 (a step's new K/V rows into their slots) as one C call instead of two index ops and their views.
 
+Int8 caches (``kv_cache_dtype="int8"``: int8 rows with fp32 scales ``[num_blocks, KVH, block_size]``, see
+``cache_ops``) take the ``*_i8`` kernels, so a decode step reads a quarter (fp32) or half (bf16) of the bytes: the
+scales are applied to the scores and the probabilities; with AVX512-VNNI the dot products are integer (the scaled
+query and the probability weights rounded to int16, relative 2**-16), elsewhere the rows are widened to fp32 in
+registers. The cache write quantizes.
+
 The kernel is plain C (no torch headers) in the library that ``cpu_library`` builds on first use and loads
 with ``ctypes``; it is called with raw ``data_ptr()``s (ctypes drops the GIL for the call). If no compiler
 is there or the build fails, :func:`available` is False and the callers keep the PyTorch path; nothing here
@@ -33,12 +39,26 @@ build_seconds = cpu_library.build_seconds
 _profiler_enabled = torch._C._autograd._profiler_enabled
 
 _DTYPES = {torch.float32: "paged_decode_attention_f32", torch.bfloat16: "paged_decode_attention_bf16"}
+_DTYPES_I8 = {torch.float32: "paged_decode_attention_f32_i8", torch.bfloat16: "paged_decode_attention_bf16_i8"}
 
 
-def supports(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> bool:
-    """Whether these tensors can take the kernel (CPU, fp32 or bf16 everywhere, caches contiguous)."""
-    return (query.device.type == "cpu" and key_cache.device.type == "cpu" and query.dtype in _DTYPES
-            and key_cache.dtype == query.dtype and value_cache.dtype == query.dtype
+def _scales_fit(cache: torch.Tensor, scales: torch.Tensor | None) -> bool:
+    """Whether ``scales`` are the contiguous fp32 ``[num_blocks, KVH, block_size]`` scales of int8 ``cache``."""
+    nb, bs, kvh, _ = cache.shape
+    return (scales is not None and scales.dtype == torch.float32 and scales.device.type == "cpu"
+            and scales.is_contiguous() and scales.shape == (nb, kvh, bs))
+
+
+def supports(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+             key_scales: torch.Tensor | None = None, value_scales: torch.Tensor | None = None) -> bool:
+    """Whether these tensors can take the kernel (CPU, fp32 or bf16 query, caches of its dtype or int8 with their
+    scales, all contiguous)."""
+    if key_cache.dtype == torch.int8:
+        caches_ok = (value_cache.dtype == torch.int8 and _scales_fit(key_cache, key_scales)
+                     and _scales_fit(value_cache, value_scales))
+    else:
+        caches_ok = key_cache.dtype == query.dtype and value_cache.dtype == query.dtype and key_scales is None
+    return (query.device.type == "cpu" and key_cache.device.type == "cpu" and query.dtype in _DTYPES and caches_ok
             and key_cache.is_contiguous() and value_cache.is_contiguous()
             and key_cache.shape == value_cache.shape and query.shape[-1] == key_cache.shape[-1]
             and query.shape[1] % key_cache.shape[2] == 0 and cpu_library.loaded())
@@ -47,15 +67,23 @@ def supports(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
 def decode_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                          block_tables: torch.Tensor, kv_lens: torch.Tensor, scale: float,
                          sliding_window: int | None = None, softcap: float | None = None,
-                         out: torch.Tensor | None = None) -> torch.Tensor:
+                         out: torch.Tensor | None = None, key_scales: torch.Tensor | None = None,
+                         value_scales: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per sequence: query ``[D, H, hd]`` (sequence i at position ``kv_lens[i] - 1``, its K/V
     already in the caches ``[num_blocks, block_size, KVH, hd]``), block_tables ``[D, >= blocks]``, kv_lens
     ``[D]`` -> ``[D, H, hd]`` in the query's dtype (written into ``out`` when given; any strides with a
-    contiguous last dim). fp32 or bf16; fp32 accumulation."""
+    contiguous last dim). fp32 or bf16, the caches in the query's dtype or int8 with their ``key_scales`` /
+    ``value_scales`` ``[num_blocks, KVH, block_size]``; fp32 accumulation."""
     lib = cpu_library.load()
     if lib is None:
         raise RuntimeError("the C decode-attention kernel is not available")
-    if query.dtype not in _DTYPES or key_cache.dtype != query.dtype or value_cache.dtype != query.dtype:
+    quantized = key_cache.dtype == torch.int8
+    if quantized:
+        if (query.dtype not in _DTYPES or value_cache.dtype != torch.int8
+                or not (_scales_fit(key_cache, key_scales) and _scales_fit(value_cache, value_scales))):
+            raise TypeError("int8 caches need an fp32 or bf16 query and contiguous fp32 scales "
+                            "[num_blocks, KVH, block_size] for both")
+    elif query.dtype not in _DTYPES or key_cache.dtype != query.dtype or value_cache.dtype != query.dtype:
         raise TypeError(f"dtypes {query.dtype}/{key_cache.dtype}/{value_cache.dtype}: need fp32 or bf16, all equal")
     tensors = (query, key_cache, value_cache, block_tables, kv_lens) + (() if out is None else (out,))
     if any(t.device.type != "cpu" for t in tensors):
@@ -79,20 +107,23 @@ def decode_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor, value_cac
     elif out.shape != query.shape or out.dtype != query.dtype or out.stride(2) != 1:
         raise ValueError("out must be [D, H, hd] in the query's dtype with a contiguous last dim")
     if num_seqs:
-        DecodePlan(getattr(lib, _DTYPES[query.dtype]), block_tables[:num_seqs], kv_lens[:num_seqs], num_heads,
-                   kv_heads, head_dim, block_size, scale, sliding_window, softcap)(query, key_cache, value_cache, out)
+        fn = getattr(lib, (_DTYPES_I8 if quantized else _DTYPES)[query.dtype])
+        DecodePlan(fn, block_tables[:num_seqs], kv_lens[:num_seqs], num_heads, kv_heads, head_dim, block_size, scale,
+                   sliding_window, softcap, quantized)(query, key_cache, value_cache, out, key_scales, value_scales)
     return out
 
 
 class DecodePlan:
     """:func:`decode_attention_cpu` with everything that is the same for every layer of a step checked and
     converted once (block tables, lengths, shapes, scale, window, softcap): a layer's call passes only its
-    query, caches and output. Build it with :meth:`for_step`, which returns None where the kernel cannot run."""
+    query, caches (and their scales, for int8 caches) and output. Build it with :meth:`for_step`, which returns
+    None where the kernel cannot run."""
 
     def __init__(self, fn, block_tables: torch.Tensor, kv_lens: torch.Tensor, num_heads: int, kv_heads: int,
                  head_dim: int, block_size: int, scale: float, sliding_window: int | None,
-                 softcap: float | None) -> None:
+                 softcap: float | None, quantized: bool = False) -> None:
         self.fn = fn
+        self.quantized = quantized
         self.block_tables, self.kv_lens = block_tables, kv_lens  # kept alive: the kernel reads their memory
         self.num_seqs = block_tables.shape[0]
         self.tail = (self.num_seqs, num_heads, kv_heads, head_dim, block_size, int(sliding_window or 0),
@@ -103,23 +134,32 @@ class DecodePlan:
     @classmethod
     def for_step(cls, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                  block_tables: torch.Tensor, kv_lens: torch.Tensor, scale: float, sliding_window: int | None,
-                 softcap: float | None) -> "DecodePlan | None":
-        if not supports(query, key_cache, value_cache):
+                 softcap: float | None, key_scales: torch.Tensor | None = None,
+                 value_scales: torch.Tensor | None = None) -> "DecodePlan | None":
+        if not supports(query, key_cache, value_cache, key_scales, value_scales):
             return None
         block_tables = block_tables.to(torch.int64).contiguous()
         kv_lens = kv_lens.to(torch.int32).contiguous()
-        return cls(getattr(cpu_library.load(), _DTYPES[query.dtype]), block_tables, kv_lens, query.shape[1],
-                   key_cache.shape[2], query.shape[2], key_cache.shape[1], scale, sliding_window, softcap)
+        quantized = key_cache.dtype == torch.int8
+        fn = getattr(cpu_library.load(), (_DTYPES_I8 if quantized else _DTYPES)[query.dtype])
+        return cls(fn, block_tables, kv_lens, query.shape[1], key_cache.shape[2], query.shape[2], key_cache.shape[1],
+                   scale, sliding_window, softcap, quantized)
 
     def __call__(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                 out: torch.Tensor) -> None:
-        """query / out ``[D, H, hd]`` with a contiguous last dim; caches of the plan's shape and dtype."""
+                 out: torch.Tensor, key_scales: torch.Tensor | None = None,
+                 value_scales: torch.Tensor | None = None) -> None:
+        """query / out ``[D, H, hd]`` with a contiguous last dim; caches of the plan's shape and dtype (int8 caches
+        with their scales)."""
         if query.shape != self.shape or out.shape != self.shape or query.stride(2) != 1 or out.stride(2) != 1:
             raise ValueError(f"query {tuple(query.shape)} / out {tuple(out.shape)}: the plan is for {self.shape}")
         bt, bt_stride, lens = self.tables
-        args = (query.data_ptr(), query.stride(0), query.stride(1), key_cache.data_ptr(), value_cache.data_ptr(),
-                bt, bt_stride, lens, out.data_ptr(), out.stride(0), out.stride(1), *self.tail,
-                torch.get_num_threads())
+        caches: tuple = (key_cache.data_ptr(), value_cache.data_ptr())
+        if self.quantized:
+            if key_scales is None or value_scales is None:
+                raise ValueError("an int8 cache's plan needs key_scales and value_scales")
+            caches += (key_scales.data_ptr(), value_scales.data_ptr())
+        args = (query.data_ptr(), query.stride(0), query.stride(1), *caches, bt, bt_stride, lens, out.data_ptr(),
+                out.stride(0), out.stride(1), *self.tail, torch.get_num_threads())
         if _profiler_enabled():  # a foreign call is invisible to torch.profiler: give it a row of its own
             with torch.profiler.record_function("hf_paged::paged_decode_attention"):
                 rc = self.fn(*args)
@@ -130,23 +170,38 @@ class DecodePlan:
 
 
 def write_kv_cpu(key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> bool:
-    """``cache_ops.write_kv`` in one C call (no index ops, no views); False, with nothing written, where it does
-    not apply (not CPU, dtypes differ, a non-contiguous cache or head dim, no kernel)."""
-    if not (key.dtype == value.dtype == key_cache.dtype == value_cache.dtype and key.device.type == "cpu"
+                 slot_mapping: torch.Tensor, key_scales: torch.Tensor | None = None,
+                 value_scales: torch.Tensor | None = None) -> bool:
+    """``cache_ops.write_kv`` in one C call (no index ops, no views; int8 caches quantized as
+    ``cache_ops.quantize_int8`` does); False, with nothing written, where it does not apply (not CPU, dtypes
+    differ, a non-contiguous cache or head dim, no kernel)."""
+    quantized = key_scales is not None
+    if quantized:
+        caches_ok = (key_cache.dtype == value_cache.dtype == torch.int8 and key.dtype in _DTYPES
+                     and _scales_fit(key_cache, key_scales) and _scales_fit(value_cache, value_scales))
+    else:
+        caches_ok = key.dtype == key_cache.dtype == value_cache.dtype
+    if not (caches_ok and key.dtype == value.dtype and key.device.type == "cpu"
             and key_cache.is_contiguous() and value_cache.is_contiguous() and key.stride(2) == 1
             and value.stride(2) == 1 and slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous()
             and key.shape == value.shape and key.shape[1:] == key_cache.shape[2:] and cpu_library.loaded()):
         return False
     if _profiler_enabled():
         with torch.profiler.record_function("hf_paged::write_kv"):
-            _write(key_cache, value_cache, key, value, slot_mapping)
+            _write(key_cache, value_cache, key, value, slot_mapping, key_scales, value_scales)
     else:
-        _write(key_cache, value_cache, key, value, slot_mapping)
+        _write(key_cache, value_cache, key, value, slot_mapping, key_scales, value_scales)
     return True
 
 
-def _write(key_cache, value_cache, key, value, slot_mapping) -> None:
-    cpu_library.load().paged_write_kv(key.data_ptr(), key.stride(0), key.stride(1), value.data_ptr(), value.stride(0),
-                        value.stride(1), slot_mapping.data_ptr(), key.shape[0], key_cache.data_ptr(),
-                        value_cache.data_ptr(), key.shape[1], key.shape[2], key.element_size())
+def _write(key_cache, value_cache, key, value, slot_mapping, key_scales, value_scales) -> None:
+    lib = cpu_library.load()
+    if key_scales is not None:
+        lib.paged_write_kv_i8(key.data_ptr(), key.stride(0), key.stride(1), value.data_ptr(), value.stride(0),
+                              value.stride(1), slot_mapping.data_ptr(), key.shape[0], key_cache.data_ptr(),
+                              value_cache.data_ptr(), key_scales.data_ptr(), value_scales.data_ptr(), key.shape[1],
+                              key.shape[2], key_cache.shape[1], int(key.dtype == torch.bfloat16))
+        return
+    lib.paged_write_kv(key.data_ptr(), key.stride(0), key.stride(1), value.data_ptr(), value.stride(0),
+                       value.stride(1), slot_mapping.data_ptr(), key.shape[0], key_cache.data_ptr(),
+                       value_cache.data_ptr(), key.shape[1], key.shape[2], key.element_size())

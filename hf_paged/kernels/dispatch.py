@@ -9,6 +9,9 @@ attention metadata for ``paged_attention``):
 * otherwise the PyTorch implementations, except where the C kernels of ``cpu_decode_attention`` apply (the cache
   write; decode attention, chosen inside the PyTorch ``paged_attention``).
 
+Int8 caches (``kv_cache_dtype="int8"``) travel with their scales (``key_scales`` / ``value_scales``, ``scales`` for
+the whole pool); every path quantizes on write and dequantizes on read (see ``cache_ops``).
+
 Calls without a plan (kernel tests, ``PagedCache`` built before) use ``plan.default_plan``, which reads the
 environment. triton is imported lazily, on the first call that takes the Triton path, so importing ``hf_paged``
 never needs triton or a GPU. On a GPU without an importable triton the PyTorch path is used (with one warning).
@@ -54,34 +57,44 @@ def use_triton(tensor: torch.Tensor, plan: ExecutionPlan | None = None) -> bool:
 
 
 def write_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-             slot_mapping: torch.Tensor, plan: ExecutionPlan | None = None) -> None:
+             slot_mapping: torch.Tensor, plan: ExecutionPlan | None = None, *, key_scales: torch.Tensor | None = None,
+             value_scales: torch.Tensor | None = None) -> None:
     """Scatter ``key``/``value`` ``[tokens, kv_heads, head_dim]`` into the slots ``slot_mapping[tokens]``
-    of one layer's caches ``[num_blocks, block_size, kv_heads, head_dim]``."""
+    of one layer's caches ``[num_blocks, block_size, kv_heads, head_dim]`` (int8 caches: quantized, with their
+    scales ``[num_blocks, kv_heads, block_size]``)."""
     way = (plan or default_plan(key_cache)).cache_write
     if way == "triton":
         from .triton_cache_ops import write_kv_triton
 
-        write_kv_triton(key_cache, value_cache, key, value, slot_mapping)
-    elif not (way == "c" and _cpu_kernel.write_kv_cpu(key_cache, value_cache, key, value, slot_mapping)):
-        _torch_cache_ops.write_kv(key_cache, value_cache, key, value, slot_mapping)
+        write_kv_triton(key_cache, value_cache, key, value, slot_mapping, key_scales, value_scales)
+    elif not (way == "c" and _cpu_kernel.write_kv_cpu(key_cache, value_cache, key, value, slot_mapping, key_scales,
+                                                      value_scales)):
+        _torch_cache_ops.write_kv(key_cache, value_cache, key, value, slot_mapping, key_scales, value_scales)
 
 
-def copy_blocks(kv: torch.Tensor, pairs: torch.Tensor, plan: ExecutionPlan | None = None) -> None:
-    """For every (src, dst) row of ``pairs`` copy block src to block dst, in every layer, K and V."""
+def copy_blocks(kv: torch.Tensor, pairs: torch.Tensor, plan: ExecutionPlan | None = None, *,
+                scales: torch.Tensor | None = None) -> None:
+    """For every (src, dst) row of ``pairs`` copy block src to block dst, in every layer, K and V (and the int8
+    pool's ``scales``)."""
     if use_triton(kv, plan):
         from .triton_cache_ops import copy_blocks_triton
 
         copy_blocks_triton(kv, pairs)
+        if scales is not None:
+            copy_blocks_triton(scales.unsqueeze(-1), pairs)  # [layer, 0|1, block, KVH, slot, 1]
     else:
-        _torch_cache_ops.copy_blocks(kv, pairs)
+        _torch_cache_ops.copy_blocks(kv, pairs, scales)
 
 
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                     meta: PagedAttentionMetadata, scale: float, sliding_window: int | None = None,
-                    softcap: float | None = None) -> torch.Tensor:
+                    softcap: float | None = None, *, key_scales: torch.Tensor | None = None,
+                    value_scales: torch.Tensor | None = None) -> torch.Tensor:
     """query ``[T, H, D]`` (the step's new tokens, K/V already written to the caches) -> ``[T, H, D]``."""
     if (meta.plan or default_plan(query)).triton:
         from .triton_paged_attention import paged_attention_triton
 
-        return paged_attention_triton(query, key_cache, value_cache, meta, scale, sliding_window, softcap)
-    return _torch_attention.paged_attention(query, key_cache, value_cache, meta, scale, sliding_window, softcap)
+        return paged_attention_triton(query, key_cache, value_cache, meta, scale, sliding_window, softcap,
+                                      key_scales=key_scales, value_scales=value_scales)
+    return _torch_attention.paged_attention(query, key_cache, value_cache, meta, scale, sliding_window, softcap,
+                                            key_scales, value_scales)

@@ -10,6 +10,9 @@ with no cached prefix through SDPA's causal kernel, no mask).
 On the CPU, fp32 and bf16 decodes take the C kernel of ``cpu_decode_attention`` instead (K/V read straight
 from the blocks, once) where the step's plan says so (``attention="c-decode"``).
 
+Int8 caches (``key_scales`` / ``value_scales`` given, see ``cache_ops``) are dequantized to the query's dtype
+as their blocks are gathered; the C decode kernel reads them as stored.
+
 Masks depend only on the step and on the layer's sliding window, so they are built once per step and
 window and shared by all layers.
 """
@@ -108,7 +111,8 @@ class PagedAttentionMetadata(OpaqueBase):
         return self._decode_tables["g"]
 
     def cpu_decode_plan(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, scale: float,
-                        sliding_window: int | None, softcap: float | None) -> "_cpu_kernel.DecodePlan | None":
+                        sliding_window: int | None, softcap: float | None, key_scales: torch.Tensor | None = None,
+                        value_scales: torch.Tensor | None = None) -> "_cpu_kernel.DecodePlan | None":
         """The C decode kernel's call for this step's decodes (built by the first layer, reused by the others);
         None where the kernel does not apply."""
         plan = self.plan
@@ -123,7 +127,7 @@ class PagedAttentionMetadata(OpaqueBase):
             d = self.num_decodes
             self._decode_tables[key] = _cpu_kernel.DecodePlan.for_step(
                 query[:d], key_cache, value_cache, self.block_tables[:d], self.kv_lens[:d], scale, sliding_window,
-                softcap)
+                softcap, key_scales, value_scales)
         return self._decode_tables[key]
 
     def decode_mask(self, group: int, sliding_window: int | None) -> torch.Tensor:
@@ -190,24 +194,28 @@ def _attend_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int
 
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                     meta: PagedAttentionMetadata, scale: float, sliding_window: int | None = None,
-                    softcap: float | None = None) -> torch.Tensor:
-    """query ``[T, H, D]`` (the step's new tokens, K/V already written to the caches) -> ``[T, H, D]``."""
+                    softcap: float | None = None, key_scales: torch.Tensor | None = None,
+                    value_scales: torch.Tensor | None = None) -> torch.Tensor:
+    """query ``[T, H, D]`` (the step's new tokens, K/V already written to the caches) -> ``[T, H, D]``. Int8
+    caches come with their scales ``[num_blocks, KVH, block_size]``."""
     num_tokens, num_heads, head_dim = query.shape
     kv_heads = key_cache.shape[2]
     group = num_heads // kv_heads
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)  # contiguous: [T, H, D]
     d = meta.num_decodes
-    plan = meta.cpu_decode_plan(query, key_cache, value_cache, scale, sliding_window, softcap) if d else None
+    plan = meta.cpu_decode_plan(query, key_cache, value_cache, scale, sliding_window, softcap, key_scales,
+                                value_scales) if d else None
     if plan is not None:
         # The C kernel reads K/V straight from the blocks: no gather, no grouping.
         whole = d == num_tokens
-        plan(query if whole else query[:d], key_cache, value_cache, out if whole else out[:d])
+        plan(query if whole else query[:d], key_cache, value_cache, out if whole else out[:d], key_scales,
+             value_scales)
         groups = []
     else:
         groups = meta.decode_groups()
     for g, (rows, tables, max_len) in enumerate(groups):
-        k = gather_blocks(key_cache, tables, max_len).transpose(1, 2)  # [G, KVH, L, hd]
-        v = gather_blocks(value_cache, tables, max_len).transpose(1, 2)
+        k = gather_blocks(key_cache, tables, max_len, key_scales, query.dtype).transpose(1, 2)  # [G, KVH, L, hd]
+        v = gather_blocks(value_cache, tables, max_len, value_scales, query.dtype).transpose(1, 2)
         q = query[:d] if rows is None else query[rows]
         # The query heads sharing a KV head become that head's query rows: no repeat of K/V for GQA.
         q = q.reshape(-1, kv_heads, group, head_dim)
@@ -221,8 +229,8 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
         start, q_len, kv_len = int(cu[seq]), meta.q_lens_list[seq], meta.kv_lens_list[seq]
         nblocks = -(-kv_len // meta.block_size)
         table = meta.block_tables[seq : seq + 1, :nblocks]
-        k = gather_blocks(key_cache, table, kv_len)[0].transpose(0, 1)  # [KVH, L, hd]
-        v = gather_blocks(value_cache, table, kv_len)[0].transpose(0, 1)
+        k = gather_blocks(key_cache, table, kv_len, key_scales, query.dtype)[0].transpose(0, 1)  # [KVH, L, hd]
+        v = gather_blocks(value_cache, table, kv_len, value_scales, query.dtype)[0].transpose(0, 1)
         if not sliding_window and not softcap and (q_len == kv_len or query.device.type == "cpu"):
             # Causal attention without a mask, which SDPA's flash kernel does 2-5x faster than a masked one.
             q = query[start : start + q_len].transpose(0, 1).unsqueeze(0)

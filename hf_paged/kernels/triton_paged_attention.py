@@ -19,6 +19,9 @@ Kernels:
   over ``cu_seqlens_q`` (no host-side work list) and attends causally to the cached prefix and its own
   new tokens, all read through the block table. Serves chunked prefill and prefix-cache hits alike.
 
+Int8 caches (``KV_INT8``): K/V tiles are loaded as int8 and widened to fp32 (exact), the key scales multiply the
+scores and the value scales the probabilities before ``P.V`` (the running sum ``l`` stays on the unscaled ones).
+
 ``tl.dot``: every operand is cast to fp32 first (the Triton interpreter's ``tl.dot`` gives garbage on
 bf16 operands, and this keeps the interpreter-tested code the code the GPU runs). On the GPU the dot
 then runs as ``input_precision="tf32"`` for fp16/bf16 inputs (lossless for Q.K^T: tf32 holds every
@@ -56,15 +59,18 @@ def _softcap(s, softcap):
 @triton.jit(do_not_specialize=["window"])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, kv_lens_ptr,
-    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, k_scale_ptr, v_scale_ptr,
     scale, softcap, window, num_heads, head_dim,
     stride_qt, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_ksb, stride_ksh, stride_kss,
+    stride_vsb, stride_vsh, stride_vss,
     stride_bt,
     stride_ot, stride_oh, stride_od,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KV_INT8: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -99,6 +105,10 @@ def _decode_kernel(
         kt = tl.load(k_cache_ptr + phys[None, :] * stride_kb + in_blk[None, :] * stride_ks + kvh * stride_kh
                      + d[:, None] * stride_kd, mask=valid[None, :] & d_mask[:, None], other=0.0).to(tl.float32)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale  # [BLOCK_G, TILE_N]
+        if KV_INT8:
+            k_sc = tl.load(k_scale_ptr + phys * stride_ksb + kvh * stride_ksh + in_blk * stride_kss, mask=valid,
+                           other=0.0)
+            s = s * k_sc[None, :]
         if USE_SOFTCAP:
             s = _softcap(s, softcap)
         s = tl.where(valid[None, :], s, _NEG_INF)
@@ -109,6 +119,10 @@ def _decode_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + phys[:, None] * stride_vb + in_blk[:, None] * stride_vs + kvh * stride_vh
                     + d[None, :] * stride_vd, mask=valid[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        if KV_INT8:
+            v_sc = tl.load(v_scale_ptr + phys * stride_vsb + kvh * stride_vsh + in_blk * stride_vss, mask=valid,
+                           other=0.0)
+            p = p * v_sc[None, :]
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -150,15 +164,18 @@ def _decode_reduce_kernel(
 
 @triton.jit(do_not_specialize=["window", "num_seqs"])
 def _prefill_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, kv_lens_ptr, cu_q_ptr, out_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, kv_lens_ptr, cu_q_ptr, out_ptr, k_scale_ptr, v_scale_ptr,
     scale, softcap, window, num_seqs, head_dim,
     stride_qt, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_ksb, stride_ksh, stride_kss,
+    stride_vsb, stride_vsh, stride_vss,
     stride_bt,
     stride_ot, stride_oh, stride_od,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, USE_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KV_INT8: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -213,6 +230,10 @@ def _prefill_kernel(
         kt = tl.load(k_cache_ptr + phys[None, :] * stride_kb + in_blk[None, :] * stride_ks + kvh * stride_kh
                      + d[:, None] * stride_kd, mask=k_valid[None, :] & d_mask[:, None], other=0.0).to(tl.float32)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale  # [BLOCK_M, TILE_N]
+        if KV_INT8:
+            k_sc = tl.load(k_scale_ptr + phys * stride_ksb + kvh * stride_ksh + in_blk * stride_kss, mask=k_valid,
+                           other=0.0)
+            s = s * k_sc[None, :]
         if USE_SOFTCAP:
             s = _softcap(s, softcap)
         visible = k_valid[None, :] & (pos[None, :] <= q_pos[:, None])
@@ -225,6 +246,10 @@ def _prefill_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + phys[:, None] * stride_vb + in_blk[:, None] * stride_vs + kvh * stride_vh
                     + d[None, :] * stride_vd, mask=k_valid[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        if KV_INT8:
+            v_sc = tl.load(v_scale_ptr + phys * stride_vsb + kvh * stride_vsh + in_blk * stride_vss, mask=k_valid,
+                           other=0.0)
+            p = p * v_sc[None, :]
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -263,13 +288,25 @@ def _dot_precision(*tensors: torch.Tensor) -> str:
     return "ieee" if any(t.dtype == torch.float32 for t in tensors) else "tf32"
 
 
+def _scale_args(key_cache: torch.Tensor, value_cache: torch.Tensor, key_scales: torch.Tensor | None,
+                value_scales: torch.Tensor | None) -> tuple[tuple, tuple]:
+    """(pointers, strides) of an int8 cache's scales ``[num_blocks, KVH, block_size]`` as the kernels take them:
+    (block, head, slot) strides; the caches themselves and zeros, unused, for unquantized caches."""
+    if key_scales is None:
+        return (key_cache, value_cache), (0,) * 6
+    assert key_cache.dtype == value_cache.dtype == torch.int8 and value_scales is not None
+    return (key_scales, value_scales), (*key_scales.stride(), *value_scales.stride())
+
+
 def paged_decode_attention(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor,
                            value_cache: torch.Tensor, block_tables: torch.Tensor, kv_lens: torch.Tensor,
                            num_decodes: int, max_kv_len: int, scale: float, sliding_window: int | None = None,
                            softcap: float | None = None, num_splits: int | None = None,
-                           tile_n: int | None = None) -> None:
+                           tile_n: int | None = None, key_scales: torch.Tensor | None = None,
+                           value_scales: torch.Tensor | None = None) -> None:
     """Rows ``0..num_decodes-1`` of ``query``/``out`` ``[T, H, D]`` are decode tokens of sequences
-    ``0..num_decodes-1`` (``block_tables``/``kv_lens`` rows). ``num_splits`` None picks by heuristic."""
+    ``0..num_decodes-1`` (``block_tables``/``kv_lens`` rows). ``num_splits`` None picks by heuristic. Int8 caches
+    come with their scales."""
     if num_decodes == 0:
         return
     _, num_heads, head_dim = query.shape
@@ -288,14 +325,16 @@ def paged_decode_attention(out: torch.Tensor, query: torch.Tensor, key_cache: to
         part_l = torch.empty_like(part_m)
     else:
         part_acc = part_m = part_l = out  # unused
+    scale_ptrs, scale_strides = _scale_args(key_cache, value_cache, key_scales, value_scales)
     _decode_kernel[(num_decodes, kv_heads, num_splits)](
         query, key_cache, value_cache, block_tables, kv_lens,
-        out, part_acc, part_m, part_l,
+        out, part_acc, part_m, part_l, *scale_ptrs,
         float(scale), cap, window, num_heads, head_dim,
-        *query.stride(), *key_cache.stride(), *value_cache.stride(), block_tables.stride(0), *out.stride(),
+        *query.stride(), *key_cache.stride(), *value_cache.stride(), *scale_strides, block_tables.stride(0),
+        *out.stride(),
         GROUP=group, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_SIZE=block_size, TILE_N=tile_n,
         NUM_SPLITS=num_splits, USE_SOFTCAP=cap != 0.0, DOT_PRECISION=_dot_precision(query, key_cache),
-        num_warps=4,
+        KV_INT8=key_scales is not None, num_warps=4,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_decodes, num_heads)](
@@ -309,7 +348,8 @@ def paged_prefill_attention(out: torch.Tensor, query: torch.Tensor, key_cache: t
                             value_cache: torch.Tensor, block_tables: torch.Tensor, kv_lens: torch.Tensor,
                             cu_seqlens_q: torch.Tensor, q_lens: list[int], scale: float,
                             sliding_window: int | None = None, softcap: float | None = None,
-                            block_m: int | None = None, tile_n: int | None = None) -> None:
+                            block_m: int | None = None, tile_n: int | None = None,
+                            key_scales: torch.Tensor | None = None, value_scales: torch.Tensor | None = None) -> None:
     """The sequences of ``block_tables``/``kv_lens``/``q_lens`` (rows), whose query tokens are rows
     ``cu_seqlens_q[i]:cu_seqlens_q[i+1]`` of ``query``/``out`` (``cu_seqlens_q`` has one more entry)."""
     num_seqs = len(q_lens)
@@ -327,22 +367,26 @@ def paged_prefill_attention(out: torch.Tensor, query: torch.Tensor, key_cache: t
     window = int(sliding_window) if sliding_window else 0
     cap = float(softcap) if softcap else 0.0
     grid = (sum(q_lens) // block_q + num_seqs, kv_heads)
+    scale_ptrs, scale_strides = _scale_args(key_cache, value_cache, key_scales, value_scales)
     _prefill_kernel[grid](
-        query, key_cache, value_cache, block_tables, kv_lens, cu_seqlens_q, out,
+        query, key_cache, value_cache, block_tables, kv_lens, cu_seqlens_q, out, *scale_ptrs,
         float(scale), cap, window, num_seqs, head_dim,
-        *query.stride(), *key_cache.stride(), *value_cache.stride(), block_tables.stride(0), *out.stride(),
+        *query.stride(), *key_cache.stride(), *value_cache.stride(), *scale_strides, block_tables.stride(0),
+        *out.stride(),
         GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_D=block_d, BLOCK_SIZE=block_size, TILE_N=tile_n,
         USE_SOFTCAP=cap != 0.0, DOT_PRECISION=_dot_precision(query, key_cache),
-        num_warps=4,
+        KV_INT8=key_scales is not None, num_warps=4,
     )
 
 
 def paged_attention_triton(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, meta,
                            scale: float, sliding_window: int | None = None, softcap: float | None = None, *,
-                           num_splits: int | None = None) -> torch.Tensor:
+                           num_splits: int | None = None, key_scales: torch.Tensor | None = None,
+                           value_scales: torch.Tensor | None = None) -> torch.Tensor:
     """query ``[T, H, D]`` (the step's new tokens, K/V already written to the caches) -> ``[T, H, D]``; the
     first ``meta.num_decodes`` sequences go to the decode kernel, the rest to the prefill kernel.
-    ``num_splits`` overrides the decode kernel's split-K heuristic (tests)."""
+    ``num_splits`` overrides the decode kernel's split-K heuristic (tests). Int8 caches come with their scales
+    ``[num_blocks, KVH, block_size]``."""
     num_tokens, num_heads, head_dim = query.shape
     out = torch.empty((num_tokens, num_heads, head_dim), dtype=query.dtype, device=query.device)
     if num_tokens == 0:
@@ -351,8 +395,10 @@ def paged_attention_triton(query: torch.Tensor, key_cache: torch.Tensor, value_c
     if d:
         max_len = meta.max_decode_len or max(meta.kv_lens_list[:d])
         paged_decode_attention(out, query, key_cache, value_cache, meta.block_tables, meta.kv_lens, d,
-                               max_len, scale, sliding_window, softcap, num_splits=num_splits)
+                               max_len, scale, sliding_window, softcap, num_splits=num_splits,
+                               key_scales=key_scales, value_scales=value_scales)
     if d < meta.num_seqs:
         paged_prefill_attention(out, query, key_cache, value_cache, meta.block_tables[d:], meta.kv_lens[d:],
-                                meta.cu_seqlens_q[d:], meta.q_lens_list[d:], scale, sliding_window, softcap)
+                                meta.cu_seqlens_q[d:], meta.q_lens_list[d:], scale, sliding_window, softcap,
+                                key_scales=key_scales, value_scales=value_scales)
     return out

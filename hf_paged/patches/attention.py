@@ -53,10 +53,13 @@ def paged_attention_layer(query: torch.Tensor, key: torch.Tensor, value: torch.T
     graph reads the pool, and the data dependency between layers keeps the calls in order)."""
     pool = meta.pool
     key_cache, value_cache = pool.key_cache(layer), pool.value_cache(layer)
+    key_scales, value_scales = pool.key_scales(layer), pool.value_scales(layer)  # None unless int8
     # HF hands q/k/v as [1, heads, T, head_dim]; the kernels use [T, heads, head_dim].
-    write_kv(key_cache, value_cache, key[0].transpose(0, 1), value[0].transpose(0, 1), meta.slot_mapping, meta.plan)
+    write_kv(key_cache, value_cache, key[0].transpose(0, 1), value[0].transpose(0, 1), meta.slot_mapping, meta.plan,
+             key_scales=key_scales, value_scales=value_scales)
     out = paged_attention(query[0].transpose(0, 1), key_cache, value_cache, meta, scale,
-                          sliding_window=sliding_window, softcap=softcap)
+                          sliding_window=sliding_window, softcap=softcap, key_scales=key_scales,
+                          value_scales=value_scales)
     return out.unsqueeze(0)
 
 

@@ -33,7 +33,9 @@ from transformers.models.llama import modeling_llama
 from ..kernels import cpu_fused_ops, cpu_library
 from ..kernels.dispatch import paged_attention
 from .attention import ATTN_IMPLEMENTATION, paged_attention_layer
-from .linear import AMX_MAX_ROWS, AmxWeight, PackedGroup, in_packed_call
+from .linear import AMX_MAX_ROWS, SMALL_MAX_ROWS, AmxWeight, PackedGroup, SmallRowsWeight, in_packed_call
+
+_LINEAR_AMX, _LINEAR_AVX512 = 0, 1  # llama_decode_layer.c's linear kinds
 
 
 def _same_code(fn: Any, reference: Any) -> bool:
@@ -64,7 +66,7 @@ class _Fused:
 
     names: tuple[str, ...] = ()
 
-    def __init__(self, module: torch.nn.Module, previous: "_Fused | None", amx: bool) -> None:
+    def __init__(self, module: torch.nn.Module, previous: "_Fused | None", kind: str) -> None:
         self.module = module
         self.lib = cpu_library.load()  # build_fused builds nothing where it is None
         self.bf16 = int(next(module.parameters()).dtype == torch.bfloat16)
@@ -73,7 +75,7 @@ class _Fused:
         if self.names:
             self.linears = _plain_linears(module, self.names)
             kept = previous.group if previous is not None else None
-            self.group = kept if kept is not None and kept.current(self.linears) else PackedGroup(self.linears, amx)
+            self.group = kept if kept is not None and kept.current(self.linears) else PackedGroup(self.linears, kind)
 
     def is_current(self) -> bool:
         """Whether its packed group still holds its layers' weights."""
@@ -191,7 +193,8 @@ class _FusedRMSNorm(_Fused):
 class _FusedDecoderLayer(_Fused):
     """A Llama decoder layer whose four parts are all fused: it calls their fused paths directly (none of
     ``nn.Module.__call__``'s work for them) and does the residual add with the post-attention norm in one C call.
-    A decode-only bf16 step on AMX runs the whole layer as one C call (``one_call``)."""
+    A decode-only step whose linears run on hf_paged's kernels (AMX, AVX-512) runs the whole layer as one C call
+    (``one_call``)."""
 
     PARTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
 
@@ -243,10 +246,10 @@ class _FusedDecoderLayer(_Fused):
     def _decode_in_one_call(self, hidden_states: torch.Tensor, position_embeddings: tuple,
                             meta: Any) -> torch.Tensor | None:
         """The whole layer as one C call (``csrc/llama_decode_layer.c``: the same kernels in the same order, without
-        the Python between them) for a decode-only bf16 step whose four GEMMs are all on AMX tiles; None where that
-        does not apply."""
+        the Python between them) for a decode-only step whose four GEMMs all run on hf_paged's kernels (AMX tiles,
+        or the AVX-512 kernel); None where that does not apply."""
         tokens = hidden_states.shape[1]
-        if not (self.bf16 and meta.num_decodes == tokens and 0 < tokens <= AMX_MAX_ROWS):
+        if meta.num_decodes != tokens or tokens == 0:
             return None
         m = self.module
         attn, mlp, pre, post = m.self_attn, m.mlp, m.input_layernorm, m.post_attention_layernorm
@@ -256,24 +259,32 @@ class _FusedDecoderLayer(_Fused):
         qkv, gate_up = self.attention.group, self.mlp.group
         packs = (qkv.packed, o_packer.packed, gate_up.packed, down_packer.packed)
         biases = (qkv.bias, attn.o_proj.bias, gate_up.bias, mlp.down_proj.bias)
-        if not (all(isinstance(p, AmxWeight) for p in packs)
-                and all(b is None or (b.dtype == torch.bfloat16 and b.is_contiguous()) for b in biases)):
+        dtype = hidden_states.dtype
+        if all(isinstance(p, AmxWeight) for p in packs) and dtype == torch.bfloat16 and tokens <= AMX_MAX_ROWS:
+            linear_kind = _LINEAR_AMX
+        elif all(isinstance(p, SmallRowsWeight) and p.dtype == dtype for p in packs) and tokens <= SMALL_MAX_ROWS:
+            linear_kind = _LINEAR_AVX512
+        else:
+            return None
+        if not all(b is None or (b.dtype == dtype and b.is_contiguous()) for b in biases):
             return None
         hd = attn.head_dim
         heads, kv_heads = attn.q_proj.out_features // hd, attn.k_proj.out_features // hd
-        cos, sin, rope_ok = _rotary_tables(position_embeddings, torch.bfloat16, tokens, hd)
-        caches = self.attention.caches_for_c_write(meta, torch.bfloat16, kv_heads, hd) if rope_ok else None
+        cos, sin, rope_ok = _rotary_tables(position_embeddings, dtype, tokens, hd)
+        key_scales, value_scales = meta.pool.key_scales(attn.layer_idx), meta.pool.value_scales(attn.layer_idx)
+        cache_dtype = dtype if key_scales is None else torch.int8  # int8 K/V: quantized by the C write
+        caches = self.attention.caches_for_c_write(meta, cache_dtype, kv_heads, hd) if rope_ok else None
         if caches is None:
             return None
         key_cache, value_cache = caches
         dim, inter, scale = hidden_states.shape[-1], gate_up.packed.out_features // 2, float(attn.scaling)
         lib = self.lib
-        work = torch.empty(lib.hf_llama_decode_layer_workspace(tokens, dim, heads, kv_heads, hd, inter),
-                           dtype=torch.bfloat16)
+        work = torch.empty(lib.hf_llama_decode_layer_workspace(tokens, dim, heads, kv_heads, hd, inter), dtype=dtype)
         query = work[: tokens * heads * hd].view(tokens, heads, hd)  # for the plan's shape and dtype checks
-        plan = meta.cpu_decode_plan(query, key_cache, value_cache, scale, None, None)
+        plan = meta.cpu_decode_plan(query, key_cache, value_cache, scale, None, None, key_scales, value_scales)
         if plan is None:
             return None
+        scales = (None, None) if key_scales is None else (key_scales.data_ptr(), value_scales.data_ptr())
         out = torch.empty_like(hidden_states)
         ptr = [None if b is None else b.data_ptr() for b in biases]
         rc = lib.hf_llama_decode_layer(
@@ -281,15 +292,15 @@ class _FusedDecoderLayer(_Fused):
             post.weight.data_ptr(), post.variance_epsilon, packs[0].packed.data_ptr(), ptr[0], heads, kv_heads, hd,
             packs[1].packed.data_ptr(), ptr[1], packs[2].packed.data_ptr(), ptr[2], inter, packs[3].packed.data_ptr(),
             ptr[3], cos.data_ptr(), sin.data_ptr(), meta.slot_mapping.data_ptr(), key_cache.data_ptr(),
-            value_cache.data_ptr(), *plan.tables, key_cache.shape[1], scale, work.data_ptr(),
-            torch.get_num_threads())
+            value_cache.data_ptr(), *scales, *plan.tables, key_cache.shape[1], scale, work.data_ptr(), linear_kind,
+            int(dtype == torch.bfloat16), torch.get_num_threads())
         return out if rc == 0 else None
 
 
 _KINDS = (_FusedAttention, _FusedMLP, _FusedRMSNorm)
 
 
-def build_fused(model: torch.nn.Module, amx: bool, previous: dict | None = None
+def build_fused(model: torch.nn.Module, linears: str, previous: dict | None = None
                 ) -> tuple[dict[torch.nn.Module, _Fused], list[torch.nn.Linear]]:
     """A fused forward for every recognised CPU attention, MLP, RMSNorm and decoder-layer module of ``model``
     (keeping the packed groups of ``previous`` that still hold the current weights), and the linears now computed
@@ -311,7 +322,7 @@ def build_fused(model: torch.nn.Module, amx: bool, previous: dict | None = None
             for kind in _KINDS:
                 if kind.matches(module):
                     old = previous.get(module)
-                    fused[module] = kind(module, old if type(old) is kind else None, amx)
+                    fused[module] = kind(module, old if type(old) is kind else None, linears)
                     grouped.extend(fused[module].linears)
                     break
     return fused, grouped
@@ -319,7 +330,8 @@ def build_fused(model: torch.nn.Module, amx: bool, previous: dict | None = None
 
 def fuse_decoder_layers(model: torch.nn.Module, parts: dict, one_call: bool) -> dict[torch.nn.Module, _Fused]:
     """Fused forwards for the decoder layers whose four parts all have theirs in ``parts`` (fused modules and
-    packed linears by module). ``one_call``: decode-only bf16 steps on AMX run each such layer as one C call."""
+    packed linears by module). ``one_call``: decode-only steps on hf_paged's linear kernels run each such layer as
+    one C call."""
     layers = {}
     for module in model.modules():
         if "forward" not in module.__dict__ and _FusedDecoderLayer.matches(module, parts):

@@ -77,6 +77,68 @@ AMX_MAX_ROWS = 256
 _amx: bool | None = None
 
 
+class SmallRowsWeight:
+    """An fp32 or bf16 weight ``[N, K]`` packed for hf_paged's AVX-512 kernel (``kernels/csrc/small_linear.c``:
+    fp32 FMAs, bf16 through AVX512_BF16 dot products, no AMX needed), for products of up to ``SMALL_MAX_ROWS``
+    rows: a decode step's, where the weights stream from memory and oneDNN's blocking reaches well under the
+    bandwidth. Larger products (prefill) go to oneDNN's packed copy, kept beside it."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.out_features, self.in_features = weight.shape
+        self.dtype = weight.dtype
+        groups = -(-self.out_features // 64)
+        self.packed = torch.empty(groups * 64 * self.in_features, dtype=weight.dtype)
+        self._lib = cpu_library.load()
+        pack = self._lib.hf_small_linear_pack_bf16 if self.bf16 else self._lib.hf_small_linear_pack_f32
+        pack(weight.data_ptr(), weight.stride(0), self.out_features, self.in_features, self.packed.data_ptr())
+        self._linear = self._lib.hf_small_linear_bf16 if self.bf16 else self._lib.hf_small_linear_f32
+        self.large = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+
+    @property
+    def bf16(self) -> bool:
+        return self.dtype == torch.bfloat16
+
+    @staticmethod
+    def supports(weight: torch.Tensor) -> bool:
+        if not (weight.dim() == 2 and weight.stride(1) == 1 and small_rows_available(weight.dtype)):
+            return False
+        return weight.dtype == torch.float32 or weight.shape[1] % 2 == 0
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        rows = x.numel() // self.in_features if x.shape[-1] == self.in_features else 0
+        if (0 < rows <= SMALL_MAX_ROWS and x.dtype == self.dtype
+                and (bias is None or (bias.dtype == self.dtype and bias.is_contiguous()))):
+            x2 = x.reshape(rows, self.in_features)
+            if x2.stride(1) == 1:
+                out = torch.empty((*x.shape[:-1], self.out_features), dtype=self.dtype)
+                rc = self._linear(x2.data_ptr(), x2.stride(0), rows, self.packed.data_ptr(),
+                                  None if bias is None else bias.data_ptr(), self.out_features, self.in_features,
+                                  out.data_ptr(), self.out_features, torch.get_num_threads())
+                if rc == 0:
+                    return out
+        return torch.ops.mkldnn._linear_pointwise(x, self.large, bias, "none", [], "")
+
+
+SMALL_MAX_ROWS = 128
+_small_rows: dict[torch.dtype, bool] = {}
+
+
+def small_rows_available(dtype: torch.dtype) -> bool:
+    """Whether the AVX-512 small-row kernel runs here for ``dtype`` (the CPU kernels built for an AVX-512 target;
+    bf16 needs AVX512_BF16 too)."""
+    if dtype not in _small_rows:
+        lib = cpu_library.load() if cpu_library.available() else None
+        ok = lib is not None and torch.backends.mkldnn.is_available()
+        if dtype == torch.float32:
+            ok = ok and bool(lib.hf_small_linear_available())
+        elif dtype == torch.bfloat16:
+            ok = ok and bool(lib.hf_small_linear_bf16_available())
+        else:
+            ok = False
+        _small_rows[dtype] = ok
+    return _small_rows[dtype]
+
+
 def amx_available() -> bool:
     """Whether the AMX linear kernel runs here (the CPU kernels built, AMX in this CPU and allowed by Linux)."""
     global _amx
@@ -85,14 +147,22 @@ def amx_available() -> bool:
     return _amx
 
 
-def _pack(weight: torch.Tensor, amx: bool) -> "AmxWeight | torch.Tensor":
-    if amx and AmxWeight.supports(weight):
+Packed = "AmxWeight | SmallRowsWeight | torch.Tensor"
+
+
+def _pack(weight: torch.Tensor, kind: str) -> Packed:
+    """``kind`` is the plan's ``linears``: ``amx``, ``avx512`` (falling back to oneDNN where a weight does not fit
+    the kernel) or ``onednn``."""
+    if kind == "amx" and AmxWeight.supports(weight):
         return AmxWeight(weight)
+    if kind == "avx512" and SmallRowsWeight.supports(weight):
+        return SmallRowsWeight(weight)
     return torch.ops.mkldnn._reorder_linear_weight(weight, None)
 
 
-def _matmul(packed: "AmxWeight | torch.Tensor", weight: torch.Tensor, x: torch.Tensor,
-            bias: torch.Tensor | None) -> torch.Tensor:
+def _matmul(packed: Packed, weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if isinstance(packed, SmallRowsWeight):
+        return packed.matmul(x, bias)
     if isinstance(packed, AmxWeight):
         out = packed.matmul(x, bias)
         return out if out is not None else F.linear(x, weight, bias)
@@ -106,15 +176,15 @@ def weight_state(weight: torch.Tensor) -> tuple[int, int, torch.dtype]:
 
 class _PackedLinearForward:
     """One ``nn.Linear``'s packed weight and the ``forward`` that uses it (installed on the module by the engine's
-    runner for its forwards; compiled layers reach it through ``hf_paged::packed_linear`` instead). With ``amx``,
-    bf16 weights are packed for the AMX kernel (larger products take ``F.linear``), others for oneDNN."""
+    runner for its forwards; compiled layers reach it through ``hf_paged::packed_linear`` instead). ``kind``: the
+    plan's ``linears`` (see :func:`_pack`)."""
 
-    def __init__(self, module: torch.nn.Linear, amx: bool) -> None:
+    def __init__(self, module: torch.nn.Linear, kind: str) -> None:
         self.module = module
-        self.amx = amx
+        self.kind = kind
         self.source = weight_state(module.weight)
         with torch.inference_mode():
-            self.packed = _pack(module.weight.detach(), amx)
+            self.packed = _pack(module.weight.detach(), kind)
 
     def is_current(self) -> bool:
         """Whether the packed copy still holds the module's weight."""
@@ -136,14 +206,14 @@ class PackedGroup:
     [32, 576] input in bf16: three of 576/192/192 outputs 114 us, one of 960 outputs 74 us). With AMX the
     concatenated weight is kept too, for products too large for the AMX kernel."""
 
-    def __init__(self, linears: list[torch.nn.Linear], amx: bool) -> None:
+    def __init__(self, linears: list[torch.nn.Linear], kind: str) -> None:
         self.sources = [weight_state(m.weight) for m in linears]
         weight = torch.cat([m.weight.detach() for m in linears])
         has_bias = [m.bias is not None for m in linears]
         if any(has_bias) and not all(has_bias):
             raise ValueError("a packed group needs a bias on all of its layers or on none")
         self.bias = torch.cat([m.bias.detach() for m in linears]) if all(has_bias) else None
-        self.packed = _pack(weight, amx)
+        self.packed = _pack(weight, kind)
         self.weight = weight if isinstance(self.packed, AmxWeight) else None
         self.dtype = weight.dtype
 
@@ -179,7 +249,7 @@ def _packable(module: torch.nn.Module) -> bool:
             and w.dtype in (torch.float32, torch.bfloat16))
 
 
-def build_packers(model: torch.nn.Module, amx: bool, skip: Iterable[torch.nn.Module] = (),
+def build_packers(model: torch.nn.Module, kind: str, skip: Iterable[torch.nn.Module] = (),
                   previous: dict[torch.nn.Module, _PackedLinearForward] | None = None
                   ) -> dict[torch.nn.Module, _PackedLinearForward]:
     """A packed weight for every plain CPU ``nn.Linear`` of ``model`` but those in ``skip`` (computed through a
@@ -193,8 +263,8 @@ def build_packers(model: torch.nn.Module, amx: bool, skip: Iterable[torch.nn.Mod
     for module in model.modules():
         if id(module) not in skipped and _packable(module):
             kept = previous.get(module)
-            packers[module] = kept if kept is not None and kept.amx == amx and kept.is_current() \
-                else _PackedLinearForward(module, amx)
+            packers[module] = kept if kept is not None and kept.kind == kind and kept.is_current() \
+                else _PackedLinearForward(module, kind)
     return packers
 
 

@@ -53,6 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--kv-memory", type=parse_bytes, default=None,
                         help="bytes of KV-cache blocks, e.g. 1GiB (default: the engine's default)")
+    parser.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto",
+                        help="auto: K/V in the model's dtype; int8: int8 with a scale per token and head")
     parser.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one engine step")
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="most tokens in one engine step")
     parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
@@ -100,26 +102,31 @@ def load_model(path: str | None, dtype: str) -> tuple[Any, Any, str]:
     return model, tokenizer, p.name
 
 
-def _reexec_with_passive_openmp() -> None:
-    """Start this same command again with ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets a policy.
+SPIN_COUNT = "20000"
 
-    OpenMP reads it once, when torch loads (already done: ``hf_paged`` imports torch), so it takes a new process.
-    Why: the server's event loop (and, often, its clients) share the cores with the engine's OpenMP workers, and
-    workers that spin between parallel regions take the CPU from them; under such contention decode steps were
-    several times slower with the default policy (docs/benchmarks.md). ``OMP_WAIT_POLICY=ACTIVE`` keeps spinning.
+
+def _reexec_with_short_openmp_spin() -> None:
+    """Start this same command again with ``GOMP_SPINCOUNT=20000`` unless the environment sets an OpenMP wait policy
+    or spin count.
+
+    OpenMP reads them once, when torch loads (already done: ``hf_paged`` imports torch), so it takes a new process.
+    Why: between parallel regions libgomp's workers spin 300,000 times by default before they sleep. A short spin
+    keeps a decode step's hundreds of back-to-back regions as fast as the default does, while workers of an idle
+    or stalled engine stop taking the cores from the server's event loop and its clients sooner. (Sleeping at once,
+    ``OMP_WAIT_POLICY=PASSIVE``, slows every decode step by a fifth: docs/benchmarks.md.)
     """
-    if "OMP_WAIT_POLICY" in os.environ or not getattr(sys, "orig_argv", None):
+    if {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & os.environ.keys() or not getattr(sys, "orig_argv", None):
         return
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
     try:
         os.execv(sys.executable, list(sys.orig_argv))
-    except OSError:  # keep going with the default policy
-        logging.getLogger("hf_paged.serve").warning("could not restart with OMP_WAIT_POLICY=PASSIVE")
+    except OSError:  # keep going with the default spin
+        logging.getLogger("hf_paged.serve").warning("could not restart with GOMP_SPINCOUNT=%s", SPIN_COUNT)
 
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM / SIGINT; returns the exit status (0 after a graceful shutdown)."""
-    _reexec_with_passive_openmp()
+    _reexec_with_short_openmp_spin()
     # A stop signal while the model loads: exit 0 at once (uvicorn takes the signals over once it serves).
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: sys.exit(0))
@@ -131,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     model, tokenizer, default_name = load_model(args.model, args.dtype)
     engine_kwargs: dict[str, Any] = {"max_num_seqs": args.max_num_seqs,
-                                     "max_num_batched_tokens": args.max_num_batched_tokens}
+                                     "max_num_batched_tokens": args.max_num_batched_tokens,
+                                     "kv_cache_dtype": args.kv_cache_dtype}
     if args.kv_memory is not None:
         engine_kwargs["memory_bytes"] = args.kv_memory
     if args.max_model_len is not None:

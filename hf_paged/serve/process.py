@@ -19,6 +19,8 @@ import urllib.request
 from pathlib import Path
 from typing import Sequence
 
+from .cli import SPIN_COUNT
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nothing listens on right now."""
@@ -48,7 +50,8 @@ class ServerProcess:
         port = port or free_port()
         command = [sys.executable, "-m", "hf_paged.serve", "--host", "127.0.0.1", "--port", str(port), *args]
         # What the server would restart itself with (cli.py), set here to spare the restart.
-        kwargs["env"] = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), **(kwargs.get("env") or {})}
+        spin = {} if {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & os.environ.keys() else {"GOMP_SPINCOUNT": SPIN_COUNT}
+        kwargs["env"] = {**spin, **(kwargs.get("env") or {})}
         return cls(command, port, **kwargs)
 
     @property

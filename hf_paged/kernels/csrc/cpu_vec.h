@@ -1,9 +1,13 @@
-/* Shared by the CPU kernels: vector width, GNU vector types, fp32/bf16 loads and stores (bf16 rounded to
- * nearest even, as torch does), exp, horizontal sum and max. Plain C11 + GNU vector extensions. */
+/* Shared by the CPU kernels: vector width, GNU vector types, fp32/bf16/int8 loads and fp32/bf16 stores (bf16
+ * rounded to nearest even, as torch does), exp, horizontal sum and max. Plain C11 + GNU vector extensions (and one
+ * x86 intrinsic pair for int8 loads). */
 #pragma once
 
 #include <stdint.h>
 #include <string.h>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h> /* load_i8_vec: gcc widens int8 vectors with __builtin_convertvector one element at a time */
+#endif
 
 #if defined(__AVX512F__)
 #define VL 16
@@ -19,6 +23,8 @@ typedef uint32_t vu __attribute__((vector_size(4 * VL)));
 typedef float vf_unaligned __attribute__((vector_size(4 * VL), aligned(4), may_alias));
 typedef uint16_t vh_unaligned __attribute__((vector_size(2 * VL), aligned(2), may_alias));
 typedef uint16_t vh __attribute__((vector_size(2 * VL)));
+typedef int8_t vb_unaligned __attribute__((vector_size(VL), aligned(1), may_alias));
+typedef int8_t vb __attribute__((vector_size(VL)));
 
 static inline vf splat(float x) { return (vf){0} + x; }
 
@@ -26,6 +32,17 @@ static inline vf splat(float x) { return (vf){0} + x; }
 static inline vf load_vec(const int bf16, const char *p) {
     if (bf16) return (vf)(__builtin_convertvector(*(const vh_unaligned *)p, vu) << 16);
     return *(const vf_unaligned *)p;
+}
+
+/* Load VL int8 elements as fp32. */
+static inline vf load_i8_vec(const char *p) {
+#if defined(__AVX512F__)
+    return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+#elif defined(__AVX2__)
+    return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+#else /* GCC widens int8 vectors element by element here too; fine for a fallback */
+    return __builtin_convertvector(*(const vb_unaligned *)p, vf);
+#endif
 }
 
 static inline void store_vec(const int bf16, char *p, vf x) {

@@ -34,6 +34,15 @@
  *
  * paged_write_kv, beside it, scatters a step's new K/V rows into their slots (the cache write of every layer).
  *
+ * int8 K/V (kv_cache_dtype="int8", the *_i8 entry points): each cached row is hd int8 values q with one fp32 scale
+ * s per (slot, KV head), x = q * s, the scales in [num_blocks, KVH, block_size] beside each cache. The scales are
+ * applied outside the dot products: pass 1 multiplies a tile's VL scores by its VL key scales, pass 2 weighs each V
+ * row by its probability times its scale. With AVX512-VNNI and head dims that are multiples of 32 (unit_i8_vnni)
+ * the dot products are integer (vpdpwssd): the scaled query and each tile's weights rounded to int16, the rows
+ * widened to int16, int32 sums; otherwise (unit_vec, unit_scalar) the rows are widened to fp32 in registers. The
+ * query and the output keep the model's dtype (fp32 or bf16). paged_write_kv_i8 quantizes as
+ * cache_ops.quantize_int8 does (scale = max|x| / 127, x / scale rounded half to even: the same bits).
+ *
  * No -ffast-math: exp is a polynomial written here and no loop needs reassociation permission. Head dims
  * that are not a multiple of VL take a plain scalar path.
  */
@@ -103,6 +112,7 @@ typedef struct {
     int H, KVH, G, hd, block_size, window;
     float scale, softcap;
     int ldsc; /* score row length of the workspace (max visible length rounded up to VL) */
+    const float *k_scales, *v_scales; /* int8 K/V: [num_blocks, KVH, block_size] row scales (else NULL) */
 } params_t;
 
 /* Per-thread workspace for the G query heads of one unit. */
@@ -117,6 +127,8 @@ typedef struct {
     const char *rows[VL];  /* the rows of the current tile */
     const char *ahead[VL]; /* rows to prefetch while computing it */
     int n_ahead;
+    float rs[VL]; /* int8 K/V: the current tile's row scales (0 past its rows) */
+    float *hs;    /* [2 G] the int8 VNNI path's per-head scales of q and of a tile's weights */
 } work_t;
 
 /* The first key a query at the end of `len` keys sees. */
@@ -145,8 +157,47 @@ static inline void tile_rows(const params_t *p, const char *cache, const int64_t
     }
 }
 
+/* The scale of position pos's row (scales [num_blocks, KVH, block_size]). */
+static inline const float *scale_at(const params_t *p, const float *scales, const int64_t *bt, int kh, int pos) {
+    const int bs = p->block_size;
+    return scales + (bt[pos / bs] * p->KVH + kh) * bs + pos % bs;
+}
+
+/* The scales of positions [pos, pos + cnt) into out[VL], 0 past cnt (one block's are contiguous). */
+static inline void tile_scales(const params_t *p, const float *scales, const int64_t *bt, int kh, int pos, int cnt,
+                               float *out) {
+    const int bs = p->block_size;
+    int blk = pos / bs, off = pos % bs;
+    const float *base = scales + (bt[blk] * p->KVH + kh) * bs;
+    if (off + cnt <= bs) {
+        memcpy(out, base + off, sizeof(float) * (size_t)cnt);
+    } else {
+        for (int jj = 0; jj < cnt; jj++) {
+            out[jj] = base[off];
+            if (++off == bs && jj + 1 < cnt) {
+                off = 0;
+                base = scales + (bt[++blk] * p->KVH + kh) * bs;
+            }
+        }
+    }
+    for (int jj = cnt; jj < VL; jj++) out[jj] = 0.0f;
+}
+
+/* A row of K or V as fp32: int8 (kv8) or the query's dtype. */
+static inline vf load_kv(const int bf16, const int kv8, const char *p) {
+    return kv8 ? load_i8_vec(p) : load_vec(bf16, p);
+}
+
+static inline float load_kv_scalar(const int bf16, const int kv8, const char *p, long i) {
+    return kv8 ? (float)((const int8_t *)p)[i] : load_scalar(bf16, p, i);
+}
+
 #ifndef PF_TILES
 #define PF_TILES 2
+#endif
+/* int8 rows are one cache line: a tile's work is shorter, so the prefetch runs further ahead. */
+#ifndef PF_TILES_I8
+#define PF_TILES_I8 4
 #endif
 
 /* A software prefetch gcc cannot drop (it deletes __builtin_prefetch loops it deems useless, as it did
@@ -164,24 +215,31 @@ typedef struct {
     const char *cache; /* NULL: nothing to prefetch */
     const int64_t *bt;
     int kh, pos, end;
+    const float *scales; /* int8 K/V: that pass's row scales (else NULL) */
 } next_pass_t;
 
-/* Positions [pos, pos + VL) (clipped to end) of a pass: their rows into w->rows, and the rows PF_TILES
- * tiles ahead into w->ahead (past the end of the pass, those of the pass that comes next). */
-static inline void pass_tile(const params_t *p, work_t *w, const char *cache, const int64_t *bt, int kh, long esz,
-                             int pos, int end, const next_pass_t *next) {
-    tile_rows(p, cache, bt, kh, esz, pos, end - pos < VL ? end - pos : VL, w->rows);
+/* Positions [pos, pos + VL) (clipped to end) of a pass: their rows into w->rows (with int8 K/V, their scales
+ * into w->rs), and the rows PF_TILES tiles ahead into w->ahead (past the end of the pass, those of the pass that
+ * comes next; their first scale is prefetched here). */
+static inline void pass_tile(const params_t *p, work_t *w, const char *cache, const float *scales,
+                             const int64_t *bt, int kh, long esz, int pos, int end, const next_pass_t *next) {
+    const int cnt = end - pos < VL ? end - pos : VL;
+    tile_rows(p, cache, bt, kh, esz, pos, cnt, w->rows);
+    if (scales) tile_scales(p, scales, bt, kh, pos, cnt, w->rs);
     w->n_ahead = 0;
-    if (PF_TILES == 0) return;
-    const int ahead = pos + PF_TILES * VL;
+    const int tiles_ahead = scales ? PF_TILES_I8 : PF_TILES;
+    if (tiles_ahead == 0) return;
+    const int ahead = pos + tiles_ahead * VL;
     if (ahead < end) {
         w->n_ahead = end - ahead < VL ? end - ahead : VL;
         tile_rows(p, cache, bt, kh, esz, ahead, w->n_ahead, w->ahead);
+        if (scales) prefetch_line((const char *)scale_at(p, scales, bt, kh, ahead));
     } else if (next->cache) {
         const int np = next->pos + (ahead - end) / VL * VL;
         if (np < next->end) {
             w->n_ahead = next->end - np < VL ? next->end - np : VL;
             tile_rows(p, next->cache, next->bt, next->kh, esz, np, w->n_ahead, w->ahead);
+            if (next->scales) prefetch_line((const char *)scale_at(p, next->scales, next->bt, next->kh, np));
         }
     }
 }
@@ -236,13 +294,44 @@ static inline int unit_span(const params_t *p, int s, int kh, long esz, unit_spa
     return 0;
 }
 
+/* Heads whose int8 pass-2 accumulators (C vectors each) fit in registers beside one widened row. */
+static inline int pv_heads_i8(const int C) {
+    const int regs = VL == 16 ? 32 : 16, n = (regs - 4 - C) / (C > 0 ? C : 1);
+    return n < 1 ? 1 : (n > 4 ? 4 : n);
+}
+
+/* Pass 2 over one tile's cnt int8 V rows for heads [g0, g0 + NG) (their probabilities pr, row stride ldsc): each
+ * row widened once for all NG heads, weighed by probability times row scale, accumulators in registers. */
+static inline __attribute__((always_inline)) void pv_tile_i8(const int NG, const int C, const params_t *p, work_t *w,
+                                                            int g0, const float *pr, int cnt, long nbytes,
+                                                            int prefetch) {
+    vf *src = w->acc + (long)g0 * C;
+    vf a[4][C];
+    for (int h = 0; h < NG; h++)
+        for (int c = 0; c < C; c++) a[h][c] = src[h * C + c];
+    for (int jj = 0; jj < cnt; jj++) {
+        if (prefetch) prefetch_ahead(w, jj, nbytes);
+        vf v[C];
+        for (int c = 0; c < C; c++) v[c] = load_i8_vec(w->rows[jj] + c * VL);
+        const float s = w->rs[jj];
+        for (int h = 0; h < NG; h++) {
+            const float wt = pr[h * p->ldsc + jj] * s;
+            for (int c = 0; c < C; c++) a[h][c] += wt * v[c];
+        }
+    }
+    for (int h = 0; h < NG; h++)
+        for (int c = 0; c < C; c++) src[h * C + c] = a[h][c];
+}
+
 /* One unit: sequence s, KV head kh, its G query heads; head dim = C * VL (C is a compile-time constant
- * in the common cases). `next` is the unit this thread runs after this one (s < 0: none). */
-static inline __attribute__((always_inline)) void unit_vec(const int bf16, const int C, const params_t *p,
-                                                          work_t *w, int s, int kh, int next_s, int next_kh) {
-    const long esz = bf16 ? 2 : 4;
+ * in the common cases). `next` is the unit this thread runs after this one (s < 0: none). kv8: int8 K/V. */
+static inline __attribute__((always_inline)) void unit_vec(const int bf16, const int kv8, const int C,
+                                                          const params_t *p, work_t *w, int s, int kh, int next_s,
+                                                          int next_kh) {
+    const long esz = bf16 ? 2 : 4, kesz = kv8 ? 1 : esz;
+    const float *ks = kv8 ? p->k_scales : NULL, *vs = kv8 ? p->v_scales : NULL;
     const int G = p->G;
-    const long o_head = p->o_s1 * esz, nbytes = (long)p->hd * esz;
+    const long o_head = p->o_s1 * esz, nbytes = (long)p->hd * kesz;
     unit_span_t u;
     if (!unit_span(p, s, kh, esz, &u)) return;
     const int len = u.len, start = u.start, n = u.n;
@@ -254,14 +343,14 @@ static inline __attribute__((always_inline)) void unit_vec(const int bf16, const
         for (int c = 0; c < C; c++) w->qv[g * C + c] = load_vec(bf16, qs + c * VL * esz) * p->scale;
     }
     /* Pass 1, scores: a tile of VL keys at a time; each key row is loaded once for the G heads. */
-    const next_pass_t to_v = {p->value_cache, bt, kh, start, len};
+    const next_pass_t to_v = {p->value_cache, bt, kh, start, len, vs};
     for (int t = start; t < len; t += VL) {
         const int cnt = len - t < VL ? len - t : VL;
-        pass_tile(p, w, p->key_cache, bt, kh, esz, t, len, &to_v);
+        pass_tile(p, w, p->key_cache, ks, bt, kh, kesz, t, len, &to_v);
         for (int jj = 0; jj < cnt; jj++) {
             prefetch_ahead(w, jj, nbytes);
             vf k[C];
-            for (int c = 0; c < C; c++) k[c] = load_vec(bf16, w->rows[jj] + c * VL * esz);
+            for (int c = 0; c < C; c++) k[c] = load_kv(bf16, kv8, w->rows[jj] + c * VL * kesz);
             for (int g = 0; g < G; g++) {
                 const vf *qg = w->qv + g * C;
                 vf a = qg[0] * k[0];
@@ -271,21 +360,36 @@ static inline __attribute__((always_inline)) void unit_vec(const int bf16, const
         }
         for (int g = 0; g < G; g++) {
             for (int jj = cnt; jj < VL; jj++) w->tile[g * VL + jj] = splat(0.0f);
-            *(vf *)(w->sc + (long)g * p->ldsc + (t - start)) = reduce_tile(w->tile + g * VL);
+            vf scores = reduce_tile(w->tile + g * VL);
+            if (kv8) scores *= *(const vf_unaligned *)w->rs;
+            *(vf *)(w->sc + (long)g * p->ldsc + (t - start)) = scores;
         }
     }
     softmax_rows(p, w->sc, n, w->inv_sum);
     /* Pass 2, weighted sum of V rows: a tile of keys at a time, two heads at a time in registers. */
-    next_pass_t to_next = {NULL, NULL, 0, 0, 0};
+    next_pass_t to_next = {NULL, NULL, 0, 0, 0, NULL};
     if (next_s >= 0) {
         const int next_len = p->kv_lens[next_s];
         to_next = (next_pass_t){p->key_cache, p->block_tables + (long)next_s * p->bt_stride, next_kh,
-                                first_key(p, next_len), next_len};
+                                first_key(p, next_len), next_len, ks};
     }
     for (int i = 0; i < G * C; i++) w->acc[i] = splat(0.0f);
     for (int t = start; t < len; t += VL) {
         const int cnt = len - t < VL ? len - t : VL;
-        pass_tile(p, w, p->value_cache, bt, kh, esz, t, len, &to_next);
+        pass_tile(p, w, p->value_cache, vs, bt, kh, kesz, t, len, &to_next);
+        if (kv8) {
+            const int hmax = pv_heads_i8(C);
+            for (int g0 = 0; g0 < G; g0 += hmax) {
+                const float *pr = w->sc + (long)g0 * p->ldsc + (t - start);
+                switch (G - g0 < hmax ? G - g0 : hmax) {
+                case 1: pv_tile_i8(1, C, p, w, g0, pr, cnt, nbytes, g0 == 0); break;
+                case 2: pv_tile_i8(2, C, p, w, g0, pr, cnt, nbytes, g0 == 0); break;
+                case 3: pv_tile_i8(3, C, p, w, g0, pr, cnt, nbytes, g0 == 0); break;
+                default: pv_tile_i8(4, C, p, w, g0, pr, cnt, nbytes, g0 == 0); break;
+                }
+            }
+            continue;
+        }
         int g = 0;
         for (; g + 2 <= G; g += 2) {
             vf *acc0 = w->acc + g * C, *acc1 = acc0 + C;
@@ -427,10 +531,10 @@ static inline __attribute__((always_inline)) void unit_dp(const int C, const par
             ((__m512i *)w->qv)[g * C + m] = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(qs + 32 * m)));
     }
     /* Pass 1, scores. */
-    const next_pass_t to_v = {p->value_cache, bt, kh, start, len};
+    const next_pass_t to_v = {p->value_cache, bt, kh, start, len, NULL};
     for (int t = start; t < len; t += VL) {
         const int cnt = len - t < VL ? len - t : VL;
-        pass_tile(p, w, p->key_cache, bt, kh, esz, t, len, &to_v);
+        pass_tile(p, w, p->key_cache, NULL, bt, kh, esz, t, len, &to_v);
         dp_k_tile(C, p, w, cnt, w->sc + (t - start), nbytes);
     }
     softmax_rows(p, w->sc, n, w->inv_sum);
@@ -449,16 +553,16 @@ static inline __attribute__((always_inline)) void unit_dp(const int C, const par
         w->inv_sum[g] = 1.0f / _mm512_reduce_add_ps(sum);
     }
     /* Pass 2, weighted sum of V rows: 128 output dims (4 accumulators) of up to 4 heads at a time, else 64. */
-    next_pass_t to_next = {NULL, NULL, 0, 0, 0};
+    next_pass_t to_next = {NULL, NULL, 0, 0, 0, NULL};
     if (next_s >= 0) {
         const int next_len = p->kv_lens[next_s];
         to_next = (next_pass_t){p->key_cache, p->block_tables + (long)next_s * p->bt_stride, next_kh,
-                                first_key(p, next_len), next_len};
+                                first_key(p, next_len), next_len, NULL};
     }
     for (int i = 0; i < G * C; i++) w->acc[i] = splat(0.0f);
     for (int t = start; t < len; t += VL) {
         const int cnt = len - t < VL ? len - t : VL;
-        pass_tile(p, w, p->value_cache, bt, kh, esz, t, len, &to_next);
+        pass_tile(p, w, p->value_cache, NULL, bt, kh, esz, t, len, &to_next);
         const uint32_t *pw = w->pw + (t - start) / 2;
         if (C % 4 == 0) {
             for (int cb = 0; cb < C / 2; cb += 2)
@@ -502,10 +606,178 @@ static inline __attribute__((always_inline)) void unit_dp(const int C, const par
 #define HAVE_DPBF16 0
 #endif
 
+#if defined(__AVX512VNNI__) && VL == 16
+#define HAVE_VNNI_I8 1
+/* int8 K/V with AVX512-VNNI (head dim = C * 16, C even): integer dot products instead of widening every element to
+ * fp32. The scaled query of each head is rounded to int16 (its own scale: max|q| / 32767), so pass 1 is vpdpwssd
+ * of q against the K rows widened to int16, exact in int32; each tile's weights p_j * s_j of each head likewise
+ * (scale: their max / 32767), so pass 2 is vpdpwssd of weight pairs against pairs of V rows interleaved as in
+ * dp_v_tile, exact in int32 per tile, then scaled into fp32 accumulators. Both roundings are relative 2**-16 of
+ * the largest element, far below the int8 rounding of K/V. */
+
+/* reduce_tile on int32 lanes (P clobbered): lane i of the result is the sum of P[i]'s lanes. */
+static inline __m512i reduce_tile_i32(__m512i *P) {
+    const __m512i lo[4] = {_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),
+                           _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27),
+                           _mm512_setr_epi32(0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29),
+                           _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)};
+    int n = 16;
+    for (int lev = 0; lev < 4; lev++) {
+        n /= 2;
+        const __m512i hi = _mm512_add_epi32(lo[lev], _mm512_set1_epi32(n));
+        for (int i = 0; i < n; i++)
+            P[i] = _mm512_add_epi32(_mm512_permutex2var_epi32(P[2 * i], lo[lev], P[2 * i + 1]),
+                                    _mm512_permutex2var_epi32(P[2 * i], hi, P[2 * i + 1]));
+    }
+    return P[0];
+}
+
+/* 16 fp32 -> 16 int16 x / div rounded to nearest even (|x / div| <= 32767). */
+static inline __m256i round_i16(__m512 x, __m512 div) {
+    return _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_div_ps(x, div)));
+}
+
+/* Pass 2 over one tile's cnt int8 V rows for heads [g0, g0 + NG): key pairs interleaved, int32 accumulation,
+ * then added to the fp32 accumulators with each head's weight scale. */
+static inline __attribute__((always_inline)) void pv_tile_vnni(const int NG, const int C, const params_t *p,
+                                                              work_t *w, int g0, int cnt, long nbytes, int prefetch) {
+    __m512i acc[4][8];
+    for (int h = 0; h < NG; h++)
+        for (int c = 0; c < C; c++) acc[h][c] = _mm512_setzero_si512();
+    const long ldpw = p->ldsc / 2;
+    for (int jj = 0; jj < cnt; jj += 2) {
+        const int odd = jj + 1 == cnt;
+        if (prefetch) {
+            prefetch_ahead(w, jj, nbytes);
+            if (!odd) prefetch_ahead(w, jj + 1, nbytes);
+        }
+        __m512i wp[4];
+        for (int h = 0; h < NG; h++) wp[h] = _mm512_set1_epi32((int)w->pw[(g0 + h) * ldpw + jj / 2]);
+        const char *r0 = w->rows[jj], *r1 = w->rows[odd ? jj : jj + 1];
+        for (int b = 0; b < C / 2; b++) {
+            const __m512i v0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(r0 + 32 * b)));
+            const __m512i v1 = odd ? _mm512_setzero_si512()
+                                   : _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(r1 + 32 * b)));
+            const __m512i lo = _mm512_unpacklo_epi16(v0, v1), hi = _mm512_unpackhi_epi16(v0, v1);
+            for (int h = 0; h < NG; h++) {
+                acc[h][2 * b] = _mm512_dpwssd_epi32(acc[h][2 * b], lo, wp[h]);
+                acc[h][2 * b + 1] = _mm512_dpwssd_epi32(acc[h][2 * b + 1], hi, wp[h]);
+            }
+        }
+    }
+    for (int h = 0; h < NG; h++) {
+        __m512 *dst = (__m512 *)w->acc + (long)(g0 + h) * C;
+        const __m512 sw = _mm512_set1_ps(w->hs[p->G + g0 + h]);
+        for (int c = 0; c < C; c++) dst[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[h][c]), sw, dst[c]);
+    }
+}
+
+static inline __attribute__((always_inline)) void unit_i8_vnni(const int bf16, const int C, const params_t *p,
+                                                              work_t *w, int s, int kh, int next_s, int next_kh) {
+    const long esz = bf16 ? 2 : 4, nbytes = p->hd;
+    const int G = p->G;
+    const long o_head = p->o_s1 * esz;
+    unit_span_t u;
+    if (!unit_span(p, s, kh, esz, &u)) return;
+    const int len = u.len, start = u.start, n = u.n;
+    const int64_t *bt = u.bt;
+    char *o = u.o;
+    /* q * scale rounded to int16 per head: w->qv holds [G, C / 2] vectors of 32 int16, dims in order. */
+    for (int g = 0; g < G; g++) {
+        const char *qs = p->q + ((long)s * p->q_s0 + (long)(kh * G + g) * p->q_s1) * esz;
+        vf qf[C], m = splat(0.0f);
+        for (int c = 0; c < C; c++) {
+            qf[c] = load_vec(bf16, qs + c * VL * esz) * p->scale;
+            const vf a = (vf)((vu)qf[c] & 0x7fffffffu);
+            const vi gt = a > m;
+            m = (vf)(((vi)a & gt) | ((vi)m & ~gt));
+        }
+        const float sq = hmax(m) / 32767.0f;
+        const __m512 div = _mm512_set1_ps(sq > 0.0f ? sq : 1.0f);
+        w->hs[g] = sq;
+        for (int b = 0; b < C / 2; b++)
+            ((__m512i *)w->qv)[g * (C / 2) + b] = _mm512_inserti64x4(
+                _mm512_castsi256_si512(round_i16((__m512)qf[2 * b], div)), round_i16((__m512)qf[2 * b + 1], div), 1);
+    }
+    /* Pass 1, scores: each K row widened to int16 once for the G heads. */
+    const next_pass_t to_v = {p->value_cache, bt, kh, start, len, p->v_scales};
+    for (int t = start; t < len; t += VL) {
+        const int cnt = len - t < VL ? len - t : VL;
+        pass_tile(p, w, p->key_cache, p->k_scales, bt, kh, 1, t, len, &to_v);
+        for (int jj = 0; jj < cnt; jj++) {
+            prefetch_ahead(w, jj, nbytes);
+            __m512i k[C / 2];
+            for (int b = 0; b < C / 2; b++)
+                k[b] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w->rows[jj] + 32 * b)));
+            for (int g = 0; g < G; g++) {
+                const __m512i *qg = (const __m512i *)w->qv + g * (C / 2);
+                __m512i a = _mm512_dpwssd_epi32(_mm512_setzero_si512(), qg[0], k[0]);
+                for (int b = 1; b < C / 2; b++) a = _mm512_dpwssd_epi32(a, qg[b], k[b]);
+                ((__m512i *)w->tile)[g * VL + jj] = a;
+            }
+        }
+        const vf rs = *(const vf_unaligned *)w->rs;
+        for (int g = 0; g < G; g++) {
+            __m512i *tile = (__m512i *)w->tile + g * VL;
+            for (int jj = cnt; jj < VL; jj++) tile[jj] = _mm512_setzero_si512();
+            /* Exact in int32: a key's sum is at most hd * 32767 * 127. */
+            *(vf *)(w->sc + (long)g * p->ldsc + (t - start)) =
+                (vf)_mm512_cvtepi32_ps(reduce_tile_i32(tile)) * (rs * w->hs[g]);
+        }
+    }
+    softmax_rows(p, w->sc, n, w->inv_sum);
+    /* Pass 2, weighted sum of V rows, a tile at a time: the tile's weights p_j * s_j to int16 pairs per head. */
+    next_pass_t to_next = {NULL, NULL, 0, 0, 0, NULL};
+    if (next_s >= 0) {
+        const int next_len = p->kv_lens[next_s];
+        to_next = (next_pass_t){p->key_cache, p->block_tables + (long)next_s * p->bt_stride, next_kh,
+                                first_key(p, next_len), next_len, p->k_scales};
+    }
+    for (int i = 0; i < G * C; i++) w->acc[i] = splat(0.0f);
+    const long ldpw = p->ldsc / 2;
+    const int hmax_heads = C <= 4 ? 4 : 2;
+    for (int t = start; t < len; t += VL) {
+        const int cnt = len - t < VL ? len - t : VL;
+        pass_tile(p, w, p->value_cache, p->v_scales, bt, kh, 1, t, len, &to_next);
+        const __m512 rs = _mm512_loadu_ps(w->rs);
+        for (int g = 0; g < G; g++) {
+            const __m512 wt = _mm512_mul_ps(_mm512_load_ps(w->sc + (long)g * p->ldsc + (t - start)), rs);
+            const float sw = _mm512_reduce_max_ps(wt) / 32767.0f; /* weights are >= 0 */
+            w->hs[G + g] = sw;
+            _mm256_storeu_si256((__m256i *)(w->pw + g * ldpw), round_i16(wt, _mm512_set1_ps(sw > 0.0f ? sw : 1.0f)));
+        }
+        for (int g0 = 0; g0 < G; g0 += hmax_heads) {
+            const int pf = g0 == 0;
+            switch (G - g0 < hmax_heads ? G - g0 : hmax_heads) {
+            case 1: pv_tile_vnni(1, C, p, w, g0, cnt, nbytes, pf); break;
+            case 2: pv_tile_vnni(2, C, p, w, g0, cnt, nbytes, pf); break;
+            case 3: pv_tile_vnni(3, C, p, w, g0, cnt, nbytes, pf); break;
+            default: pv_tile_vnni(4, C, p, w, g0, cnt, nbytes, pf); break;
+            }
+        }
+    }
+    /* Undo the interleave (see dp_v_tile), normalize, round. */
+    const __m512i idx0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i idx1 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    for (int g = 0; g < G; g++) {
+        const __m512 *a = (const __m512 *)w->acc + g * C;
+        const __m512 inv = _mm512_set1_ps(w->inv_sum[g]);
+        for (int b = 0; b < C / 2; b++) {
+            const __m512 d0 = _mm512_permutex2var_ps(a[2 * b], idx0, a[2 * b + 1]);
+            const __m512 d1 = _mm512_permutex2var_ps(a[2 * b], idx1, a[2 * b + 1]);
+            store_vec(bf16, o + g * o_head + (32 * b) * esz, (vf)_mm512_mul_ps(d0, inv));
+            store_vec(bf16, o + g * o_head + (32 * b + 16) * esz, (vf)_mm512_mul_ps(d1, inv));
+        }
+    }
+}
+#else
+#define HAVE_VNNI_I8 0
+#endif
+
 /* The same for any head dim with plain scalar loops (head dims that are not a multiple of VL). */
-static inline __attribute__((always_inline)) void unit_scalar(const int bf16, const params_t *p, work_t *w, int s,
-                                                             int kh) {
-    const long esz = bf16 ? 2 : 4;
+static inline __attribute__((always_inline)) void unit_scalar(const int bf16, const int kv8, const params_t *p,
+                                                             work_t *w, int s, int kh) {
+    const long esz = bf16 ? 2 : 4, kesz = kv8 ? 1 : esz;
     const int G = p->G, hd = p->hd;
     unit_span_t u;
     if (!unit_span(p, s, kh, esz, &u)) return;
@@ -519,23 +791,26 @@ static inline __attribute__((always_inline)) void unit_scalar(const int bf16, co
     }
     for (int t = 0; t < n; t += VL) {
         const int cnt = n - t < VL ? n - t : VL;
-        tile_rows(p, p->key_cache, bt, kh, esz, start + t, cnt, w->rows);
+        tile_rows(p, p->key_cache, bt, kh, kesz, start + t, cnt, w->rows);
+        if (kv8) tile_scales(p, p->k_scales, bt, kh, start + t, cnt, w->rs);
         for (int jj = 0; jj < cnt; jj++)
             for (int g = 0; g < G; g++) {
                 float dot = 0.0f;
-                for (int d = 0; d < hd; d++) dot += qf[g * hd + d] * load_scalar(bf16, w->rows[jj], d);
-                w->sc[(long)g * p->ldsc + t + jj] = dot;
+                for (int d = 0; d < hd; d++)
+                    dot += qf[g * hd + d] * load_kv_scalar(bf16, kv8, w->rows[jj], d);
+                w->sc[(long)g * p->ldsc + t + jj] = kv8 ? dot * w->rs[jj] : dot;
             }
     }
     softmax_rows(p, w->sc, n, w->inv_sum);
     for (int i = 0; i < G * hd; i++) acc[i] = 0.0f;
     for (int t = 0; t < n; t += VL) {
         const int cnt = n - t < VL ? n - t : VL;
-        tile_rows(p, p->value_cache, bt, kh, esz, start + t, cnt, w->rows);
+        tile_rows(p, p->value_cache, bt, kh, kesz, start + t, cnt, w->rows);
+        if (kv8) tile_scales(p, p->v_scales, bt, kh, start + t, cnt, w->rs);
         for (int jj = 0; jj < cnt; jj++)
             for (int g = 0; g < G; g++) {
-                const float pr = w->sc[(long)g * p->ldsc + t + jj];
-                for (int d = 0; d < hd; d++) acc[g * hd + d] += pr * load_scalar(bf16, w->rows[jj], d);
+                const float pr = w->sc[(long)g * p->ldsc + t + jj] * (kv8 ? w->rs[jj] : 1.0f);
+                for (int d = 0; d < hd; d++) acc[g * hd + d] += pr * load_kv_scalar(bf16, kv8, w->rows[jj], d);
             }
     }
     for (int g = 0; g < G; g++) {
@@ -551,14 +826,16 @@ static inline __attribute__((always_inline)) void unit_scalar(const int bf16, co
 }
 
 static inline __attribute__((always_inline)) int paged_decode_attention(
-    const int bf16, const void *q, long q_s0, long q_s1, const void *key_cache, const void *value_cache,
-    const int64_t *block_tables, long bt_stride, const int32_t *kv_lens, void *out, long o_s0, long o_s1, int D,
-    int H, int KVH, int hd, int block_size, int window, float scale, float softcap, int num_threads) {
+    const int bf16, const int kv8, const void *q, long q_s0, long q_s1, const void *key_cache, const void *value_cache,
+    const float *key_scales, const float *value_scales, const int64_t *block_tables, long bt_stride,
+    const int32_t *kv_lens, void *out, long o_s0, long o_s1, int D, int H, int KVH, int hd, int block_size,
+    int window, float scale, float softcap, int num_threads) {
     if (D <= 0) return 0;
     if (KVH <= 0 || H % KVH != 0 || hd <= 0 || block_size <= 0) return -1;
+    if (kv8 && (!key_scales || !value_scales)) return -1;
     params_t p = {(const char *)q, (const char *)key_cache, (const char *)value_cache, (char *)out,
                   block_tables, kv_lens, q_s0, q_s1, o_s0, o_s1, bt_stride, (long)KVH * hd,
-                  H, KVH, H / KVH, hd, block_size, window, scale, softcap, 0};
+                  H, KVH, H / KVH, hd, block_size, window, scale, softcap, 0, key_scales, value_scales};
     int max_len = 1;
     for (int s = 0; s < D; s++) {
         int n = kv_lens[s];
@@ -576,7 +853,7 @@ static inline __attribute__((always_inline)) int paged_decode_attention(
     const int G = p.G;
     const size_t per_head = (size_t)(hd + VL - 1) / VL; /* vectors per head row */
     const size_t ws_bytes = sizeof(vf) * ((size_t)G * (2 * per_head + VL) + VL / 2 * per_head) +
-                            sizeof(float) * (size_t)G * (p.ldsc + 1) + sizeof(uint32_t) * (size_t)G * (p.ldsc / 2);
+                            sizeof(float) * (size_t)G * (p.ldsc + 3) + sizeof(uint32_t) * (size_t)G * (p.ldsc / 2);
     long counter = 0;
     int err = 0;
 #pragma omp parallel num_threads(num_threads)
@@ -594,6 +871,7 @@ static inline __attribute__((always_inline)) int paged_decode_attention(
             w.sc = (float *)(w.kp + VL / 2 * per_head);
             w.inv_sum = w.sc + (size_t)G * p.ldsc;
             w.pw = (uint32_t *)(w.inv_sum + G);
+            w.hs = (float *)(w.pw + (size_t)G * (p.ldsc / 2));
             /* Dynamic scheduling by hand: the next task is claimed before the current one runs, so that its
              * first rows can be prefetched while the current one ends. */
             long task, next;
@@ -608,6 +886,26 @@ static inline __attribute__((always_inline)) int paged_decode_attention(
                     const long nu = u + 1 < first + per_task ? u + 1 : (next < n_tasks ? next * per_task : -1);
                     const int ns = nu < 0 ? -1 : (int)(nu / KVH), nk = nu < 0 ? 0 : (int)(nu % KVH);
                     /* The switch sits inside the parallel region so that C is a constant in the outlined body. */
+#if HAVE_VNNI_I8
+                    if (kv8 && C > 0 && C % 2 == 0 && C <= 8) {
+                        switch (C) {
+                        case 2: unit_i8_vnni(bf16, 2, &p, &w, s, kh, ns, nk); break;
+                        case 4: unit_i8_vnni(bf16, 4, &p, &w, s, kh, ns, nk); break;
+                        case 6: unit_i8_vnni(bf16, 6, &p, &w, s, kh, ns, nk); break;
+                        default: unit_i8_vnni(bf16, 8, &p, &w, s, kh, ns, nk); break;
+                        }
+                        continue;
+                    }
+#endif
+                    if (kv8) {
+                        switch (C) {
+                        case 64 / VL: unit_vec(bf16, 1, 64 / VL, &p, &w, s, kh, ns, nk); break;
+                        case 128 / VL: unit_vec(bf16, 1, 128 / VL, &p, &w, s, kh, ns, nk); break;
+                        case 0: unit_scalar(bf16, 1, &p, &w, s, kh); break;
+                        default: unit_vec(bf16, 1, C, &p, &w, s, kh, ns, nk); break;
+                        }
+                        continue;
+                    }
 #if HAVE_DPBF16
                     if (bf16 && C > 0 && C % 2 == 0) {
                         switch (C) {
@@ -619,10 +917,10 @@ static inline __attribute__((always_inline)) int paged_decode_attention(
                     }
 #endif
                     switch (C) {
-                    case 64 / VL: unit_vec(bf16, 64 / VL, &p, &w, s, kh, ns, nk); break;
-                    case 128 / VL: unit_vec(bf16, 128 / VL, &p, &w, s, kh, ns, nk); break;
-                    case 0: unit_scalar(bf16, &p, &w, s, kh); break;
-                    default: unit_vec(bf16, C, &p, &w, s, kh, ns, nk); break;
+                    case 64 / VL: unit_vec(bf16, 0, 64 / VL, &p, &w, s, kh, ns, nk); break;
+                    case 128 / VL: unit_vec(bf16, 0, 128 / VL, &p, &w, s, kh, ns, nk); break;
+                    case 0: unit_scalar(bf16, 0, &p, &w, s, kh); break;
+                    default: unit_vec(bf16, 0, C, &p, &w, s, kh, ns, nk); break;
                     }
                 }
                 task = next;
@@ -638,14 +936,36 @@ static inline __attribute__((always_inline)) int paged_decode_attention(
         const int64_t *block_tables, long bt_stride, const int32_t *kv_lens, void *out, long o_s0, long o_s1, \
         int D, int H, int KVH, int hd, int block_size, int window, float scale, float softcap, int num_threads
 #define PASS                                                                                                  \
-    q, q_s0, q_s1, key_cache, value_cache, block_tables, bt_stride, kv_lens, out, o_s0, o_s1, D, H, KVH, hd,  \
-        block_size, window, scale, softcap, num_threads
+    q, q_s0, q_s1, key_cache, value_cache, NULL, NULL, block_tables, bt_stride, kv_lens, out, o_s0, o_s1, D, H,   \
+        KVH, hd, block_size, window, scale, softcap, num_threads
 
 /* q, key/value caches and out hold float32. Returns 0, or < 0 on bad arguments or no memory. */
-int paged_decode_attention_f32(ARGS) { return paged_decode_attention(0, PASS); }
+int paged_decode_attention_f32(ARGS) { return paged_decode_attention(0, 0, PASS); }
 
 /* q, key/value caches and out hold bfloat16 (uint16 bit patterns). */
-int paged_decode_attention_bf16(ARGS) { return paged_decode_attention(1, PASS); }
+int paged_decode_attention_bf16(ARGS) { return paged_decode_attention(1, 0, PASS); }
+
+/* int8 key/value caches with their fp32 row scales [num_blocks, KVH, block_size]; q and out hold float32. */
+int paged_decode_attention_f32_i8(const void *q, long q_s0, long q_s1, const void *key_cache, const void *value_cache,
+                                  const float *key_scales, const float *value_scales, const int64_t *block_tables,
+                                  long bt_stride, const int32_t *kv_lens, void *out, long o_s0, long o_s1, int D,
+                                  int H, int KVH, int hd, int block_size, int window, float scale, float softcap,
+                                  int num_threads) {
+    return paged_decode_attention(0, 1, q, q_s0, q_s1, key_cache, value_cache, key_scales, value_scales,
+                                  block_tables, bt_stride, kv_lens, out, o_s0, o_s1, D, H, KVH, hd, block_size, window,
+                                  scale, softcap, num_threads);
+}
+
+/* The same with q and out in bfloat16. */
+int paged_decode_attention_bf16_i8(const void *q, long q_s0, long q_s1, const void *key_cache, const void *value_cache,
+                                   const float *key_scales, const float *value_scales, const int64_t *block_tables,
+                                   long bt_stride, const int32_t *kv_lens, void *out, long o_s0, long o_s1, int D,
+                                   int H, int KVH, int hd, int block_size, int window, float scale, float softcap,
+                                   int num_threads) {
+    return paged_decode_attention(1, 1, q, q_s0, q_s1, key_cache, value_cache, key_scales, value_scales,
+                                  block_tables, bt_stride, kv_lens, out, o_s0, o_s1, D, H, KVH, hd, block_size, window,
+                                  scale, softcap, num_threads);
+}
 
 /* Scatter the K and V rows of T new tokens into their slots: k/v [T, KVH, hd] with element strides k_s0 (token)
  * and k_s1 (head), head_dim contiguous; caches [num_blocks * block_size, KVH, hd] contiguous; esz bytes an
@@ -658,6 +978,62 @@ void paged_write_kv(const char *k, long k_s0, long k_s1, const char *v, long v_s
         for (int h = 0; h < KVH; h++) {
             memcpy(key_cache + (base + h) * row, k + (t * k_s0 + h * k_s1) * esz, row);
             memcpy(value_cache + (base + h) * row, v + (t * v_s0 + h * v_s1) * esz, row);
+        }
+    }
+}
+
+/* One row x[0, hd) (fp32 or bf16) -> int8 q and its scale: scale = max|x| / 127, q = x / scale rounded half to
+ * even (an all-zero row: scale 0, q 0). Division, not a reciprocal: the bits of cache_ops.quantize_int8. */
+static inline void quantize_row(const int bf16, const char *x, int hd, int8_t *q, float *scale) {
+    const long esz = bf16 ? 2 : 4;
+    const vf magic = splat(12582912.0f); /* 1.5 * 2^23: (y + magic) - magic rounds |y| < 2^22 half to even */
+    float amax = 0.0f;
+    int d = 0;
+    vf m = splat(0.0f);
+    for (; d + VL <= hd; d += VL) {
+        const vf a = (vf)((vu)load_vec(bf16, x + d * esz) & 0x7fffffffu);
+        const vi gt = a > m;
+        m = (vf)(((vi)a & gt) | ((vi)m & ~gt));
+    }
+    if (d) amax = hmax(m);
+    for (; d < hd; d++) {
+        const float a = fabsf(load_scalar(bf16, x, d));
+        amax = a > amax ? a : amax;
+    }
+    const float s = amax / 127.0f, div = s > 0.0f ? s : 1.0f;
+    *scale = s;
+    d = 0;
+    for (; d + VL <= hd; d += VL) {
+        vf y = (load_vec(bf16, x + d * esz) / div + magic) - magic;
+        const vi hi = y > 127.0f, lo = y < -127.0f;
+        y = (vf)(((vi)y & ~(hi | lo)) | ((vi)splat(127.0f) & hi) | ((vi)splat(-127.0f) & lo));
+        *(vb_unaligned *)(q + d) = __builtin_convertvector(__builtin_convertvector(y, vi), vb);
+    }
+    for (; d < hd; d++) {
+        float y = (load_scalar(bf16, x, d) / div + 12582912.0f) - 12582912.0f;
+        y = y > 127.0f ? 127.0f : (y < -127.0f ? -127.0f : y);
+        q[d] = (int8_t)y;
+    }
+}
+
+/* paged_write_kv into int8 caches [num_blocks, block_size, KVH, hd] with their scales [num_blocks, KVH,
+ * block_size]: each (token, head) row of k/v (fp32, or bf16 when bf16) quantized on its own. */
+void paged_write_kv_i8(const char *k, long k_s0, long k_s1, const char *v, long v_s0, long v_s1,
+                       const int64_t *slots, long T, int8_t *key_cache, int8_t *value_cache, float *key_scales,
+                       float *value_scales, int KVH, int hd, int block_size, int bf16) {
+    const long esz = bf16 ? 2 : 4;
+#pragma omp parallel for schedule(static) if (T * KVH * hd >= 65536)
+    for (long t = 0; t < T; t++) {
+        const long slot = slots[t], blk = slot / block_size, off = slot % block_size;
+        for (int h = 0; h < KVH; h++) {
+            const long row = (slot * KVH + h) * hd, sc = (blk * KVH + h) * block_size + off;
+            if (bf16) {
+                quantize_row(1, k + (t * k_s0 + h * k_s1) * esz, hd, key_cache + row, key_scales + sc);
+                quantize_row(1, v + (t * v_s0 + h * v_s1) * esz, hd, value_cache + row, value_scales + sc);
+            } else {
+                quantize_row(0, k + (t * k_s0 + h * k_s1) * esz, hd, key_cache + row, key_scales + sc);
+                quantize_row(0, v + (t * v_s0 + h * v_s1) * esz, hd, value_cache + row, value_scales + sc);
+            }
         }
     }
 }
