@@ -44,6 +44,33 @@ static inline void store_f32(float *out, __m512 *acc, const float *bias, long co
     }
 }
 
+/* One block of up to ROW_BLOCK rows of x against one packed group (block_f32, block_bf16), prefetching the next. */
+typedef void (*block_fn)(const void *x_rows, long x_stride, int rows, const void *group, long K, void *out_rows,
+                         long out_stride, const void *group_bias, long cols, const char *next, long next_bytes,
+                         long *prefetched);
+
+/* out = x @ W^T (+ bias) over all groups: a thread takes whole groups, and every block of rows of x against each;
+ * `es` is the element size in bytes (strides are in elements). */
+static void run_groups(block_fn block, long es, const void *x, long x_stride, long M, const void *packed,
+                       const void *bias, long N, long K, void *out, long out_stride, int num_threads) {
+    const long groups = num_groups(N), group_bytes = K * GROUP * es;
+#pragma omp parallel num_threads(num_threads)
+    {
+        const int t = omp_get_thread_num(), T = omp_get_num_threads();
+        const long g0 = groups * t / T, g1 = groups * (t + 1) / T;
+        for (long g = g0; g < g1; g++) {
+            const char *wg = (const char *)packed + g * group_bytes;
+            const long cols = N - g * GROUP < GROUP ? N - g * GROUP : GROUP;
+            long prefetched = 0;
+            for (long r = 0; r < M; r += ROW_BLOCK)
+                block((const char *)x + r * x_stride * es, x_stride, (int)(M - r < ROW_BLOCK ? M - r : ROW_BLOCK), wg,
+                      K, (char *)out + (r * out_stride + g * GROUP) * es, out_stride,
+                      bias ? (const char *)bias + g * GROUP * es : NULL, cols, wg + group_bytes,
+                      g + 1 < g1 ? group_bytes : 0, &prefetched);
+        }
+    }
+}
+
 /* W [N, K] fp32 rows (row stride w_stride) -> packed ([N / 64] (rounded up) * K * 64 floats). */
 void hf_small_linear_pack_f32(const float *w, long w_stride, long N, long K, float *packed) {
 #pragma omp parallel for schedule(static)
@@ -55,8 +82,11 @@ void hf_small_linear_pack_f32(const float *w, long w_stride, long N, long K, flo
             }
 }
 
-static void block_f32(const float *x, long x_stride, int rows, const float *wg, long K, float *out, long out_stride,
-                      const float *bias, long cols, const char *next, long next_bytes, long *prefetched) {
+static void block_f32(const void *x_rows, long x_stride, int rows, const void *group, long K, void *out_rows,
+                      long out_stride, const void *group_bias, long cols, const char *next, long next_bytes,
+                      long *prefetched) {
+    const float *x = x_rows, *wg = group, *bias = group_bias;
+    float *out = out_rows;
     __m512 acc[ROW_BLOCK][4], sum[ROW_BLOCK][4];
     for (int r = 0; r < ROW_BLOCK; r++)
         for (int j = 0; j < 4; j++) sum[r][j] = _mm512_setzero_ps();
@@ -92,22 +122,7 @@ static void block_f32(const float *x, long x_stride, int rows, const float *wg, 
 /* out [M, N] (row stride out_stride) = x [M, K] (row stride x_stride) @ W^T (+ bias [N]); 0 on success. */
 int hf_small_linear_f32(const float *x, long x_stride, long M, const float *packed, const float *bias, long N,
                         long K, float *out, long out_stride, int num_threads) {
-    const long groups = num_groups(N);
-#pragma omp parallel num_threads(num_threads)
-    {
-        const int t = omp_get_thread_num(), T = omp_get_num_threads();
-        const long g0 = groups * t / T, g1 = groups * (t + 1) / T;
-        for (long g = g0; g < g1; g++) {
-            const float *wg = packed + g * K * GROUP;
-            const long next_bytes = g + 1 < g1 ? K * GROUP * (long)sizeof(float) : 0;
-            const long cols = N - g * GROUP < GROUP ? N - g * GROUP : GROUP;
-            long prefetched = 0;
-            for (long r = 0; r < M; r += ROW_BLOCK)
-                block_f32(x + r * x_stride, x_stride, (int)(M - r < ROW_BLOCK ? M - r : ROW_BLOCK), wg, K,
-                          out + r * out_stride + g * GROUP, out_stride, bias ? bias + g * GROUP : NULL, cols,
-                          (const char *)(wg + K * GROUP), next_bytes, &prefetched);
-        }
-    }
+    run_groups(block_f32, sizeof(float), x, x_stride, M, packed, bias, N, K, out, out_stride, num_threads);
     return 0;
 }
 
@@ -130,9 +145,11 @@ static inline __m512 bf16x16_to_f32(__m256i v) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
 }
 
-static void block_bf16(const uint16_t *x, long x_stride, int rows, const uint16_t *wg, long K, uint16_t *out,
-                       long out_stride, const uint16_t *bias, long cols, const char *next, long next_bytes,
+static void block_bf16(const void *x_rows, long x_stride, int rows, const void *group, long K, void *out_rows,
+                       long out_stride, const void *group_bias, long cols, const char *next, long next_bytes,
                        long *prefetched) {
+    const uint16_t *x = x_rows, *wg = group, *bias = group_bias;
+    uint16_t *out = out_rows;
     __m512 acc[ROW_BLOCK][4], sum[ROW_BLOCK][4];
     for (int r = 0; r < ROW_BLOCK; r++)
         for (int j = 0; j < 4; j++) sum[r][j] = _mm512_setzero_ps();
@@ -180,22 +197,7 @@ static void block_bf16(const uint16_t *x, long x_stride, int rows, const uint16_
 int hf_small_linear_bf16(const uint16_t *x, long x_stride, long M, const uint16_t *packed, const uint16_t *bias,
                          long N, long K, uint16_t *out, long out_stride, int num_threads) {
     if (K % 2) return -1;
-    const long groups = num_groups(N);
-#pragma omp parallel num_threads(num_threads)
-    {
-        const int t = omp_get_thread_num(), T = omp_get_num_threads();
-        const long g0 = groups * t / T, g1 = groups * (t + 1) / T;
-        for (long g = g0; g < g1; g++) {
-            const uint16_t *wg = packed + g * K * GROUP;
-            const long next_bytes = g + 1 < g1 ? K * GROUP * (long)sizeof(uint16_t) : 0;
-            const long cols = N - g * GROUP < GROUP ? N - g * GROUP : GROUP;
-            long prefetched = 0;
-            for (long r = 0; r < M; r += ROW_BLOCK)
-                block_bf16(x + r * x_stride, x_stride, (int)(M - r < ROW_BLOCK ? M - r : ROW_BLOCK), wg, K,
-                           out + r * out_stride + g * GROUP, out_stride, bias ? bias + g * GROUP : NULL, cols,
-                           (const char *)(wg + K * GROUP), next_bytes, &prefetched);
-        }
-    }
+    run_groups(block_bf16, sizeof(uint16_t), x, x_stride, M, packed, bias, N, K, out, out_stride, num_threads);
     return 0;
 }
 #else
