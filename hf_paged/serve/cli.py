@@ -105,6 +105,12 @@ def load_model(path: str | None, dtype: str) -> tuple[Any, Any, str]:
 SPIN_COUNT = "20000"
 
 
+def openmp_spin_env() -> dict[str, str]:
+    """What the server's environment needs added for a short OpenMP spin: nothing where it already sets a wait
+    policy or spin count."""
+    return {} if {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & os.environ.keys() else {"GOMP_SPINCOUNT": SPIN_COUNT}
+
+
 def _reexec_with_short_openmp_spin() -> None:
     """Start this same command again with ``GOMP_SPINCOUNT=20000`` unless the environment sets an OpenMP wait policy
     or spin count.
@@ -115,9 +121,10 @@ def _reexec_with_short_openmp_spin() -> None:
     or stalled engine stop taking the cores from the server's event loop and its clients sooner. (Sleeping at once,
     ``OMP_WAIT_POLICY=PASSIVE``, slows every decode step by a fifth: docs/benchmarks.md.)
     """
-    if {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & os.environ.keys() or not getattr(sys, "orig_argv", None):
+    spin = openmp_spin_env()
+    if not spin or not getattr(sys, "orig_argv", None):
         return
-    os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
+    os.environ.update(spin)
     try:
         os.execv(sys.executable, list(sys.orig_argv))
     except OSError:  # keep going with the default spin

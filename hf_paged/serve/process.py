@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import Sequence
 
-from .cli import SPIN_COUNT
+from .cli import openmp_spin_env
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -50,8 +50,7 @@ class ServerProcess:
         port = port or free_port()
         command = [sys.executable, "-m", "hf_paged.serve", "--host", "127.0.0.1", "--port", str(port), *args]
         # What the server would restart itself with (cli.py), set here to spare the restart.
-        spin = {} if {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & os.environ.keys() else {"GOMP_SPINCOUNT": SPIN_COUNT}
-        kwargs["env"] = {**spin, **(kwargs.get("env") or {})}
+        kwargs["env"] = {**openmp_spin_env(), **(kwargs.get("env") or {})}
         return cls(command, port, **kwargs)
 
     @property

@@ -200,22 +200,10 @@ int hf_small_linear_bf16(const uint16_t *x, long x_stride, long M, const uint16_
     run_groups(block_bf16, sizeof(uint16_t), x, x_stride, M, packed, bias, N, K, out, out_stride, num_threads);
     return 0;
 }
-#else
-int hf_small_linear_bf16_available(void) { return 0; }
-void hf_small_linear_pack_bf16(const uint16_t *w, long w_stride, long N, long K, uint16_t *packed) {
-    (void)w, (void)w_stride, (void)N, (void)K, (void)packed;
-}
-int hf_small_linear_bf16(const uint16_t *x, long x_stride, long M, const uint16_t *packed, const uint16_t *bias,
-                         long N, long K, uint16_t *out, long out_stride, int num_threads) {
-    (void)x, (void)x_stride, (void)M, (void)packed, (void)bias, (void)N, (void)K, (void)out, (void)out_stride;
-    (void)num_threads;
-    return -1;
-}
-#endif
+#endif /* __AVX512BF16__ */
 
 #else /* no AVX-512 */
 int hf_small_linear_available(void) { return 0; }
-int hf_small_linear_bf16_available(void) { return 0; }
 void hf_small_linear_pack_f32(const float *w, long w_stride, long N, long K, float *packed) {
     (void)w, (void)w_stride, (void)N, (void)K, (void)packed;
 }
@@ -225,6 +213,10 @@ int hf_small_linear_f32(const float *x, long x_stride, long M, const float *pack
     (void)num_threads;
     return -1;
 }
+#endif /* __AVX512F__ */
+
+#if !(defined(__AVX512F__) && defined(__AVX512BF16__))
+int hf_small_linear_bf16_available(void) { return 0; }
 void hf_small_linear_pack_bf16(const uint16_t *w, long w_stride, long N, long K, uint16_t *packed) {
     (void)w, (void)w_stride, (void)N, (void)K, (void)packed;
 }
