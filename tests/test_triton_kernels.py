@@ -353,7 +353,9 @@ for dt, prec, splits, group, kv8 in (("*bf16", "tf32", 4, 4, False), ("*fp32", "
     c = dict(GROUP=group, BLOCK_D=128, BLOCK_SIZE=16, TILE_N=64, USE_SOFTCAP=splits > 1, DOT_PRECISION=prec,
              KV_INT8=kv8)
     types = dict(meta, default=dt, **(int8_kv if kv8 else {}))
-    compile_for_sm90(tpa._decode_kernel, types, dict(c, BLOCK_G=16, NUM_SPLITS=splits))
+    compile_for_sm90(tpa._decode_kernel, types, dict(c, BLOCK_G=16, NUM_SPLITS=splits, NATIVE_DOT=False))
+    if dt != "*fp32" and not kv8:
+        compile_for_sm90(tpa._decode_kernel, types, dict(c, BLOCK_G=16, NUM_SPLITS=splits, NATIVE_DOT=True))
     compile_for_sm90(tpa._prefill_kernel, types, dict(c, BLOCK_M=64, BLOCK_Q=64 // group))
 compile_for_sm90(tpa._decode_reduce_kernel, dict(meta, default="*bf16"), dict(NUM_SPLITS=5, BLOCK_S=8, BLOCK_D=128))
 for kv8 in (False, True):

@@ -22,14 +22,20 @@ Kernels:
 Int8 caches (``KV_INT8``): K/V tiles are loaded as int8 and widened to fp32 (exact), the key scales multiply the
 scores and the value scales the probabilities before ``P.V`` (the running sum ``l`` stays on the unscaled ones).
 
-``tl.dot``: every operand is cast to fp32 first (the Triton interpreter's ``tl.dot`` gives garbage on
-bf16 operands, and this keeps the interpreter-tested code the code the GPU runs). On the GPU the dot
+``tl.dot``: the prefill kernel casts every operand to fp32 first (the Triton interpreter's ``tl.dot`` gives
+garbage on bf16 operands, and this keeps the interpreter-tested code the code the GPU runs). On the GPU the dot
 then runs as ``input_precision="tf32"`` for fp16/bf16 inputs (lossless for Q.K^T: tf32 holds every
 fp16/bf16 value exactly; P is rounded to tf32 for P.V, finer than the fp16/bf16 P of flash-attention)
-and as ``"ieee"`` (true fp32) for fp32 inputs. The accumulators are fp32 throughout.
+and as ``"ieee"`` (true fp32) for fp32 inputs. The decode kernel, bandwidth-bound, does the same under the
+interpreter, but on the GPU it feeds fp16/bf16 K/V to ``tl.dot`` as they are (``NATIVE_DOT``: Q.K^T exact
+products, P rounded to the cache dtype for P.V, as flash-attention does): the fp32 copies of each tile cost
+registers and pipelining stages. Its launch settings (tile, warps, stages) come from a sweep on an H200
+(docs/benchmarks.md). The accumulators are fp32 throughout.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -41,6 +47,10 @@ _NEG_INF = tl.constexpr(float("-inf"))  # a global read by @triton.jit code must
 
 # Tile sizes (keys per inner-loop step; query rows per prefill program) and launch settings.
 DECODE_TILE_N = 64
+DECODE_NUM_WARPS = 4
+DECODE_NUM_STAGES = 2
+# The interpreter's tl.dot is wrong on fp16/bf16 operands, so interpreted runs keep the fp32 casts.
+DECODE_NATIVE_DOT = os.environ.get("TRITON_INTERPRET") != "1"
 PREFILL_TILE_N = 64
 PREFILL_BLOCK_M = 64
 MAX_SPLITS = 64
@@ -70,7 +80,7 @@ def _decode_kernel(
     stride_ot, stride_oh, stride_od,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    KV_INT8: tl.constexpr,
+    KV_INT8: tl.constexpr, NATIVE_DOT: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -90,8 +100,12 @@ def _decode_kernel(
     head = kvh * GROUP + g
     g_mask = g < GROUP
     d_mask = d < head_dim
-    q = tl.load(q_ptr + seq * stride_qt + head[:, None] * stride_qh + d[None, :] * stride_qd,
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+    q_in = tl.load(q_ptr + seq * stride_qt + head[:, None] * stride_qh + d[None, :] * stride_qd,
+                   mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    if NATIVE_DOT:
+        q = q_in.to(k_cache_ptr.dtype.element_ty)
+    else:
+        q = q_in.to(tl.float32)
 
     m_i = tl.full([BLOCK_G], _NEG_INF, tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -102,9 +116,13 @@ def _decode_kernel(
         valid = (pos >= lo) & (pos < kv_len)
         phys = tl.load(bt_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         in_blk = pos % BLOCK_SIZE
-        kt = tl.load(k_cache_ptr + phys[None, :] * stride_kb + in_blk[None, :] * stride_ks + kvh * stride_kh
-                     + d[:, None] * stride_kd, mask=valid[None, :] & d_mask[:, None], other=0.0).to(tl.float32)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale  # [BLOCK_G, TILE_N]
+        k_in = tl.load(k_cache_ptr + phys[None, :] * stride_kb + in_blk[None, :] * stride_ks + kvh * stride_kh
+                       + d[:, None] * stride_kd, mask=valid[None, :] & d_mask[:, None], other=0.0)
+        if NATIVE_DOT:
+            kt = k_in
+        else:
+            kt = k_in.to(tl.float32)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION, out_dtype=tl.float32) * scale  # [BLOCK_G, TILE_N]
         if KV_INT8:
             k_sc = tl.load(k_scale_ptr + phys * stride_ksb + kvh * stride_ksh + in_blk * stride_kss, mask=valid,
                            other=0.0)
@@ -118,12 +136,16 @@ def _decode_kernel(
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + phys[:, None] * stride_vb + in_blk[:, None] * stride_vs + kvh * stride_vh
-                    + d[None, :] * stride_vd, mask=valid[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+                    + d[None, :] * stride_vd, mask=valid[:, None] & d_mask[None, :], other=0.0)
         if KV_INT8:
             v_sc = tl.load(v_scale_ptr + phys * stride_vsb + kvh * stride_vsh + in_blk * stride_vss, mask=valid,
                            other=0.0)
             p = p * v_sc[None, :]
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+        if NATIVE_DOT:
+            pv = tl.dot(p.to(v.dtype), v, out_dtype=tl.float32)
+        else:
+            pv = tl.dot(p, v.to(tl.float32), input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + pv
         m_i = m_new
 
     if NUM_SPLITS == 1:
@@ -334,7 +356,8 @@ def paged_decode_attention(out: torch.Tensor, query: torch.Tensor, key_cache: to
         *out.stride(),
         GROUP=group, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_SIZE=block_size, TILE_N=tile_n,
         NUM_SPLITS=num_splits, USE_SOFTCAP=cap != 0.0, DOT_PRECISION=_dot_precision(query, key_cache),
-        KV_INT8=key_scales is not None, num_warps=4,
+        KV_INT8=key_scales is not None, NATIVE_DOT=DECODE_NATIVE_DOT and query.dtype == key_cache.dtype != torch.float32,
+        num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_decodes, num_heads)](
