@@ -25,11 +25,12 @@ from .cpu_runtime import env_flag
 
 @dataclass(frozen=True)
 class ExecutionPlan:
-    """What runs in an engine's forwards. ``attention``: ``triton`` | ``c-decode`` (C kernel for decode tokens,
-    PyTorch for prefill chunks) | ``torch``; ``cache_write``: ``triton`` | ``c`` | ``torch``; ``linears``: ``amx``
-    (hf_paged's AMX tile kernel for bf16 products of up to 256 rows, unpacked above) | ``avx512`` (hf_paged's
-    AVX-512 kernel for fp32 / bf16 products of up to 128 rows, pre-packed oneDNN weights above) | ``onednn``
-    (pre-packed oneDNN weights) | ``torch``; ``kv_cache_dtype``: ``auto`` (K/V stored in ``dtype``) | ``int8``
+    """What runs in an engine's forwards. ``attention``: ``triton`` | ``c`` (C kernels for decode tokens and
+    prefill chunks; PyTorch for what they do not take: windows, soft-capping, int8 K/V in prefill) | ``torch``;
+    ``cache_write``: ``triton`` | ``c`` | ``torch``; ``linears``: ``amx`` (hf_paged's AMX tile kernel for bf16
+    products of up to 256 rows, unpacked above) | ``avx512`` (hf_paged's AVX-512 kernel for fp32 / bf16 products
+    of up to 128 rows, pre-packed oneDNN weights above) | ``onednn`` (pre-packed oneDNN weights) | ``torch``;
+    ``kv_cache_dtype``: ``auto`` (K/V stored in ``dtype``) | ``int8``
     (int8 with a scale per token and KV head; the kernels quantize on write and dequantize on read)."""
 
     device: str
@@ -49,7 +50,7 @@ class ExecutionPlan:
 
     @property
     def cpu_kernels(self) -> bool:
-        return self.attention == "c-decode"
+        return self.attention == "c"
 
     def __str__(self) -> str:
         dtype = str(self.dtype).replace("torch.", "")
@@ -100,7 +101,7 @@ def build_plan(device: torch.device | str, dtype: torch.dtype, *, compile: bool 
             from .kernels import cpu_library
 
             kernels = cpu_library.available()
-    attention = "triton" if triton else ("c-decode" if kernels else "torch")
+    attention = "triton" if triton else ("c" if kernels else "torch")
     cache_write = "triton" if triton else ("c" if kernels else "torch")
 
     pack = on_cpu if pack_weights is None else pack_weights

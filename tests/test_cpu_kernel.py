@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from hf_paged.kernels import cpu_decode_attention as cpu_kernel
+from hf_paged.kernels import cpu_prefill_attention as cpu_prefill
 from hf_paged.kernels.paged_attention import PagedAttentionMetadata, paged_attention, paged_attention_naive
 
 from conftest import needs_cpu_kernels
@@ -186,26 +187,86 @@ def test_paged_attention_mixed_step_kernel_vs_fallback(dtype, monkeypatch):
     lengths = [5, 16, 17, 1, 33, 40, 24]
     q_lens = [1, 1, 1, 1, 1, 7, 24]
     q, kc, vc, meta = _make(lengths, 6, 2, 64, 16, dtype, q_lens=q_lens)
-    calls = []
+    calls, prefill_calls = [], []
     real = cpu_kernel.DecodePlan.__call__
     monkeypatch.setattr(cpu_kernel.DecodePlan, "__call__", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real_prefill = cpu_prefill.PrefillPlan.__call__
+    monkeypatch.setattr(cpu_prefill.PrefillPlan, "__call__",
+                        lambda *a, **k: prefill_calls.append(1) or real_prefill(*a, **k))
     for window, softcap in VARIANTS:
         on = paged_attention(q, kc, vc, meta, SCALE, window, softcap)
         assert calls, "the kernel was not used"
+        # The prefill kernel takes neither windows nor soft-capping.
+        assert bool(prefill_calls) == (window is None and softcap is None)
         calls.clear()
+        prefill_calls.clear()
         monkeypatch.setenv("HF_PAGED_CPU_KERNEL", "0")
         off = paged_attention(q, kc, vc, meta, SCALE, window, softcap)
         monkeypatch.delenv("HF_PAGED_CPU_KERNEL")
-        assert not calls, "the kernel was used with HF_PAGED_CPU_KERNEL=0"
+        assert not calls and not prefill_calls, "a kernel was used with HF_PAGED_CPU_KERNEL=0"
         ref = _naive(q, kc, vc, meta, window, softcap)
         if dtype == torch.float32:
             torch.testing.assert_close(on, off, atol=1e-5, rtol=0)
             torch.testing.assert_close(on, ref, atol=1e-5, rtol=0)
             torch.testing.assert_close(off, ref, atol=1e-5, rtol=0)
         else:
-            d = meta.num_decodes
-            _bf16_close(on[:d], ref[:d])
-            torch.testing.assert_close(on[d:], off[d:])  # the prefills take the same PyTorch path either way
+            _bf16_close(on, ref)
+
+
+def _prefill_kernel(query, key_cache, value_cache, meta):
+    """The prefill sequences of ``meta`` through the C prefill kernel (the decode rows of the output left 0)."""
+    d, cu = meta.num_decodes, meta.cu_seqlens_q.tolist()
+    plan = cpu_prefill.PrefillPlan.for_step(query, key_cache, value_cache, meta.block_tables[d:], cu[d:-1],
+                                            meta.q_lens_list[d:], meta.kv_lens_list[d:], SCALE)
+    assert plan is not None
+    out = torch.zeros(query.shape, dtype=query.dtype)
+    plan(query, key_cache, value_cache, out)
+    return out
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ratio,head_dim,block_size", CASES)
+def test_prefill_kernel_matches_oracle(dtype, ratio, head_dim, block_size):
+    """Whole prompts and later chunks (cached prefix), lengths on and off the block, key-tile (64) and query-unit
+    (64 tokens) boundaries, GQA folding: the C prefill kernel against the naive oracle."""
+    lengths = [1, 9, 64, 65, 200, 130, 128, 300]
+    q_lens = [1, 9, 64, 65, 7, 130, 64, 129]  # 1-token prefill, whole prompts, chunks after a prefix
+    q, kc, vc, meta = _make(lengths, 2 * ratio, 2, head_dim, block_size, dtype, q_lens=q_lens)
+    meta.num_decodes = 0  # every sequence a prefill, the 1-token one included
+    out = _prefill_kernel(q, kc, vc, meta)
+    _close(out, _naive(q, kc, vc, meta, None, None))
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_prefill_kernel_threads_agree(threads):
+    """The result does not depend on the number of threads (each unit is computed by one thread, in one order)."""
+    q, kc, vc, meta = _make([700, 90, 333], 9, 3, 64, 16, torch.float32, q_lens=[700, 50, 333])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _prefill_kernel(q, kc, vc, meta)
+        torch.set_num_threads(threads)
+        many = _prefill_kernel(q, kc, vc, meta)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, many)
+
+
+@needs_kernel
+def test_prefill_kernel_declines_what_it_does_not_take():
+    """A head dim that is not a multiple of four vectors, int8 caches, a window or soft-capping: no plan, and
+    paged_attention keeps its PyTorch path (its result is the oracle's)."""
+    q, kc, vc, meta = _make([40, 20], 4, 2, 40, 16, torch.float32, q_lens=[40, 5])
+    assert cpu_prefill.PrefillPlan.for_step(q, kc, vc, meta.block_tables, [0, 40], [40, 5], [40, 20], SCALE) is None
+    torch.testing.assert_close(paged_attention(q, kc, vc, meta, SCALE), _naive(q, kc, vc, meta, None, None),
+                               atol=1e-5, rtol=0)
+    q, kc, vc, meta = _make([40, 20], 4, 2, 64, 16, torch.float32, q_lens=[40, 5])
+    assert meta.cpu_prefill_plan(q, kc, vc, SCALE, 8, None, False) is None
+    assert meta.cpu_prefill_plan(q, kc, vc, SCALE, None, 30.0, False) is None
+    assert meta.cpu_prefill_plan(q, kc, vc, SCALE, None, None, True) is None
+    assert meta.cpu_prefill_plan(q, kc, vc, SCALE, None, None, False) is not None
 
 
 def test_fallback_without_kernel_matches_oracle(monkeypatch):

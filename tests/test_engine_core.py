@@ -328,7 +328,7 @@ def test_plan_is_decided_once_not_per_call(tiny_model_dir, cpu_kernels, monkeypa
     with LLMEngine(model, None, num_blocks=64, fuse_layers=False) as engine:
         monkeypatch.setenv("HF_PAGED_CPU_KERNEL", "0")
         engine.generate(prompts, GREEDY8, use_tqdm=False)
-    assert calls and engine.plan.attention == "c-decode"
+    assert calls and engine.plan.attention == "c"
 
 
 # ---- streamed text -----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Builds and loads the CPU kernels' C library (``csrc/*.c``): paged decode attention and the cache write, on
-fp32/bf16 or int8 K/V (``cpu_decode_attention``), the small per-layer ops (``cpu_fused_ops``).
+fp32/bf16 or int8 K/V (``cpu_decode_attention``), paged prefill attention (``cpu_prefill_attention``), the small
+per-layer ops (``cpu_fused_ops``).
 
 The sources are plain C (no torch headers), compiled on first use with the system C compiler (``$CC``, else
 ``gcc``, else ``cc``; clang works too) into one shared library in ``$HF_PAGED_CACHE`` (default
@@ -38,8 +39,8 @@ from ..cpu_runtime import env_switch
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / "paged_decode_attention.c", CSRC / "fused_layer_ops.c", CSRC / "amx_linear.c",
-           CSRC / "llama_decode_layer.c", CSRC / "small_linear.c"]
+SOURCES = [CSRC / "paged_decode_attention.c", CSRC / "paged_prefill_attention.c", CSRC / "fused_layer_ops.c",
+           CSRC / "amx_linear.c", CSRC / "llama_decode_layer.c", CSRC / "small_linear.c"]
 HEADERS = [CSRC / "cpu_vec.h"]
 # No -ffast-math: the reductions are vectorized through `omp simd reduction` and exp is a polynomial in
 # the source, so the results stay within ~1e-6 of fp32 PyTorch without it.
@@ -55,11 +56,14 @@ def compiler_flags() -> list[str]:
 _p, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
 _DECODE = [_p, _i64, _i64, _p, _p, _p, _i64, _p, _p, _i64, _i64, _i32, _i32, _i32, _i32, _i32, _i32, _f32, _f32, _i32]
 _DECODE_I8 = _DECODE[:5] + [_p, _p] + _DECODE[5:]  # the int8 caches' key and value scales after the caches
+_PREFILL = [_p, _i64, _i64, _p, _p, _p, _i64, _p, _p, _p, _i32, _p, _i64, _i64, _i32, _i32, _i32, _i32, _f32, _i32]
 SIGNATURES: dict[str, tuple[type | None, list]] = {  # name -> (restype, argtypes)
     "paged_decode_attention_f32": (ctypes.c_int, _DECODE),
     "paged_decode_attention_bf16": (ctypes.c_int, _DECODE),
     "paged_decode_attention_f32_i8": (ctypes.c_int, _DECODE_I8),
     "paged_decode_attention_bf16_i8": (ctypes.c_int, _DECODE_I8),
+    "paged_prefill_attention_f32": (ctypes.c_int, _PREFILL),
+    "paged_prefill_attention_bf16": (ctypes.c_int, _PREFILL),
     "paged_write_kv": (None, [_p, _i64, _i64, _p, _i64, _i64, _p, _i64, _p, _p, _i32, _i32, _i32]),
     "paged_write_kv_i8": (None, [_p, _i64, _i64, _p, _i64, _i64, _p, _i64, _p, _p, _p, _p, _i32, _i32, _i32, _i32]),
     "hf_rms_norm": (None, [_p, _i64, _p, _p, _i64, _i64, _i32, _f32, _i32]),

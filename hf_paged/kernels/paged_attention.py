@@ -7,8 +7,9 @@ into the query-length axis (so GQA needs no repeat of K/V). The remaining sequen
 are attended one by one against their cached prefix plus their own new tokens, causally (a whole prompt
 with no cached prefix through SDPA's causal kernel, no mask).
 
-On the CPU, fp32 and bf16 decodes take the C kernel of ``cpu_decode_attention`` instead (K/V read straight
-from the blocks, once) where the step's plan says so (``attention="c-decode"``).
+On the CPU, where the step's plan says so (``attention="c"``), fp32 and bf16 decodes take the C kernel of
+``cpu_decode_attention`` instead (K/V read straight from the blocks, once), and the prefill chunks, all in one call,
+the C flash-attention kernel of ``cpu_prefill_attention`` (no window, no soft-capping, K/V not int8).
 
 Int8 caches (``key_scales`` / ``value_scales`` given, see ``cache_ops``) are dequantized to the query's dtype
 as their blocks are gathered; the C decode kernel reads them as stored.
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_decode_attention as _cpu_kernel
+from . import cpu_prefill_attention as _cpu_prefill
 from .cache_ops import gather_blocks
 
 try:  # torch's opaque reference types (private API): let compiled graphs take the metadata as an input
@@ -130,6 +132,29 @@ class PagedAttentionMetadata(OpaqueBase):
                 softcap, key_scales, value_scales)
         return self._decode_tables[key]
 
+    def cpu_prefill_plan(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                         scale: float, sliding_window: int | None, softcap: float | None,
+                         quantized: bool) -> "_cpu_prefill.PrefillPlan | None":
+        """The C prefill kernel's call for this step's prefill sequences (built by the first layer, reused by the
+        others); None where the kernel does not apply (no C kernels in the plan, a window, soft-capping, int8
+        caches, a dtype or head dim it does not take)."""
+        if sliding_window or softcap or quantized or self.num_decodes == self.num_seqs:
+            return None
+        plan = self.plan
+        if plan is None:  # called outside an engine
+            from ..plan import default_plan
+
+            plan = default_plan(query)
+        if not plan.cpu_kernels:
+            return None
+        key = ("cpu-prefill", query.dtype, key_cache.dtype, scale)
+        if key not in self._decode_tables:
+            d, cu = self.num_decodes, self.cu_seqlens_q.tolist()
+            self._decode_tables[key] = _cpu_prefill.PrefillPlan.for_step(
+                query, key_cache, value_cache, self.block_tables[d:], cu[d:-1], self.q_lens_list[d:],
+                self.kv_lens_list[d:], scale)
+        return self._decode_tables[key]
+
     def decode_mask(self, group: int, sliding_window: int | None) -> torch.Tensor:
         """``[G, 1, 1, L]`` additive fp32 mask (0 or -inf) of the gathered key slots of one decode group."""
         key = ("d", group, sliding_window)
@@ -224,6 +249,11 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
             out[:d] = o
         else:
             out[rows] = o
+    prefill_plan = meta.cpu_prefill_plan(query, key_cache, value_cache, scale, sliding_window, softcap,
+                                         key_scales is not None)
+    if prefill_plan is not None:  # every prefill sequence in one C call, K/V read from the blocks
+        prefill_plan(query, key_cache, value_cache, out)
+        return out
     cu = meta.cu_seqlens_q
     for seq in range(d, meta.num_seqs):
         start, q_len, kv_len = int(cu[seq]), meta.q_lens_list[seq], meta.kv_lens_list[seq]

@@ -1,0 +1,298 @@
+/* Paged prefill attention on the CPU: the query tokens of prompt chunks attend causally to their cached prefix and
+ * to themselves, K/V read straight from the blocks (flash attention over the block table).
+ *
+ * Built into the library of hf_paged/kernels/cpu_library.py and called through ctypes
+ * (hf_paged/kernels/cpu_prefill_attention.py) with raw data pointers.
+ *
+ * Layouts (strides in elements):
+ *   q            [T, H, hd]       row strides q_s0 (token), q_s1 (head); head_dim contiguous
+ *   key/value    [num_blocks, block_size, KVH, hd] contiguous (one layer's cache)
+ *   block_tables [S, >= ceil(kv_len / block_size)] int64, row stride bt_stride
+ *   q_starts, q_lens, kv_lens  [S] int32: sequence s owns query rows q_starts[s] .. + q_lens[s]; they are the last
+ *                q_lens[s] of its kv_lens[s] cached tokens (query token t sits at position kv_len - q_len + t)
+ *   out          [T, H, hd]       row strides o_s0, o_s1
+ * GQA: query head h reads KV head h / (H / KVH). No sliding window, no soft-capping (the caller keeps its PyTorch
+ * path for those).
+ *
+ * A unit of work is (sequence, KV head, QT query tokens): its rows are the QT tokens x G = H / KVH query heads
+ * sharing the KV head, token-major, so one K/V tile serves all of them. For each tile of KT keys (up to the unit's
+ * last position): the tile's keys are packed transposed ([hd][KT], fp32), so that the scores of RB rows x KT keys
+ * are RB x KT/VL vector accumulators over hd broadcast-FMAs (no horizontal sums); the online softmax updates each
+ * row's running max and sum; then RB rows x 4*VL output dims accumulate P.V, V rows read from their blocks. The
+ * query is scaled and widened once per unit; everything accumulates in fp32; bf16 inputs (uint16 bit patterns)
+ * are widened on load and the output rounded to nearest even. Units are sorted by their number of keys, largest
+ * first, and claimed dynamically by the OpenMP threads.
+ *
+ * No -ffast-math (see cpu_vec.h): exp is the polynomial of cpu_vec.h; masked keys get probability 0 exactly.
+ */
+
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu_vec.h"
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#define KT (4 * VL)      /* keys per tile: 4 vectors of scores per row */
+#define DC (4 * VL)      /* output dims per P.V pass: 4 vectors per row */
+#define NV 4             /* vectors per row in both */
+#define QT 64            /* query tokens per unit */
+#if VL == 16
+#define RB 6 /* rows per register block: RB x NV accumulators + NV loads + 1 broadcast <= 32 zmm */
+#else
+#define RB 2
+#endif
+
+typedef struct {
+    const char *q, *key_cache, *value_cache;
+    char *out;
+    const int64_t *block_tables;
+    const int32_t *q_starts, *q_lens, *kv_lens;
+    long q_s0, q_s1, o_s0, o_s1, bt_stride;
+    int H, KVH, G, hd, block_size, bf16;
+    float scale;
+} prefill_t;
+
+typedef struct {
+    int seq, kvh, t0, t1; /* query tokens t0 .. t1 of the sequence (relative to its q_starts row) */
+    long keys;            /* keys the unit reads: its cost */
+} unit_t;
+
+static inline vf vmax(vf a, vf b) {
+    const vi gt = a > b;
+    return (vf)(((vi)a & gt) | ((vi)b & ~gt));
+}
+
+/* Horizontal max and sum in log2(VL) shuffles (cpu_vec.h's hmax / hsum go lane by lane). */
+static inline float reduce_max(vf x) {
+#if defined(__AVX512F__)
+    return _mm512_reduce_max_ps((__m512)x);
+#else
+    return hmax(x);
+#endif
+}
+
+static inline float reduce_add(vf x) {
+#if defined(__AVX512F__)
+    return _mm512_reduce_add_ps((__m512)x);
+#else
+    return hsum(x);
+#endif
+}
+
+static int by_keys_desc(const void *a, const void *b) {
+    long x = ((const unit_t *)a)->keys, y = ((const unit_t *)b)->keys;
+    return (x < y) - (x > y);
+}
+
+typedef struct {
+    float *qs;         /* [QT * G, hd] scaled query */
+    float *acc;        /* [QT * G, hd] unnormalised output */
+    float *m, *l;      /* [QT * G] running max and sum */
+    float *kt;         /* [hd, KT] the tile's keys, transposed */
+    const char **vrow; /* [KT] the tile's value rows */
+    float *p;          /* [RB, KT] a row block's probabilities */
+} work_t;
+
+static void run_unit(const prefill_t *a, const unit_t *u, work_t *w) {
+    const int G = a->G, hd = a->hd, bs = a->block_size, bf16 = a->bf16, esz = bf16 ? 2 : 4;
+    const long row = (long)a->KVH * hd; /* elements between consecutive slots */
+    const int q_len = a->q_lens[u->seq], kv_len = a->kv_lens[u->seq];
+    const int first_pos = kv_len - q_len; /* position of query token 0 */
+    const int64_t *table = a->block_tables + (long)u->seq * a->bt_stride;
+    const int n = (u->t1 - u->t0) * G;
+    const int num_keys = first_pos + u->t1; /* the last row sees keys 0 .. first_pos + t1 - 1 */
+
+    for (int r = 0; r < n; r++) {
+        const int t = u->t0 + r / G, h = u->kvh * G + r % G;
+        const char *src = a->q + ((long)(a->q_starts[u->seq] + t) * a->q_s0 + (long)h * a->q_s1) * esz;
+        for (int d = 0; d < hd; d += VL)
+            *(vf *)(w->qs + (long)r * hd + d) = load_vec(bf16, src + (long)d * esz) * a->scale;
+        memset(w->acc + (long)r * hd, 0, sizeof(float) * hd);
+        w->m[r] = -__builtin_inff();
+        w->l[r] = 0.0f;
+    }
+
+    for (int k0 = 0; k0 < num_keys; k0 += KT) {
+        const int kn = num_keys - k0 < KT ? num_keys - k0 : KT;
+        /* Pack the tile: K transposed to fp32, V row pointers. */
+        for (int j = 0; j < kn; j++) {
+            const int key = k0 + j;
+            const long slot = table[key / bs] * bs + key % bs;
+            const long off = (slot * row + (long)u->kvh * hd) * esz;
+            const char *k = a->key_cache + off;
+            w->vrow[j] = a->value_cache + off;
+            if (bf16) {
+                for (int d = 0; d < hd; d++) w->kt[d * KT + j] = bf16_to_f32(((const uint16_t *)k)[d]);
+            } else {
+                for (int d = 0; d < hd; d++) w->kt[d * KT + j] = ((const float *)k)[d];
+            }
+        }
+        if (kn < KT)
+            for (int d = 0; d < hd; d++) memset(w->kt + d * KT + kn, 0, sizeof(float) * (KT - kn));
+
+        for (int r0 = 0; r0 < n; r0 += RB) {
+            const int nr = n - r0 < RB ? n - r0 : RB;
+            /* Visible keys of each row in this tile: those at positions <= the row's. */
+            int vis[RB], max_vis = 0;
+            for (int i = 0; i < RB; i++) {
+                const int r = r0 + (i < nr ? i : nr - 1);
+                int v = first_pos + u->t0 + r / G + 1 - k0;
+                v = v < 0 ? 0 : (v > kn ? kn : v);
+                vis[i] = i < nr ? v : 0;
+                if (vis[i] > max_vis) max_vis = vis[i];
+            }
+            if (max_vis == 0) continue; /* rows are token-major: later blocks see more */
+
+            /* Scores: RB rows x KT keys. Rows past nr repeat the last row (their results are dropped). */
+            vf s[RB][NV];
+            for (int i = 0; i < RB; i++)
+                for (int c = 0; c < NV; c++) s[i][c] = splat(0.0f);
+            const float *qrow[RB];
+            for (int i = 0; i < RB; i++) qrow[i] = w->qs + (long)(r0 + (i < nr ? i : nr - 1)) * hd;
+            for (int d = 0; d < hd; d++) {
+                const vf *kd = (const vf *)(w->kt + d * KT);
+                vf k[NV];
+                for (int c = 0; c < NV; c++) k[c] = kd[c];
+                for (int i = 0; i < RB; i++) {
+                    const vf b = splat(qrow[i][d]);
+                    for (int c = 0; c < NV; c++) s[i][c] += b * k[c];
+                }
+            }
+
+            /* Online softmax; probabilities of masked keys are 0 exactly. */
+            float alpha[RB];
+            vi lane;
+            for (int x = 0; x < VL; x++) lane[x] = x;
+            for (int i = 0; i < RB; i++) {
+                float *p = w->p + i * KT;
+                alpha[i] = 1.0f;
+                if (i >= nr || vis[i] == 0) {
+                    memset(p, 0, sizeof(float) * KT);
+                    continue;
+                }
+                const int r = r0 + i;
+                vi live[NV];
+                vf vm = splat(-__builtin_inff());
+                for (int c = 0; c < NV; c++) {
+                    live[c] = lane + c * VL < vis[i];
+                    s[i][c] = (vf)(((vi)s[i][c] & live[c]) | ((vi)splat(-__builtin_inff()) & ~live[c]));
+                    vm = vmax(vm, s[i][c]);
+                }
+                const float mx = reduce_max(vm);
+                const float m_new = mx > w->m[r] ? mx : w->m[r];
+                alpha[i] = exp_vec(splat(w->m[r] - m_new))[0]; /* m = -inf at first: alpha = 0 (acc is 0) */
+                vf sum = splat(0.0f);
+                for (int c = 0; c < NV; c++) {
+                    const vf e = (vf)((vi)exp_vec(s[i][c] - m_new) & live[c]);
+                    sum += e;
+                    *(vf *)(p + c * VL) = e;
+                }
+                w->l[r] = w->l[r] * alpha[i] + reduce_add(sum);
+                w->m[r] = m_new;
+            }
+
+            /* acc = acc * alpha + P.V, DC dims at a time. */
+            for (int d0 = 0; d0 < hd; d0 += DC) {
+                vf o[RB][NV];
+                for (int i = 0; i < RB; i++) {
+                    const float *ar = w->acc + (long)(r0 + (i < nr ? i : nr - 1)) * hd + d0;
+                    for (int c = 0; c < NV; c++) o[i][c] = *(const vf *)(ar + c * VL) * alpha[i];
+                }
+                for (int j = 0; j < max_vis; j++) {
+                    const char *vr = w->vrow[j] + (long)d0 * esz;
+                    vf v[NV];
+                    for (int c = 0; c < NV; c++) v[c] = load_vec(bf16, vr + (long)c * VL * esz);
+                    for (int i = 0; i < RB; i++) {
+                        const vf b = splat(w->p[i * KT + j]);
+                        for (int c = 0; c < NV; c++) o[i][c] += b * v[c];
+                    }
+                }
+                for (int i = 0; i < nr; i++) {
+                    float *ar = w->acc + (long)(r0 + i) * hd + d0;
+                    for (int c = 0; c < NV; c++) *(vf *)(ar + c * VL) = o[i][c];
+                }
+            }
+        }
+    }
+
+    for (int r = 0; r < n; r++) {
+        const int t = u->t0 + r / G, h = u->kvh * G + r % G;
+        char *dst = a->out + ((long)(a->q_starts[u->seq] + t) * a->o_s0 + (long)h * a->o_s1) * esz;
+        const vf inv = splat(1.0f / w->l[r]);
+        for (int d = 0; d < hd; d += VL)
+            store_vec(bf16, dst + (long)d * esz, *(const vf *)(w->acc + (long)r * hd + d) * inv);
+    }
+}
+
+static int paged_prefill_attention(const int bf16, const void *q, long q_s0, long q_s1, const void *key_cache,
+                                   const void *value_cache, const int64_t *block_tables, long bt_stride,
+                                   const int32_t *q_starts, const int32_t *q_lens, const int32_t *kv_lens, int S,
+                                   void *out, long o_s0, long o_s1, int H, int KVH, int hd, int block_size,
+                                   float scale, int num_threads) {
+    if (S <= 0) return 0;
+    if (H <= 0 || KVH <= 0 || H % KVH || hd <= 0 || hd % DC || block_size <= 0) return 1;
+    const prefill_t a = {(const char *)q, (const char *)key_cache, (const char *)value_cache, (char *)out,
+                         block_tables, q_starts, q_lens, kv_lens, q_s0, q_s1, o_s0, o_s1, bt_stride,
+                         H, KVH, H / KVH, hd, block_size, bf16, scale};
+    long n_units = 0;
+    for (int s = 0; s < S; s++) {
+        if (q_lens[s] < 0 || kv_lens[s] < q_lens[s]) return 2;
+        n_units += (long)KVH * ((q_lens[s] + QT - 1) / QT);
+    }
+    if (n_units == 0) return 0;
+    unit_t *units = malloc(sizeof(unit_t) * n_units);
+    if (!units) return 3;
+    long u = 0;
+    for (int s = 0; s < S; s++)
+        for (int t0 = 0; t0 < q_lens[s]; t0 += QT)
+            for (int h = 0; h < KVH; h++) {
+                const int t1 = t0 + QT < q_lens[s] ? t0 + QT : q_lens[s];
+                units[u++] = (unit_t){s, h, t0, t1, (long)(kv_lens[s] - q_lens[s] + t1) * (t1 - t0)};
+            }
+    qsort(units, n_units, sizeof(unit_t), by_keys_desc);
+    if (num_threads < 1) num_threads = 1;
+    if (num_threads > n_units) num_threads = (int)n_units;
+    int failed = 0;
+#pragma omp parallel num_threads(num_threads)
+    {
+        const long rows = (long)QT * a.G;
+        work_t w;
+        const size_t bytes = sizeof(float) * (2 * rows * hd + 2 * rows + (long)hd * KT + RB * KT);
+        float *mem = aligned_alloc(64, (bytes + 63) / 64 * 64);
+        const char **vrow = malloc(sizeof(char *) * KT);
+        if (!mem || !vrow) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+            w.qs = mem;
+            w.acc = w.qs + rows * hd;
+            w.kt = w.acc + rows * hd;
+            w.p = w.kt + (long)hd * KT;
+            w.m = w.p + RB * KT;
+            w.l = w.m + rows;
+            w.vrow = vrow;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (long i = 0; i < n_units; i++)
+            if (mem && vrow) run_unit(&a, &units[i], &w);
+        free(mem);
+        free(vrow);
+    }
+    free(units);
+    return failed ? 3 : 0;
+}
+
+#define ARGS                                                                                                  \
+    const void *q, long q_s0, long q_s1, const void *key_cache, const void *value_cache, const int64_t *block_tables, \
+        long bt_stride, const int32_t *q_starts, const int32_t *q_lens, const int32_t *kv_lens, int S, void *out,     \
+        long o_s0, long o_s1, int H, int KVH, int hd, int block_size, float scale, int num_threads
+#define PASS                                                                                                  \
+    q, q_s0, q_s1, key_cache, value_cache, block_tables, bt_stride, q_starts, q_lens, kv_lens, S, out, o_s0, o_s1, H, \
+        KVH, hd, block_size, scale, num_threads
+
+int paged_prefill_attention_f32(ARGS) { return paged_prefill_attention(0, PASS); }
+int paged_prefill_attention_bf16(ARGS) { return paged_prefill_attention(1, PASS); }
