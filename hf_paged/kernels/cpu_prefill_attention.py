@@ -5,8 +5,9 @@ The PyTorch CPU path gathers each prefill sequence's blocks into dense K/V and c
 once per sequence (twice for a later chunk of a prompt, merged by log-sum-exp). The C kernel takes all of a step's
 prefill sequences in one call: work units of (sequence, KV head, query tile) with the query heads sharing the KV
 head as extra rows, keys packed transposed per tile so that the scores are broadcast-FMAs, balanced over the OpenMP
-threads largest first. :class:`PrefillPlan` is that call with the per-step arguments converted once and shared by
-all layers.
+threads largest first; in bf16 with AVX512-BF16 the products are ``vdpbf16ps`` (the probabilities rounded to bf16
+for P.V, as the C decode kernel does). :class:`PrefillPlan` is that call with the per-step arguments converted once
+and shared by all layers.
 
 It serves fp32 and bf16 with caches of the query's dtype and head dims that are a multiple of four vectors (64 with
 AVX-512); no sliding window, no soft-capping, no int8 caches: ``PrefillPlan.for_step`` returns None for those and

@@ -14,14 +14,16 @@
  * GQA: query head h reads KV head h / (H / KVH). No sliding window, no soft-capping (the caller keeps its PyTorch
  * path for those).
  *
- * A unit of work is (sequence, KV head, QT query tokens): its rows are the QT tokens x G = H / KVH query heads
- * sharing the KV head, token-major, so one K/V tile serves all of them. For each tile of KT keys (up to the unit's
+ * A unit of work is (sequence, KV head, qt query tokens; qt = 512 / G, 8 to 128): its rows are the qt tokens x
+ * G = H / KVH query heads sharing the KV head, token-major, so one K/V tile serves all of them. For each tile of KT keys (up to the unit's
  * last position): the tile's keys are packed transposed ([hd][KT], fp32), so that the scores of RB rows x KT keys
  * are RB x KT/VL vector accumulators over hd broadcast-FMAs (no horizontal sums); the online softmax updates each
  * row's running max and sum; then RB rows x 4*VL output dims accumulate P.V, V rows read from their blocks. The
  * query is scaled and widened once per unit; everything accumulates in fp32; bf16 inputs (uint16 bit patterns)
- * are widened on load and the output rounded to nearest even. Units are sorted by their number of keys, largest
- * first, and claimed dynamically by the OpenMP threads.
+ * are widened on load and the output rounded to nearest even. With AVX512-BF16, bf16 takes run_unit_dpbf16
+ * instead: vdpbf16ps on pairs of dims (scores) and on pairs of keys (P.V, the probabilities rounded to bf16, as the
+ * decode kernel and vLLM's and IPEX's CPU attention do), twice the products per instruction. Units are sorted by
+ * their number of keys, largest first, and claimed dynamically by the OpenMP threads.
  *
  * No -ffast-math (see cpu_vec.h): exp is the polynomial of cpu_vec.h; masked keys get probability 0 exactly.
  */
@@ -39,7 +41,8 @@
 #define KT (4 * VL)      /* keys per tile: 4 vectors of scores per row */
 #define DC (4 * VL)      /* output dims per P.V pass: 4 vectors per row */
 #define NV 4             /* vectors per row in both */
-#define QT 64            /* query tokens per unit */
+#define UNIT_ROWS 512 /* query rows (tokens x G) per unit, at most: the unit's query and output stay in L2 */
+#define UNIT_MAX_TOKENS 128
 #if VL == 16
 #define RB 6 /* rows per register block: RB x NV accumulators + NV loads + 1 broadcast <= 32 zmm */
 #else
@@ -89,12 +92,14 @@ static int by_keys_desc(const void *a, const void *b) {
 }
 
 typedef struct {
-    float *qs;         /* [QT * G, hd] scaled query */
-    float *acc;        /* [QT * G, hd] unnormalised output */
-    float *m, *l;      /* [QT * G] running max and sum */
+    float *qs;         /* [qt * G, hd] scaled query */
+    float *acc;        /* [qt * G, hd] unnormalised output */
+    float *m, *l;      /* [qt * G] running max and sum */
     float *kt;         /* [hd, KT] the tile's keys, transposed */
     const char **vrow; /* [KT] the tile's value rows */
     float *p;          /* [RB, KT] a row block's probabilities */
+    float *vpairs;     /* [KT * hd / 2] the tile's V rows interleaved in pairs (run_unit_dpbf16) */
+    const char **qrow; /* [qt * G] the query rows (run_unit_dpbf16) */
 } work_t;
 
 static void run_unit(const prefill_t *a, const unit_t *u, work_t *w) {
@@ -228,6 +233,155 @@ static void run_unit(const prefill_t *a, const unit_t *u, work_t *w) {
     }
 }
 
+#if defined(__AVX512BF16__) && VL == 16
+/* run_unit for bf16 with AVX512-BF16: vdpbf16ps (fp32 lane i += a[2i] * b[2i] + a[2i+1] * b[2i+1]) on pairs.
+ * Scores: the query rows as stored, a pair of dims broadcast, against the tile's keys packed as [hd/2][KT] pairs
+ * of dims; the scale is applied to the fp32 scores. P.V: the probabilities rounded to bf16 in pairs of keys,
+ * against the tile's V rows interleaved in pairs ([KT/2][hd] pairs of keys), as the decode kernel does. */
+static void run_unit_dpbf16(const prefill_t *a, const unit_t *u, work_t *w) {
+    const int G = a->G, hd = a->hd, bs = a->block_size, hp = hd / 2;
+    const long row = (long)a->KVH * hd;
+    const int q_len = a->q_lens[u->seq], kv_len = a->kv_lens[u->seq];
+    const int first_pos = kv_len - q_len;
+    const int64_t *table = a->block_tables + (long)u->seq * a->bt_stride;
+    const int n = (u->t1 - u->t0) * G;
+    const int num_keys = first_pos + u->t1;
+    uint32_t *kp = (uint32_t *)w->kt;          /* [hd/2][KT] pairs of dims */
+    uint16_t *vp = (uint16_t *)w->vpairs;      /* [KT/2][hd][2] pairs of keys */
+    uint32_t *pp = (uint32_t *)w->p;           /* [RB][KT/2] pairs of probabilities */
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                                22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const uint32_t **qrows = (const uint32_t **)w->qrow; /* [n] the query rows as stored */
+    const uint32_t *qp[RB];
+
+    for (int r = 0; r < n; r++) {
+        const int t = u->t0 + r / G, h = u->kvh * G + r % G;
+        qrows[r] = (const uint32_t *)(a->q + ((long)(a->q_starts[u->seq] + t) * a->q_s0 + (long)h * a->q_s1) * 2);
+        memset(w->acc + (long)r * hd, 0, sizeof(float) * hd);
+        w->m[r] = -__builtin_inff();
+        w->l[r] = 0.0f;
+    }
+
+    for (int k0 = 0; k0 < num_keys; k0 += KT) {
+        const int kn = num_keys - k0 < KT ? num_keys - k0 : KT;
+        const char *vrow[KT + 1];
+        for (int j = 0; j < kn; j++) {
+            const int key = k0 + j;
+            const long slot = table[key / bs] * bs + key % bs;
+            const long off = (slot * row + (long)u->kvh * hd) * 2;
+            const uint32_t *k = (const uint32_t *)(a->key_cache + off);
+            vrow[j] = a->value_cache + off;
+            for (int d = 0; d < hp; d++) kp[d * KT + j] = k[d];
+        }
+        if (kn < KT)
+            for (int d = 0; d < hp; d++) memset(kp + d * KT + kn, 0, sizeof(uint32_t) * (KT - kn));
+        for (int j = 0; j < kn; j += 2) {
+            const int pair = j + 1 < kn;
+            for (int d = 0; d < hd; d += 16) {
+                const __m256i lo = _mm256_loadu_si256((const __m256i *)(vrow[j] + (long)d * 2));
+                const __m256i hi = pair ? _mm256_loadu_si256((const __m256i *)(vrow[j + 1] + (long)d * 2))
+                                        : _mm256_setzero_si256();
+                const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+                _mm512_storeu_si512((void *)(vp + ((long)(j / 2) * hd + d) * 2),
+                                    _mm512_permutexvar_epi16(interleave, both));
+            }
+        }
+
+        for (int r0 = 0; r0 < n; r0 += RB) {
+            const int nr = n - r0 < RB ? n - r0 : RB;
+            int vis[RB], max_vis = 0;
+            for (int i = 0; i < RB; i++) {
+                const int r = r0 + (i < nr ? i : nr - 1);
+                int v = first_pos + u->t0 + r / G + 1 - k0;
+                v = v < 0 ? 0 : (v > kn ? kn : v);
+                vis[i] = i < nr ? v : 0;
+                if (vis[i] > max_vis) max_vis = vis[i];
+                qp[i] = qrows[r];
+            }
+            if (max_vis == 0) continue;
+
+            __m512 s[RB][NV];
+            for (int i = 0; i < RB; i++)
+                for (int c = 0; c < NV; c++) s[i][c] = _mm512_setzero_ps();
+            for (int d = 0; d < hp; d++) {
+                __m512bh k[NV];
+                for (int c = 0; c < NV; c++) k[c] = (__m512bh)_mm512_load_si512((const void *)(kp + d * KT + c * 16));
+                for (int i = 0; i < RB; i++) {
+                    const __m512bh b = (__m512bh)_mm512_set1_epi32((int)qp[i][d]);
+                    for (int c = 0; c < NV; c++) s[i][c] = _mm512_dpbf16_ps(s[i][c], b, k[c]);
+                }
+            }
+
+            float alpha[RB];
+            vi lane;
+            for (int x = 0; x < VL; x++) lane[x] = x;
+            for (int i = 0; i < RB; i++) {
+                uint32_t *p = pp + i * (KT / 2);
+                alpha[i] = 1.0f;
+                if (i >= nr || vis[i] == 0) {
+                    memset(p, 0, sizeof(uint32_t) * (KT / 2));
+                    continue;
+                }
+                const int r = r0 + i;
+                vi live[NV];
+                vf sc[NV], vm = splat(-__builtin_inff());
+                for (int c = 0; c < NV; c++) {
+                    live[c] = lane + c * VL < vis[i];
+                    sc[c] = (vf)s[i][c] * a->scale;
+                    sc[c] = (vf)(((vi)sc[c] & live[c]) | ((vi)splat(-__builtin_inff()) & ~live[c]));
+                    vm = vmax(vm, sc[c]);
+                }
+                const float mx = reduce_max(vm);
+                const float m_new = mx > w->m[r] ? mx : w->m[r];
+                alpha[i] = exp_vec(splat(w->m[r] - m_new))[0];
+                vf sum = splat(0.0f), e[NV];
+                for (int c = 0; c < NV; c++) {
+                    e[c] = (vf)((vi)exp_vec(sc[c] - m_new) & live[c]);
+                    sum += e[c];
+                }
+                for (int c = 0; c < NV; c += 2)
+                    _mm512_storeu_si512((void *)(p + c * 8), (__m512i)_mm512_cvtne2ps_pbh((__m512)e[c + 1], (__m512)e[c]));
+                w->l[r] = w->l[r] * alpha[i] + reduce_add(sum);
+                w->m[r] = m_new;
+            }
+
+            const int pairs = (max_vis + 1) / 2;
+            for (int d0 = 0; d0 < hd; d0 += DC) {
+                __m512 o[RB][NV];
+                for (int i = 0; i < RB; i++) {
+                    const float *ar = w->acc + (long)(r0 + (i < nr ? i : nr - 1)) * hd + d0;
+                    for (int c = 0; c < NV; c++) o[i][c] = _mm512_mul_ps(_mm512_load_ps(ar + c * VL), _mm512_set1_ps(alpha[i]));
+                }
+                for (int jp = 0; jp < pairs; jp++) {
+                    __m512bh v[NV];
+                    for (int c = 0; c < NV; c++)
+                        v[c] = (__m512bh)_mm512_loadu_si512((const void *)(vp + ((long)jp * hd + d0 + c * 16) * 2));
+                    for (int i = 0; i < RB; i++) {
+                        const __m512bh b = (__m512bh)_mm512_set1_epi32((int)pp[i * (KT / 2) + jp]);
+                        for (int c = 0; c < NV; c++) o[i][c] = _mm512_dpbf16_ps(o[i][c], b, v[c]);
+                    }
+                }
+                for (int i = 0; i < nr; i++) {
+                    float *ar = w->acc + (long)(r0 + i) * hd + d0;
+                    for (int c = 0; c < NV; c++) _mm512_store_ps(ar + c * VL, o[i][c]);
+                }
+            }
+        }
+    }
+
+    for (int r = 0; r < n; r++) {
+        const int t = u->t0 + r / G, h = u->kvh * G + r % G;
+        char *dst = a->out + ((long)(a->q_starts[u->seq] + t) * a->o_s0 + (long)h * a->o_s1) * 2;
+        const vf inv = splat(1.0f / w->l[r]);
+        for (int d = 0; d < hd; d += VL) store_vec(1, dst + (long)d * 2, *(const vf *)(w->acc + (long)r * hd + d) * inv);
+    }
+}
+#define HAVE_DPBF16 1
+#else
+#define HAVE_DPBF16 0
+static void run_unit_dpbf16(const prefill_t *a, const unit_t *u, work_t *w) { run_unit(a, u, w); }
+#endif
+
 static int paged_prefill_attention(const int bf16, const void *q, long q_s0, long q_s1, const void *key_cache,
                                    const void *value_cache, const int64_t *block_tables, long bt_stride,
                                    const int32_t *q_starts, const int32_t *q_lens, const int32_t *kv_lens, int S,
@@ -238,19 +392,21 @@ static int paged_prefill_attention(const int bf16, const void *q, long q_s0, lon
     const prefill_t a = {(const char *)q, (const char *)key_cache, (const char *)value_cache, (char *)out,
                          block_tables, q_starts, q_lens, kv_lens, q_s0, q_s1, o_s0, o_s1, bt_stride,
                          H, KVH, H / KVH, hd, block_size, bf16, scale};
+    int qt = UNIT_ROWS / a.G; /* tokens per unit: longer units pack each key tile for more rows */
+    qt = qt > UNIT_MAX_TOKENS ? UNIT_MAX_TOKENS : (qt < 8 ? 8 : qt);
     long n_units = 0;
     for (int s = 0; s < S; s++) {
         if (q_lens[s] < 0 || kv_lens[s] < q_lens[s]) return 2;
-        n_units += (long)KVH * ((q_lens[s] + QT - 1) / QT);
+        n_units += (long)KVH * ((q_lens[s] + qt - 1) / qt);
     }
     if (n_units == 0) return 0;
     unit_t *units = malloc(sizeof(unit_t) * n_units);
     if (!units) return 3;
     long u = 0;
     for (int s = 0; s < S; s++)
-        for (int t0 = 0; t0 < q_lens[s]; t0 += QT)
+        for (int t0 = 0; t0 < q_lens[s]; t0 += qt)
             for (int h = 0; h < KVH; h++) {
-                const int t1 = t0 + QT < q_lens[s] ? t0 + QT : q_lens[s];
+                const int t1 = t0 + qt < q_lens[s] ? t0 + qt : q_lens[s];
                 units[u++] = (unit_t){s, h, t0, t1, (long)(kv_lens[s] - q_lens[s] + t1) * (t1 - t0)};
             }
     qsort(units, n_units, sizeof(unit_t), by_keys_desc);
@@ -259,11 +415,11 @@ static int paged_prefill_attention(const int bf16, const void *q, long q_s0, lon
     int failed = 0;
 #pragma omp parallel num_threads(num_threads)
     {
-        const long rows = (long)QT * a.G;
+        const long rows = (long)qt * a.G;
         work_t w;
-        const size_t bytes = sizeof(float) * (2 * rows * hd + 2 * rows + (long)hd * KT + RB * KT);
+        const size_t bytes = sizeof(float) * (2 * rows * hd + 2 * rows + (long)hd * KT + RB * KT + (long)hd * KT / 2);
         float *mem = aligned_alloc(64, (bytes + 63) / 64 * 64);
-        const char **vrow = malloc(sizeof(char *) * KT);
+        const char **vrow = malloc(sizeof(char *) * (KT + rows));
         if (!mem || !vrow) {
 #pragma omp atomic write
             failed = 1;
@@ -274,11 +430,18 @@ static int paged_prefill_attention(const int bf16, const void *q, long q_s0, lon
             w.p = w.kt + (long)hd * KT;
             w.m = w.p + RB * KT;
             w.l = w.m + rows;
+            w.vpairs = w.l + rows;
             w.vrow = vrow;
+            w.qrow = vrow + KT;
         }
 #pragma omp for schedule(dynamic, 1)
-        for (long i = 0; i < n_units; i++)
-            if (mem && vrow) run_unit(&a, &units[i], &w);
+        for (long i = 0; i < n_units; i++) {
+            if (!mem || !vrow) continue;
+            if (HAVE_DPBF16 && bf16)
+                run_unit_dpbf16(&a, &units[i], &w);
+            else
+                run_unit(&a, &units[i], &w);
+        }
         free(mem);
         free(vrow);
     }
