@@ -256,17 +256,18 @@ def test_prefill_kernel_threads_agree(threads):
 
 @needs_kernel
 def test_prefill_kernel_declines_what_it_does_not_take():
-    """A head dim that is not a multiple of four vectors, int8 caches, a window or soft-capping: no plan, and
+    """A head dim that is not a multiple of four vectors, int8 caches without scales, a window or soft-capping: no
+    plan, and
     paged_attention keeps its PyTorch path (its result is the oracle's)."""
     q, kc, vc, meta = _make([40, 20], 4, 2, 40, 16, torch.float32, q_lens=[40, 5])
     assert cpu_prefill.PrefillPlan.for_step(q, kc, vc, meta.block_tables, [0, 40], [40, 5], [40, 20], SCALE) is None
     torch.testing.assert_close(paged_attention(q, kc, vc, meta, SCALE), _naive(q, kc, vc, meta, None, None),
                                atol=1e-5, rtol=0)
     q, kc, vc, meta = _make([40, 20], 4, 2, 64, 16, torch.float32, q_lens=[40, 5])
-    assert meta.cpu_prefill_plan(q, kc, vc, SCALE, 8, None, False) is None
-    assert meta.cpu_prefill_plan(q, kc, vc, SCALE, None, 30.0, False) is None
-    assert meta.cpu_prefill_plan(q, kc, vc, SCALE, None, None, True) is None
-    assert meta.cpu_prefill_plan(q, kc, vc, SCALE, None, None, False) is not None
+    assert meta.cpu_prefill_plan(q, kc, vc, SCALE, 8, None) is None
+    assert meta.cpu_prefill_plan(q, kc, vc, SCALE, None, 30.0) is None
+    assert meta.cpu_prefill_plan(q, kc.to(torch.int8), vc.to(torch.int8), SCALE, None, None) is None  # no scales
+    assert meta.cpu_prefill_plan(q, kc, vc, SCALE, None, None) is not None
 
 
 def test_fallback_without_kernel_matches_oracle(monkeypatch):

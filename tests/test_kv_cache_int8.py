@@ -20,6 +20,7 @@ from hf_paged import LLMEngine, PagedCache, SamplingParams
 from hf_paged.block_pool import BlockPool
 from hf_paged.engine import validate_engine_options
 from hf_paged.kernels import cpu_decode_attention as cpu_kernel
+from hf_paged.kernels import cpu_prefill_attention as cpu_prefill
 from hf_paged.kernels.cache_ops import dequantize_int8, gather_blocks, quantize_int8, write_kv
 from hf_paged.kernels.paged_attention import PagedAttentionMetadata, paged_attention, paged_attention_naive
 from hf_paged.plan import build_plan
@@ -233,16 +234,32 @@ def test_c_decode_kernel_reads_int8_like_the_pytorch_path(dtype, group, head_dim
 
 
 @needs_cpu_kernels
-def test_engine_attention_takes_the_c_kernel_on_int8(monkeypatch):
-    """Through ``paged_attention`` with a C-kernel plan: the decodes go to the int8 kernel, the prompt to PyTorch."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group,head_dim,block_size", [(1, 64, 16), (3, 64, 8), (8, 128, 32)])
+def test_c_prefill_kernel_reads_int8_like_the_pytorch_path(dtype, group, head_dim, block_size):
+    """Whole prompts and chunks after a cached prefix over int8 caches: the C prefill kernel against gather +
+    dequantize + SDPA (in fp32), within KERNEL_ATOL (bf16 outputs: plus their own rounding)."""
+    lengths, q_lens = [1, 70, 130, 200, 33], [1, 70, 65, 7, 33]
+    query, kc, vc, ks, vs, meta, _ = _int8_step(lengths, q_lens, 2 * group, 2, head_dim, block_size, dtype,
+                                                seed=group * 10 + head_dim)
+    out = cpu_prefill.prefill_attention_cpu(query, kc, vc, meta.block_tables, q_lens, lengths, SCALE, ks, vs)
+    assert out.dtype == dtype
+    _close(out, _torch_int8(query, kc, vc, ks, vs, meta))
+
+
+@needs_cpu_kernels
+def test_engine_attention_takes_the_c_kernels_on_int8(monkeypatch):
+    """Through ``paged_attention`` with a C-kernel plan: the decodes go to the int8 decode kernel, the prompt to the
+    int8 prefill kernel."""
     query, kc, vc, ks, vs, meta, _ = _int8_step([12, 50, 20], [1, 1, 20], 6, 2, 64, 16, torch.float32, seed=5)
     meta.plan = build_plan("cpu", torch.float32, pack_weights=False, cpu_kernels=True, kv_cache_dtype="int8")
     calls = []
-    real = cpu_kernel.DecodePlan.__call__
-    monkeypatch.setattr(cpu_kernel.DecodePlan, "__call__", lambda self, *a: calls.append(self.quantized) or real(
-        self, *a))
+    for plan_class in (cpu_kernel.DecodePlan, cpu_prefill.PrefillPlan):
+        real = plan_class.__call__
+        monkeypatch.setattr(plan_class, "__call__", lambda self, *a, _real=real, _name=plan_class.__name__: calls.append(
+            (_name, self.quantized)) or _real(self, *a))
     out = paged_attention(query, kc, vc, meta, SCALE, key_scales=ks, value_scales=vs)
-    assert calls == [True]
+    assert calls == [("DecodePlan", True), ("PrefillPlan", True)]
     _close(out, _torch_int8(query, kc, vc, ks, vs, meta))
 
 

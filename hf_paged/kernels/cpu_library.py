@@ -64,6 +64,8 @@ SIGNATURES: dict[str, tuple[type | None, list]] = {  # name -> (restype, argtype
     "paged_decode_attention_bf16_i8": (ctypes.c_int, _DECODE_I8),
     "paged_prefill_attention_f32": (ctypes.c_int, _PREFILL),
     "paged_prefill_attention_bf16": (ctypes.c_int, _PREFILL),
+    "paged_prefill_attention_f32_i8": (ctypes.c_int, _PREFILL[:5] + [_p, _p] + _PREFILL[5:]),
+    "paged_prefill_attention_bf16_i8": (ctypes.c_int, _PREFILL[:5] + [_p, _p] + _PREFILL[5:]),
     "paged_write_kv": (None, [_p, _i64, _i64, _p, _i64, _i64, _p, _i64, _p, _p, _i32, _i32, _i32]),
     "paged_write_kv_i8": (None, [_p, _i64, _i64, _p, _i64, _i64, _p, _i64, _p, _p, _p, _p, _i32, _i32, _i32, _i32]),
     "hf_rms_norm": (None, [_p, _i64, _p, _p, _i64, _i64, _i32, _f32, _i32]),

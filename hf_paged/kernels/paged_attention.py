@@ -9,7 +9,7 @@ with no cached prefix through SDPA's causal kernel, no mask).
 
 On the CPU, where the step's plan says so (``attention="c"``), fp32 and bf16 decodes take the C kernel of
 ``cpu_decode_attention`` instead (K/V read straight from the blocks, once), and the prefill chunks, all in one call,
-the C flash-attention kernel of ``cpu_prefill_attention`` (no window, no soft-capping, K/V not int8).
+the C flash-attention kernel of ``cpu_prefill_attention`` (no window, no soft-capping).
 
 Int8 caches (``key_scales`` / ``value_scales`` given, see ``cache_ops``) are dequantized to the query's dtype
 as their blocks are gathered; the C decode kernel reads them as stored.
@@ -134,11 +134,12 @@ class PagedAttentionMetadata(OpaqueBase):
 
     def cpu_prefill_plan(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                          scale: float, sliding_window: int | None, softcap: float | None,
-                         quantized: bool) -> "_cpu_prefill.PrefillPlan | None":
+                         key_scales: torch.Tensor | None = None,
+                         value_scales: torch.Tensor | None = None) -> "_cpu_prefill.PrefillPlan | None":
         """The C prefill kernel's call for this step's prefill sequences (built by the first layer, reused by the
-        others); None where the kernel does not apply (no C kernels in the plan, a window, soft-capping, int8
-        caches, a dtype or head dim it does not take)."""
-        if sliding_window or softcap or quantized or self.num_decodes == self.num_seqs:
+        others); None where the kernel does not apply (no C kernels in the plan, a window, soft-capping, a dtype or
+        head dim it does not take)."""
+        if sliding_window or softcap or self.num_decodes == self.num_seqs:
             return None
         plan = self.plan
         if plan is None:  # called outside an engine
@@ -152,7 +153,7 @@ class PagedAttentionMetadata(OpaqueBase):
             d, cu = self.num_decodes, self.cu_seqlens_q.tolist()
             self._decode_tables[key] = _cpu_prefill.PrefillPlan.for_step(
                 query, key_cache, value_cache, self.block_tables[d:], cu[d:-1], self.q_lens_list[d:],
-                self.kv_lens_list[d:], scale)
+                self.kv_lens_list[d:], scale, key_scales, value_scales)
         return self._decode_tables[key]
 
     def decode_mask(self, group: int, sliding_window: int | None) -> torch.Tensor:
@@ -249,10 +250,10 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
             out[:d] = o
         else:
             out[rows] = o
-    prefill_plan = meta.cpu_prefill_plan(query, key_cache, value_cache, scale, sliding_window, softcap,
-                                         key_scales is not None)
+    prefill_plan = meta.cpu_prefill_plan(query, key_cache, value_cache, scale, sliding_window, softcap, key_scales,
+                                         value_scales)
     if prefill_plan is not None:  # every prefill sequence in one C call, K/V read from the blocks
-        prefill_plan(query, key_cache, value_cache, out)
+        prefill_plan(query, key_cache, value_cache, out, key_scales, value_scales)
         return out
     cu = meta.cu_seqlens_q
     for seq in range(d, meta.num_seqs):

@@ -12,7 +12,8 @@
  *                q_lens[s] of its kv_lens[s] cached tokens (query token t sits at position kv_len - q_len + t)
  *   out          [T, H, hd]       row strides o_s0, o_s1
  * GQA: query head h reads KV head h / (H / KVH). No sliding window, no soft-capping (the caller keeps its PyTorch
- * path for those).
+ * path for those). int8 K/V (the *_i8 entry points, scales [num_blocks, KVH, block_size] beside the caches): the keys
+ * are dequantized as the tile is packed, each V row's scale multiplies its probabilities; fp32 products.
  *
  * A unit of work is (sequence, KV head, qt query tokens; qt = 512 / G, 8 to 128): its rows are the qt tokens x
  * G = H / KVH query heads sharing the KV head, token-major, so one K/V tile serves all of them. For each tile of KT keys (up to the unit's
@@ -57,6 +58,7 @@ typedef struct {
     long q_s0, q_s1, o_s0, o_s1, bt_stride;
     int H, KVH, G, hd, block_size, bf16;
     float scale;
+    const float *k_scales, *v_scales; /* int8 K/V: [num_blocks, KVH, block_size] row scales (else NULL) */
 } prefill_t;
 
 typedef struct {
@@ -100,10 +102,13 @@ typedef struct {
     float *p;          /* [RB, KT] a row block's probabilities */
     float *vpairs;     /* [KT * hd / 2] the tile's V rows interleaved in pairs (run_unit_dpbf16) */
     const char **qrow; /* [qt * G] the query rows (run_unit_dpbf16) */
+    float *vscale;     /* [KT] int8 V: the tile's row scales */
 } work_t;
 
-static void run_unit(const prefill_t *a, const unit_t *u, work_t *w) {
+static inline __attribute__((always_inline)) void unit_body(const prefill_t *a, const unit_t *u, work_t *w,
+                                                           const int kv8) {
     const int G = a->G, hd = a->hd, bs = a->block_size, bf16 = a->bf16, esz = bf16 ? 2 : 4;
+    const int kesz = kv8 ? 1 : esz;
     const long row = (long)a->KVH * hd; /* elements between consecutive slots */
     const int q_len = a->q_lens[u->seq], kv_len = a->kv_lens[u->seq];
     const int first_pos = kv_len - q_len; /* position of query token 0 */
@@ -127,10 +132,15 @@ static void run_unit(const prefill_t *a, const unit_t *u, work_t *w) {
         for (int j = 0; j < kn; j++) {
             const int key = k0 + j;
             const long slot = table[key / bs] * bs + key % bs;
-            const long off = (slot * row + (long)u->kvh * hd) * esz;
+            const long off = (slot * row + (long)u->kvh * hd) * kesz;
             const char *k = a->key_cache + off;
             w->vrow[j] = a->value_cache + off;
-            if (bf16) {
+            if (kv8) {
+                const long sc = (table[key / bs] * a->KVH + u->kvh) * bs + key % bs;
+                const float ks = a->k_scales[sc];
+                w->vscale[j] = a->v_scales[sc];
+                for (int d = 0; d < hd; d++) w->kt[d * KT + j] = (float)((const int8_t *)k)[d] * ks;
+            } else if (bf16) {
                 for (int d = 0; d < hd; d++) w->kt[d * KT + j] = bf16_to_f32(((const uint16_t *)k)[d]);
             } else {
                 for (int d = 0; d < hd; d++) w->kt[d * KT + j] = ((const float *)k)[d];
@@ -208,11 +218,16 @@ static void run_unit(const prefill_t *a, const unit_t *u, work_t *w) {
                     for (int c = 0; c < NV; c++) o[i][c] = *(const vf *)(ar + c * VL) * alpha[i];
                 }
                 for (int j = 0; j < max_vis; j++) {
-                    const char *vr = w->vrow[j] + (long)d0 * esz;
+                    const char *vr = w->vrow[j] + (long)d0 * kesz;
                     vf v[NV];
-                    for (int c = 0; c < NV; c++) v[c] = load_vec(bf16, vr + (long)c * VL * esz);
+                    if (kv8) { /* the row's scale goes into the weights below */
+                        for (int c = 0; c < NV; c++) v[c] = load_i8_vec(vr + (long)c * VL);
+                    } else {
+                        for (int c = 0; c < NV; c++) v[c] = load_vec(bf16, vr + (long)c * VL * esz);
+                    }
+                    const float vs = kv8 ? w->vscale[j] : 1.0f;
                     for (int i = 0; i < RB; i++) {
-                        const vf b = splat(w->p[i * KT + j]);
+                        const vf b = splat(w->p[i * KT + j] * vs);
                         for (int c = 0; c < NV; c++) o[i][c] += b * v[c];
                     }
                 }
@@ -231,6 +246,13 @@ static void run_unit(const prefill_t *a, const unit_t *u, work_t *w) {
         for (int d = 0; d < hd; d += VL)
             store_vec(bf16, dst + (long)d * esz, *(const vf *)(w->acc + (long)r * hd + d) * inv);
     }
+}
+
+static void run_unit(const prefill_t *a, const unit_t *u, work_t *w) {
+    if (a->k_scales)
+        unit_body(a, u, w, 1);
+    else
+        unit_body(a, u, w, 0);
 }
 
 #if defined(__AVX512BF16__) && VL == 16
@@ -383,7 +405,8 @@ static void run_unit_dpbf16(const prefill_t *a, const unit_t *u, work_t *w) { ru
 #endif
 
 static int paged_prefill_attention(const int bf16, const void *q, long q_s0, long q_s1, const void *key_cache,
-                                   const void *value_cache, const int64_t *block_tables, long bt_stride,
+                                   const void *value_cache, const float *k_scales, const float *v_scales,
+                                   const int64_t *block_tables, long bt_stride,
                                    const int32_t *q_starts, const int32_t *q_lens, const int32_t *kv_lens, int S,
                                    void *out, long o_s0, long o_s1, int H, int KVH, int hd, int block_size,
                                    float scale, int num_threads) {
@@ -391,7 +414,7 @@ static int paged_prefill_attention(const int bf16, const void *q, long q_s0, lon
     if (H <= 0 || KVH <= 0 || H % KVH || hd <= 0 || hd % DC || block_size <= 0) return 1;
     const prefill_t a = {(const char *)q, (const char *)key_cache, (const char *)value_cache, (char *)out,
                          block_tables, q_starts, q_lens, kv_lens, q_s0, q_s1, o_s0, o_s1, bt_stride,
-                         H, KVH, H / KVH, hd, block_size, bf16, scale};
+                         H, KVH, H / KVH, hd, block_size, bf16, scale, k_scales, v_scales};
     int qt = UNIT_ROWS / a.G; /* tokens per unit: longer units pack each key tile for more rows */
     qt = qt > UNIT_MAX_TOKENS ? UNIT_MAX_TOKENS : (qt < 8 ? 8 : qt);
     long n_units = 0;
@@ -417,7 +440,8 @@ static int paged_prefill_attention(const int bf16, const void *q, long q_s0, lon
     {
         const long rows = (long)qt * a.G;
         work_t w;
-        const size_t bytes = sizeof(float) * (2 * rows * hd + 2 * rows + (long)hd * KT + RB * KT + (long)hd * KT / 2);
+        const size_t bytes =
+            sizeof(float) * (2 * rows * hd + 2 * rows + (long)hd * KT + RB * KT + (long)hd * KT / 2 + KT);
         float *mem = aligned_alloc(64, (bytes + 63) / 64 * 64);
         const char **vrow = malloc(sizeof(char *) * (KT + rows));
         if (!mem || !vrow) {
@@ -431,13 +455,14 @@ static int paged_prefill_attention(const int bf16, const void *q, long q_s0, lon
             w.m = w.p + RB * KT;
             w.l = w.m + rows;
             w.vpairs = w.l + rows;
+            w.vscale = w.vpairs + (long)hd * KT / 2;
             w.vrow = vrow;
             w.qrow = vrow + KT;
         }
 #pragma omp for schedule(dynamic, 1)
         for (long i = 0; i < n_units; i++) {
             if (!mem || !vrow) continue;
-            if (HAVE_DPBF16 && bf16)
+            if (HAVE_DPBF16 && bf16 && !k_scales)
                 run_unit_dpbf16(&a, &units[i], &w);
             else
                 run_unit(&a, &units[i], &w);
@@ -454,8 +479,29 @@ static int paged_prefill_attention(const int bf16, const void *q, long q_s0, lon
         long bt_stride, const int32_t *q_starts, const int32_t *q_lens, const int32_t *kv_lens, int S, void *out,     \
         long o_s0, long o_s1, int H, int KVH, int hd, int block_size, float scale, int num_threads
 #define PASS                                                                                                  \
-    q, q_s0, q_s1, key_cache, value_cache, block_tables, bt_stride, q_starts, q_lens, kv_lens, S, out, o_s0, o_s1, H, \
+    q, q_s0, q_s1, key_cache, value_cache, NULL, NULL, block_tables, bt_stride, q_starts, q_lens, kv_lens, S, out, o_s0, o_s1, H, \
         KVH, hd, block_size, scale, num_threads
 
 int paged_prefill_attention_f32(ARGS) { return paged_prefill_attention(0, PASS); }
 int paged_prefill_attention_bf16(ARGS) { return paged_prefill_attention(1, PASS); }
+
+/* int8 K/V: the caches' scales [num_blocks, KVH, block_size] after the caches. */
+int paged_prefill_attention_f32_i8(const void *q, long q_s0, long q_s1, const void *key_cache,
+                                   const void *value_cache, const float *k_scales, const float *v_scales,
+                                   const int64_t *block_tables, long bt_stride, const int32_t *q_starts,
+                                   const int32_t *q_lens, const int32_t *kv_lens, int S, void *out, long o_s0,
+                                   long o_s1, int H, int KVH, int hd, int block_size, float scale, int num_threads) {
+    return paged_prefill_attention(0, q, q_s0, q_s1, key_cache, value_cache, k_scales, v_scales, block_tables,
+                                   bt_stride, q_starts, q_lens, kv_lens, S, out, o_s0, o_s1, H, KVH, hd, block_size,
+                                   scale, num_threads);
+}
+
+int paged_prefill_attention_bf16_i8(const void *q, long q_s0, long q_s1, const void *key_cache,
+                                    const void *value_cache, const float *k_scales, const float *v_scales,
+                                    const int64_t *block_tables, long bt_stride, const int32_t *q_starts,
+                                    const int32_t *q_lens, const int32_t *kv_lens, int S, void *out, long o_s0,
+                                    long o_s1, int H, int KVH, int hd, int block_size, float scale, int num_threads) {
+    return paged_prefill_attention(1, q, q_s0, q_s1, key_cache, value_cache, k_scales, v_scales, block_tables,
+                                   bt_stride, q_starts, q_lens, kv_lens, S, out, o_s0, o_s1, H, KVH, hd, block_size,
+                                   scale, num_threads);
+}
