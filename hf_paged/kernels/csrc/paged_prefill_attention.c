@@ -256,6 +256,19 @@ static void run_unit(const prefill_t *a, const unit_t *u, work_t *w) {
 }
 
 #if defined(__AVX512BF16__) && VL == 16
+/* exp(x) to ~3e-5 relative, for probabilities that are then rounded to bf16 (2**-9): 2**(x log2 e) as 2**n (vscalefps)
+ * times a degree-4 Taylor polynomial of 2**f, |f| <= 1/2; x = -inf (and anything below -150 ln 2) gives 0. */
+static inline __m512 exp_bf16_weights(__m512 x) {
+    const __m512 t = _mm512_max_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _mm512_set1_ps(-150.0f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(9.6181291e-3f), f, _mm512_set1_ps(5.5504109e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
 /* run_unit for bf16 with AVX512-BF16: vdpbf16ps (fp32 lane i += a[2i] * b[2i] + a[2i+1] * b[2i+1]) on pairs.
  * Scores: the query rows as stored, a pair of dims broadcast, against the tile's keys packed as [hd/2][KT] pairs
  * of dims; the scale is applied to the fp32 scores. P.V: the probabilities rounded to bf16 in pairs of keys,
@@ -358,7 +371,7 @@ static void run_unit_dpbf16(const prefill_t *a, const unit_t *u, work_t *w) {
                 alpha[i] = exp_vec(splat(w->m[r] - m_new))[0];
                 vf sum = splat(0.0f), e[NV];
                 for (int c = 0; c < NV; c++) {
-                    e[c] = (vf)((vi)exp_vec(sc[c] - m_new) & live[c]);
+                    e[c] = (vf)((vi)(vf)exp_bf16_weights((__m512)(sc[c] - m_new)) & live[c]);
                     sum += e[c];
                 }
                 for (int c = 0; c < NV; c += 2)
