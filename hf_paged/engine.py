@@ -44,6 +44,33 @@ DEFAULT_KV_MEMORY_BYTES = 2 << 30
 _engines: "weakref.WeakSet[LLMEngine]" = weakref.WeakSet()
 
 
+def _engine_thread(ref: "weakref.ref[LLMEngine]", wake: threading.Condition) -> None:
+    """An engine's thread: steps while there is work, waits for posts while there is none, ends after 30 s idle.
+    While it waits it holds only a weak reference: an engine that nobody references any more (never closed) is freed,
+    with its KV pool and packed weights, instead of living on through its own thread."""
+    while True:
+        engine = ref()
+        if engine is None:
+            return
+        with wake:
+            if engine._stopping:
+                engine._thread = None
+                return
+            if not engine._pending and not engine.scheduler.has_work():
+                if engine._on_cpu:  # idle: its OpenMP workers would slow other threads' (see cpu_runtime)
+                    release_openmp_pool()
+                del engine
+                woken = wake.wait(timeout=30.0)
+                engine = ref()
+                if engine is None:
+                    return
+                if not woken and not engine._stopping and not engine._pending and not engine.scheduler.has_work():
+                    engine._thread = None
+                    return
+                continue
+        engine.step()
+
+
 @atexit.register
 def _shutdown_engines() -> None:
     for engine in list(_engines):
@@ -260,7 +287,8 @@ class LLMEngine:
             self._wake.notify()
             self._stopping = False
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name="hf_paged-engine", daemon=True)
+                self._thread = threading.Thread(target=_engine_thread, args=(weakref.ref(self), self._wake),
+                                                name="hf_paged-engine", daemon=True)
                 self._thread.start()
 
     def shutdown(self, timeout: float = 10.0) -> None:
@@ -292,21 +320,6 @@ class LLMEngine:
     @property
     def closed(self) -> bool:
         return self._closed
-
-    # ---- the engine thread ---------------------------------------------------------------------
-    def _loop(self) -> None:
-        while True:
-            with self._wake:
-                while not self._stopping and not self._pending and not self.scheduler.has_work():
-                    if self._on_cpu:  # idle: its OpenMP workers would slow other threads' (see cpu_runtime)
-                        release_openmp_pool()
-                    if not self._wake.wait(timeout=30.0):
-                        self._thread = None
-                        return
-                if self._stopping:
-                    self._thread = None
-                    return
-            self.step()
 
     def _drain_inbox(self) -> bool:
         """Take what other threads posted; True if new requests arrived."""

@@ -11,6 +11,7 @@ import copy
 import io
 import logging
 import threading
+import time
 
 import pytest
 import torch
@@ -146,6 +147,28 @@ def test_close_stops_thread_frees_pool_and_refuses_work(tiny_model_dir):
     assert _snapshot(model) == before
     with pytest.raises(RuntimeError, match="closed"):
         engine.submit(prompts[0], GREEDY8)
+
+
+def test_an_engine_dropped_without_close_is_freed(tiny_model_dir):
+    """Its idle thread holds it only weakly: dropping the last reference frees the engine (pool, packed weights) at
+    once, not when the thread's idle timeout ends; the model is as it was."""
+    import gc
+    import weakref
+
+    model = build_tiny_model("llama", tiny_model_dir)
+    prompts = tiny_prompts(3, seed=26)
+    before = _snapshot(model)
+    engine = LLMEngine(model, None, num_blocks=64)
+    engine.generate(prompts, GREEDY8, use_tqdm=False)
+    thread, gone = engine._thread, weakref.ref(engine)
+    assert thread is not None and thread.is_alive()
+    del engine
+    deadline = time.monotonic() + 5
+    while gone() is not None and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.05)
+    assert gone() is None
+    assert _snapshot(model) == before
 
 
 def test_engines_with_different_options_coexist_on_one_model(tiny_model_dir):
