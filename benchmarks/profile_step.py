@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 CATEGORIES = {  # profiler row name -> category; anything else is "other"
     "aten::mm": "matmul", "aten::addmm": "matmul", "aten::bmm": "matmul", "mkldnn::_linear_pointwise": "matmul",
-    "hf_paged::paged_decode_attention": "attention", "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
+    "hf_paged::paged_decode_attention": "attention", "hf_paged::paged_prefill_attention": "attention",
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
     "aten::_softmax": "attention", "aten::index_copy_": "cache write",
     "aten::argmax": "sampling", "aten::max": "sampling",
     "aten::log_softmax": "sampling", "aten::_log_softmax": "sampling",

@@ -36,7 +36,6 @@ library_path = cpu_library.library_path
 build_seconds = cpu_library.build_seconds
 
 
-_profiler_enabled = torch._C._autograd._profiler_enabled
 
 _DTYPES = {torch.float32: "paged_decode_attention_f32", torch.bfloat16: "paged_decode_attention_bf16"}
 _DTYPES_I8 = {torch.float32: "paged_decode_attention_f32_i8", torch.bfloat16: "paged_decode_attention_bf16_i8"}
@@ -160,11 +159,7 @@ class DecodePlan:
             caches += (key_scales.data_ptr(), value_scales.data_ptr())
         args = (query.data_ptr(), query.stride(0), query.stride(1), *caches, bt, bt_stride, lens, out.data_ptr(),
                 out.stride(0), out.stride(1), *self.tail, torch.get_num_threads())
-        if _profiler_enabled():  # a foreign call is invisible to torch.profiler: give it a row of its own
-            with torch.profiler.record_function("hf_paged::paged_decode_attention"):
-                rc = self.fn(*args)
-        else:
-            rc = self.fn(*args)
+        rc = cpu_library.call_profiled("hf_paged::paged_decode_attention", self.fn, args)
         if rc != 0:
             raise RuntimeError(f"paged_decode_attention failed ({rc})")
 
@@ -186,11 +181,8 @@ def write_kv_cpu(key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.
             and value.stride(2) == 1 and slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous()
             and key.shape == value.shape and key.shape[1:] == key_cache.shape[2:] and cpu_library.loaded()):
         return False
-    if _profiler_enabled():
-        with torch.profiler.record_function("hf_paged::write_kv"):
-            _write(key_cache, value_cache, key, value, slot_mapping, key_scales, value_scales)
-    else:
-        _write(key_cache, value_cache, key, value, slot_mapping, key_scales, value_scales)
+    cpu_library.call_profiled("hf_paged::write_kv", _write,
+                              (key_cache, value_cache, key, value, slot_mapping, key_scales, value_scales))
     return True
 
 

@@ -17,7 +17,6 @@ import torch
 from . import cpu_library
 
 _DTYPES = (torch.float32, torch.bfloat16)
-_profiler_enabled = torch._C._autograd._profiler_enabled
 
 
 def _usable(*tensors: torch.Tensor) -> bool:
@@ -27,12 +26,7 @@ def _usable(*tensors: torch.Tensor) -> bool:
 
 
 def _call(name: str, *args) -> None:
-    fn = getattr(cpu_library.load(), name)
-    if _profiler_enabled():  # a foreign call is invisible to torch.profiler: give it a row of its own
-        with torch.profiler.record_function(f"hf_paged::{name}"):
-            fn(*args)
-    else:
-        fn(*args)
+    cpu_library.call_profiled(f"hf_paged::{name}", getattr(cpu_library.load(), name), args)
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

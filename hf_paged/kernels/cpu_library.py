@@ -34,6 +34,8 @@ import threading
 import time
 from pathlib import Path
 
+import torch
+
 from ..cpu_runtime import env_switch
 
 logger = logging.getLogger(__name__)
@@ -90,6 +92,7 @@ SIGNATURES: dict[str, tuple[type | None, list]] = {  # name -> (restype, argtype
                                              _f32, _p, _i32, _i32, _i32]),
 }
 
+_profiler_enabled = torch._C._autograd._profiler_enabled
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _state: str | None = None  # None: not tried yet; "ok"; "failed"
@@ -211,3 +214,12 @@ def library_path() -> Path | None:
 def build_seconds() -> float | None:
     """The compile time of the library in this process, or None if it came from the cache (or not yet)."""
     return _build_seconds
+
+
+def call_profiled(label: str, fn, args: tuple) -> int:
+    """``fn(*args)``; under torch.profiler inside a ``record_function(label)`` row of its own (a foreign call is
+    invisible to the profiler otherwise)."""
+    if _profiler_enabled():
+        with torch.profiler.record_function(label):
+            return fn(*args)
+    return fn(*args)

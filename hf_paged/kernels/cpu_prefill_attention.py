@@ -24,7 +24,6 @@ from .cpu_decode_attention import _scales_fit
 
 __all__ = ["PrefillPlan", "prefill_attention_cpu"]
 
-_profiler_enabled = torch._C._autograd._profiler_enabled
 _FUNCTIONS = {torch.float32: "paged_prefill_attention_f32", torch.bfloat16: "paged_prefill_attention_bf16"}
 _FUNCTIONS_I8 = {torch.float32: "paged_prefill_attention_f32_i8", torch.bfloat16: "paged_prefill_attention_bf16_i8"}
 
@@ -97,11 +96,7 @@ class PrefillPlan:
                 raise ValueError("an int8 cache's plan needs key_scales and value_scales")
             caches += (key_scales.data_ptr(), value_scales.data_ptr())
         args = (query.data_ptr(), query.stride(0), query.stride(1), *caches, *self.tables, out.data_ptr(), out.stride(0), out.stride(1), *self.tail, torch.get_num_threads())
-        if _profiler_enabled():  # a foreign call is invisible to torch.profiler: give it a row of its own
-            with torch.profiler.record_function("hf_paged::paged_prefill_attention"):
-                rc = self.fn(*args)
-        else:
-            rc = self.fn(*args)
+        rc = cpu_library.call_profiled("hf_paged::paged_prefill_attention", self.fn, args)
         if rc != 0:
             raise RuntimeError(f"paged_prefill_attention failed ({rc})")
 

@@ -105,38 +105,87 @@ typedef struct {
     float *vscale;     /* [KT] int8 V: the tile's row scales */
 } work_t;
 
-static inline __attribute__((always_inline)) void unit_body(const prefill_t *a, const unit_t *u, work_t *w,
-                                                           const int kv8) {
-    const int G = a->G, hd = a->hd, bs = a->block_size, bf16 = a->bf16, esz = bf16 ? 2 : 4;
-    const int kesz = kv8 ? 1 : esz;
-    const long row = (long)a->KVH * hd; /* elements between consecutive slots */
-    const int q_len = a->q_lens[u->seq], kv_len = a->kv_lens[u->seq];
-    const int first_pos = kv_len - q_len; /* position of query token 0 */
-    const int64_t *table = a->block_tables + (long)u->seq * a->bt_stride;
-    const int n = (u->t1 - u->t0) * G;
-    const int num_keys = first_pos + u->t1; /* the last row sees keys 0 .. first_pos + t1 - 1 */
+/* What both unit bodies need of a unit: its rows (token-major: row r is token t0 + r / G, query head kvh * G + r % G),
+ * its sequence's block table and the keys its last row sees. */
+typedef struct {
+    int n, first_pos, num_keys; /* rows; position of query token 0; keys 0 .. num_keys - 1 */
+    const int64_t *table;
+} span_t;
 
+static inline span_t unit_span(const prefill_t *a, const unit_t *u) {
+    const int first_pos = a->kv_lens[u->seq] - a->q_lens[u->seq];
+    return (span_t){(u->t1 - u->t0) * a->G, first_pos, first_pos + u->t1,
+                    a->block_tables + (long)u->seq * a->bt_stride};
+}
+
+/* Element offset of (token, head) in q or out. */
+static inline long row_offset(const prefill_t *a, const unit_t *u, int r, long s0, long s1) {
+    return (long)(a->q_starts[u->seq] + u->t0 + r / a->G) * s0 + (long)(u->kvh * a->G + r % a->G) * s1;
+}
+
+/* Element offset of key's row (its KV head's hd values) in a cache. */
+static inline long key_offset(const prefill_t *a, const unit_t *u, const span_t *sp, int key) {
+    const long slot = sp->table[key / a->block_size] * a->block_size + key % a->block_size;
+    return (slot * a->KVH + u->kvh) * a->hd;
+}
+
+static inline void reset_rows(work_t *w, int n, int hd) {
+    memset(w->acc, 0, sizeof(float) * n * hd);
     for (int r = 0; r < n; r++) {
-        const int t = u->t0 + r / G, h = u->kvh * G + r % G;
-        const char *src = a->q + ((long)(a->q_starts[u->seq] + t) * a->q_s0 + (long)h * a->q_s1) * esz;
-        for (int d = 0; d < hd; d += VL)
-            *(vf *)(w->qs + (long)r * hd + d) = load_vec(bf16, src + (long)d * esz) * a->scale;
-        memset(w->acc + (long)r * hd, 0, sizeof(float) * hd);
         w->m[r] = -__builtin_inff();
         w->l[r] = 0.0f;
     }
+}
+
+/* Visible keys in the tile [k0, k0 + kn) of the rows r0 .. r0 + nr (those at positions <= the row's; 0 for the
+ * padding rows past nr); returns their maximum. */
+static inline int block_visibility(const prefill_t *a, const unit_t *u, const span_t *sp, int r0, int nr, int k0,
+                                   int kn, int vis[RB]) {
+    int max_vis = 0;
+    for (int i = 0; i < RB; i++) {
+        int v = sp->first_pos + u->t0 + (r0 + i) / a->G + 1 - k0;
+        v = v < 0 ? 0 : (v > kn ? kn : v);
+        vis[i] = i < nr ? v : 0;
+        if (vis[i] > max_vis) max_vis = vis[i];
+    }
+    return max_vis;
+}
+
+/* out rows = acc / l, in the output's dtype. */
+static inline void store_rows(const prefill_t *a, const unit_t *u, const work_t *w, int n) {
+    const int esz = a->bf16 ? 2 : 4;
+    for (int r = 0; r < n; r++) {
+        char *dst = a->out + row_offset(a, u, r, a->o_s0, a->o_s1) * esz;
+        const vf inv = splat(1.0f / w->l[r]);
+        for (int d = 0; d < a->hd; d += VL)
+            store_vec(a->bf16, dst + (long)d * esz, *(const vf *)(w->acc + (long)r * a->hd + d) * inv);
+    }
+}
+
+static inline __attribute__((always_inline)) void unit_body(const prefill_t *a, const unit_t *u, work_t *w,
+                                                           const int kv8) {
+    const int hd = a->hd, bf16 = a->bf16, esz = bf16 ? 2 : 4;
+    const int kesz = kv8 ? 1 : esz;
+    const span_t sp = unit_span(a, u);
+    const int n = sp.n, num_keys = sp.num_keys;
+
+    for (int r = 0; r < n; r++) {
+        const char *src = a->q + row_offset(a, u, r, a->q_s0, a->q_s1) * esz;
+        for (int d = 0; d < hd; d += VL)
+            *(vf *)(w->qs + (long)r * hd + d) = load_vec(bf16, src + (long)d * esz) * a->scale;
+    }
+    reset_rows(w, n, hd);
 
     for (int k0 = 0; k0 < num_keys; k0 += KT) {
         const int kn = num_keys - k0 < KT ? num_keys - k0 : KT;
         /* Pack the tile: K transposed to fp32, V row pointers. */
         for (int j = 0; j < kn; j++) {
-            const int key = k0 + j;
-            const long slot = table[key / bs] * bs + key % bs;
-            const long off = (slot * row + (long)u->kvh * hd) * kesz;
+            const int key = k0 + j, bs = a->block_size;
+            const long off = key_offset(a, u, &sp, key) * kesz;
             const char *k = a->key_cache + off;
             w->vrow[j] = a->value_cache + off;
             if (kv8) {
-                const long sc = (table[key / bs] * a->KVH + u->kvh) * bs + key % bs;
+                const long sc = (sp.table[key / bs] * a->KVH + u->kvh) * bs + key % bs;
                 const float ks = a->k_scales[sc];
                 w->vscale[j] = a->v_scales[sc];
                 for (int d = 0; d < hd; d++) w->kt[d * KT + j] = (float)((const int8_t *)k)[d] * ks;
@@ -151,15 +200,8 @@ static inline __attribute__((always_inline)) void unit_body(const prefill_t *a, 
 
         for (int r0 = 0; r0 < n; r0 += RB) {
             const int nr = n - r0 < RB ? n - r0 : RB;
-            /* Visible keys of each row in this tile: those at positions <= the row's. */
-            int vis[RB], max_vis = 0;
-            for (int i = 0; i < RB; i++) {
-                const int r = r0 + (i < nr ? i : nr - 1);
-                int v = first_pos + u->t0 + r / G + 1 - k0;
-                v = v < 0 ? 0 : (v > kn ? kn : v);
-                vis[i] = i < nr ? v : 0;
-                if (vis[i] > max_vis) max_vis = vis[i];
-            }
+            int vis[RB];
+            const int max_vis = block_visibility(a, u, &sp, r0, nr, k0, kn, vis);
             if (max_vis == 0) continue; /* rows are token-major: later blocks see more */
 
             /* Scores: RB rows x KT keys. Rows past nr repeat the last row (their results are dropped). */
@@ -239,13 +281,7 @@ static inline __attribute__((always_inline)) void unit_body(const prefill_t *a, 
         }
     }
 
-    for (int r = 0; r < n; r++) {
-        const int t = u->t0 + r / G, h = u->kvh * G + r % G;
-        char *dst = a->out + ((long)(a->q_starts[u->seq] + t) * a->o_s0 + (long)h * a->o_s1) * esz;
-        const vf inv = splat(1.0f / w->l[r]);
-        for (int d = 0; d < hd; d += VL)
-            store_vec(bf16, dst + (long)d * esz, *(const vf *)(w->acc + (long)r * hd + d) * inv);
-    }
+    store_rows(a, u, w, n);
 }
 
 static void run_unit(const prefill_t *a, const unit_t *u, work_t *w) {
@@ -274,13 +310,9 @@ static inline __m512 exp_bf16_weights(__m512 x) {
  * of dims; the scale is applied to the fp32 scores. P.V: the probabilities rounded to bf16 in pairs of keys,
  * against the tile's V rows interleaved in pairs ([KT/2][hd] pairs of keys), as the decode kernel does. */
 static void run_unit_dpbf16(const prefill_t *a, const unit_t *u, work_t *w) {
-    const int G = a->G, hd = a->hd, bs = a->block_size, hp = hd / 2;
-    const long row = (long)a->KVH * hd;
-    const int q_len = a->q_lens[u->seq], kv_len = a->kv_lens[u->seq];
-    const int first_pos = kv_len - q_len;
-    const int64_t *table = a->block_tables + (long)u->seq * a->bt_stride;
-    const int n = (u->t1 - u->t0) * G;
-    const int num_keys = first_pos + u->t1;
+    const int hd = a->hd, hp = hd / 2;
+    const span_t sp = unit_span(a, u);
+    const int n = sp.n, num_keys = sp.num_keys;
     uint32_t *kp = (uint32_t *)w->kt;          /* [hd/2][KT] pairs of dims */
     uint16_t *vp = (uint16_t *)w->vpairs;      /* [KT/2][hd][2] pairs of keys */
     uint32_t *pp = (uint32_t *)w->p;           /* [RB][KT/2] pairs of probabilities */
@@ -289,21 +321,14 @@ static void run_unit_dpbf16(const prefill_t *a, const unit_t *u, work_t *w) {
     const uint32_t **qrows = (const uint32_t **)w->qrow; /* [n] the query rows as stored */
     const uint32_t *qp[RB];
 
-    for (int r = 0; r < n; r++) {
-        const int t = u->t0 + r / G, h = u->kvh * G + r % G;
-        qrows[r] = (const uint32_t *)(a->q + ((long)(a->q_starts[u->seq] + t) * a->q_s0 + (long)h * a->q_s1) * 2);
-        memset(w->acc + (long)r * hd, 0, sizeof(float) * hd);
-        w->m[r] = -__builtin_inff();
-        w->l[r] = 0.0f;
-    }
+    for (int r = 0; r < n; r++) qrows[r] = (const uint32_t *)(a->q + row_offset(a, u, r, a->q_s0, a->q_s1) * 2);
+    reset_rows(w, n, hd);
 
     for (int k0 = 0; k0 < num_keys; k0 += KT) {
         const int kn = num_keys - k0 < KT ? num_keys - k0 : KT;
         const char *vrow[KT + 1];
         for (int j = 0; j < kn; j++) {
-            const int key = k0 + j;
-            const long slot = table[key / bs] * bs + key % bs;
-            const long off = (slot * row + (long)u->kvh * hd) * 2;
+            const long off = key_offset(a, u, &sp, k0 + j) * 2;
             const uint32_t *k = (const uint32_t *)(a->key_cache + off);
             vrow[j] = a->value_cache + off;
             for (int d = 0; d < hp; d++) kp[d * KT + j] = k[d];
@@ -324,16 +349,10 @@ static void run_unit_dpbf16(const prefill_t *a, const unit_t *u, work_t *w) {
 
         for (int r0 = 0; r0 < n; r0 += RB) {
             const int nr = n - r0 < RB ? n - r0 : RB;
-            int vis[RB], max_vis = 0;
-            for (int i = 0; i < RB; i++) {
-                const int r = r0 + (i < nr ? i : nr - 1);
-                int v = first_pos + u->t0 + r / G + 1 - k0;
-                v = v < 0 ? 0 : (v > kn ? kn : v);
-                vis[i] = i < nr ? v : 0;
-                if (vis[i] > max_vis) max_vis = vis[i];
-                qp[i] = qrows[r];
-            }
+            int vis[RB];
+            const int max_vis = block_visibility(a, u, &sp, r0, nr, k0, kn, vis);
             if (max_vis == 0) continue;
+            for (int i = 0; i < RB; i++) qp[i] = qrows[r0 + (i < nr ? i : nr - 1)];
 
             __m512 s[RB][NV];
             for (int i = 0; i < RB; i++)
@@ -404,12 +423,7 @@ static void run_unit_dpbf16(const prefill_t *a, const unit_t *u, work_t *w) {
         }
     }
 
-    for (int r = 0; r < n; r++) {
-        const int t = u->t0 + r / G, h = u->kvh * G + r % G;
-        char *dst = a->out + ((long)(a->q_starts[u->seq] + t) * a->o_s0 + (long)h * a->o_s1) * 2;
-        const vf inv = splat(1.0f / w->l[r]);
-        for (int d = 0; d < hd; d += VL) store_vec(1, dst + (long)d * 2, *(const vf *)(w->acc + (long)r * hd + d) * inv);
-    }
+    store_rows(a, u, w, n);
 }
 #define HAVE_DPBF16 1
 #else
