@@ -326,7 +326,7 @@ static void run_unit_dpbf16(const prefill_t *a, const unit_t *u, work_t *w) {
 
     for (int k0 = 0; k0 < num_keys; k0 += KT) {
         const int kn = num_keys - k0 < KT ? num_keys - k0 : KT;
-        const char *vrow[KT + 1];
+        const char **vrow = w->vrow;
         for (int j = 0; j < kn; j++) {
             const long off = key_offset(a, u, &sp, k0 + j) * 2;
             const uint32_t *k = (const uint32_t *)(a->key_cache + off);
