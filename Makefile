@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test browser bench bench-vllm bench-serving
+.PHONY: demo test browser cross bench bench-vllm bench-serving
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,7 +25,16 @@ browser:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
 	  else echo "note: install chromium and chromium-driver (apt) for the browser test"; fi; fi
 
-test: $(STAMP) browser
+# The C kernels' AArch64 tests cross-compile with Debian's aarch64 gcc and run under qemu-user
+# (tests/test_c_kernels_cross.py; they fail without them under CI=true).
+cross:
+	@if ! command -v aarch64-linux-gnu-gcc >/dev/null || [ ! -e /usr/aarch64-linux-gnu/lib/libgomp.so.1 ] || \
+	    ! command -v qemu-aarch64 >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+	    gcc-aarch64-linux-gnu libc6-dev-arm64-cross libgomp1-arm64-cross qemu-user; \
+	  else echo "note: install gcc-aarch64-linux-gnu, libc6-dev-arm64-cross, libgomp1-arm64-cross and qemu-user (apt) for the AArch64 kernel tests"; fi; fi
+
+test: $(STAMP) browser cross
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

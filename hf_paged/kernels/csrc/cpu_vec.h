@@ -1,12 +1,14 @@
 /* Shared by the CPU kernels: vector width, GNU vector types, fp32/bf16/int8 loads and fp32/bf16 stores (bf16
  * rounded to nearest even, as torch does), exp, horizontal sum and max. Plain C11 + GNU vector extensions (and one
- * x86 intrinsic pair for int8 loads). */
+ * x86 or NEON intrinsic chain for int8 loads). */
 #pragma once
 
 #include <stdint.h>
 #include <string.h>
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h> /* load_i8_vec: gcc widens int8 vectors with __builtin_convertvector one element at a time */
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h> /* load_i8_vec, likewise */
 #endif
 
 #if defined(__AVX512F__)
@@ -40,6 +42,10 @@ static inline vf load_i8_vec(const char *p) {
     return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 #elif defined(__AVX2__)
     return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+#elif defined(__aarch64__) && defined(__ARM_NEON) && VL == 4
+    int32_t b4; /* 4 bytes -> sxtl, sxtl, scvtf (gcc's convertvector: 4 ldrsb + 4 scvtf + 3 ins) */
+    memcpy(&b4, p, 4);
+    return (vf)vcvtq_f32_s32(vmovl_s16(vget_low_s16(vmovl_s8(vreinterpret_s8_s32(vdup_n_s32(b4))))));
 #else /* GCC widens int8 vectors element by element here too; fine for a fallback */
     return __builtin_convertvector(*(const vb_unaligned *)p, vf);
 #endif

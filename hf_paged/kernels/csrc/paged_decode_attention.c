@@ -205,6 +205,8 @@ static inline float load_kv_scalar(const int bf16, const int kv8, const char *p,
 static inline void prefetch_line(const char *p) {
 #if defined(__x86_64__) || defined(__i386__)
     __asm__ volatile("prefetcht0 %0" : : "m"(*(const char *)p));
+#elif defined(__aarch64__)
+    __asm__ volatile("prfm pldl1keep, [%0]" : : "r"(p));
 #else
     __builtin_prefetch(p, 0, 3);
 #endif

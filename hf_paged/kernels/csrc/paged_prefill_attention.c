@@ -466,7 +466,7 @@ static int paged_prefill_attention(const int bf16, const void *q, long q_s0, lon
 #pragma omp parallel num_threads(num_threads)
     {
         const long rows = (long)qt * a.G;
-        work_t w;
+        work_t w = {0}; /* {0}: the unit loop skips its body when an allocation failed, which gcc cannot see */
         const size_t bytes =
             sizeof(float) * (2 * rows * hd + 2 * rows + (long)hd * KT + RB * KT + (long)hd * KT / 2 + KT);
         float *mem = aligned_alloc(64, (bytes + 63) / 64 * 64);
