@@ -195,7 +195,7 @@ def run_hf_cb(model, wl, args, kv_bytes: int, pad_id: int) -> dict:
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
     from transformers.generation.continuous_batching.utils import WorkloadHints
 
-    from hf_paged.cache import kv_geometry
+    from hf_paged.admission import kv_geometry
 
     layers, kv_heads, head_dim = kv_geometry(model.config)
     itemsize = torch.empty((), dtype=model.dtype).element_size()
@@ -305,7 +305,7 @@ def forward_ceiling(model, batch: int, context: int, reps: int) -> dict:
     import torch
     from transformers import DynamicCache
 
-    from hf_paged.cache import kv_geometry
+    from hf_paged.admission import kv_geometry
 
     layers, kv_heads, head_dim = kv_geometry(model.config)
     gen = torch.Generator().manual_seed(0)
@@ -365,7 +365,7 @@ def main(argv=None) -> int:
     torch, transformers = init_torch(args.threads)
 
     from benchmarks.workloads import fixed_workload, mixed_workload
-    from hf_paged.cache import kv_geometry
+    from hf_paged.admission import kv_geometry
     from hf_paged.engine import LLMEngine
     from hf_paged.models import load_default_model
 

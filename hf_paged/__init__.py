@@ -16,7 +16,8 @@ from .block_pool import BlockPool, BlockTable
 from .cache import PagedCache
 from .engine import LLMEngine
 from .patches.attention import ATTN_IMPLEMENTATION
-from .api import get_engine, unwrap, wrap
+from .admission import UnsupportedModel
+from .api import fallback_reason, get_engine, unwrap, wrap
 from .plan import ExecutionPlan
 from .sequence import FinishReason, RequestOutput, SamplingParams, StreamDelta
 from .patches import pipeline as _pipeline_patch
@@ -28,4 +29,5 @@ _pipeline_patch.install()  # pipeline(..., backend="hf_paged"); calls without th
 
 __all__ = ["ATTN_IMPLEMENTATION", "BlockPool", "BlockTable", "ExecutionPlan", "FinishReason", "LLMEngine",
            "PagedCache", "PagedTextGenerationPipeline", "RequestOutput", "SamplingParams", "StreamDelta",
-           "astream_text", "disable", "enable", "get_engine", "stream_text", "unwrap", "wrap"]
+           "UnsupportedModel", "astream_text", "disable", "enable", "fallback_reason", "get_engine", "stream_text",
+           "unwrap", "wrap"]

@@ -27,7 +27,7 @@ from transformers import GenerationConfig
 from . import distributed, streaming
 from .cache import PagedCache
 from .engine import LLMEngine, validate_engine_options
-from .patches.attention import supports_paged_attention
+from .admission import UnsupportedModel, cache_refusal, engine_refusal
 from .sequence import SamplingParams
 
 logger = logging.getLogger("hf_paged")
@@ -54,14 +54,24 @@ class _Wrapping:
         self.options = options
         self.tokenizer = tokenizer
         self.engine: LLMEngine | None = None
+        self.refusal: str | None = None  # why the engine refused the model (its probe step), once it has
+        self.logged_fallbacks: set[str] = set()
         self._lock = threading.Lock()
 
     def engine_for(self, model: torch.nn.Module) -> LLMEngine:
+        """The model's engine, built on first use; raises ``UnsupportedModel`` (every time) if it refused the
+        model."""
         engine = self.engine
         if engine is None or engine.closed:
             with self._lock:
+                if self.refusal is not None:
+                    raise UnsupportedModel(self.refusal)
                 if self.engine is None or self.engine.closed:
-                    self.engine = LLMEngine(model, self.tokenizer, **self.options)
+                    try:
+                        self.engine = LLMEngine(model, self.tokenizer, **self.options)
+                    except UnsupportedModel as exc:
+                        self.refusal = exc.feature
+                        raise
                 engine = self.engine
         return engine
 
@@ -103,9 +113,9 @@ def wrap(model: torch.nn.Module, tokenizer: Any = None, **engine_config: Any) ->
     logged.
     """
     validate_engine_options(engine_config)
-    ok, why = supports_paged_attention(model)
-    if not ok:
-        logger.warning("hf_paged: not wrapping %s (%s); it keeps HF generate", type(model).__name__, why)
+    refusal = engine_refusal(model)
+    if refusal is not None:
+        logger.warning("hf_paged: not wrapping %s (%s); it keeps HF generate", type(model).__name__, refusal)
         return model
     if is_wrapped(model):
         unwrap(model)
@@ -126,6 +136,19 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     if isinstance(slot, _Wrapping):
         slot.close()
     return model
+
+
+def fallback_reason(model: torch.nn.Module) -> str | None:
+    """Why ``wrap(model).generate`` runs plain HF ``generate`` for this model (None: it runs on the engine). For a
+    wrapped model this builds its engine if needed (the engine's probe step may refuse the model)."""
+    slot = model.__dict__.get(_SLOT)
+    if not isinstance(slot, _Wrapping):
+        return engine_refusal(model) or "not wrapped (hf_paged.wrap was not called on it)"
+    try:
+        slot.engine_for(model)
+    except UnsupportedModel as exc:
+        return exc.feature
+    return None
 
 
 def get_engine(model: torch.nn.Module) -> LLMEngine:
@@ -201,7 +224,10 @@ def _paged_generate(self, inputs: torch.Tensor | None = None, generation_config:
             return _fallback(self, reason, inputs, generation_config, logits_processor, kwargs)
     if distributed.follows_rank0(self):  # a tensor-parallel rank > 0: rank 0's engine runs this call's steps here
         return distributed.follow_rank0(self, input_ids.device)
-    engine = get_engine(self)
+    try:
+        engine = get_engine(self)
+    except UnsupportedModel as exc:
+        return _fallback(self, exc.feature, inputs, generation_config, logits_processor, kwargs)
     params = _sampling_params(gen, input_ids.shape[1], logits_processor, tokenizer, engine)
     n = gen.num_return_sequences or 1
     if streamer is not None:
@@ -261,10 +287,12 @@ def _sampling_params(gen: GenerationConfig, input_len: int, logits_processor: An
 
 def _build_output(input_ids: torch.Tensor, outputs: list, n: int, gen: GenerationConfig, params: SamplingParams):
     """HF's padded ``[rows * n, prompt + generated]`` result from one output per returned sequence."""
-    pad = gen.pad_token_id
-    if pad is None:
-        eos = gen.eos_token_id
-        pad = eos if isinstance(eos, int) else (eos[0] if eos else 0)
+    eos = gen.eos_token_id
+    first_eos = eos if isinstance(eos, int) else (eos[0] if eos else None)
+    if (gen.num_beams or 1) > 1:  # HF's beam search fills with `pad_token_id or eos`: a pad id of 0 counts as unset
+        pad = (gen.pad_token_id or first_eos) if first_eos is not None else -1
+    else:
+        pad = gen.pad_token_id if gen.pad_token_id is not None else (first_eos if first_eos is not None else 0)
     prompt = input_ids.repeat_interleave(n, dim=0)
     width = max(len(o.token_ids) for o in outputs)
     out = torch.full((len(outputs), width), pad, dtype=input_ids.dtype, device=input_ids.device)
@@ -286,9 +314,15 @@ def _build_output(input_ids: torch.Tensor, outputs: list, n: int, gen: Generatio
 
 
 def _fallback(model, reason: str, inputs, generation_config, logits_processor, kwargs: dict):
-    logger.info("hf_paged: %s -> HF generate%s", reason, "" if kwargs.get("past_key_values") else " on a PagedCache")
+    plain = kwargs.get("past_key_values") is not None or kwargs.get("assistant_model") is not None \
+        or cache_refusal(model) is not None
+    slot = model.__dict__.get(_SLOT)
+    logged = slot.logged_fallbacks if isinstance(slot, _Wrapping) else set()
+    if reason not in logged:  # once per reason and model: a loop of generate calls logs it once
+        logged.add(reason)
+        logger.warning("hf_paged: %s -> HF generate%s", reason, "" if plain else " on a PagedCache")
     generate = type(model).generate
-    if kwargs.get("past_key_values") is not None or kwargs.get("assistant_model") is not None:
+    if plain:
         return generate(model, inputs, generation_config, logits_processor, **kwargs)
     ids = inputs if inputs is not None else kwargs.get("input_ids")
     if ids is None:
@@ -297,7 +331,6 @@ def _fallback(model, reason: str, inputs, generation_config, logits_processor, k
                                                                      if k not in ("input_ids", "attention_mask")})
     rows = ids.shape[0] * max(gen.num_beams or 1, gen.num_return_sequences or 1)
     length = ids.shape[-1] + (gen.max_new_tokens if gen.max_new_tokens is not None else (gen.max_length or 20))
-    slot = model.__dict__.get(_SLOT)
     options = slot.options if isinstance(slot, _Wrapping) else {}
     block_size = options.get("block_size", 16)
     cache = PagedCache(model, block_size=block_size, num_blocks=rows * (-(-length // block_size) + 1),

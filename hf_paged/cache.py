@@ -20,19 +20,11 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .admission import cache_layer_windows, cache_refusal, kv_geometry
 from .block_pool import BlockPool, BlockTable
 from .kernels.cache_ops import gather_blocks
 from .kernels.dispatch import write_kv
 from .plan import default_plan
-
-
-def kv_geometry(config: Any) -> tuple[int, int, int]:
-    """(num_layers, num_kv_heads, head_dim) of a model config."""
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return config.num_hidden_layers, kv_heads, head_dim
 
 
 def make_pool(model: torch.nn.Module, *, block_size: int = 16, num_blocks: int | None = None,
@@ -52,17 +44,27 @@ def make_pool(model: torch.nn.Module, *, block_size: int = 16, num_blocks: int |
 
 
 class _PagedLayer(CacheLayerMixin):
-    """The per-layer face transformers expects of a cache layer; the state lives in the PagedCache."""
+    """The per-layer face transformers expects of a cache layer; the state lives in the PagedCache. A layer with a
+    ``window`` (sliding or chunked, as transformers' ``DynamicCache`` sees it) shows the attention what a
+    ``DynamicSlidingWindowLayer`` would: the last ``window - 1`` cached positions and the new ones."""
 
     is_compileable = False
-    is_sliding = False
     is_croppable = False
     supports_early_init = False
 
-    def __init__(self, cache: "PagedCache", layer_idx: int) -> None:
+    def __init__(self, cache: "PagedCache", layer_idx: int, window: int | None) -> None:
         super().__init__()
         self.cache = cache
         self.layer_idx = layer_idx
+        self.window = window
+
+    @property
+    def is_sliding(self) -> bool:
+        return self.window is not None
+
+    def visible_start(self, cached: int) -> int:
+        """The first position the attention sees when ``cached`` positions were stored before this step."""
+        return max(cached - self.window + 1, 0) if self.window else 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         pass
@@ -74,7 +76,9 @@ class _PagedLayer(CacheLayerMixin):
         return self.cache.lengths[self.layer_idx]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
+        cached = self.get_seq_length()
+        start = self.visible_start(cached)
+        return cached - start + query_length, start
 
     def get_max_length(self) -> int:
         return -1
@@ -107,9 +111,14 @@ class PagedCache(Cache):
                  block_size: int = 16, num_blocks: int | None = None, memory_bytes: int | None = None,
                  share_identical_rows: bool = True, kv_cache_dtype: str | None = None) -> None:
         self.growable = pool is None and num_blocks is None and memory_bytes is None
+        self._own_pool = pool is None
         if pool is None:
             if model is None:
                 raise ValueError("model: PagedCache needs a model (to shape its pool) or a pool")
+            refusal = cache_refusal(model)
+            if refusal is not None:
+                raise ValueError(f"model: a PagedCache cannot hold this model's state ({refusal}); use HF's own "
+                                 "cache")
             if self.growable:
                 num_blocks = self.INITIAL_BLOCKS
             pool = make_pool(model, block_size=block_size, num_blocks=num_blocks, memory_bytes=memory_bytes,
@@ -120,7 +129,9 @@ class PagedCache(Cache):
         self.pool = pool
         self.plan = default_plan(pool.kv, pool.kv_cache_dtype)
         self.share_identical_rows = share_identical_rows
-        super().__init__(layers=[_PagedLayer(self, i) for i in range(pool.num_layers)])
+        windows = cache_layer_windows(model) if model is not None else []
+        super().__init__(layers=[_PagedLayer(self, i, windows[i] if i < len(windows) else None)
+                                 for i in range(pool.num_layers)])
         self.rows: list[BlockTable] = []
         self.lengths = [0] * pool.num_layers
         self._writers: torch.Tensor | None = None  # rows whose K/V this step are stored
@@ -130,10 +141,17 @@ class PagedCache(Cache):
     # ---- what generate calls -------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        batch, _, q_len, _ = key_states.shape
+        batch, kv_heads, q_len, head_dim = key_states.shape
+        pool = self.pool
+        if (kv_heads, head_dim) != (pool.num_kv_heads, pool.head_dim) and self._own_pool and not self.rows \
+                and value_states.shape[1:] == key_states.shape[1:]:
+            pool = self._reshape_pool(kv_heads, head_dim)
+        if (kv_heads, head_dim) != (pool.num_kv_heads, pool.head_dim) or value_states.shape[1:] != key_states.shape[1:]:
+            raise ValueError(f"past_key_values: layer {layer_idx} gives K {tuple(key_states.shape[1::2])} and V "
+                             f"{tuple(value_states.shape[1::2])} (heads, head_dim); this PagedCache holds "
+                             f"({pool.num_kv_heads}, {pool.head_dim}) for both")
         if layer_idx == 0:
             self._begin_step(key_states, value_states, q_len)
-        pool = self.pool
         key_cache, value_cache = pool.key_cache(layer_idx), pool.value_cache(layer_idx)
         key_scales, value_scales = pool.key_scales(layer_idx), pool.value_scales(layer_idx)  # None unless int8
         writers = self._writers
@@ -143,12 +161,28 @@ class PagedCache(Cache):
         write_kv(key_cache, value_cache, k.transpose(1, 2).reshape(-1, kvh, hd),
                  v.transpose(1, 2).reshape(-1, kvh, hd), self._slots, self.plan, key_scales=key_scales,
                  value_scales=value_scales)
+        layer = self.layers[layer_idx]
+        start = layer.visible_start(self.lengths[layer_idx])
         self.lengths[layer_idx] += q_len
-        self.layers[layer_idx].is_initialized = True
+        layer.is_initialized = True
         length = self.lengths[layer_idx]
-        keys = gather_blocks(key_cache, self._tables, length, key_scales, key_states.dtype).transpose(1, 2)
-        values = gather_blocks(value_cache, self._tables, length, value_scales, value_states.dtype).transpose(1, 2)
+        first = start // pool.block_size  # a windowed layer gathers only the blocks it shows
+        tables, skip = self._tables[:, first:], start - first * pool.block_size
+        keys = gather_blocks(key_cache, tables, length - first * pool.block_size, key_scales,
+                             key_states.dtype)[:, skip:].transpose(1, 2)
+        values = gather_blocks(value_cache, tables, length - first * pool.block_size, value_scales,
+                               value_states.dtype)[:, skip:].transpose(1, 2)
         return keys, values
+
+    def _reshape_pool(self, kv_heads: int, head_dim: int) -> BlockPool:
+        """Before anything is stored, a pool of the cache's own re-shaped to the K/V the model gives (a config whose
+        head counts do not say, e.g. multi-query attention), with as many blocks."""
+        old = self.pool
+        self.pool = BlockPool(old.num_layers, kv_heads, head_dim, block_size=old.block_size, num_blocks=old.num_blocks,
+                              dtype=old.dtype if old.kv_cache_dtype == "auto" else torch.float32, device=old.device,
+                              kv_cache_dtype=old.kv_cache_dtype)
+        old.release()
+        return self.pool
 
     def _begin_step(self, key_states: torch.Tensor, value_states: torch.Tensor, q_len: int) -> None:
         batch = key_states.shape[0]

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import torch
 
-from .kernels.paged_attention import PagedAttentionMetadata
+from .kernels.paged_attention import PagedAttentionMetadata, step_running
 
 if TYPE_CHECKING:
     from .model_runner import ModelRunner
@@ -211,12 +211,16 @@ class DecodeGraphs:
             slot_mapping=self.slot_mapping[:size], block_tables=self.block_tables[:size],
             kv_lens=self.kv_lens[:size], cu_seqlens_q=self.cu_seqlens_q[: size + 1], num_decodes=size,
             kv_lens_list=[self.max_len] * size, q_lens_list=[1] * size, block_size=pool.block_size, pool=pool,
-            plan=runner.plan, max_decode_len=self.max_len)
+            plan=runner.plan, max_decode_len=self.max_len, layer_windows=runner.layer_windows)
         ids, positions = self.input_ids[:, :size], self.positions[:, :size]
         model, mask = runner.model, runner._mask_placeholder
 
-        def forward() -> torch.Tensor:
-            return model(input_ids=ids, position_ids=positions, attention_mask=mask, paged_metadata=meta,
-                         logits_to_keep=0, use_cache=False).logits
+        def forward() -> torch.Tensor:  # Python runs at capture (and in the CPU stand-in's replays): checked there
+            meta.layer_calls.clear()
+            with step_running(meta):
+                logits = model(input_ids=ids, position_ids=positions, attention_mask=mask, paged_metadata=meta,
+                               logits_to_keep=0, use_cache=False).logits
+            meta.check_layer_calls()
+            return logits
 
         return self.capturer.capture(forward)

@@ -31,7 +31,8 @@ from .kv_cache_manager import KVCacheManager
 from .metrics import EngineMetrics
 from .model_runner import WeightWatcher
 from .output_processor import OutputProcessor
-from .patches.attention import supports_paged_attention
+from .admission import UnsupportedModel, engine_refusal
+from .probe import probe_engine
 from .plan import build_plan
 from .sampler import Sampler
 from .scheduler import Scheduler, SchedulerConfig
@@ -150,9 +151,9 @@ class LLMEngine:
             max_model_len=max_model_len, share_blocks=share_blocks, compile=compile, pack_weights=pack_weights,
             fuse_layers=fuse_layers, cpu_kernels=cpu_kernels, amx=amx, triton=triton, cuda_graphs=cuda_graphs,
             kv_cache_dtype=kv_cache_dtype))
-        ok, why = supports_paged_attention(model)
-        if not ok:
-            raise ValueError(f"model: hf_paged cannot page this model ({why}); use HF generate")
+        refusal = engine_refusal(model)
+        if refusal is not None:
+            raise UnsupportedModel(refusal)
         self.model = model
         if num_blocks is None and memory_bytes is None:
             memory_bytes = DEFAULT_KV_MEMORY_BYTES
@@ -178,6 +179,13 @@ class LLMEngine:
             from .cuda_graphs import DecodeGraphs
 
             self.runner.decode_graphs = DecodeGraphs(self.runner, max_num_seqs, self.max_model_len)
+        if not is_tensor_parallel(model):  # (a sharded model's plain forward needs every rank)
+            try:
+                probe_engine(self.runner, self.pool, self.vocab_size)
+            except Exception:
+                self.runner.close()
+                self.pool.release()
+                raise
         eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
         if eos is None:
             eos = config.eos_token_id

@@ -21,8 +21,9 @@ from typing import Callable, Iterator
 
 import torch
 
+from .admission import layer_windows
 from .block_pool import BlockPool
-from .kernels.paged_attention import PagedAttentionMetadata
+from .kernels.paged_attention import PagedAttentionMetadata, step_running
 from .patches.attention import attention_configs, paged_attention_selected
 from .patches.compiled_layers import build_compiled, compile_settings
 from .patches.fused_layers import build_fused, fuse_decoder_layers
@@ -84,6 +85,7 @@ class ModelRunner:
         self.device = pool.device
         self._lock = model_lock(model)
         self._configs = attention_configs(model)
+        self.layer_windows = layer_windows(model)  # the layers that must run paged attention, and their windows
         self.forwards: dict[torch.nn.Module, Callable] = {}  # installed on their modules during forwards
         self._packers: dict = {}
         self._fused: dict = {}
@@ -192,6 +194,7 @@ class ModelRunner:
             block_size=self.pool.block_size,
             pool=self.pool,
             plan=self.plan,
+            layer_windows=self.layer_windows,
         )
         return ids.view(1, t), pos.view(1, t), meta, sample_rows
 
@@ -212,10 +215,11 @@ class ModelRunner:
         ids, pos, meta, sample_rows = self.build_inputs(step)
         keep = self._keep
         self.pool.flush_copies(self.plan)
-        with self._lock, self._installed(), ExitStack() as scope:
+        with self._lock, self._installed(), step_running(meta), ExitStack() as scope:
             if self.compiled:
                 scope.enter_context(compile_settings())
             out = self.model(input_ids=ids, position_ids=pos, attention_mask=self._mask_placeholder,
                              paged_metadata=meta, logits_to_keep=keep, use_cache=False)
+        meta.check_layer_calls()
         self.num_forward_tokens += ids.shape[1]
         return out.logits[0].float(), sample_rows

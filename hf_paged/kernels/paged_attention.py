@@ -20,12 +20,15 @@ window and shared by all layers.
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 
+from ..admission import UnsupportedModel
 from . import cpu_decode_attention as _cpu_kernel
 from . import cpu_prefill_attention as _cpu_prefill
 from .cache_ops import gather_blocks
@@ -67,6 +70,10 @@ class PagedAttentionMetadata(OpaqueBase):
     # A bound on the decode lengths that the Triton decode kernel sizes its split-K from instead of
     # ``max(kv_lens_list)``: a CUDA graph's metadata (hf_paged/cuda_graphs.py), whose host lists are not the step's.
     max_decode_len: int | None = None
+    # The layers expected to run paged attention, with the window each must use (None: unchecked), and how many
+    # times each did in this forward (see ``mark_layer`` / ``check_layer_calls``).
+    layer_windows: dict[int, int | None] | None = field(default=None, repr=False)
+    layer_calls: list[int] = field(default_factory=list, repr=False)
     _masks: dict = field(default_factory=dict, repr=False)
     _decode_tables: dict = field(default_factory=dict, repr=False)
 
@@ -74,6 +81,25 @@ class PagedAttentionMetadata(OpaqueBase):
         # Inductor pickles a compiled graph's inputs into its cache key; one step's tensors (and the whole pool
         # behind ``pool``) must not go there. The metadata is never persisted, so it pickles to a fresh, empty one.
         return _empty_metadata, ()
+
+    def mark_layer(self, layer: int) -> None:
+        """Record that ``layer`` ran paged attention in this forward."""
+        calls = self.layer_calls
+        if len(calls) <= layer:
+            calls.extend([0] * (layer + 1 - len(calls)))
+        calls[layer] += 1
+
+    def check_layer_calls(self) -> None:
+        """After a forward: every expected layer ran paged attention exactly once and no other did; else raise
+        ``UnsupportedModel`` (a layer computed attention some other way, e.g. without the step's metadata, and its
+        output would be wrong)."""
+        if self.layer_windows is None:
+            return
+        calls = self.layer_calls + [0] * max(0, self.pool.num_layers - len(self.layer_calls))
+        wrong = [i for i, n in enumerate(calls) if n != (1 if i in self.layer_windows else 0)]
+        if wrong:
+            detail = ", ".join(f"layer {i}: {calls[i]}x" for i in wrong[:4])
+            raise UnsupportedModel(f"attention that does not run through hf_paged's paged attention ({detail})")
 
     @property
     def num_seqs(self) -> int:
@@ -186,6 +212,25 @@ class PagedAttentionMetadata(OpaqueBase):
 
 
 register_opaque_type(PagedAttentionMetadata, typ="reference")
+
+_running = threading.local()
+
+
+@contextmanager
+def step_running(meta: PagedAttentionMetadata) -> Iterator[None]:
+    """For the length of an engine forward in this thread, ``meta`` is the step that ``running_step`` returns: the
+    attention reads it from here when a layer does not pass its keyword arguments on to the attention call."""
+    previous = getattr(_running, "meta", None)
+    _running.meta = meta
+    try:
+        yield
+    finally:
+        _running.meta = previous
+
+
+def running_step() -> PagedAttentionMetadata | None:
+    """The step of the engine forward running in this thread, or None."""
+    return getattr(_running, "meta", None)
 
 
 def _empty_metadata() -> PagedAttentionMetadata:

@@ -13,7 +13,6 @@ The name has no ``paged|`` prefix: transformers strips that prefix on lookup.
 
 from __future__ import annotations
 
-import inspect
 import sys
 import threading
 from contextlib import contextmanager
@@ -25,7 +24,8 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..kernels.dispatch import paged_attention, write_kv
-from ..kernels.paged_attention import PagedAttentionMetadata
+from ..admission import attention_window, check_attention_call, engine_refusal
+from ..kernels.paged_attention import PagedAttentionMetadata, running_step
 
 ATTN_IMPLEMENTATION = "hf_paged"
 _base_impl_by_config: dict[int, str] = {}
@@ -52,6 +52,8 @@ def paged_attention_layer(query: torch.Tensor, key: torch.Tensor, value: torch.T
     graph input). The pool is written through ``meta`` (hidden from the compiler on purpose: nothing in the
     graph reads the pool, and the data dependency between layers keeps the calls in order)."""
     pool = meta.pool
+    meta.mark_layer(layer)
+    sliding_window = attention_window(meta.layer_windows, layer, sliding_window)
     key_cache, value_cache = pool.key_cache(layer), pool.value_cache(layer)
     key_scales, value_scales = pool.key_scales(layer), pool.value_scales(layer)  # None unless int8
     # HF hands q/k/v as [1, heads, T, head_dim]; the kernels use [T, heads, head_dim].
@@ -75,9 +77,13 @@ def hf_paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
                        attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                        **kwargs: Any):
     meta = kwargs.get("paged_metadata")
+    if meta is None:  # a layer that does not pass its keyword arguments on: the step is this thread's forward's
+        meta = running_step()
     if meta is None:
         return _base_attention_fn(module)(module, query, key, value, attention_mask, scaling=scaling,
                                           dropout=dropout, **kwargs)
+    if not torch.compiler.is_compiling():
+        check_attention_call(module, key, value, meta.pool, kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     args = (query, key, value, meta, module.layer_idx, float(scale), kwargs.get("sliding_window"),
             kwargs.get("softcap"))
@@ -94,39 +100,10 @@ AttentionInterface.register(ATTN_IMPLEMENTATION, hf_paged_attention)
 AttentionMaskInterface.register(ATTN_IMPLEMENTATION, hf_paged_mask)
 
 
-_routes_through_interface: dict[type, bool] = {}
-
-
-def _attention_class_without_interface(model: torch.nn.Module) -> str | None:
-    """The name of an ``*Attention*`` module class of ``model`` whose ``forward`` does not look up the
-    AttentionInterface, or None. transformers' own check reads the model class's module and caches its answer on
-    the class, where subclasses inherit it: a custom (``trust_remote_code``) subclass of a Llama model that swaps in
-    its own attention modules would pass it."""
-    for module in model.modules():
-        cls = type(module)
-        if "Attention" not in cls.__name__:
-            continue
-        if cls not in _routes_through_interface:
-            forward = next((c.__dict__["forward"] for c in cls.__mro__ if "forward" in c.__dict__), None)
-            try:
-                _routes_through_interface[cls] = "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(forward)
-            except (OSError, TypeError):
-                _routes_through_interface[cls] = False
-        if not _routes_through_interface[cls]:
-            return cls.__name__
-    return None
-
-
 def supports_paged_attention(model: PreTrainedModel) -> tuple[bool, str]:
-    """Whether this model routes attention through the AttentionInterface (and so can be paged)."""
-    if not getattr(model, "_can_set_attn_implementation", lambda: False)():
-        return False, f"{type(model).__name__} does not use transformers' AttentionInterface"
-    own = _attention_class_without_interface(model)
-    if own is not None:
-        return False, f"its {own} modules do not use transformers' AttentionInterface"
-    if getattr(model.config, "is_encoder_decoder", False):
-        return False, "encoder-decoder models are not supported"
-    return True, ""
+    """Whether the engine can run this model exactly (see ``hf_paged.admission``), and why not."""
+    reason = engine_refusal(model)
+    return reason is None, reason or ""
 
 
 def attention_configs(model: torch.nn.Module) -> list[Any]:

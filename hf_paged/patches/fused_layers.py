@@ -12,10 +12,10 @@ kernel: ~40 small torch ops a layer and their dispatch. Inside :func:`~hf_paged.
   norm after it in one C call; for a decode-only bf16 step with every GEMM on AMX tiles, the whole layer in one
   C call (``kernels/csrc/llama_decode_layer.c``).
 
-A module is recognised only when its class's ``forward`` has the same bytecode as transformers' Llama module
-(so Mistral / Qwen2 / Qwen3 MLPs and norms qualify, and any attention whose code differs, e.g. with a sliding
-window or q/k norms, does not) and, for attention, the rotary functions its module calls are Llama's too.
-Everything else, and every call outside an engine forward, runs the class's own ``forward``: a plain
+A module is recognised by its exact class (:data:`LLAMA_EQUIVALENT`: the transformers classes that compute what
+Llama's module computes, e.g. Mistral / Qwen2 / Qwen3 MLPs and norms, Granite's attention; not Granite's decoder
+layer, whose residual multiplier the fused layer does not apply) and, for attention, a layer without a sliding
+window. Everything else, and every call outside an engine forward, runs the class's own ``forward``: a plain
 ``model(...)`` computes exactly what it did before. :func:`build_fused` only builds the fused forwards; the
 engine's model runner installs them on their modules for the length of its own forwards. The fused kernels and
 what they compute are in ``kernels/cpu_fused_ops.py``.
@@ -23,13 +23,12 @@ what they compute are in ``kernels/cpu_fused_ops.py``.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
 from transformers.activations import SiLUActivation
-from transformers.models.llama import modeling_llama
 
+from ..admission import layer_windows
 from ..kernels import cpu_fused_ops, cpu_library
 from ..kernels.dispatch import paged_attention
 from .attention import ATTN_IMPLEMENTATION, paged_attention_layer
@@ -38,9 +37,44 @@ from .linear import AMX_MAX_ROWS, SMALL_MAX_ROWS, AmxWeight, PackedGroup, SmallR
 _LINEAR_AMX, _LINEAR_AVX512 = 0, 1  # llama_decode_layer.c's linear kinds
 
 
-def _same_code(fn: Any, reference: Any) -> bool:
-    a, b = getattr(fn, "__code__", None), reference.__code__
-    return a is not None and (a.co_code, a.co_consts, a.co_names) == (b.co_code, b.co_consts, b.co_names)
+# The transformers classes whose forward computes exactly what each fused path computes: Llama's attention (q/k/v
+# projections, Llama's rotary embedding of the whole head, causal attention at ``module.scaling``, o_proj), MLP
+# (``down(silu(gate(x)) * up(x))``), RMSNorm (fp32 variance, ``weight * x``) and decoder layer (pre-norm residual
+# blocks, no multipliers or extra norms). Exact classes only: a subclass, or a class of another module with the same
+# name, runs its own forward. tests/test_fused_layers.py checks each against modeling_llama's code, so a transformers
+# release that changes one of them is caught.
+LLAMA_EQUIVALENT = {
+    "attention": ("llama.LlamaAttention", "arcee.ArceeAttention", "gemma.GemmaAttention", "granite.GraniteAttention",
+                  "granitemoe.GraniteMoeAttention", "granitemoeshared.GraniteMoeSharedAttention",
+                  "hyperclovax.HyperCLOVAXAttention", "jais2.Jais2Attention", "qwen2_moe.Qwen2MoeAttention",
+                  "solar_open.SolarOpenAttention"),
+    "mlp": ("llama.LlamaMLP", "mistral.MistralMLP", "ministral.MinistralMLP", "ministral3.Ministral3MLP",
+            "qwen2.Qwen2MLP", "qwen2_moe.Qwen2MoeMLP", "qwen3.Qwen3MLP", "qwen3_moe.Qwen3MoeMLP", "smollm3.SmolLM3MLP",
+            "granite.GraniteMLP", "hyperclovax.HyperCLOVAXMLP", "olmo.OlmoMLP", "olmo2.Olmo2MLP", "olmo3.Olmo3MLP",
+            "olmoe.OlmoeMLP", "cohere.CohereMLP", "cohere2.Cohere2MLP", "exaone4.Exaone4MLP", "helium.HeliumMLP",
+            "deepseek_v2.DeepseekV2MLP", "deepseek_v3.DeepseekV3MLP", "glm4_moe.Glm4MoeMLP", "ernie4_5.Ernie4_5MLP",
+            "solar_open.SolarOpenMLP", "stablelm.StableLmMLP", "mellum.MellumMLP"),
+    "rms_norm": ("llama.LlamaRMSNorm", "mistral.MistralRMSNorm", "ministral.MinistralRMSNorm",
+                 "ministral3.Ministral3RMSNorm", "mixtral.MixtralRMSNorm", "qwen2.Qwen2RMSNorm",
+                 "qwen2_moe.Qwen2MoeRMSNorm", "qwen3.Qwen3RMSNorm", "qwen3_moe.Qwen3MoeRMSNorm",
+                 "smollm3.SmolLM3RMSNorm", "granite.GraniteRMSNorm", "granitemoe.GraniteMoeRMSNorm",
+                 "granitemoeshared.GraniteMoeSharedRMSNorm", "hyperclovax.HyperCLOVAXRMSNorm", "olmoe.OlmoeRMSNorm",
+                 "phi3.Phi3RMSNorm", "exaone4.Exaone4RMSNorm", "deepseek_v2.DeepseekV2RMSNorm",
+                 "deepseek_v3.DeepseekV3RMSNorm", "glm4.Glm4RMSNorm", "glm4_moe.Glm4MoeRMSNorm",
+                 "ernie4_5.Ernie4_5RMSNorm", "seed_oss.SeedOssRMSNorm", "solar_open.SolarOpenRMSNorm",
+                 "arcee.ArceeRMSNorm", "mellum.MellumRMSNorm"),
+    "decoder_layer": ("llama.LlamaDecoderLayer", "arcee.ArceeDecoderLayer", "jais2.Jais2DecoderLayer",
+                      "solar_open.SolarOpenDecoderLayer", "mistral.MistralDecoderLayer",
+                      "ministral.MinistralDecoderLayer", "qwen2.Qwen2DecoderLayer", "qwen3.Qwen3DecoderLayer",
+                      "smollm3.SmolLM3DecoderLayer", "seed_oss.SeedOssDecoderLayer"),
+}
+_EQUIVALENT_CLASSES = {kind: {"transformers.models.{0}.modeling_{0}.{1}".format(*name.split(".")) for name in names}
+                       for kind, names in LLAMA_EQUIVALENT.items()}
+
+
+def _llama_equivalent(module: torch.nn.Module, kind: str) -> bool:
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}" in _EQUIVALENT_CLASSES[kind]
 
 
 def _rotary_tables(position_embeddings: tuple, dtype: torch.dtype, tokens: int,
@@ -89,13 +123,11 @@ class _FusedAttention(_Fused):
     names = ("q_proj", "k_proj", "v_proj")
 
     @staticmethod
-    def matches(module: torch.nn.Module) -> bool:
-        source = sys.modules.get(type(module).__module__)
-        return (_same_code(type(module).forward, modeling_llama.LlamaAttention.forward)
-                and _same_code(getattr(source, "apply_rotary_pos_emb", None), modeling_llama.apply_rotary_pos_emb)
-                and _same_code(getattr(source, "rotate_half", None), modeling_llama.rotate_half)
-                and _plain_linears(module, _FusedAttention.names) is not None
-                and isinstance(getattr(module, "layer_idx", None), int))
+    def matches(module: torch.nn.Module, windows: dict[int, int | None]) -> bool:
+        """A Llama-equivalent attention in a layer without a sliding window (the fused path attends causally)."""
+        layer = getattr(module, "layer_idx", None)
+        return (_llama_equivalent(module, "attention") and isinstance(layer, int) and layer in windows
+                and windows[layer] is None and _plain_linears(module, _FusedAttention.names) is not None)
 
     def __call__(self, hidden_states: torch.Tensor, position_embeddings: tuple | None = None,
                  attention_mask: torch.Tensor | None = None, past_key_values: Any = None, **kwargs: Any):
@@ -136,6 +168,7 @@ class _FusedAttention(_Fused):
         if caches is not None:
             # Rotary embedding and the cache write in one call; then attention over the blocks.
             key_cache, value_cache = caches
+            meta.mark_layer(m.layer_idx)
             q_rot = torch.empty(q.shape, dtype=q.dtype)
             self.lib.hf_rope_write_kv(q.data_ptr(), q.stride(0), q.stride(1), q.shape[1], k.data_ptr(), k.stride(0),
                                       k.stride(1), k.shape[1], v.data_ptr(), v.stride(0), v.stride(1),
@@ -154,8 +187,8 @@ class _FusedMLP(_Fused):
     names = ("gate_proj", "up_proj")
 
     @staticmethod
-    def matches(module: torch.nn.Module) -> bool:
-        return (_same_code(type(module).forward, modeling_llama.LlamaMLP.forward)
+    def matches(module: torch.nn.Module, windows: dict[int, int | None]) -> bool:
+        return (_llama_equivalent(module, "mlp")
                 and type(getattr(module, "act_fn", None)) in (SiLUActivation, torch.nn.SiLU)
                 and _plain_linears(module, _FusedMLP.names) is not None
                 and isinstance(getattr(module, "down_proj", None), torch.nn.Module))
@@ -177,8 +210,8 @@ class _FusedMLP(_Fused):
 
 class _FusedRMSNorm(_Fused):
     @staticmethod
-    def matches(module: torch.nn.Module) -> bool:
-        return (_same_code(type(module).forward, modeling_llama.LlamaRMSNorm.forward)
+    def matches(module: torch.nn.Module, windows: dict[int, int | None]) -> bool:
+        return (_llama_equivalent(module, "rms_norm")
                 and isinstance(getattr(module, "weight", None), torch.Tensor)
                 and isinstance(getattr(module, "variance_epsilon", None), float))
 
@@ -209,7 +242,7 @@ class _FusedDecoderLayer(_Fused):
     def matches(cls, module: torch.nn.Module, parts: dict) -> bool:
         """Whether ``module`` is a Llama decoder layer whose four parts have fused forwards in ``parts``."""
         found = [getattr(module, n, None) for n in cls.PARTS]
-        return (_same_code(type(module).forward, modeling_llama.LlamaDecoderLayer.forward)
+        return (_llama_equivalent(module, "decoder_layer")
                 and all(isinstance(p, torch.nn.Module) for p in found)
                 and [type(parts.get(p)) for p in found] == [_FusedAttention, _FusedMLP, _FusedRMSNorm, _FusedRMSNorm]
                 and len({p.weight.dtype for p in found[2:]} | {parts[found[0]].group.dtype}) == 1)
@@ -294,7 +327,10 @@ class _FusedDecoderLayer(_Fused):
             ptr[3], cos.data_ptr(), sin.data_ptr(), meta.slot_mapping.data_ptr(), key_cache.data_ptr(),
             value_cache.data_ptr(), *scales, *plan.tables, key_cache.shape[1], scale, work.data_ptr(), linear_kind,
             int(dtype == torch.bfloat16), torch.get_num_threads())
-        return out if rc == 0 else None
+        if rc != 0:
+            return None
+        meta.mark_layer(attn.layer_idx)
+        return out
 
 
 _KINDS = (_FusedAttention, _FusedMLP, _FusedRMSNorm)
@@ -310,6 +346,7 @@ def build_fused(model: torch.nn.Module, linears: str, previous: dict | None = No
     if not (cpu_library.loaded() and torch.backends.mkldnn.is_available()):
         return {}, []
     previous = previous or {}
+    windows = layer_windows(model)
     fused: dict[torch.nn.Module, _Fused] = {}
     grouped: list[torch.nn.Linear] = []
     with torch.inference_mode():
@@ -320,7 +357,7 @@ def build_fused(model: torch.nn.Module, linears: str, previous: dict | None = No
             if weight is None or weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
                 continue
             for kind in _KINDS:
-                if kind.matches(module):
+                if kind.matches(module, windows):
                     old = previous.get(module)
                     fused[module] = kind(module, old if type(old) is kind else None, linears)
                     grouped.extend(fused[module].linears)

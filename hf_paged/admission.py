@@ -1,0 +1,258 @@
+"""Which models hf_paged runs exactly, and the one reason why not for the others.
+
+What hf_paged keeps between steps is one key and one value vector per layer, token and KV head, all of one shape,
+read back by causal attention (optionally windowed and soft-capped). A model is admitted only where that is all
+its state and all its attention computes:
+
+* :func:`cache_refusal`: what a ``PagedCache`` cannot hold (recurrent state, K and V of different widths, no
+  attention at all, attention outside transformers' ``AttentionInterface``);
+* :func:`engine_refusal`: that, and what the engine's own attention does not compute (chunked or sparse attention,
+  attention sinks, NoPE temperature tuning, non-causal attention, attention outside transformers'
+  ``AttentionInterface``, encoder-decoder models);
+* :func:`check_attention_call`: every paged attention call is checked against its layer: arguments the kernels do
+  not implement (``s_aux``, a position bias, ``is_causal=False``, ...), a window other than the layer's, K/V not of
+  the pool's shape raise :class:`UnsupportedModel` instead of being ignored. The window a layer attends with is
+  the one transformers masks it with (:func:`layer_windows`, from its ``layer_types``), whether or not the layer
+  passes it to the attention call;
+* the step metadata counts the paged attention calls of each layer, and the runner refuses a forward in which a
+  KV layer did not run it exactly once (``PagedAttentionMetadata.check_layer_calls``).
+
+The static checks are fast and read only the model's classes, config and parameters; the engine also runs one
+probe step when it starts (see ``LLMEngine``), so what no list foresaw is caught before any request.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+# Per-layer kinds from transformers' ``layer_types`` that the engine runs, and what the others are.
+PAGED_LAYER_TYPES = ("full_attention", "sliding_attention")
+_NO_KV_LAYER_TYPES = ("moe", "mlp", "dense", "sparse")  # layers without attention: nothing cached
+_LAYER_TYPE_FEATURES = {
+    "chunked_attention": "chunked attention",
+    "linear_attention": "recurrent state (state-space / linear-attention layers)",
+    "mamba": "recurrent state (state-space / linear-attention layers)",
+    "conv": "recurrent state (short-convolution layers)",
+    "hybrid": "recurrent state (hybrid attention + state-space layers)",
+    "hybrid_sliding": "recurrent state (hybrid attention + state-space layers)",
+    "indexed_attention": "sparse attention (keys chosen by an indexer)",
+    "compressed_sparse_attention": "compressed sparse attention",
+    "heavily_compressed_attention": "compressed attention",
+    "minimax_m3_sparse": "sparse attention (keys chosen by an indexer)",
+    "window_attention": "non-overlapping window attention",
+    "reference_sliding_attention": "sliding attention over generated tokens only",
+}
+# Layer types a PagedCache holds: it returns the whole K/V and HF's own mask does the rest.
+_CACHE_LAYER_TYPES = PAGED_LAYER_TYPES + ("chunked_attention",)
+
+# Attention-call arguments: handled by the paged kernels, or neutral when None / False / 0.
+_HANDLED_ARGS = {"sliding_window", "softcap", "paged_metadata"}
+_NEUTRAL_ARGS = {"dropout", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
+                 "output_attentions", "use_cache", "cache_position", "attention_mask", "head_mask", "layer_idx",
+                 "position_embeddings", "past_key_values", "past_key_value", "deterministic"}
+_ARG_FEATURES = {"s_aux": "attention sinks", "sinks": "attention sinks", "position_bias": "relative position bias",
+                 "indices": "sparse attention (keys chosen by an indexer)",
+                 "block_indices": "sparse attention (keys chosen by an indexer)"}
+
+
+class UnsupportedModel(ValueError):
+    """The model holds state or computes attention that hf_paged's engine (or ``PagedCache``) does not reproduce;
+    ``feature`` names it."""
+
+    def __init__(self, feature: str) -> None:
+        super().__init__(f"model: hf_paged cannot run this model exactly ({feature}); use HF generate")
+        self.feature = feature
+
+
+def text_config(model: torch.nn.Module) -> Any:
+    config = model.config
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def layer_types(config: Any) -> list[str]:
+    """Each decoder layer's kind, as transformers' caches see it (``layer_types``, else inferred from the window
+    and chunk fields), legacy names mapped to current ones."""
+    types = getattr(config, "layer_types", None)
+    layers = getattr(config, "num_hidden_layers", None) or 0
+    if types is None:
+        if getattr(config, "sliding_window", None) is not None:
+            types = ["sliding_attention"] * layers
+        elif getattr(config, "attention_chunk_size", None) is not None:
+            types = ["chunked_attention"] * layers
+        else:
+            types = ["full_attention"] * layers
+    legacy = {"attention": "full_attention", "mamba": "linear_attention"}
+    return [legacy.get(t, t) for t in types]
+
+
+def attention_layers(model: torch.nn.Module) -> list[int]:
+    """The indices of the layers that cache K/V (every layer but those without attention)."""
+    return [i for i, t in enumerate(layer_types(text_config(model))) if t not in _NO_KV_LAYER_TYPES]
+
+
+def layer_windows(model: torch.nn.Module) -> dict[int, int | None]:
+    """The sliding window each K/V layer attends with (None: the whole prefix): the one transformers' masks apply to
+    its layer type, which is what HF's attention computes whatever the layer passes to the attention function."""
+    config = text_config(model)
+    window = getattr(config, "sliding_window", None)
+    return {i: (window if t == "sliding_attention" else None) for i, t in enumerate(layer_types(config))
+            if t not in _NO_KV_LAYER_TYPES}
+
+
+def kv_geometry(config: Any) -> tuple[int, int, int]:
+    """(num_layers, num_kv_heads, head_dim) of a model config; raises where the config gives no single answer (a
+    head dim per layer type, say)."""
+    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    heads = config.num_attention_heads
+    kv_heads = 1 if getattr(config, "multi_query", False) else (getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, kv_heads, head_dim
+
+
+def cache_layer_windows(model: torch.nn.Module) -> list[int | None]:
+    """Per layer, the window transformers' own ``DynamicCache`` keeps for it (sliding and chunked layers; None: the
+    whole history), so that a ``PagedCache`` returns what a ``DynamicCache`` would."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    try:
+        _, per_layer = get_layer_types_and_kwargs(text_config(model))
+    except Exception:  # configs without layer information: every layer keeps its whole history
+        return []
+    return [kwargs.get("sliding_window") for kwargs in per_layer]
+
+
+def _state_refusal(model: torch.nn.Module, allowed: tuple[str, ...]) -> str | None:
+    """The first thing the model keeps that is not per-token K/V of one shape (or a layer kind not in
+    ``allowed``)."""
+    config = text_config(model)
+    if getattr(model.config, "is_encoder_decoder", False):
+        return "encoder-decoder model"
+    for kind in layer_types(config):
+        if kind not in allowed and kind not in _NO_KV_LAYER_TYPES:
+            return _LAYER_TYPE_FEATURES.get(kind, f"layers of type {kind!r}")
+    if getattr(model, "_is_stateful", False):
+        return f"recurrent state ({type(model).__name__} keeps state other than K/V)"
+    if not getattr(config, "num_attention_heads", None) or not getattr(config, "num_hidden_layers", None):
+        return "no attention layers"
+    try:
+        kv_geometry(config)
+    except Exception as exc:  # e.g. a head dim that differs between layer types
+        return f"K/V shapes that differ between layers ({type(exc).__name__})"
+    if getattr(config, "kv_lora_rank", None) is not None:
+        return "MLA: K and V widths differ"
+    qk = getattr(config, "qk_head_dim", None)
+    if qk is None and getattr(config, "qk_nope_head_dim", None) is not None:
+        qk = config.qk_nope_head_dim + (getattr(config, "qk_rope_head_dim", None) or 0)
+    v = getattr(config, "v_head_dim", None)
+    if v is not None and v != (qk or kv_geometry(config)[2]):
+        return "K and V widths differ"
+    return None
+
+
+def cache_refusal(model: torch.nn.Module) -> str | None:
+    """Why a ``PagedCache`` cannot hold this model's state (None: it can). Its exactness rests on the attention
+    reading the K/V the cache returns through transformers' AttentionInterface, as every sdpa / eager model does."""
+    refusal = _state_refusal(model, _CACHE_LAYER_TYPES)
+    if refusal is not None:
+        return refusal
+    supports_cache = getattr(model, "_supports_default_dynamic_cache", lambda: True)
+    if not supports_cache() or "past_key_values" not in inspect.signature(model.forward).parameters:
+        return f"{type(model).__name__} does not keep its K/V in a transformers Cache"
+    return _uses_attention_interface(model)
+
+
+def _decoder_layers(model: torch.nn.Module) -> torch.nn.Module:
+    """The modules text generation runs: the decoder's layers where the model says which they are (a multimodal
+    model's vision or audio towers never run on input ids alone), else the whole model."""
+    try:
+        layers = getattr(model.get_decoder(), "layers", None)
+    except Exception:
+        layers = None
+    return layers if isinstance(layers, torch.nn.ModuleList) else model
+
+
+def _uses_attention_interface(model: torch.nn.Module) -> str | None:
+    if not getattr(model, "_can_set_attn_implementation", lambda: False)():
+        return f"{type(model).__name__} does not use transformers' AttentionInterface"
+    own = _attention_class_without_interface(_decoder_layers(model))
+    if own is not None:
+        return f"its {own} modules do not use transformers' AttentionInterface"
+    return None
+
+
+_routes_through_interface: dict[type, bool] = {}
+
+
+def _attention_class_without_interface(model: torch.nn.Module) -> str | None:
+    """The name of an ``*Attention*`` module class of ``model`` whose ``forward`` does not look up the
+    AttentionInterface, or None. transformers' own check reads the model class's module and caches its answer on
+    the class, where subclasses inherit it: a custom (``trust_remote_code``) subclass of a Llama model that swaps in
+    its own attention modules would pass it."""
+    for module in model.modules():
+        cls = type(module)
+        if "Attention" not in cls.__name__:
+            continue
+        if cls not in _routes_through_interface:
+            forward = next((c.__dict__["forward"] for c in cls.__mro__ if "forward" in c.__dict__), None)
+            try:
+                _routes_through_interface[cls] = "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(forward)
+            except (OSError, TypeError):
+                _routes_through_interface[cls] = False
+        if not _routes_through_interface[cls]:
+            return cls.__name__
+    return None
+
+
+def _attention_feature(model: torch.nn.Module) -> str | None:
+    """An attention feature of the model's modules that the paged kernels do not compute."""
+    for module in model.modules():
+        if isinstance(getattr(module, "sinks", None), torch.Tensor):
+            return "attention sinks"
+        if getattr(module, "attn_temperature_tuning", False) and getattr(module, "use_rope", True) is False:
+            return "NoPE attention temperature tuning"
+        if getattr(module, "layer_idx", None) is not None and getattr(module, "is_causal", True) is False \
+                and "Attention" in type(module).__name__:
+            return "non-causal attention"
+    return None
+
+
+def engine_refusal(model: torch.nn.Module) -> str | None:
+    """Why the engine cannot run this model exactly (None: admitted; the engine's probe step may still refuse it)."""
+    return (_uses_attention_interface(model) or _state_refusal(model, PAGED_LAYER_TYPES)
+            or _attention_feature(model))
+
+
+def check_attention_call(module: torch.nn.Module, key: torch.Tensor, value: torch.Tensor, pool: Any,
+                         kwargs: dict[str, Any]) -> None:
+    """Raise :class:`UnsupportedModel` unless this attention call is one the paged kernels compute exactly: every
+    argument handled or neutral, K/V of the pool's shape (the window: :func:`attention_window`)."""
+    for name, value_ in kwargs.items():
+        if name in _HANDLED_ARGS or name in _NEUTRAL_ARGS or value_ is None or value_ is False:
+            continue
+        if name == "is_causal" and value_ is True:
+            continue
+        if name == "is_causal":
+            raise UnsupportedModel("non-causal attention")
+        raise UnsupportedModel(_ARG_FEATURES.get(name, f"attention argument {name!r}"))
+    layer = getattr(module, "layer_idx", None)
+    if not isinstance(layer, int) or not 0 <= layer < pool.num_layers:
+        raise UnsupportedModel(f"an attention module without a valid layer_idx ({type(module).__name__})")
+    if key.shape[-1] != value.shape[-1]:
+        raise UnsupportedModel("MLA: K and V widths differ")
+    if key.shape[1] != pool.num_kv_heads or key.shape[-1] != pool.head_dim:
+        raise UnsupportedModel(f"layer {layer} has K/V of {key.shape[1]} heads x {key.shape[-1]}, not the "
+                               f"{pool.num_kv_heads} x {pool.head_dim} of the other layers")
+
+
+def attention_window(windows: dict[int, int | None] | None, layer: int, passed: int | None) -> int | None:
+    """The window ``layer`` attends with: its layer type's (``windows``, see :func:`layer_windows`; None there: the
+    one the call ``passed``). A call passing another window than its layer type's is refused."""
+    if windows is None:
+        return passed or None
+    expected = windows.get(layer)
+    if passed and passed != expected:
+        raise UnsupportedModel(f"layer {layer} attends with window {passed!r}, its config says {expected!r}")
+    return expected
