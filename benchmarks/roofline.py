@@ -3,6 +3,7 @@ percentage of a roofline lower bound, per workload and dtype.
 
     benchmarks/roofline.py [--workload fixed,mixed,llama1b] [--dtype float32,bfloat16] [-n 32] [--llama-prompts 32]
                            [--threads 2] [--wait-quiet 20] [--json rows.json] [--plot chart.png] [--skip-vllm]
+                           [--cpu-isa avx2]
 
 First it measures the machine with the engines' thread count: sustained read bandwidth (a sum over a buffer far
 larger than the last-level cache, best of a few; a copy is reported beside it), and GEMM throughput through torch in
@@ -212,12 +213,28 @@ def measure_gemms(geom: Geometry, dtype: str, decode_rows: int, prefill_rows: li
     import torch
     import torch.nn.functional as F
 
+    from hf_paged.kernels import cpu_isa
+
     dt = getattr(torch, dtype)
     es = torch.empty(0, dtype=dt).element_size()
-    reorder = torch.ops.mkldnn._reorder_linear_weight
+    packs = cpu_isa.onednn_packs(dt)  # not bf16 without AVX-512 (or under HF_PAGED_CPU_ISA=avx2)
+    reorder = torch.ops.mkldnn._reorder_linear_weight if packs else (lambda w, b: None)
     pointwise = torch.ops.mkldnn._linear_pointwise
-    methods = {"F.linear": lambda x, w, p: F.linear(x, w),
-               "mkldnn packed": lambda x, w, p: pointwise(x, p, None, "none", [], "")}
+    methods = {"F.linear": lambda x, w, p: F.linear(x, w)}
+    if packs:
+        methods["mkldnn packed"] = lambda x, w, p: pointwise(x, p, None, "none", [], "")
+    elif dt == torch.bfloat16 and cpu_isa.onednn_packs(torch.float32):
+        # No bf16 GEMM here: bf16 is computed in fp32 (hf_paged's AVX2 kernel does), so the fp32 GEMM on a widened
+        # copy is the bound (x widened outside the timed call).
+        reorder = lambda w, b: torch.ops.mkldnn._reorder_linear_weight(w.float(), b)  # noqa: E731
+        widened = {}
+
+        def fp32_packed(x, w, p):
+            if id(x) not in widened:
+                widened[id(x)] = (x, x.float())  # x kept: its id stays its own
+            return pointwise(widened[id(x)][1], p, None, "none", [], "")
+
+        methods["mkldnn packed fp32 (widened)"] = fp32_packed
     decode, prefill = [], []
 
     def one_shape(name: str, n: int, k: int, count: int) -> None:  # its tensors go when it returns
@@ -432,7 +449,13 @@ def main() -> None:
     ap.add_argument("--max-wait", type=float, default=600.0, help="longest wait for that, seconds")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None, help="write a PNG bar chart of %% of bound here (needs matplotlib)")
+    ap.add_argument("--cpu-isa", default=None, help="both engines as on a CPU of this tier (see vs_vllm.py)")
     args = ap.parse_args()
+    if args.cpu_isa and os.environ.get("HF_PAGED_PEER_CPU_ISA") != args.cpu_isa:
+        from hf_paged.kernels.cpu_isa import emulation_env
+
+        env = {**os.environ, **emulation_env(args.cpu_isa), "HF_PAGED_PEER_CPU_ISA": args.cpu_isa}
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)  # torch must start capped
     workloads = args.workload.split(",")
     dtypes = args.dtype.split(",")
     for w in workloads:

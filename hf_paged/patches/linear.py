@@ -7,7 +7,10 @@ kernel's layout (``mkldnn._reorder_linear_weight``) and multiply with it directl
 53.3 -> 46.4 ms in bf16, 90.6 -> 83.6 ms in fp32, greedy tokens unchanged. (MKL's packed fp32 sgemm,
 ``mkl._mkl_linear``, is only faster for the one row count it was packed for.) On CPUs with AMX, bf16 weights
 are packed for hf_paged's own AMX kernel instead (:class:`AmxWeight`): oneDNN spends ~15 us a call before any
-arithmetic, which a decode step's ~120 small products feel.
+arithmetic, which a decode step's ~120 small products feel; elsewhere (AVX-512, AVX2) decode-sized products run on
+hf_paged's small-row kernel (:class:`SmallRowsWeight`). oneDNN's packing is used only for a dtype whose probe passed
+(``kernels/cpu_isa.py``: a CPU without AVX-512 cannot pack bf16 weights), so building the packed copies cannot fail
+for a CPU feature.
 
 Paging stays a property of the call: an engine owns its packed weights (:func:`build_packers`) and its model
 runner installs each packed layer's ``forward`` only for the length of its own forwards; that ``forward`` uses the
@@ -33,7 +36,7 @@ from typing import Iterable, Iterator
 import torch
 import torch.nn.functional as F
 
-from ..kernels import cpu_library
+from ..kernels import cpu_isa, cpu_library
 
 _active = threading.local()  # .on: inside an engine forward; .packers: that engine's packers by weight data_ptr
 
@@ -78,21 +81,30 @@ _amx: bool | None = None
 
 
 class SmallRowsWeight:
-    """An fp32 or bf16 weight ``[N, K]`` packed for hf_paged's AVX-512 kernel (``kernels/csrc/small_linear.c``:
-    fp32 FMAs, bf16 through AVX512_BF16 dot products, no AMX needed), for products of up to ``SMALL_MAX_ROWS``
-    rows: a decode step's, where the weights stream from memory and oneDNN's blocking reaches well under the
-    bandwidth. Larger products (prefill) go to oneDNN's packed copy, kept beside it."""
+    """An fp32 or bf16 weight ``[N, K]`` packed for hf_paged's small-row kernel (``kernels/csrc/small_linear.c``,
+    no AMX needed: on AVX-512 fp32 FMAs and bf16 through AVX512_BF16 dot products; on AVX2 + FMA fp32 FMAs, bf16
+    widened to fp32), for products of up to ``SMALL_MAX_ROWS`` rows: a decode step's, where the weights stream from
+    memory and oneDNN's blocking reaches well under the bandwidth. Larger products (prefill) go to oneDNN's packed
+    copy, kept beside it; for bf16 on a CPU without bf16 arithmetic (AVX2: oneDNN cannot pack bf16; AVX-512 without
+    AVX512_BF16: oneDNN emulates it) the kernel, widening bf16 to fp32, takes every row count (about as fast as
+    oneDNN's fp32 GEMM on a widened copy of the weight, without the copy; oneDNN's or torch's own bf16 GEMM there is
+    several times slower: docs/benchmarks.md)."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         self.out_features, self.in_features = weight.shape
         self.dtype = weight.dtype
-        groups = -(-self.out_features // 64)
+        groups = -(-self.out_features // 64)  # the AVX-512 layout's groups; AVX2's (16 columns) fit in as many
         self.packed = torch.empty(groups * 64 * self.in_features, dtype=weight.dtype)
         self._lib = cpu_library.load()
         pack = self._lib.hf_small_linear_pack_bf16 if self.bf16 else self._lib.hf_small_linear_pack_f32
         pack(weight.data_ptr(), weight.stride(0), self.out_features, self.in_features, self.packed.data_ptr())
         self._linear = self._lib.hf_small_linear_bf16 if self.bf16 else self._lib.hf_small_linear_f32
-        self.large = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        # Widened bf16 (no bf16 arithmetic in this CPU): oneDNN's bf16 GEMM is missing (AVX2) or emulated, slower
+        # than the kernel at any row count.
+        widened = self.bf16 and small_rows_bf16() == _BF16_WIDENED
+        self.large = torch.ops.mkldnn._reorder_linear_weight(weight, None) \
+            if cpu_isa.onednn_packs(self.dtype) and not widened else None
+        self.max_rows = SMALL_MAX_ROWS if self.large is not None else 1 << 62  # the kernel takes any row count
 
     @property
     def bf16(self) -> bool:
@@ -105,67 +117,94 @@ class SmallRowsWeight:
         return weight.dtype == torch.float32 or weight.shape[1] % 2 == 0
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        rows = x.numel() // self.in_features if x.shape[-1] == self.in_features else 0
-        if (0 < rows <= SMALL_MAX_ROWS and x.dtype == self.dtype
-                and (bias is None or (bias.dtype == self.dtype and bias.is_contiguous()))):
-            x2 = x.reshape(rows, self.in_features)
-            if x2.stride(1) == 1:
-                out = torch.empty((*x.shape[:-1], self.out_features), dtype=self.dtype)
-                rc = self._linear(x2.data_ptr(), x2.stride(0), rows, self.packed.data_ptr(),
-                                  None if bias is None else bias.data_ptr(), self.out_features, self.in_features,
-                                  out.data_ptr(), self.out_features, torch.get_num_threads())
-                if rc == 0:
-                    return out
-        return torch.ops.mkldnn._linear_pointwise(x, self.large, bias, "none", [], "")
+        if x.shape[-1] != self.in_features or x.dtype != self.dtype:
+            raise ValueError(f"a {self.dtype} linear of {self.in_features} inputs got {x.dtype} {tuple(x.shape)}")
+        rows = x.numel() // self.in_features
+        if rows > self.max_rows:
+            return torch.ops.mkldnn._linear_pointwise(x, self.large, bias, "none", [], "")
+        out = torch.empty((*x.shape[:-1], self.out_features), dtype=self.dtype)
+        if rows == 0:
+            return out
+        x2 = x.reshape(rows, self.in_features)
+        if x2.stride(1) != 1:
+            x2 = x2.contiguous()
+        if bias is not None and (bias.dtype != self.dtype or not bias.is_contiguous()):
+            bias = bias.to(self.dtype).contiguous()
+        rc = self._linear(x2.data_ptr(), x2.stride(0), rows, self.packed.data_ptr(),
+                          None if bias is None else bias.data_ptr(), self.out_features, self.in_features,
+                          out.data_ptr(), self.out_features, torch.get_num_threads())
+        if rc != 0:  # the one failure left: no memory for the kernel's scratch rows
+            raise MemoryError(f"small_linear: no memory for {rows} rows of {self.in_features} scratch values")
+        return out
 
 
 SMALL_MAX_ROWS = 128
-_small_rows: dict[torch.dtype, bool] = {}
+_SMALL_ROWS_ISA = {512: "avx512", 256: "avx2"}  # hf_small_linear_available(): the vector width it was built for
+
+
+def small_rows_isa() -> str | None:
+    """The tier the small-row kernel was built for (``avx512``, ``avx2``), or None where it was not built or the CPU
+    tier (``HF_PAGED_CPU_ISA``) is below it."""
+    if not cpu_library.available():
+        return None
+    isa = _SMALL_ROWS_ISA.get(int(cpu_library.load().hf_small_linear_available()))
+    return isa if isa is not None and cpu_isa.allows(isa) else None
 
 
 def small_rows_available(dtype: torch.dtype) -> bool:
-    """Whether the AVX-512 small-row kernel runs here for ``dtype`` (the CPU kernels built for an AVX-512 target;
-    bf16 needs AVX512_BF16 too)."""
-    if dtype not in _small_rows:
-        lib = cpu_library.load() if cpu_library.available() else None
-        ok = lib is not None and torch.backends.mkldnn.is_available()
-        if dtype == torch.float32:
-            ok = ok and bool(lib.hf_small_linear_available())
-        elif dtype == torch.bfloat16:
-            ok = ok and bool(lib.hf_small_linear_bf16_available())
-        else:
-            ok = False
-        _small_rows[dtype] = ok
-    return _small_rows[dtype]
+    """Whether the small-row kernel runs here for ``dtype``: the CPU kernels built for an AVX-512 or AVX2 + FMA
+    target within the CPU tier; bf16 on AVX-512 needs AVX512_BF16 too (on AVX2 it is widened to fp32)."""
+    isa = small_rows_isa()
+    if isa is None or dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if dtype == torch.float32:
+        return True
+    kind = small_rows_bf16()
+    return kind == _BF16_WIDENED or (kind == _BF16_DOT and cpu_isa.allows("avx512_bf16"))
+
+
+_BF16_WIDENED, _BF16_DOT = 1, 2  # hf_small_linear_bf16_available(): bf16 widened to fp32, or AVX512_BF16 products
+
+
+def small_rows_bf16() -> int:
+    """How the small-row kernel multiplies bf16: 2 as bf16 (AVX512_BF16 dot products), 1 widened to fp32 (AVX2,
+    AVX-512 without AVX512_BF16), 0 not at all."""
+    return int(cpu_library.load().hf_small_linear_bf16_available()) if small_rows_isa() else 0
 
 
 def amx_available() -> bool:
-    """Whether the AMX linear kernel runs here (the CPU kernels built, AMX in this CPU and allowed by Linux)."""
+    """Whether the AMX linear kernel runs here (the CPU kernels built with AMX, AMX in this CPU and allowed by Linux
+    and by the CPU tier)."""
     global _amx
     if _amx is None:
-        _amx = cpu_library.available() and bool(cpu_library.load().hf_amx_available())
+        _amx = cpu_library.available() and cpu_isa.allows("amx") and bool(cpu_library.load().hf_amx_available())
     return _amx
 
 
 Packed = "AmxWeight | SmallRowsWeight | torch.Tensor"
 
 
-def _pack(weight: torch.Tensor, kind: str) -> Packed:
-    """``kind`` is the plan's ``linears``: ``amx``, ``avx512`` (falling back to oneDNN where a weight does not fit
-    the kernel) or ``onednn``."""
+def _pack(weight: torch.Tensor, kind: str) -> Packed | None:
+    """``kind`` is the plan's ``linears``: ``amx``, ``avx512`` / ``avx2`` (the small-row kernel) or ``onednn``; a
+    weight that does not fit the kernel gets oneDNN's packed copy where oneDNN packs its dtype here, else nothing
+    (None: ``F.linear``)."""
     if kind == "amx" and AmxWeight.supports(weight):
         return AmxWeight(weight)
-    if kind == "avx512" and SmallRowsWeight.supports(weight):
+    if kind in ("avx512", "avx2") and SmallRowsWeight.supports(weight):
         return SmallRowsWeight(weight)
-    return torch.ops.mkldnn._reorder_linear_weight(weight, None)
+    if cpu_isa.onednn_packs(weight.dtype):
+        return torch.ops.mkldnn._reorder_linear_weight(weight, None)
+    return None
 
 
-def _matmul(packed: Packed, weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _matmul(packed: Packed | None, weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if isinstance(packed, SmallRowsWeight):
         return packed.matmul(x, bias)
     if isinstance(packed, AmxWeight):
         out = packed.matmul(x, bias)
         return out if out is not None else F.linear(x, weight, bias)
+    if packed is None:
+        return F.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
@@ -214,7 +253,7 @@ class PackedGroup:
             raise ValueError("a packed group needs a bias on all of its layers or on none")
         self.bias = torch.cat([m.bias.detach() for m in linears]) if all(has_bias) else None
         self.packed = _pack(weight, kind)
-        self.weight = weight if isinstance(self.packed, AmxWeight) else None
+        self.weight = weight if self.packed is None or isinstance(self.packed, AmxWeight) else None
         self.dtype = weight.dtype
 
     def current(self, linears: list[torch.nn.Linear]) -> bool:

@@ -15,9 +15,10 @@
  *
  * A unit of work is one (sequence, KV head) and the G = H / KVH query heads that read it: two passes over
  * the visible keys, each K/V row slice read once for all G heads. Pass 1 computes the scores into a
- * per-thread buffer (VL keys at a time: the VL dot products of a head are reduced together by a shuffle
- * tree, no horizontal sum per dot); then the softmax (max, exp, sum); pass 2 accumulates the weighted V
- * rows in registers, two heads at a time. Everything accumulates in fp32; bf16 inputs (uint16 bit
+ * per-thread buffer (VL keys at a time, the heads' dot products of a key interleaved (independent chains): the VL
+ * dot products of a head are reduced together by a shuffle tree, no horizontal sum per dot); then the softmax (max,
+ * exp, sum); pass 2 accumulates the weighted V rows in registers, up to three heads at a time, in chunks of the row
+ * that fit the register file (AVX2's 16). Everything accumulates in fp32; bf16 inputs (uint16 bit
  * patterns) are widened on load and the output rounded to nearest even. Except with AVX512-BF16, for bf16
  * and head dims that are multiples of 32 (unit_dp): vdpbf16ps dot products on the rows as stored, q.k over key
  * pairs sharing a vector (scale applied to the fp32 scores), and sum p v over pairs of V rows interleaved
@@ -327,6 +328,54 @@ static inline __attribute__((always_inline)) void pv_tile_i8(const int NG, const
 
 /* One unit: sequence s, KV head kh, its G query heads; head dim = C * VL (C is a compile-time constant
  * in the common cases). `next` is the unit this thread runs after this one (s < 0: none). kv8: int8 K/V. */
+/* Pass 1 for one key row k (C vectors) and NG heads from g0: their dot products with the scaled queries, the
+ * heads' sums interleaved (NG independent chains; each head's own order of additions as one head alone). */
+static inline __attribute__((always_inline)) void dot_heads(const int NG, const int C, const work_t *w, int g0,
+                                                            const vf *k, int jj) {
+    vf a[NG];
+    for (int h = 0; h < NG; h++) a[h] = w->qv[(g0 + h) * C] * k[0];
+    for (int c = 1; c < C; c++)
+        for (int h = 0; h < NG; h++) a[h] += w->qv[(g0 + h) * C + c] * k[c];
+    for (int h = 0; h < NG; h++) w->tile[(g0 + h) * VL + jj] = a[h];
+}
+
+/* Accumulator vectors pass 2 keeps in registers (beside a row vector and the heads' weights): AVX-512 and AArch64
+ * have 32 vector registers, AVX2 16. */
+#define PV_ACC_REGS (VL == 8 ? 12 : 24)
+
+/* Vectors of a row pass 2 takes at a time for NH heads: the largest divisor of C with NH of them in registers. */
+static inline int pv_chunk(const int NH, const int C) {
+    int cc = C;
+    while (cc > 1 && (NH * cc > PV_ACC_REGS || C % cc)) cc--;
+    return cc;
+}
+
+/* Pass 2 of one tile for heads [g, g + NH): acc += p * V over its cnt rows, CC vectors of each row at a time (each
+ * row vector loaded, and widened, once for the NH heads). pr: head g's probabilities of the tile (the next head's
+ * ldsc further). */
+static inline __attribute__((always_inline)) void pv_tile(const int bf16, const int NH, const int C, const params_t *p,
+                                                          work_t *w, int g, const float *pr, int cnt, long nbytes,
+                                                          int prefetch) {
+    const long esz = bf16 ? 2 : 4;
+    const int CC = pv_chunk(NH, C);
+    for (int c0 = 0; c0 < C; c0 += CC) {
+        vf a[NH][CC];
+        for (int h = 0; h < NH; h++)
+            for (int c = 0; c < CC; c++) a[h][c] = w->acc[(g + h) * C + c0 + c];
+        for (int jj = 0; jj < cnt; jj++) {
+            if (prefetch && c0 == 0) prefetch_ahead(w, jj, nbytes);
+            float wt[NH];
+            for (int h = 0; h < NH; h++) wt[h] = pr[(long)h * p->ldsc + jj];
+            for (int c = 0; c < CC; c++) {
+                const vf v = load_vec(bf16, w->rows[jj] + (long)(c0 + c) * VL * esz);
+                for (int h = 0; h < NH; h++) a[h][c] += wt[h] * v;
+            }
+        }
+        for (int h = 0; h < NH; h++)
+            for (int c = 0; c < CC; c++) w->acc[(g + h) * C + c0 + c] = a[h][c];
+    }
+}
+
 static inline __attribute__((always_inline)) void unit_vec(const int bf16, const int kv8, const int C,
                                                           const params_t *p, work_t *w, int s, int kh, int next_s,
                                                           int next_kh) {
@@ -353,11 +402,13 @@ static inline __attribute__((always_inline)) void unit_vec(const int bf16, const
             prefetch_ahead(w, jj, nbytes);
             vf k[C];
             for (int c = 0; c < C; c++) k[c] = load_kv(bf16, kv8, w->rows[jj] + c * VL * kesz);
-            for (int g = 0; g < G; g++) {
-                const vf *qg = w->qv + g * C;
-                vf a = qg[0] * k[0];
-                for (int c = 1; c < C; c++) a += qg[c] * k[c];
-                w->tile[g * VL + jj] = a;
+            for (int g0 = 0; g0 < G; g0 += 4) {
+                switch (G - g0 < 4 ? G - g0 : 4) {
+                case 1: dot_heads(1, C, w, g0, k, jj); break;
+                case 2: dot_heads(2, C, w, g0, k, jj); break;
+                case 3: dot_heads(3, C, w, g0, k, jj); break;
+                default: dot_heads(4, C, w, g0, k, jj); break;
+                }
             }
         }
         for (int g = 0; g < G; g++) {
@@ -368,7 +419,7 @@ static inline __attribute__((always_inline)) void unit_vec(const int bf16, const
         }
     }
     softmax_rows(p, w->sc, n, w->inv_sum);
-    /* Pass 2, weighted sum of V rows: a tile of keys at a time, two heads at a time in registers. */
+    /* Pass 2, weighted sum of V rows: a tile of keys at a time, up to three heads at a time in registers. */
     next_pass_t to_next = {NULL, NULL, 0, 0, 0, NULL};
     if (next_s >= 0) {
         const int next_len = p->kv_lens[next_s];
@@ -392,34 +443,14 @@ static inline __attribute__((always_inline)) void unit_vec(const int bf16, const
             }
             continue;
         }
-        int g = 0;
-        for (; g + 2 <= G; g += 2) {
-            vf *acc0 = w->acc + g * C, *acc1 = acc0 + C;
-            vf a0[C], a1[C];
-            for (int c = 0; c < C; c++) a0[c] = acc0[c], a1[c] = acc1[c];
-            const float *p0 = w->sc + (long)g * p->ldsc + (t - start), *p1 = p0 + p->ldsc;
-            for (int jj = 0; jj < cnt; jj++) {
-                if (g == 0) prefetch_ahead(w, jj, nbytes);
-                const float w0 = p0[jj], w1 = p1[jj];
-                for (int c = 0; c < C; c++) {
-                    const vf v = load_vec(bf16, w->rows[jj] + c * VL * esz);
-                    a0[c] += w0 * v;
-                    a1[c] += w1 * v;
-                }
+        /* Three heads at a time: a GQA group's heads share each V row load (G = 3, 4, 6, 8 ... in use). */
+        for (int g = 0; g < G; g += 3) {
+            const float *pr = w->sc + (long)g * p->ldsc + (t - start);
+            switch (G - g < 3 ? G - g : 3) {
+            case 1: pv_tile(bf16, 1, C, p, w, g, pr, cnt, nbytes, g == 0); break;
+            case 2: pv_tile(bf16, 2, C, p, w, g, pr, cnt, nbytes, g == 0); break;
+            default: pv_tile(bf16, 3, C, p, w, g, pr, cnt, nbytes, g == 0); break;
             }
-            for (int c = 0; c < C; c++) acc0[c] = a0[c], acc1[c] = a1[c];
-        }
-        if (g < G) {
-            vf *acc0 = w->acc + g * C;
-            vf a0[C];
-            for (int c = 0; c < C; c++) a0[c] = acc0[c];
-            const float *p0 = w->sc + (long)g * p->ldsc + (t - start);
-            for (int jj = 0; jj < cnt; jj++) {
-                if (g == 0) prefetch_ahead(w, jj, nbytes);
-                const float w0 = p0[jj];
-                for (int c = 0; c < C; c++) a0[c] += w0 * load_vec(bf16, w->rows[jj] + c * VL * esz);
-            }
-            for (int c = 0; c < C; c++) acc0[c] = a0[c];
         }
     }
     for (int g = 0; g < G; g++)

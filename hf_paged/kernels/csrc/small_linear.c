@@ -1,37 +1,107 @@
-/* Linear layers for a few dozen rows (decode steps) on AVX-512: out = x @ W^T + bias, fp32, and bf16 through
- * AVX512_BF16 dot products (no AMX needed).
+/* Linear layers for a few dozen rows (decode steps): out = x @ W^T + bias, fp32 and bf16, on AVX-512 (bf16 through
+ * AVX512_BF16 dot products, no AMX needed) or on AVX2 + FMA (bf16 widened to fp32 in registers, fp32 FMAs).
  *
  * A decode step multiplies a few dozen rows by every weight of the model once: the product is bound by streaming
  * the weights from memory and, at 32 rows in fp32, by the FMA units too. oneDNN's packed GEMM re-blocks such a
  * product for large row counts and reaches well under the bandwidth there. Here the weight is packed once into
- * groups of 64 output columns, contiguous over K ([N / 64][K][64] in fp32; [N / 64][K / 2][64][2] k-pairs in bf16,
- * the layout vdpbf16ps reads), so a group is one sequential stream. A thread takes whole groups; for each group,
- * every block of 6 rows of x accumulates a 6 x 64 block of out in 24 registers over K (one weight load feeds 6
- * FMAs), while the next group is prefetched, so the memory stream and the arithmetic overlap. The group's weights
- * stay in L2 between the row blocks. The products are summed in chunks of 64 along K, the chunks' sums then added
- * up, which keeps the rounding error near a blocked GEMM's rather than growing with K. Columns past N (the last group, N not a multiple of 64) are zero in the packed
- * weight and masked on store.
+ * groups of GROUP output columns, contiguous over K, so a group is one sequential stream. A thread takes whole
+ * groups; for each group, every block of 6 rows of x accumulates a 6 x GROUP block of out in registers over K (one
+ * weight load feeds 6 FMAs), while the next group is prefetched, so the memory stream and the arithmetic overlap.
+ * The group's weights stay in L2 between the row blocks. The products are summed in chunks of 64 along K, the
+ * chunks' sums then added up, which keeps the rounding error near a blocked GEMM's rather than growing with K.
+ * Columns past N (the last group, N not a multiple of GROUP) are zero in the packed weight and masked on store.
  *
- * The caller keeps oneDNN for large row counts (prefill), where its blocking of x wins. Without AVX-512 in the
- * compiler's target, hf_small_linear_available() returns 0 and nothing else is called; without AVX512_BF16,
- * hf_small_linear_bf16_available() returns 0.
+ *   AVX-512: GROUP 64 (4 zmm), 6 x 4 accumulators of 32 registers. fp32 [N / 64][K][64]; bf16 with AVX512_BF16
+ *            in k-pairs, [N / 64][K / 2][64][2], the layout vdpbf16ps reads; without it widened as on AVX2 (below),
+ *            each half of the 64 columns one load (oneDNN's bf16 GEMM there is emulated, several times slower).
+ *   AVX2:    GROUP 16 (2 ymm), 6 x 2 accumulators + 2 weights + 1 broadcast of 16 registers. fp32 [N / 16][K][16];
+ *            bf16 [N / 16][K][16] with the 32-bit word j holding columns j (low half) and j + 8 (high half), so one
+ *            load and a shift / a mask give the group's two fp32 vectors. bf16 rows of x are widened to fp32 once
+ *            per call (128 rows at a time, into a per-thread scratch buffer), so a row's broadcast is one load.
+ *            The widened bf16 kernel takes any row count: without oneDNN's bf16 GEMM (a CPU without AVX-512), it is
+ *            the bf16 prefill's GEMM too.
+ *
+ * hf_small_linear_available() returns the vector width the kernels were built for (512, 256), 0 where the target
+ * has neither (nothing else is then called); hf_small_linear_bf16_available() returns 2 where bf16 is multiplied
+ * as bf16 (AVX512_BF16 dot products), 1 where it is widened to fp32 (AVX2, AVX-512 without AVX512_BF16: the kernel
+ * then takes every row count, prefill included), 0 without either.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
-
-#define GROUP 64     /* output columns per packed group: 4 zmm vectors of fp32 */
-#define ROW_BLOCK 6  /* rows of x per register block: 6 x 4 accumulators */
+#define ROW_BLOCK 6  /* rows of x per register block */
 #define K_CHUNK 64   /* products summed in registers before they join the running sum (closer to F.linear's error) */
 
 #if defined(__AVX512F__)
+#define SMALL_LINEAR_BITS 512
+#define GROUP 64 /* output columns per packed group: 4 zmm vectors of fp32 */
+#elif defined(__AVX2__) && defined(__FMA__)
+#define SMALL_LINEAR_BITS 256
+#define GROUP 16 /* 2 ymm vectors of fp32 */
+#endif
+
+#ifdef SMALL_LINEAR_BITS
 #include <immintrin.h>
 #include <omp.h>
 
-int hf_small_linear_available(void) { return 1; }
+#include "cpu_vec.h"
+
+int hf_small_linear_available(void) { return SMALL_LINEAR_BITS; }
 
 static inline long num_groups(long N) { return (N + GROUP - 1) / GROUP; }
 
+/* One block of up to ROW_BLOCK rows of x against one packed group, prefetching [next, next + next_bytes): its share
+ * of the next group. */
+typedef void (*block_fn)(const void *x_rows, long x_stride, int rows, const void *group, long K, void *out_rows,
+                         long out_stride, const void *group_bias, long cols, const char *next, long next_bytes);
+
+/* This thread's share of out = x @ W^T (+ bias): whole groups, every block of rows of x against each. Element sizes
+ * in bytes: x_es of x, w_es of the packed weight, out_es of out and bias (strides are in elements). The next group
+ * is prefetched in equal shares by the current group's row blocks, so that the memory stream runs all along the
+ * arithmetic rather than in bursts that stall the first block on full miss queues. */
+static inline void thread_groups(block_fn block, long x_es, long w_es, long out_es, const void *x, long x_stride,
+                                 long M, const void *packed, const void *bias, long N, long K, void *out,
+                                 long out_stride, int t, int T) {
+    const long groups = num_groups(N), group_bytes = K * GROUP * w_es;
+    const long g0 = groups * t / T, g1 = groups * (t + 1) / T;
+    const long blocks = (M + ROW_BLOCK - 1) / ROW_BLOCK;
+    const long share = (group_bytes / 64 + blocks - 1) / blocks * 64; /* bytes of the next group per block */
+    for (long g = g0; g < g1; g++) {
+        const char *wg = (const char *)packed + g * group_bytes;
+        const long cols = N - g * GROUP < GROUP ? N - g * GROUP : GROUP;
+        for (long b = 0, r = 0; r < M; b++, r += ROW_BLOCK) {
+            const long from = b * share, bytes = g + 1 < g1 && from < group_bytes
+                                                      ? (group_bytes - from < share ? group_bytes - from : share)
+                                                      : 0;
+            block((const char *)x + r * x_stride * x_es, x_stride, (int)(M - r < ROW_BLOCK ? M - r : ROW_BLOCK), wg,
+                  K, (char *)out + (r * out_stride + g * GROUP) * out_es, out_stride,
+                  bias ? (const char *)bias + g * GROUP * out_es : NULL, cols, wg + group_bytes + from, bytes);
+        }
+    }
+}
+
+static void run_groups(block_fn block, long es, const void *x, long x_stride, long M, const void *packed,
+                       const void *bias, long N, long K, void *out, long out_stride, int num_threads) {
+#pragma omp parallel num_threads(num_threads)
+    thread_groups(block, es, es, es, x, x_stride, M, packed, bias, N, K, out, out_stride, omp_get_thread_num(),
+                  omp_get_num_threads());
+}
+
+/* W [N, K] fp32 rows (row stride w_stride) -> packed ([N / GROUP] (rounded up) * K * GROUP floats). */
+void hf_small_linear_pack_f32(const float *w, long w_stride, long N, long K, float *packed) {
+#pragma omp parallel for schedule(static)
+    for (long g = 0; g < num_groups(N); g++)
+        for (long k = 0; k < K; k++)
+            for (long c = 0; c < GROUP; c++) {
+                long n = g * GROUP + c;
+                packed[(g * K + k) * GROUP + c] = n < N ? w[n * w_stride + k] : 0.0f;
+            }
+}
+
+#endif /* SMALL_LINEAR_BITS */
+
+#if defined(__AVX512F__)
 /* Store 64 fp32 (4 vectors) of one output row, plus bias, keeping only the first `cols` columns. */
 static inline void store_f32(float *out, __m512 *acc, const float *bias, long cols) {
     for (int j = 0; j < 4; j++) {
@@ -44,47 +114,9 @@ static inline void store_f32(float *out, __m512 *acc, const float *bias, long co
     }
 }
 
-/* One block of up to ROW_BLOCK rows of x against one packed group (block_f32, block_bf16), prefetching the next. */
-typedef void (*block_fn)(const void *x_rows, long x_stride, int rows, const void *group, long K, void *out_rows,
-                         long out_stride, const void *group_bias, long cols, const char *next, long next_bytes,
-                         long *prefetched);
-
-/* out = x @ W^T (+ bias) over all groups: a thread takes whole groups, and every block of rows of x against each;
- * `es` is the element size in bytes (strides are in elements). */
-static void run_groups(block_fn block, long es, const void *x, long x_stride, long M, const void *packed,
-                       const void *bias, long N, long K, void *out, long out_stride, int num_threads) {
-    const long groups = num_groups(N), group_bytes = K * GROUP * es;
-#pragma omp parallel num_threads(num_threads)
-    {
-        const int t = omp_get_thread_num(), T = omp_get_num_threads();
-        const long g0 = groups * t / T, g1 = groups * (t + 1) / T;
-        for (long g = g0; g < g1; g++) {
-            const char *wg = (const char *)packed + g * group_bytes;
-            const long cols = N - g * GROUP < GROUP ? N - g * GROUP : GROUP;
-            long prefetched = 0;
-            for (long r = 0; r < M; r += ROW_BLOCK)
-                block((const char *)x + r * x_stride * es, x_stride, (int)(M - r < ROW_BLOCK ? M - r : ROW_BLOCK), wg,
-                      K, (char *)out + (r * out_stride + g * GROUP) * es, out_stride,
-                      bias ? (const char *)bias + g * GROUP * es : NULL, cols, wg + group_bytes,
-                      g + 1 < g1 ? group_bytes : 0, &prefetched);
-        }
-    }
-}
-
-/* W [N, K] fp32 rows (row stride w_stride) -> packed ([N / 64] (rounded up) * K * 64 floats). */
-void hf_small_linear_pack_f32(const float *w, long w_stride, long N, long K, float *packed) {
-#pragma omp parallel for schedule(static)
-    for (long g = 0; g < num_groups(N); g++)
-        for (long k = 0; k < K; k++)
-            for (long c = 0; c < GROUP; c++) {
-                long n = g * GROUP + c;
-                packed[(g * K + k) * GROUP + c] = n < N ? w[n * w_stride + k] : 0.0f;
-            }
-}
-
 static void block_f32(const void *x_rows, long x_stride, int rows, const void *group, long K, void *out_rows,
-                      long out_stride, const void *group_bias, long cols, const char *next, long next_bytes,
-                      long *prefetched) {
+                      long out_stride, const void *group_bias, long cols, const char *next, long next_bytes) {
+    long prefetched = 0;
     const float *x = x_rows, *wg = group, *bias = group_bias;
     float *out = out_rows;
     __m512 acc[ROW_BLOCK][4], sum[ROW_BLOCK][4];
@@ -98,9 +130,9 @@ static void block_f32(const void *x_rows, long x_stride, int rows, const void *g
             const float *wk = wg + k * GROUP;
             __m512 w0 = _mm512_loadu_ps(wk), w1 = _mm512_loadu_ps(wk + 16);
             __m512 w2 = _mm512_loadu_ps(wk + 32), w3 = _mm512_loadu_ps(wk + 48);
-            if (*prefetched < next_bytes) {
-                _mm_prefetch(next + *prefetched, _MM_HINT_T1);
-                *prefetched += 64;
+            if (prefetched < next_bytes) {
+                _mm_prefetch(next + prefetched, _MM_HINT_T1);
+                prefetched += 64;
             }
 #define HF_ROW_F32(r)                                                       \
             if ((r) < rows) {                                               \
@@ -127,7 +159,7 @@ int hf_small_linear_f32(const float *x, long x_stride, long M, const float *pack
 }
 
 #if defined(__AVX512BF16__)
-int hf_small_linear_bf16_available(void) { return 1; }
+int hf_small_linear_bf16_available(void) { return 2; } /* dot products on the bf16 values */
 
 /* W [N, K] bf16 rows (K even) -> packed ([N / 64] (rounded up) * K * 64 bf16) in k-pairs: [g][K / 2][64][2]. */
 void hf_small_linear_pack_bf16(const uint16_t *w, long w_stride, long N, long K, uint16_t *packed) {
@@ -146,8 +178,8 @@ static inline __m512 bf16x16_to_f32(__m256i v) {
 }
 
 static void block_bf16(const void *x_rows, long x_stride, int rows, const void *group, long K, void *out_rows,
-                       long out_stride, const void *group_bias, long cols, const char *next, long next_bytes,
-                       long *prefetched) {
+                       long out_stride, const void *group_bias, long cols, const char *next, long next_bytes) {
+    long prefetched = 0;
     const uint16_t *x = x_rows, *wg = group, *bias = group_bias;
     uint16_t *out = out_rows;
     __m512 acc[ROW_BLOCK][4], sum[ROW_BLOCK][4];
@@ -161,9 +193,9 @@ static void block_bf16(const void *x_rows, long x_stride, int rows, const void *
             const uint16_t *wk = wg + kp * GROUP * 2;
             __m512bh w0 = (__m512bh)_mm512_loadu_si512(wk), w1 = (__m512bh)_mm512_loadu_si512(wk + 32);
             __m512bh w2 = (__m512bh)_mm512_loadu_si512(wk + 64), w3 = (__m512bh)_mm512_loadu_si512(wk + 96);
-            if (*prefetched < next_bytes) {
-                _mm_prefetch(next + *prefetched, _MM_HINT_T1);
-                *prefetched += 64;
+            if (prefetched < next_bytes) {
+                _mm_prefetch(next + prefetched, _MM_HINT_T1);
+                prefetched += 64;
             }
 #define HF_ROW_BF16(r)                                                                    \
             if ((r) < rows) {                                                             \
@@ -200,9 +232,191 @@ int hf_small_linear_bf16(const uint16_t *x, long x_stride, long M, const uint16_
     run_groups(block_bf16, sizeof(uint16_t), x, x_stride, M, packed, bias, N, K, out, out_stride, num_threads);
     return 0;
 }
+#else /* AVX-512 without AVX512_BF16: bf16 widened to fp32 (hf_small_linear_bf16 below) */
+#define SMALL_LINEAR_WIDENS_BF16
+
+/* W [N, K] bf16 rows -> packed ([N / 64] (rounded up) * K * 64 bf16): group g, k, half h of the 64 columns, 32-bit
+ * word j = (column 32 h + j, column 32 h + j + 16), so one load and a shift / a mask give two fp32 vectors. */
+void hf_small_linear_pack_bf16(const uint16_t *w, long w_stride, long N, long K, uint16_t *packed) {
+#pragma omp parallel for schedule(static)
+    for (long g = 0; g < num_groups(N); g++)
+        for (long k = 0; k < K; k++)
+            for (long c = 0; c < GROUP; c++) {
+                const long n = g * GROUP + c / 32 * 32 + c % 32 / 2 + (c % 2) * 16;
+                packed[(g * K + k) * GROUP + c] = n < N ? w[n * w_stride + k] : 0;
+            }
+}
+
+/* x rows already widened to fp32 (stride x_stride floats); out and bias bf16. */
+static void block_bf16(const void *x_rows, long x_stride, int rows, const void *group, long K, void *out_rows,
+                       long out_stride, const void *group_bias, long cols, const char *next, long next_bytes) {
+    const float *x = x_rows;
+    const uint16_t *wg = group, *bias = group_bias;
+    uint16_t *out = out_rows;
+    const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
+    long prefetched = 0;
+    __m512 acc[ROW_BLOCK][4], sum[ROW_BLOCK][4];
+    for (int r = 0; r < ROW_BLOCK; r++)
+        for (int j = 0; j < 4; j++) sum[r][j] = _mm512_setzero_ps();
+    for (long k0 = 0; k0 < K; k0 += K_CHUNK) {
+        const long k1 = K - k0 < K_CHUNK ? K : k0 + K_CHUNK;
+        for (int r = 0; r < ROW_BLOCK; r++)
+            for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
+        for (long k = k0; k < k1; k++) {
+            const uint16_t *wk = wg + k * GROUP;
+            const __m512i lo = _mm512_loadu_si512(wk), hi = _mm512_loadu_si512(wk + 32);
+            const __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(lo, 16));
+            const __m512 w1 = _mm512_castsi512_ps(_mm512_and_si512(lo, high));
+            const __m512 w2 = _mm512_castsi512_ps(_mm512_slli_epi32(hi, 16));
+            const __m512 w3 = _mm512_castsi512_ps(_mm512_and_si512(hi, high));
+            if (prefetched < next_bytes) {
+                _mm_prefetch(next + prefetched, _MM_HINT_T1);
+                prefetched += 64;
+            }
+#define HF_ROW_WIDE(r)                                                      \
+            if ((r) < rows) {                                               \
+                __m512 xv = _mm512_set1_ps(x[(r) * x_stride + k]);          \
+                acc[r][0] = _mm512_fmadd_ps(xv, w0, acc[r][0]);             \
+                acc[r][1] = _mm512_fmadd_ps(xv, w1, acc[r][1]);             \
+                acc[r][2] = _mm512_fmadd_ps(xv, w2, acc[r][2]);             \
+                acc[r][3] = _mm512_fmadd_ps(xv, w3, acc[r][3]);             \
+            }
+            HF_ROW_WIDE(0) HF_ROW_WIDE(1) HF_ROW_WIDE(2) HF_ROW_WIDE(3) HF_ROW_WIDE(4) HF_ROW_WIDE(5)
+#undef HF_ROW_WIDE
+        }
+        for (int r = 0; r < rows; r++)
+            for (int j = 0; j < 4; j++) sum[r][j] = _mm512_add_ps(sum[r][j], acc[r][j]);
+    }
+    for (int r = 0; r < rows; r++)
+        for (int j = 0; j < 4; j++) {
+            const long left = cols - 16L * j;
+            if (left <= 0) break;
+            vf v = (vf)sum[r][j];
+            uint16_t *o = out + r * out_stride + 16 * j;
+            if (left >= 16) {
+                if (bias) v += load_vec(1, (const char *)(bias + 16 * j));
+                store_vec(1, (char *)o, v);
+            } else {
+                for (long c = 0; c < left; c++)
+                    o[c] = f32_to_bf16(v[c] + (bias ? bf16_to_f32(bias[16 * j + c]) : 0.0f));
+            }
+        }
+}
 #endif /* __AVX512BF16__ */
 
-#else /* no AVX-512 */
+
+#elif SMALL_LINEAR_BITS == 256 /* AVX2 + FMA */
+
+/* The 6 x 16 block: `x` fp32 rows (bf16 rows were widened by the caller), the group fp32 or bf16 (the word layout
+ * above), out fp32 or bf16 (rounded once, nearest even, as torch rounds). Inlined once per row count (a constant),
+ * so the accumulators stay in registers and the loop has no per-row branches. */
+static inline __attribute__((always_inline)) void block_avx2(const int bf16, const float *x, long x_stride,
+                                                            const int rows, const void *group, long K, void *out_rows,
+                                                            long out_stride, const void *group_bias, long cols,
+                                                            const char *next, long next_bytes) {
+    const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
+    /* The block's share of the next group, one line every `period` k steps: spread over the whole block. */
+    const long lines = next_bytes / 64, period = lines ? (K > lines ? K / lines : 1) : K + 1;
+    long fetched = 0, countdown = period;
+    __m256 acc[ROW_BLOCK][2], sum[ROW_BLOCK][2];
+    for (int r = 0; r < ROW_BLOCK; r++) sum[r][0] = sum[r][1] = _mm256_setzero_ps();
+    for (long k0 = 0; k0 < K; k0 += K_CHUNK) {
+        const long k1 = K - k0 < K_CHUNK ? K : k0 + K_CHUNK;
+        for (int r = 0; r < ROW_BLOCK; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+        for (long k = k0; k < k1; k++) {
+            __m256 w0, w1;
+            if (bf16) {
+                const __m256i w = _mm256_loadu_si256((const __m256i *)((const uint16_t *)group + k * GROUP));
+                w0 = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+                w1 = _mm256_castsi256_ps(_mm256_and_si256(w, high));
+            } else {
+                w0 = _mm256_loadu_ps((const float *)group + k * GROUP);
+                w1 = _mm256_loadu_ps((const float *)group + k * GROUP + 8);
+            }
+            if (--countdown == 0) {
+                countdown = period;
+                if (fetched < next_bytes) {
+                    _mm_prefetch(next + fetched, _MM_HINT_T1);
+                    fetched += 64;
+                }
+            }
+            for (int r = 0; r < rows; r++) {
+                const __m256 xv = _mm256_broadcast_ss(x + r * x_stride + k);
+                acc[r][0] = _mm256_fmadd_ps(xv, w0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(xv, w1, acc[r][1]);
+            }
+        }
+        for (int r = 0; r < rows; r++) {
+            sum[r][0] = _mm256_add_ps(sum[r][0], acc[r][0]);
+            sum[r][1] = _mm256_add_ps(sum[r][1], acc[r][1]);
+        }
+    }
+    /* Columns j and j + 8 are lanes j of sum[r][0] and sum[r][1] in both layouts. */
+    for (int r = 0; r < rows; r++) {
+        vf v0 = (vf)sum[r][0], v1 = (vf)sum[r][1];
+        if (group_bias) {
+            if (cols == GROUP) {
+                v0 += load_vec(bf16, (const char *)group_bias);
+                v1 += load_vec(bf16, (const char *)group_bias + 8 * (bf16 ? 2 : 4));
+            } else {
+                for (long c = 0; c < cols; c++) {
+                    if (c < 8) v0[c] += load_scalar(bf16, group_bias, c);
+                    else v1[c - 8] += load_scalar(bf16, group_bias, c);
+                }
+            }
+        }
+        char *o = (char *)out_rows + r * out_stride * (bf16 ? 2 : 4);
+        if (cols == GROUP) {
+            store_vec(bf16, o, v0);
+            store_vec(bf16, o + 8 * (bf16 ? 2 : 4), v1);
+        } else {
+            for (long c = 0; c < cols; c++) {
+                const float value = c < 8 ? v0[c] : v1[c - 8];
+                if (bf16) ((uint16_t *)o)[c] = f32_to_bf16(value);
+                else ((float *)o)[c] = value;
+            }
+        }
+    }
+}
+
+#define HF_ROWS(bf16, n)                                                                                             \
+    case n:                                                                                                          \
+        block_avx2(bf16, x_rows, x_stride, n, group, K, out_rows, out_stride, group_bias, cols, next, next_bytes);   \
+        break;
+#define HF_BLOCK_AVX2(name, bf16)                                                                                    \
+    static void name(const void *x_rows, long x_stride, int rows, const void *group, long K, void *out_rows,         \
+                     long out_stride, const void *group_bias, long cols, const char *next, long next_bytes) {        \
+        switch (rows) {                                                                                              \
+            HF_ROWS(bf16, 1) HF_ROWS(bf16, 2) HF_ROWS(bf16, 3) HF_ROWS(bf16, 4) HF_ROWS(bf16, 5) HF_ROWS(bf16, 6)    \
+        }                                                                                                            \
+    }
+HF_BLOCK_AVX2(block_f32, 0)
+HF_BLOCK_AVX2(block_bf16, 1)
+#undef HF_BLOCK_AVX2
+#undef HF_ROWS
+
+/* out [M, N] (row stride out_stride) = x [M, K] (row stride x_stride) @ W^T (+ bias [N]); 0 on success. */
+int hf_small_linear_f32(const float *x, long x_stride, long M, const float *packed, const float *bias, long N,
+                        long K, float *out, long out_stride, int num_threads) {
+    run_groups(block_f32, sizeof(float), x, x_stride, M, packed, bias, N, K, out, out_stride, num_threads);
+    return 0;
+}
+
+#define SMALL_LINEAR_WIDENS_BF16
+
+/* W [N, K] bf16 rows -> packed ([N / 16] (rounded up) * K * 16 bf16): group g, k, word j = (column j, column j + 8). */
+void hf_small_linear_pack_bf16(const uint16_t *w, long w_stride, long N, long K, uint16_t *packed) {
+#pragma omp parallel for schedule(static)
+    for (long g = 0; g < num_groups(N); g++)
+        for (long k = 0; k < K; k++)
+            for (long j = 0; j < GROUP / 2; j++)
+                for (int e = 0; e < 2; e++) {
+                    const long n = g * GROUP + j + e * (GROUP / 2);
+                    packed[(g * K + k) * GROUP + 2 * j + e] = n < N ? w[n * w_stride + k] : 0;
+                }
+}
+
+#else /* neither AVX-512 nor AVX2 + FMA */
 int hf_small_linear_available(void) { return 0; }
 void hf_small_linear_pack_f32(const float *w, long w_stride, long N, long K, float *packed) {
     (void)w, (void)w_stride, (void)N, (void)K, (void)packed;
@@ -213,9 +427,53 @@ int hf_small_linear_f32(const float *x, long x_stride, long M, const float *pack
     (void)num_threads;
     return -1;
 }
-#endif /* __AVX512F__ */
+#endif
 
-#if !(defined(__AVX512F__) && defined(__AVX512BF16__))
+#ifdef SMALL_LINEAR_WIDENS_BF16 /* AVX2, or AVX-512 without AVX512_BF16 */
+int hf_small_linear_bf16_available(void) { return 1; } /* bf16 widened to fp32 */
+
+#define WIDEN_ROWS 128 /* rows of x widened to fp32 at a time */
+
+/* A per-thread scratch buffer of at least n floats (kept for the next call), or NULL. */
+static float *scratch(size_t n) {
+    static __thread float *buffer;
+    static __thread size_t capacity;
+    if (n > capacity) {
+        free(buffer);
+        buffer = aligned_alloc(64, (n * sizeof(float) + 63) / 64 * 64);
+        capacity = buffer ? n : 0;
+    }
+    return buffer;
+}
+
+/* out [M, N] bf16 = x [M, K] bf16 @ W^T (+ bias [N] bf16), accumulated in fp32, rounded once (nearest even); any row
+ * count. 0 on success, -1 where the scratch buffer cannot be allocated. */
+int hf_small_linear_bf16(const uint16_t *x, long x_stride, long M, const uint16_t *packed, const uint16_t *bias,
+                         long N, long K, uint16_t *out, long out_stride, int num_threads) {
+    const long chunk = M < WIDEN_ROWS ? M : WIDEN_ROWS;
+    float *wide = scratch((size_t)(chunk > 0 ? chunk : 1) * K);
+    if (!wide) return -1;
+    for (long r0 = 0; r0 < M; r0 += chunk) {
+        const long rows = M - r0 < chunk ? M - r0 : chunk;
+#pragma omp parallel num_threads(num_threads)
+        {
+#pragma omp for schedule(static)
+            for (long r = 0; r < rows; r++) {
+                const uint16_t *src = x + (r0 + r) * x_stride;
+                float *dst = wide + r * K;
+                long k = 0;
+                for (; k + VL <= K; k += VL) *(vf_unaligned *)(dst + k) = load_vec(1, (const char *)(src + k));
+                for (; k < K; k++) dst[k] = bf16_to_f32(src[k]);
+            }
+            thread_groups(block_bf16, sizeof(float), sizeof(uint16_t), sizeof(uint16_t), wide, K, rows, packed, bias,
+                          N, K, out + r0 * out_stride, out_stride, omp_get_thread_num(), omp_get_num_threads());
+        }
+    }
+    return 0;
+}
+#endif /* SMALL_LINEAR_WIDENS_BF16 */
+
+#if !(defined(SMALL_LINEAR_WIDENS_BF16) || (defined(__AVX512F__) && defined(__AVX512BF16__)))
 int hf_small_linear_bf16_available(void) { return 0; }
 void hf_small_linear_pack_bf16(const uint16_t *w, long w_stride, long N, long K, uint16_t *packed) {
     (void)w, (void)w_stride, (void)N, (void)K, (void)packed;
