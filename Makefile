@@ -34,8 +34,10 @@ cross:
 	    gcc-aarch64-linux-gnu libc6-dev-arm64-cross libgomp1-arm64-cross qemu-user; \
 	  else echo "note: install gcc-aarch64-linux-gnu, libc6-dev-arm64-cross, libgomp1-arm64-cross and qemu-user (apt) for the AArch64 kernel tests"; fi; fi
 
+# Two workers (one per core on CI's machine), each test file on one worker (module fixtures built once).
+TEST_WORKERS ?= 2
 test: $(STAMP) browser cross
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py --workload both

@@ -29,8 +29,11 @@ CHILD = Path(__file__).with_name("cpu_tier_child.py")
 def _env(config: str) -> dict[str, str]:
     tier, torch_capped, _ = child.CONFIGS[config]
     extra = cpu_isa.emulation_env(tier) if torch_capped else {"HF_PAGED_CPU_ISA": tier}
-    base = {k: v for k, v in os.environ.items()
-            if k not in ("HF_PAGED_CFLAGS", "HF_PAGED_CPU_KERNEL", "HF_PAGED_AVX512_LINEAR", "HF_PAGED_AMX")}
+    # What the suite's own process may have been started with (a whole suite run under emulation_env) is not the
+    # child's: each config sets exactly its own.
+    inherited = ("HF_PAGED_CFLAGS", "HF_PAGED_CPU_KERNEL", "HF_PAGED_AVX512_LINEAR", "HF_PAGED_AMX",
+                 *cpu_isa.emulation_env("avx2"))
+    base = {k: v for k, v in os.environ.items() if k not in inherited}
     return {**base, **extra, "OMP_NUM_THREADS": "2"}
 
 

@@ -44,6 +44,8 @@ def smol_refs(smollm2, chat_ids):
 def test_greedy_equals_hf(smollm2, chat_ids, smol_refs, max_num_seqs, budget):
     model, tok = smollm2
     prompts, refs = chat_ids, smol_refs
+    if max_num_seqs == 1:  # one request at a time: a quarter of the prompts show it
+        prompts, refs = chat_ids[:8], smol_refs[:8]
     if max_num_seqs == 64:  # 64 requests at once: each prompt twice
         prompts, refs = chat_ids * 2, smol_refs * 2
     engine = LLMEngine(model, tok, num_blocks=1024, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,

@@ -72,7 +72,7 @@ def test_concurrent_first_calls_share_one_engine(fresh_smollm2, chat_ids, monkey
     pools_made = []
     real_make_pool = engine_module.make_pool
     monkeypatch.setattr(engine_module, "make_pool", lambda *a, **k: pools_made.append(1) or real_make_pool(*a, **k))
-    rows = [chat_ids[i % len(chat_ids)] for i in range(32)]
+    rows = [chat_ids[i % 8] for i in range(32)]  # 32 concurrent callers, 8 distinct prompts
     refs = {}
     for row in {tuple(r) for r in rows}:
         refs[row] = model.generate(torch.tensor([row]), max_new_tokens=8, do_sample=False)[0, len(row):].tolist()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_paged.kernels import cpu_library
+from hf_paged.kernels import cpu_isa, cpu_library
 
 _C_TYPES = {"long": ctypes.c_long, "int64_t": ctypes.c_long, "int": ctypes.c_int, "float": ctypes.c_float,
             "void": None}
@@ -75,7 +75,7 @@ def test_cache_key_holds_cpu_features_and_flags(monkeypatch):
         feature_line = next((ln.strip() for ln in text.splitlines() if ln.startswith(("flags", "Features"))), None)
         assert feature_line is None or feature_line in cpu
     monkeypatch.delenv("HF_PAGED_CFLAGS", raising=False)
-    assert "-march=native" in cpu_library.compiler_flags()
+    assert cpu_library.compiler_flags()[-len(cpu_isa.target_flags()):] == cpu_isa.target_flags()  # the tier's
     monkeypatch.setenv("HF_PAGED_CFLAGS", "-march=x86-64-v2 -mtune=generic")
     flags = cpu_library.compiler_flags()
     assert "-march=native" not in flags and flags[-2:] == ["-march=x86-64-v2", "-mtune=generic"]
@@ -105,7 +105,7 @@ def test_clang_builds_the_kernels_and_they_agree(tmp_path):
     """The library builds with clang too (no GCC-only builtins) and its decode attention matches the oracle."""
     code = """
         import torch
-        from hf_paged.kernels import cpu_library, cpu_decode_attention as k
+        from hf_paged.kernels import cpu_isa, cpu_library, cpu_decode_attention as k
         from hf_paged.kernels.paged_attention import paged_attention_naive
         assert cpu_library.load() is not None, cpu_library.failure()
         g = torch.Generator().manual_seed(0)

@@ -34,6 +34,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -134,6 +135,21 @@ def _cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "hf_paged"
 
 
+def _run(command: list[str]) -> None:
+    res = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    if res.returncode != 0:
+        raise RuntimeError(f"{command[0]} failed ({res.returncode}): {res.stderr.strip()[-2000:]}")
+
+
+def _compile_and_link(cc: str, flags: list[str], objects: Path, out: str) -> None:
+    """Each source compiled on its own, as many at once as there are cores, then linked into ``out``."""
+    compile_flags = [f for f in flags if f != "-shared"]
+    commands = [[cc, *compile_flags, "-c", str(src), "-o", str(objects / f"{src.stem}.o")] for src in SOURCES]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        list(pool.map(_run, commands))
+    _run([cc, *flags, *(str(objects / f"{src.stem}.o") for src in SOURCES), "-o", out, "-lm"])
+
+
 def _build(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     parts = [p.read_bytes() for p in SOURCES + HEADERS]
@@ -150,10 +166,8 @@ def _build(cc: str) -> Path:
     os.close(fd)
     try:
         t0 = time.perf_counter()
-        res = subprocess.run([cc, *flags, *map(str, SOURCES), "-o", tmp, "-lm"], capture_output=True, text=True,
-                             timeout=300)
-        if res.returncode != 0:
-            raise RuntimeError(f"{cc} failed ({res.returncode}): {res.stderr.strip()[-2000:]}")
+        with tempfile.TemporaryDirectory(dir=folder) as objects:
+            _compile_and_link(cc, flags, Path(objects), tmp)
         _build_seconds = time.perf_counter() - t0
         os.chmod(tmp, 0o755)
         os.replace(tmp, path)  # atomic: a racing process sees either no file or a whole one
