@@ -3,7 +3,7 @@
     benchmarks/cpu_tiers.py [--cpu-isa avx2] [--dtype float32,bfloat16] [--threads 2] [--single 3] [--json out.json]
 
 ``--cpu-isa TIER`` (``avx2``, ``avx512``, ``avx512_bf16``, ``amx``) runs the measurement in a fresh process that
-behaves like a CPU of that tier (``hf_paged.kernels.cpu_isa.emulation_env``: hf_paged's C library built for the tier
+behaves like a CPU of that tier (``hf_paged.execution.kernels.cpu_isa.emulation_env``: hf_paged's C library built for the tier
 and its plan capped at it, torch's own kernels, MKL and oneDNN capped too); without it, this CPU's own tier.
 
 1. **Read bandwidth** (a sum over 1 GiB of fp32, best of five, as ``roofline.py``).
@@ -49,7 +49,7 @@ def _best(fn, repeats: int, inner: int = 1) -> float:
 def decode_attention(dtype, seqs: int = 32, context: int = 1024, block: int = 16) -> dict:
     import torch
 
-    from hf_paged.kernels.cpu_decode_attention import decode_attention_cpu
+    from hf_paged.execution.kernels.cpu_decode_attention import decode_attention_cpu
     from roofline import llc_bytes
 
     heads, kv_heads, hd = 9, 3, 64
@@ -83,8 +83,8 @@ def linears(dtype, plan_linears: str, rows_list=(1, 32, 512)) -> list[dict]:
     import torch
     import torch.nn.functional as F
 
-    from hf_paged.kernels import cpu_isa
-    from hf_paged.patches.linear import _matmul, _pack
+    from hf_paged.execution.kernels import cpu_isa
+    from hf_paged.execution.patches.linear import _matmul, _pack
     from roofline import llc_bytes
 
     g = torch.Generator().manual_seed(0)
@@ -169,15 +169,15 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.cpu_isa and os.environ.get("HF_PAGED_CPU_ISA") != args.cpu_isa:
-        from hf_paged.kernels.cpu_isa import emulation_env
+        from hf_paged.execution.kernels.cpu_isa import emulation_env
 
         env = {**os.environ, **emulation_env(args.cpu_isa)}
         os.execve(sys.executable, [sys.executable, *sys.argv], env)  # torch must start capped
 
     import torch
 
-    from hf_paged.kernels import cpu_isa
-    from hf_paged.plan import build_plan
+    from hf_paged.execution.kernels import cpu_isa
+    from hf_paged.execution.plan import build_plan
     from roofline import measure_bandwidth
 
     torch.set_num_threads(args.threads)

@@ -62,10 +62,10 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.kernels import peak_gbps_for  # noqa: E402
 from hf_paged import LLMEngine, SamplingParams  # noqa: E402
-from hf_paged.cuda_graphs import DecodeGraphs, EagerGraphStandIn  # noqa: E402
-from hf_paged.kernels import cache_ops  # noqa: E402
-from hf_paged.kernels import paged_attention as torch_attention  # noqa: E402
-from hf_paged.kernels.paged_attention import PagedAttentionMetadata  # noqa: E402
+from hf_paged.execution.cuda_graphs import DecodeGraphs, EagerGraphStandIn  # noqa: E402
+from hf_paged.execution.kernels import cache_ops  # noqa: E402
+from hf_paged.execution.kernels import paged_attention as torch_attention  # noqa: E402
+from hf_paged.execution.kernels.paged_attention import PagedAttentionMetadata  # noqa: E402
 
 PARTS = ("kernels", "smollm2", "bandwidth", "throughput")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -209,8 +209,8 @@ def attention_error(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) ->
 
 
 def check_kernels(report: Report, device: torch.device, dry: bool) -> None:
-    from hf_paged.kernels import triton_paged_attention as tpa
-    from hf_paged.kernels.triton_cache_ops import copy_blocks_triton, write_kv_triton
+    from hf_paged.execution.kernels import triton_paged_attention as tpa
+    from hf_paged.execution.kernels.triton_cache_ops import copy_blocks_triton, write_kv_triton
 
     kv_heads, head_dim = (2, 16) if dry else (8, 128)
     if dry:  # decodes, then a later chunk of a prompt and a whole prompt
@@ -395,7 +395,7 @@ def check_smollm2(report: Report, args: argparse.Namespace, device: torch.device
 
 # ---- part 3: decode attention bandwidth -----------------------------------------------------------------------------
 def check_bandwidth(report: Report, args: argparse.Namespace, device: torch.device) -> None:
-    from hf_paged.kernels import triton_paged_attention as tpa
+    from hf_paged.execution.kernels import triton_paged_attention as tpa
 
     dry = args.dry_run
     batch, context, kv_heads, heads, head_dim, block_size = (2, 64, 2, 8, 16, 16) if dry else (64, 4096, 8, 32, 128, 16)

@@ -92,8 +92,8 @@ def main() -> None:
         import triton  # noqa: F401
     except ImportError:
         sys.exit("benchmarks/kernels.py needs triton (pip install triton)")
-    from hf_paged.kernels import triton_paged_attention as tpa
-    from hf_paged.kernels.paged_attention import PagedAttentionMetadata
+    from hf_paged.execution.kernels import triton_paged_attention as tpa
+    from hf_paged.execution.kernels.paged_attention import PagedAttentionMetadata
 
     device = torch.device("cuda")
     name = torch.cuda.get_device_name(device)

@@ -213,7 +213,7 @@ def measure_gemms(geom: Geometry, dtype: str, decode_rows: int, prefill_rows: li
     import torch
     import torch.nn.functional as F
 
-    from hf_paged.kernels import cpu_isa
+    from hf_paged.execution.kernels import cpu_isa
 
     dt = getattr(torch, dtype)
     es = torch.empty(0, dtype=dt).element_size()
@@ -452,7 +452,7 @@ def main() -> None:
     ap.add_argument("--cpu-isa", default=None, help="both engines as on a CPU of this tier (see vs_vllm.py)")
     args = ap.parse_args()
     if args.cpu_isa and os.environ.get("HF_PAGED_PEER_CPU_ISA") != args.cpu_isa:
-        from hf_paged.kernels.cpu_isa import emulation_env
+        from hf_paged.execution.kernels.cpu_isa import emulation_env
 
         env = {**os.environ, **emulation_env(args.cpu_isa), "HF_PAGED_PEER_CPU_ISA": args.cpu_isa}
         os.execve(sys.executable, [sys.executable, *sys.argv], env)  # torch must start capped

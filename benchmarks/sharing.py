@@ -335,7 +335,7 @@ def blocks_for(tokens: int, bs: int) -> int:
 
 def make_engine(model, args, num_blocks: int, *, share_blocks: bool = True, prefix_caching: bool = False,
                 max_num_seqs: int = 256):
-    from hf_paged.engine import LLMEngine
+    from hf_paged.engine.llm_engine import LLMEngine
 
     # No tokenizer: outputs stay token ids (no detokenizing inside the timed run), as in throughput.py.
     engine = LLMEngine(model, None, block_size=args.block_size, num_blocks=num_blocks,
@@ -349,7 +349,7 @@ def make_engine(model, args, num_blocks: int, *, share_blocks: bool = True, pref
 # ---------------------------------------------------------------------------------------------------------------
 
 def sharing_params(kind: str, width: int, args, num_prompts: int):
-    from hf_paged.sequence import SamplingParams
+    from hf_paged.core.sequence import SamplingParams
 
     if kind == "parallel":
         return [SamplingParams(max_new_tokens=args.max_new, temperature=args.temperature, n=width,
@@ -447,7 +447,7 @@ def sharing_part(model, args, kind: str, prompts: list[list[int]]) -> list[dict]
 # ---------------------------------------------------------------------------------------------------------------
 
 def run_prefix(model, args, warm: list[int], prompts: list[list[int]], caching: bool, num_blocks: int) -> dict:
-    from hf_paged.sequence import SamplingParams
+    from hf_paged.core.sequence import SamplingParams
 
     params = SamplingParams(max_new_tokens=args.prefix_max_new, temperature=0.0, ignore_eos=args.ignore_eos)
     engine, rec = make_engine(model, args, num_blocks, prefix_caching=caching, max_num_seqs=len(prompts))
@@ -606,7 +606,7 @@ def main(argv=None) -> int:
     torch, transformers = init_torch(args.threads)
 
     from hf_paged.models import load_default_model
-    from hf_paged.sequence import SamplingParams
+    from hf_paged.core.sequence import SamplingParams
 
     dtype = getattr(torch, args.dtype)
     model, tokenizer = load_default_model(dtype, attn_implementation="sdpa")

@@ -36,7 +36,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
 
-    from hf_paged.kernels import dispatch
+    from hf_paged.execution.kernels import dispatch
     from hf_paged.models import default_model_dir
     from vs_vllm import run_hf_paged
     from workloads import peer_workload

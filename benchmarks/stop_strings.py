@@ -15,8 +15,8 @@ import time
 
 from hf_paged.detokenizer import IncrementalDetokenizer
 from hf_paged.models import load_default_model
-from hf_paged.output_processor import OutputProcessor
-from hf_paged.sequence import SamplingParams, Sequence
+from hf_paged.engine.output_processor import OutputProcessor
+from hf_paged.core.sequence import SamplingParams, Sequence
 
 STOPS = ["<|stop|>", "\n\nUser:"]
 

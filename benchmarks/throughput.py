@@ -257,8 +257,8 @@ def run_hf_cb(model, wl, args, kv_bytes: int, pad_id: int) -> dict:
 
 
 def run_hf_paged(engine, wl) -> dict:
-    from hf_paged.metrics import EngineMetrics
-    from hf_paged.sequence import SamplingParams
+    from hf_paged.engine.metrics import EngineMetrics
+    from hf_paged.core.sequence import SamplingParams
 
     def params(o):  # min=max: EOS is banned until the last token, exactly like HF generate's min_new_tokens
         return SamplingParams(max_new_tokens=o, min_new_tokens=o, temperature=0.0)
@@ -366,7 +366,7 @@ def main(argv=None) -> int:
 
     from benchmarks.workloads import fixed_workload, mixed_workload
     from hf_paged.admission import kv_geometry
-    from hf_paged.engine import LLMEngine
+    from hf_paged.engine.llm_engine import LLMEngine
     from hf_paged.models import load_default_model
 
     dtype = getattr(torch, args.dtype)

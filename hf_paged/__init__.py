@@ -12,17 +12,17 @@
     import hf_paged.auto                          # (or hf_paged.enable()) every causal LM loaded afterwards
 """
 
-from .block_pool import BlockPool, BlockTable
-from .cache import PagedCache
-from .engine import LLMEngine
-from .patches.attention import ATTN_IMPLEMENTATION
+from .core.block_pool import BlockPool, BlockTable
+from .execution.paged_cache import PagedCache
+from .engine.llm_engine import LLMEngine
+from .execution.patches.attention import ATTN_IMPLEMENTATION
 from .admission import UnsupportedModel
 from .api import fallback_reason, get_engine, unwrap, wrap
-from .plan import ExecutionPlan
-from .sequence import FinishReason, RequestOutput, SamplingParams, StreamDelta
-from .patches import pipeline as _pipeline_patch
-from .patches.auto_model import disable, enable
-from .patches.pipeline import PagedTextGenerationPipeline
+from .execution.plan import ExecutionPlan
+from .core.sequence import FinishReason, RequestOutput, SamplingParams, StreamDelta
+from .integrations import pipeline as _pipeline_patch
+from .integrations.auto_model import disable, enable
+from .integrations.pipeline import PagedTextGenerationPipeline
 from .streaming import astream_text, stream_text
 
 _pipeline_patch.install()  # pipeline(..., backend="hf_paged"); calls without the flag are untouched

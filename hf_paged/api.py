@@ -25,10 +25,10 @@ import torch
 from transformers import GenerationConfig
 
 from . import distributed, streaming
-from .cache import PagedCache
-from .engine import LLMEngine, validate_engine_options
+from .execution.paged_cache import PagedCache
+from .engine.llm_engine import LLMEngine, validate_engine_options
 from .admission import UnsupportedModel, cache_refusal, engine_refusal
-from .sequence import SamplingParams
+from .core.sequence import SamplingParams
 
 logger = logging.getLogger("hf_paged")
 

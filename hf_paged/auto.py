@@ -10,7 +10,7 @@ model the engine cannot serve keeps plain HF behaviour, with one logged line say
 import json
 import os
 
-from .patches.auto_model import enable
+from .integrations.auto_model import enable
 
 ENV_OPTIONS = "HF_PAGED_ENGINE_OPTIONS"
 

@@ -81,7 +81,7 @@ def load_model(path: str | None, dtype: str) -> tuple[Any, Any]:
 
 
 def build_engine(args: argparse.Namespace) -> Any:
-    from .engine import LLMEngine
+    from .engine.llm_engine import LLMEngine
 
     model, tokenizer = load_model(args.model, args.dtype)
     options: dict[str, Any] = {"max_num_seqs": args.max_num_seqs, "kv_cache_dtype": args.kv_cache_dtype}
@@ -104,7 +104,7 @@ def _add_sampling_options(parser: argparse.ArgumentParser, max_tokens: int, temp
 
 
 def sampling_params(args: argparse.Namespace, n: int = 1) -> Any:
-    from .sequence import SamplingParams
+    from .core.sequence import SamplingParams
 
     params = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=list(args.stop), n=n)
@@ -230,7 +230,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     ``--output-len`` tokens (greedy, eos ignored), submitted at once; one untimed warm-up request first."""
     import torch
 
-    from .sequence import SamplingParams
+    from .core.sequence import SamplingParams
 
     engine = build_engine(args)
     try:

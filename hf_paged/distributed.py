@@ -52,10 +52,10 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from .block_pool import BlockPool, BlockTable
-from .model_runner import ModelRunner
-from .plan import ExecutionPlan
-from .scheduler import ScheduledStep
+from .core.block_pool import BlockPool, BlockTable
+from .execution.model_runner import ModelRunner
+from .execution.plan import ExecutionPlan
+from .core.scheduler import ScheduledStep
 
 logger = logging.getLogger(__name__)
 
@@ -367,7 +367,7 @@ def worker_reports() -> list[dict]:
 def _stop_workers_at_exit() -> None:
     if _channel is None or rank() != 0:
         return
-    from .engine import _shutdown_engines
+    from .engine.llm_engine import _shutdown_engines
 
     _shutdown_engines()  # no engine thread may still broadcast after the stop
     stop_workers()
@@ -418,7 +418,7 @@ class TensorParallelWorker:
         self.stats = WorkerStats()
 
     def _start(self, engine_id: int, spec: dict) -> None:
-        from .cache import make_pool
+        from .execution.paged_cache import make_pool
 
         pool = make_pool(self.model, block_size=spec["block_size"], num_blocks=spec["num_blocks"],
                          dtype=spec["dtype"], kv_cache_dtype=spec.get("kv_cache_dtype", "auto"))

@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator, Iterator, Sequence as Seq
 
 import torch
 
-from .sequence import RequestOutput, SamplingParams, StreamDelta
+from .core.sequence import RequestOutput, SamplingParams, StreamDelta
 
 
 def streamer_fallback_reason(input_ids: torch.Tensor, num_return_sequences: int, num_beams: int) -> str | None:

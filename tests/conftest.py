@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from hf_paged.block_pool import BlockPool
+from hf_paged.core.block_pool import BlockPool
 
 CHAT_PROMPTS = [
     "Write a haiku about the sea.", "What is 2+2?", "Tell me about the history of Rome.", "List three fruits.",
@@ -158,7 +158,7 @@ def hf_paged_server():
 def cpu_kernels():
     """Tests of the C kernels use this: where the library cannot be built they skip, but under ``CI=true`` they
     fail (a broken build must not land green)."""
-    from hf_paged.kernels import cpu_library
+    from hf_paged.execution.kernels import cpu_library
 
     if cpu_library.load() is None:
         message = f"the C CPU kernels could not be built here: {cpu_library.failure()}"

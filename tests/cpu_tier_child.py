@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hf_paged import LLMEngine, SamplingParams  # noqa: E402
-from hf_paged.kernels import cpu_isa, cpu_library  # noqa: E402
-from hf_paged.plan import build_plan  # noqa: E402
+from hf_paged.execution.kernels import cpu_isa, cpu_library  # noqa: E402
+from hf_paged.execution.plan import build_plan  # noqa: E402
 
 PLANS = {"default": {}, "unfused": {"fuse_layers": False}, "unpacked": {"pack_weights": False},
          "no-kernels": {"cpu_kernels": False}, "torch": {"cpu_kernels": False, "pack_weights": False}}
@@ -75,7 +75,7 @@ def check_build(tier: str) -> None:
 
 
 def check_probes(tier: str, torch_capped: bool) -> None:
-    from hf_paged.patches.linear import amx_available, small_rows_available, small_rows_bf16, small_rows_isa
+    from hf_paged.execution.patches.linear import amx_available, small_rows_available, small_rows_bf16, small_rows_isa
 
     lib = cpu_library.load()
     assert lib.hf_small_linear_available() == SMALL_LINEAR_BITS[tier], lib.hf_small_linear_available()
@@ -95,8 +95,8 @@ def check_plans(tier: str) -> None:
     records = []
     handler = logging.Handler()
     handler.emit = records.append
-    logging.getLogger("hf_paged.engine").addHandler(handler)
-    logging.getLogger("hf_paged.engine").setLevel(logging.INFO)
+    logging.getLogger("hf_paged.engine.llm_engine").addHandler(handler)
+    logging.getLogger("hf_paged.engine.llm_engine").setLevel(logging.INFO)
     for dtype in DTYPES:
         for kernels in (True, False):
             for pack in (True, False):
@@ -117,7 +117,7 @@ def check_plans(tier: str) -> None:
 
 
 def check_linear(dtype: torch.dtype) -> None:
-    from hf_paged.patches.linear import SmallRowsWeight
+    from hf_paged.execution.patches.linear import SmallRowsWeight
 
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(100, 64, generator=g).to(dtype)

@@ -30,7 +30,7 @@ import triton  # noqa: E402,F401
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from hf_paged import LLMEngine, SamplingParams  # noqa: E402
-from hf_paged.cuda_graphs import DecodeGraphs, EagerGraphStandIn, padded_batch_size  # noqa: E402
+from hf_paged.execution.cuda_graphs import DecodeGraphs, EagerGraphStandIn, padded_batch_size  # noqa: E402
 
 TRITON_DIR = os.path.dirname(triton.__file__)
 

@@ -190,7 +190,7 @@ def _path(model: torch.nn.Module) -> str | None:
     slot = model.__dict__.get("_hf_paged")  # shim for versions without hf_paged.fallback_reason
     if slot is not None and getattr(slot, "engine", None) is not None:
         return None
-    from hf_paged.patches.attention import supports_paged_attention
+    from hf_paged.execution.patches.attention import supports_paged_attention
 
     ok, why = supports_paged_attention(model)
     return "not wrapped" + (f": {why}" if why else "")

@@ -13,8 +13,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_paged
-from hf_paged.kernels.paged_attention import step_running
-from hf_paged.patches.fused_layers import LLAMA_EQUIVALENT
+from hf_paged.execution.kernels.paged_attention import step_running
+from hf_paged.execution.patches.fused_layers import LLAMA_EQUIVALENT
 
 from conftest import left_pad, tiny_prompts
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import hf_paged
-from hf_paged.patches.attention import disable_paged_attention, enable_paged_attention
+from hf_paged.execution.patches.attention import disable_paged_attention, enable_paged_attention
 
 from conftest import left_pad
 

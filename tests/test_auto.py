@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 import hf_paged
 from hf_paged import api
-from hf_paged.engine import LLMEngine
+from hf_paged.engine.llm_engine import LLMEngine
 from hf_paged.models import default_model_dir
 
 from conftest import build_tiny_model, tiny_prompts
@@ -45,7 +45,7 @@ def run_example(name: str, tmp_path: Path, monkeypatch, one_line: bool) -> str:
             runpy.run_path(str(script), run_name="__main__")
     finally:
         hf_paged.disable()
-        from hf_paged.patches import pipeline as pipeline_patch
+        from hf_paged.integrations import pipeline as pipeline_patch
 
         pipeline_patch.install()  # what `import hf_paged` installs, for the tests that follow
     return out.getvalue()
@@ -83,7 +83,7 @@ def test_enable_wraps_loaded_models_and_disable_undoes_it(tiny_model_dir):
         assert hf_paged.get_engine(model).metrics.steps > 0
     finally:
         hf_paged.disable()
-        from hf_paged.patches import pipeline as pipeline_patch
+        from hf_paged.integrations import pipeline as pipeline_patch
 
         pipeline_patch.install()
     assert AutoModelForCausalLM.__dict__["from_pretrained"] is original
@@ -100,7 +100,7 @@ def test_enable_rejects_bad_options(monkeypatch):
     with pytest.raises(ValueError, match="HF_PAGED_ENGINE_OPTIONS"):
         importlib.import_module("hf_paged.auto")
     sys.modules.pop("hf_paged.auto", None)
-    assert not hf_paged.patches.auto_model.enabled()
+    assert not hf_paged.integrations.auto_model.enabled()
 
 
 # ---- trust_remote_code style custom classes --------------------------------------------------------------------
@@ -213,6 +213,6 @@ def test_remote_code_model(tiny_model_dir, routes_through_interface, caplog):
         assert torch.equal(out, expected)
     finally:
         hf_paged.disable()
-        from hf_paged.patches import pipeline as pipeline_patch
+        from hf_paged.integrations import pipeline as pipeline_patch
 
         pipeline_patch.install()

@@ -1,4 +1,4 @@
-"""Property-based and unit tests of the KV block pool (``hf_paged.block_pool``).
+"""Property-based and unit tests of the KV block pool (``hf_paged.core.block_pool``).
 
 The state machine drives a tiny pool (1 layer, 1 KV head) through long random sequences of table
 operations and checks, after every step, reference counts, the free list (contents and LRU order), the
@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from hf_paged.block_pool import BlockPool, BlockTable, hash_block_tokens
+from hf_paged.core.block_pool import BlockPool, BlockTable, hash_block_tokens
 
 MAX_TABLES = 8
 SALTS = (None, "tenant-a")
@@ -412,7 +412,7 @@ def test_hash_block_tokens_is_stable():
     assert hash_block_tokens(base, [5, 6, 7, 8]) != hash_block_tokens(hash_block_tokens(None, [1, 2, 3, 5]), [5, 6, 7, 8])
     assert hash_block_tokens(None, [1, 2, 4, 3]) != base
     # Process-stable: another interpreter, with a different str-hash seed, gives the same bytes.
-    code = ("from hf_paged.block_pool import hash_block_tokens as h\n"
+    code = ("from hf_paged.core.block_pool import hash_block_tokens as h\n"
             f"print([h(p, t, s).hex() for p, t, s in {HASH_CASES!r}])")
     env = dict(os.environ, PYTHONHASHSEED="12345", OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,

@@ -1,4 +1,4 @@
-"""The C kernels' own test harness (``hf_paged/kernels/csrc/tests/test_kernels.c``: every kernel family against
+"""The C kernels' own test harness (``hf_paged/execution/kernels/csrc/tests/test_kernels.c``: every kernel family against
 naive oracles in C, no Python in the loop) built and run for each target the library is built for:
 
 * this machine, ``-march=native`` (on an x86-64 machine with AVX-512 / AMX, that tier), and ``-march=x86-64-v3``
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_paged.kernels import cpu_library
+from hf_paged.execution.kernels import cpu_library
 
 HARNESS = cpu_library.CSRC / "tests" / "test_kernels.c"
 CROSS_CC = os.environ.get("HF_PAGED_CROSS_CC", "aarch64-linux-gnu-gcc")

@@ -1,4 +1,4 @@
-"""The C decode-attention kernel (``hf_paged.kernels.cpu_decode_attention``) against the token-by-token
+"""The C decode-attention kernel (``hf_paged.execution.kernels.cpu_decode_attention``) against the token-by-token
 oracle ``paged_attention_naive`` and against the PyTorch path it replaces, fp32 and bf16, over ragged
 lengths (block boundaries, length 1), GQA ratios, head dims, block sizes, sliding windows and soft-capping;
 and the fallback (``HF_PAGED_CPU_KERNEL=0``, or no compiler) giving the same results."""
@@ -13,9 +13,9 @@ import textwrap
 import pytest
 import torch
 
-from hf_paged.kernels import cpu_decode_attention as cpu_kernel
-from hf_paged.kernels import cpu_prefill_attention as cpu_prefill
-from hf_paged.kernels.paged_attention import PagedAttentionMetadata, paged_attention, paged_attention_naive
+from hf_paged.execution.kernels import cpu_decode_attention as cpu_kernel
+from hf_paged.execution.kernels import cpu_prefill_attention as cpu_prefill
+from hf_paged.execution.kernels.paged_attention import PagedAttentionMetadata, paged_attention, paged_attention_naive
 
 from conftest import needs_cpu_kernels
 
@@ -290,8 +290,8 @@ def test_failed_build_means_unavailable_not_an_error(tmp_path):
     """A compiler that fails: importing works, ``available()`` is False, one warning, attention still works."""
     res = _run_fresh("""
         import torch
-        from hf_paged.kernels import cpu_decode_attention as k
-        from hf_paged.kernels.paged_attention import paged_attention
+        from hf_paged.execution.kernels import cpu_decode_attention as k
+        from hf_paged.execution.kernels.paged_attention import paged_attention
         assert not k.available()
         assert not k.available()
         print("OK")
@@ -306,7 +306,7 @@ def test_failed_build_means_unavailable_not_an_error(tmp_path):
 def test_builds_into_the_cache_folder(tmp_path):
     """A fresh cache folder: the library is built there (by name with a hash), then reused."""
     code = """
-        from hf_paged.kernels import cpu_decode_attention as k
+        from hf_paged.execution.kernels import cpu_decode_attention as k
         assert k.available()
         print(k.library_path().name, k.build_seconds())
     """
@@ -338,7 +338,7 @@ def test_rejects_bad_arguments():
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_c_cache_write_equals_torch_write(dtype):
-    from hf_paged.kernels.cache_ops import write_kv
+    from hf_paged.execution.kernels.cache_ops import write_kv
 
     g = torch.Generator().manual_seed(3)
     caches = [torch.randn(12, 16, 3, 64, generator=g).to(dtype) for _ in range(2)]

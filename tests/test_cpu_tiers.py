@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_paged.kernels import cpu_isa
+from hf_paged.execution.kernels import cpu_isa
 
 import cpu_tier_child as child
 

@@ -250,7 +250,7 @@ def test_metrics(smollm2, chat_ids):
 
 def test_sampler_draws_follow_the_warped_distribution():
     """The inverse-CDF draw picks tokens at their probabilities and never one that top-k / top-p removed."""
-    from hf_paged.sampler import _inverse_cdf
+    from hf_paged.execution.sampler import _inverse_cdf
 
     probs = torch.tensor([[0.1, 0.0, 0.2, 0.3, 0.4, 0.0]]).expand(100_000, 6)
     uniforms = torch.rand(100_000, generator=torch.Generator().manual_seed(0))

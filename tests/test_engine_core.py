@@ -19,7 +19,7 @@ import torch
 import hf_paged
 from hf_paged import LLMEngine, PagedCache, SamplingParams
 from hf_paged.detokenizer import IncrementalDetokenizer
-from hf_paged.patches.linear import amx_available
+from hf_paged.execution.patches.linear import amx_available
 
 from conftest import build_tiny_model, left_pad, tiny_prompts
 from test_engine import hf_greedy
@@ -28,7 +28,7 @@ GREEDY8 = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
 
 
 def _engines_of(model) -> list[LLMEngine]:
-    from hf_paged.engine import _engines
+    from hf_paged.engine.llm_engine import _engines
 
     return [e for e in list(_engines) if e.model is model and not e.closed]
 
@@ -36,7 +36,7 @@ def _engines_of(model) -> list[LLMEngine]:
 def _snapshot(model: torch.nn.Module) -> dict:
     """Everything wrap/engines could add or change on a model: instance attributes of the model and of every
     module (with the identity of what they hold), the attention setting of every config."""
-    from hf_paged.patches.attention import attention_configs
+    from hf_paged.execution.patches.attention import attention_configs
 
     return {
         "modules": {name: {k: id(v) for k, v in m.__dict__.items() if k not in ("_parameters", "_buffers",
@@ -67,7 +67,7 @@ def _wrap_and_generate(model, prompts: list[list[int]], max_new: int = 6) -> Non
 # ---- one engine per model ----------------------------------------------------------------------
 def test_concurrent_first_calls_share_one_engine(fresh_smollm2, chat_ids, monkeypatch):
     model, tok = fresh_smollm2
-    import hf_paged.engine as engine_module
+    import hf_paged.engine.llm_engine as engine_module
 
     pools_made = []
     real_make_pool = engine_module.make_pool
@@ -318,7 +318,7 @@ def test_every_cpu_plan_gives_hf_tokens(tiny_model_dir, cpu_kernels, options, ca
     model = build_tiny_model("llama", tiny_model_dir)
     prompts = tiny_prompts(5, seed=27)
     refs = hf_greedy(model, prompts, 8, 0, set(), batch=5)
-    with caplog.at_level(logging.INFO, logger="hf_paged.engine"):
+    with caplog.at_level(logging.INFO, logger="hf_paged.engine.llm_engine"):
         engine = LLMEngine(model, None, num_blocks=64, max_num_batched_tokens=24, **options)
     assert sum("hf_paged engine for" in r.message for r in caplog.records) == 1
     plan = engine.plan
@@ -344,7 +344,7 @@ def test_plan_is_decided_once_not_per_call(tiny_model_dir, cpu_kernels, monkeypa
     """The environment is read when the engine is built: switching the kernels off afterwards changes nothing."""
     model = build_tiny_model("llama", tiny_model_dir)
     prompts = tiny_prompts(3, seed=29)
-    from hf_paged.kernels import cpu_decode_attention
+    from hf_paged.execution.kernels import cpu_decode_attention
 
     calls = []
     real = cpu_decode_attention.DecodePlan.__call__

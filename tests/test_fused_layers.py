@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from transformers.models.llama import modeling_llama
 
 from hf_paged import LLMEngine, SamplingParams
-from hf_paged.kernels import cpu_fused_ops
-from hf_paged.patches import fused_layers
-from hf_paged.patches.linear import AMX_MAX_ROWS, SMALL_MAX_ROWS, AmxWeight, SmallRowsWeight, amx_available, \
+from hf_paged.execution.kernels import cpu_fused_ops
+from hf_paged.execution.patches import fused_layers
+from hf_paged.execution.patches.linear import AMX_MAX_ROWS, SMALL_MAX_ROWS, AmxWeight, SmallRowsWeight, amx_available, \
     small_rows_available
 
 from conftest import build_tiny_model, needs_cpu_kernels, tiny_prompts

@@ -27,9 +27,9 @@ import torch
 
 from conftest import build_tiny_model, tiny_prompts
 from hf_paged import LLMEngine, SamplingParams
-from hf_paged.cuda_graphs import graph_batch_sizes, padded_batch_size
-from hf_paged.engine import validate_engine_options
-from hf_paged.plan import build_plan
+from hf_paged.execution.cuda_graphs import graph_batch_sizes, padded_batch_size
+from hf_paged.engine.llm_engine import validate_engine_options
+from hf_paged.execution.plan import build_plan
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -83,7 +83,7 @@ def test_cuda_plan_takes_triton_and_graphs_never_cpu_paths(dtype, monkeypatch):
 
 
 def plan_compiles() -> bool:
-    from hf_paged.kernels.paged_attention import OPAQUE_METADATA
+    from hf_paged.execution.kernels.paged_attention import OPAQUE_METADATA
 
     return OPAQUE_METADATA
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_paged.kernels import cpu_isa, cpu_library
+from hf_paged.execution.kernels import cpu_isa, cpu_library
 
 _C_TYPES = {"long": ctypes.c_long, "int64_t": ctypes.c_long, "int": ctypes.c_int, "float": ctypes.c_float,
             "void": None}
@@ -105,8 +105,8 @@ def test_clang_builds_the_kernels_and_they_agree(tmp_path):
     """The library builds with clang too (no GCC-only builtins) and its decode attention matches the oracle."""
     code = """
         import torch
-        from hf_paged.kernels import cpu_isa, cpu_library, cpu_decode_attention as k
-        from hf_paged.kernels.paged_attention import paged_attention_naive
+        from hf_paged.execution.kernels import cpu_isa, cpu_library, cpu_decode_attention as k
+        from hf_paged.execution.kernels.paged_attention import paged_attention_naive
         assert cpu_library.load() is not None, cpu_library.failure()
         g = torch.Generator().manual_seed(0)
         kc, vc = torch.randn(8, 16, 2, 64, generator=g), torch.randn(8, 16, 2, 64, generator=g)

@@ -17,13 +17,13 @@ import torch
 
 import hf_paged
 from hf_paged import LLMEngine, PagedCache, SamplingParams
-from hf_paged.block_pool import BlockPool
-from hf_paged.engine import validate_engine_options
-from hf_paged.kernels import cpu_decode_attention as cpu_kernel
-from hf_paged.kernels import cpu_prefill_attention as cpu_prefill
-from hf_paged.kernels.cache_ops import dequantize_int8, gather_blocks, quantize_int8, write_kv
-from hf_paged.kernels.paged_attention import PagedAttentionMetadata, paged_attention, paged_attention_naive
-from hf_paged.plan import build_plan
+from hf_paged.core.block_pool import BlockPool
+from hf_paged.engine.llm_engine import validate_engine_options
+from hf_paged.execution.kernels import cpu_decode_attention as cpu_kernel
+from hf_paged.execution.kernels import cpu_prefill_attention as cpu_prefill
+from hf_paged.execution.kernels.cache_ops import dequantize_int8, gather_blocks, quantize_int8, write_kv
+from hf_paged.execution.kernels.paged_attention import PagedAttentionMetadata, paged_attention, paged_attention_naive
+from hf_paged.execution.plan import build_plan
 
 from conftest import build_tiny_model, needs_cpu_kernels, tiny_prompts
 
@@ -267,7 +267,7 @@ def test_engine_attention_takes_the_c_kernels_on_int8(monkeypatch):
 def test_one_call_decode_layer_on_int8_equals_the_fused_path(smollm2, chat_ids, monkeypatch):
     """Where decode layers run as one C call (AMX or AVX-512 linears), they take int8 K/V too, with the bits of the
     fused Python path (the same kernels in the same order)."""
-    from hf_paged.patches.fused_layers import _FusedDecoderLayer
+    from hf_paged.execution.patches.fused_layers import _FusedDecoderLayer
 
     model, tok = smollm2
     engine = LLMEngine(model, tok, num_blocks=128, enable_prefix_caching=False, kv_cache_dtype="int8")
@@ -297,11 +297,11 @@ import os, sys
 sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
 import torch
 import test_kv_cache_int8 as t
-from hf_paged.kernels import dispatch
-from hf_paged.kernels.cache_ops import write_kv
-from hf_paged.kernels.triton_cache_ops import write_kv_triton
-from hf_paged.kernels.triton_paged_attention import paged_attention_triton
-from hf_paged.plan import build_plan
+from hf_paged.execution.kernels import dispatch
+from hf_paged.execution.kernels.cache_ops import write_kv
+from hf_paged.execution.kernels.triton_cache_ops import write_kv_triton
+from hf_paged.execution.kernels.triton_paged_attention import paged_attention_triton
+from hf_paged.execution.plan import build_plan
 
 for dtype in (torch.float32, torch.bfloat16):
     # The cache write: the bits of the PyTorch write.

@@ -6,7 +6,7 @@ import torch
 from transformers import DynamicCache
 
 from hf_paged import PagedCache
-from hf_paged.patches.attention import disable_paged_attention, enable_paged_attention
+from hf_paged.execution.patches.attention import disable_paged_attention, enable_paged_attention
 
 from conftest import left_pad, tiny_prompts
 

@@ -14,7 +14,7 @@ from transformers.pipelines.text_generation import TextGenerationPipeline
 import hf_paged
 from hf_paged import api
 from hf_paged.models import default_model_dir
-from hf_paged.patches import pipeline as pipeline_patch
+from hf_paged.integrations import pipeline as pipeline_patch
 
 from conftest import CHAT_PROMPTS
 from dropin_helpers import one_thread  # noqa: F401

@@ -9,7 +9,7 @@ import torch
 
 from hf_paged import LLMEngine, SamplingParams
 from hf_paged.cpu_runtime import release_openmp_pool, tune_malloc
-from hf_paged.patches.linear import build_packers, packed_linears
+from hf_paged.execution.patches.linear import build_packers, packed_linears
 
 from conftest import build_tiny_model, tiny_prompts
 from test_engine import hf_greedy

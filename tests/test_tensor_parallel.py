@@ -193,7 +193,7 @@ def test_torchrun_cli_generate_smollm2(smollm2):
 
 # ---- in process: the plan, the head check, the loading plan ----------------------------------------------------------
 def test_plan_for_a_sharded_model():
-    from hf_paged.plan import build_plan
+    from hf_paged.execution.plan import build_plan
 
     plan = build_plan("cpu", torch.float32, tensor_parallel=True)
     assert plan.linears == "torch" and not plan.fused_layers and not plan.compiled and not plan.cuda_graphs
@@ -204,7 +204,7 @@ def test_plan_for_a_sharded_model():
 
 def test_heads_that_do_not_split_are_refused(tmp_path, monkeypatch):
     from hf_paged import distributed
-    from hf_paged.cache import make_pool
+    from hf_paged.execution.paged_cache import make_pool
 
     model = build_tiny_model("llama", tmp_path)  # 4 query heads, 2 KV heads of 16
     attention = model.model.layers[0].self_attn

@@ -42,15 +42,15 @@ interpreted = pytest.mark.skipif(not INTERPRETED, reason="triton was imported be
                                  "test_kernels_in_interpreter_process runs this in a fresh process")
 not_in_child = pytest.mark.skipif(CHILD, reason="already run by the parent process")
 
-from hf_paged.kernels import dispatch  # noqa: E402
-from hf_paged.kernels import triton_paged_attention as tpa  # noqa: E402
-from hf_paged.kernels.cache_ops import copy_blocks, write_kv  # noqa: E402
-from hf_paged.kernels.paged_attention import (  # noqa: E402
+from hf_paged.execution.kernels import dispatch  # noqa: E402
+from hf_paged.execution.kernels import triton_paged_attention as tpa  # noqa: E402
+from hf_paged.execution.kernels.cache_ops import copy_blocks, write_kv  # noqa: E402
+from hf_paged.execution.kernels.paged_attention import (  # noqa: E402
     PagedAttentionMetadata,
     paged_attention,
     paged_attention_naive,
 )
-from hf_paged.kernels.triton_cache_ops import copy_blocks_triton, write_kv_triton  # noqa: E402
+from hf_paged.execution.kernels.triton_cache_ops import copy_blocks_triton, write_kv_triton  # noqa: E402
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-3, rtol=2e-3),
        torch.float16: dict(atol=1e-3, rtol=1e-3)}
@@ -287,7 +287,7 @@ def test_dispatch_selects_path(monkeypatch):
     monkeypatch.delenv("HF_PAGED_FORCE_TORCH")
 
     calls = []
-    import hf_paged.kernels.triton_cache_ops as tco
+    import hf_paged.execution.kernels.triton_cache_ops as tco
 
     monkeypatch.setattr(tco, "write_kv_triton", lambda *a: calls.append("write"))
     monkeypatch.setattr(tco, "copy_blocks_triton", lambda *a: calls.append("copy"))
@@ -311,8 +311,8 @@ class Block:  # make `import triton` fail
 sys.meta_path.insert(0, Block())
 import torch
 import hf_paged
-from hf_paged.kernels import dispatch
-assert not [m for m in sys.modules if m.startswith("hf_paged.kernels.triton")], "Triton kernels imported eagerly"
+from hf_paged.execution.kernels import dispatch
+assert not [m for m in sys.modules if m.startswith("hf_paged.execution.kernels.triton")], "Triton kernels imported eagerly"
 kv = torch.zeros(1, 2, 2, 4, 1, 8)
 dispatch.write_kv(kv[0, 0], kv[0, 1], torch.ones(1, 1, 8), torch.ones(1, 1, 8), torch.tensor([3]))
 os.environ["HF_PAGED_FORCE_TRITON"] = "1"  # no triton: falls back to PyTorch
@@ -332,7 +332,7 @@ _AOT = r"""
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from hf_paged.kernels import triton_cache_ops as tco, triton_paged_attention as tpa
+from hf_paged.execution.kernels import triton_cache_ops as tco, triton_paged_attention as tpa
 
 def compile_for_sm90(fn, pointer_types, constexprs):
     sig = {}

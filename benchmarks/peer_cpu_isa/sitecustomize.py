@@ -2,7 +2,7 @@
 puts this folder on the peer's ``PYTHONPATH`` and sets ``HF_PAGED_PEER_CPU_ISA``): torch's CPU-feature queries,
 through which vLLM picks its kernels (its ``_C_AVX2`` or ``_C_AVX512`` library, AMX and AVX512-BF16 paths) and
 inductor its vector ISA, answer as a CPU of that tier would. Torch's own kernels, MKL and oneDNN are capped by the
-environment the run inherits (``hf_paged.kernels.cpu_isa.emulation_env``)."""
+environment the run inherits (``hf_paged.execution.kernels.cpu_isa.emulation_env``)."""
 
 import os
 

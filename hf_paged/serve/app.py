@@ -33,7 +33,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..sequence import FinishReason, SamplingParams
+from ..core.sequence import FinishReason, SamplingParams
 from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from .protocol import (APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest,
                        TokenizeRequest, parse_body, unsupported)

@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: sys.exit(0))
     import uvicorn
 
-    from ..engine import LLMEngine
+    from ..engine.llm_engine import LLMEngine
     from .app import ServeConfig, create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")

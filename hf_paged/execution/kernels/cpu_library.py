@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from ..cpu_runtime import env_switch
+from ...cpu_runtime import env_switch
 from . import cpu_isa
 
 logger = logging.getLogger(__name__)

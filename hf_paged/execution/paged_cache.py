@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .admission import cache_layer_windows, cache_refusal, kv_geometry
-from .block_pool import BlockPool, BlockTable
+from ..admission import cache_layer_windows, cache_refusal, kv_geometry
+from ..core.block_pool import BlockPool, BlockTable
 from .kernels.cache_ops import gather_blocks
 from .kernels.dispatch import write_kv
 from .plan import default_plan
@@ -32,7 +32,7 @@ def make_pool(model: torch.nn.Module, *, block_size: int = 16, num_blocks: int |
               kv_cache_dtype: str = "auto") -> BlockPool:
     """A block pool shaped for ``model``'s layers and KV heads (this rank's KV heads for a tensor-parallel model),
     storing K/V in ``dtype`` (default: the model's) or, with ``kv_cache_dtype="int8"``, as int8 with scales."""
-    from .distributed import local_kv_heads
+    from ..distributed import local_kv_heads
 
     layers, kv_heads, head_dim = kv_geometry(model.config)
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config

@@ -3,7 +3,7 @@
 ``enable`` replaces ``AutoModelForCausalLM.from_pretrained`` with a function that calls the original and wraps the
 model it returns (``hf_paged.wrap``; a model the engine cannot page keeps HF ``generate``, with one logged line
 saying why), and makes every text-generation ``pipeline(...)`` a
-:class:`~hf_paged.patches.pipeline.PagedTextGenerationPipeline` (which also wraps a model object handed to it).
+:class:`~hf_paged.integrations.pipeline.PagedTextGenerationPipeline` (which also wraps a model object handed to it).
 ``disable`` restores ``from_pretrained``, removes the pipeline hook (the ``backend="hf_paged"`` flag included) and
 unwraps every model wrapped while enabled. ``import hf_paged.auto`` calls ``enable()``.
 """
@@ -62,7 +62,7 @@ def enable(**engine_options: Any) -> None:
 def disable() -> None:
     """Undo :func:`enable` and the ``backend="hf_paged"`` pipeline flag: ``from_pretrained`` and
     ``TextGenerationPipeline`` as transformers defines them, and every model wrapped while enabled unwrapped.
-    (``hf_paged.patches.pipeline.install()`` brings the flag alone back.)"""
+    (``hf_paged.integrations.pipeline.install()`` brings the flag alone back.)"""
     from .. import api
 
     with _lock:

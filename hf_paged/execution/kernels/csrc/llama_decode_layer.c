@@ -1,5 +1,5 @@
 /* A whole Llama decoder layer for a decode-only step (fp32 or bf16), in one call: the same kernels the fused Python
- * path calls one by one (hf_paged/patches/fused_layers.py), in the same order, so the results are the same bits.
+ * path calls one by one (hf_paged/execution/patches/fused_layers.py), in the same order, so the results are the same bits.
  *
  *   normed   = rms_norm(x)                          hf_rms_norm
  *   qkv      = normed @ [Wq; Wk; Wv]^T              linear

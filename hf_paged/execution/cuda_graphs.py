@@ -28,7 +28,7 @@ from .kernels.paged_attention import PagedAttentionMetadata, step_running
 
 if TYPE_CHECKING:
     from .model_runner import ModelRunner
-    from .scheduler import ScheduledStep
+    from ..core.scheduler import ScheduledStep
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:

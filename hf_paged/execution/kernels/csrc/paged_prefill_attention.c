@@ -1,8 +1,8 @@
 /* Paged prefill attention on the CPU: the query tokens of prompt chunks attend causally to their cached prefix and
  * to themselves, K/V read straight from the blocks (flash attention over the block table).
  *
- * Built into the library of hf_paged/kernels/cpu_library.py and called through ctypes
- * (hf_paged/kernels/cpu_prefill_attention.py) with raw data pointers.
+ * Built into the library of hf_paged/execution/kernels/cpu_library.py and called through ctypes
+ * (hf_paged/execution/kernels/cpu_prefill_attention.py) with raw data pointers.
  *
  * Layouts (strides in elements):
  *   q            [T, H, hd]       row strides q_s0 (token), q_s1 (head); head_dim contiguous

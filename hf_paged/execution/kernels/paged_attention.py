@@ -28,7 +28,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
-from ..admission import UnsupportedModel
+from ...admission import UnsupportedModel
 from . import cpu_decode_attention as _cpu_kernel
 from . import cpu_prefill_attention as _cpu_prefill
 from .cache_ops import gather_blocks
@@ -68,7 +68,7 @@ class PagedAttentionMetadata(OpaqueBase):
     pool: Any = field(default=None, repr=False)  # the BlockPool the attention layers read and write
     plan: Any = field(default=None, repr=False)  # the engine's ExecutionPlan (None: plan.default_plan)
     # A bound on the decode lengths that the Triton decode kernel sizes its split-K from instead of
-    # ``max(kv_lens_list)``: a CUDA graph's metadata (hf_paged/cuda_graphs.py), whose host lists are not the step's.
+    # ``max(kv_lens_list)``: a CUDA graph's metadata (hf_paged/execution/cuda_graphs.py), whose host lists are not the step's.
     max_decode_len: int | None = None
     # The layers expected to run paged attention, with the window each must use (None: unchecked), and how many
     # times each did in this forward (see ``mark_layer`` / ``check_layer_calls``).

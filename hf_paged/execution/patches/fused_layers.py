@@ -1,10 +1,10 @@
 """Fused forwards for Llama-style attention, MLP and RMSNorm modules, used only inside engine forwards (CPU).
 
 Eager, a batch-32 bf16 decode step of SmolLM2 spent ~14 of its ~41 ms outside the GEMMs and the attention
-kernel: ~40 small torch ops a layer and their dispatch. Inside :func:`~hf_paged.patches.linear.packed_linears`
+kernel: ~40 small torch ops a layer and their dispatch. Inside :func:`~hf_paged.execution.patches.linear.packed_linears`
 (the engine's forward), modules recognised here run a shorter path with the same arithmetic:
 
-* **attention**: q, k and v from one packed GEMM (:class:`~hf_paged.patches.linear.PackedGroup`), the rotary
+* **attention**: q, k and v from one packed GEMM (:class:`~hf_paged.execution.patches.linear.PackedGroup`), the rotary
   embedding of q and k and the cache write of k and v in one C call, paged attention, then ``o_proj``;
 * **MLP**: gate and up from one packed GEMM, ``silu(gate) * up`` in one C call, then ``down_proj``;
 * **RMSNorm**: one C call;
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from transformers.activations import SiLUActivation
 
-from ..admission import layer_windows
+from ...admission import layer_windows
 from ..kernels import cpu_fused_ops, cpu_library
 from ..kernels.dispatch import paged_attention
 from .attention import ATTN_IMPLEMENTATION, paged_attention_layer

@@ -23,21 +23,21 @@ from typing import Any, AsyncIterator, Iterable, Iterator, Sequence as Seq
 
 import torch
 
-from .block_pool import KV_CACHE_DTYPES, BlockTable
-from .cache import make_pool
-from .cpu_runtime import release_openmp_pool, tune_malloc
-from .distributed import is_tensor_parallel, make_runner
-from .kv_cache_manager import KVCacheManager
+from ..core.block_pool import KV_CACHE_DTYPES, BlockTable
+from ..execution.paged_cache import make_pool
+from ..cpu_runtime import release_openmp_pool, tune_malloc
+from ..distributed import is_tensor_parallel, make_runner
+from ..core.kv_cache_manager import KVCacheManager
 from .metrics import EngineMetrics
-from .model_runner import WeightWatcher
+from ..execution.model_runner import WeightWatcher
 from .output_processor import OutputProcessor
-from .admission import UnsupportedModel, engine_refusal
-from .probe import probe_engine
-from .plan import build_plan
-from .sampler import Sampler
-from .scheduler import Scheduler, SchedulerConfig
-from .beam_search import BeamSearchState
-from .sequence import RequestOutput, SamplingParams, Sequence, SequenceGroup, StreamDelta
+from ..admission import UnsupportedModel, engine_refusal
+from ..execution.probe import probe_engine
+from ..execution.plan import build_plan
+from ..execution.sampler import Sampler
+from ..core.scheduler import Scheduler, SchedulerConfig
+from ..core.beam_search import BeamSearchState
+from ..core.sequence import RequestOutput, SamplingParams, Sequence, SequenceGroup, StreamDelta
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class LLMEngine:
 
     The KV pool takes ``num_blocks`` blocks of ``block_size`` tokens, or as many as fit in ``memory_bytes``
     (default 2 GiB), in the model's dtype. What the forwards run is decided once, in ``engine.plan``
-    (:mod:`hf_paged.plan`): ``compile`` runs the decoder layers through ``torch.compile`` (one graph shared by all
+    (:mod:`hf_paged.execution.plan`): ``compile`` runs the decoder layers through ``torch.compile`` (one graph shared by all
     layers and step shapes, one more for single-token steps; seconds at the first steps); ``pack_weights`` (default:
     on for CPU models) multiplies with pre-packed oneDNN weights (one more copy of the linear weights);
     ``fuse_layers`` (default: as ``pack_weights``; never with ``compile``) runs Llama-style attention, MLP and
@@ -133,7 +133,7 @@ class LLMEngine:
     forwards. Several engines may serve one model: their forwards take turns. ``share_blocks=False`` copies
     blocks for n-samples and beams instead of sharing them. ``cuda_graphs`` (default: on for a CUDA model with the
     Triton kernels) replays decode-only steps from CUDA graphs captured at padded batch sizes
-    (:mod:`hf_paged.cuda_graphs`); steps with prefill run eagerly. ``kv_cache_dtype="int8"`` stores K/V as int8
+    (:mod:`hf_paged.execution.cuda_graphs`); steps with prefill run eagerly. ``kv_cache_dtype="int8"`` stores K/V as int8
     with one fp32 scale per token and KV head (symmetric, max|x| / 127): about a quarter of fp32's bytes per block
     (half of bf16's), so ``memory_bytes`` holds that many more blocks and decode attention reads that many fewer
     bytes, at the price of a small rounding error in attention; ``"auto"`` (the default) keeps the model's dtype.
@@ -176,7 +176,7 @@ class LLMEngine:
         self.max_model_len = max_model_len or getattr(config, "max_position_embeddings", None) or 1 << 30
         self.vocab_size = config.vocab_size
         if self.plan.cuda_graphs:
-            from .cuda_graphs import DecodeGraphs
+            from ..execution.cuda_graphs import DecodeGraphs
 
             self.runner.decode_graphs = DecodeGraphs(self.runner, max_num_seqs, self.max_model_len)
         if not is_tensor_parallel(model):  # (a sharded model's plain forward needs every rank)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cpu_runtime import env_flag
+from ..cpu_runtime import env_flag
 
 @dataclass(frozen=True)
 class ExecutionPlan:
@@ -49,7 +49,7 @@ class ExecutionPlan:
     fused_layers: bool
     one_call_layers: bool
     compiled: bool
-    cuda_graphs: bool = False  # decode-only steps replayed from CUDA graphs (hf_paged/cuda_graphs.py)
+    cuda_graphs: bool = False  # decode-only steps replayed from CUDA graphs (hf_paged/execution/cuda_graphs.py)
     kv_cache_dtype: str = "auto"
     isa: str = ""
 

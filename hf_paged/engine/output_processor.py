@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from .detokenizer import IncrementalDetokenizer
+from ..detokenizer import IncrementalDetokenizer
 from .metrics import EngineMetrics
-from .scheduler import ScheduledStep, Scheduler
-from .sequence import FinishReason, Sequence, SequenceGroup, StreamDelta
+from ..core.scheduler import ScheduledStep, Scheduler
+from ..core.sequence import FinishReason, Sequence, SequenceGroup, StreamDelta
 
 
 class OutputProcessor:

@@ -45,7 +45,7 @@ def check_engine_options(options: dict[str, Any] | None, field: str = "engine_op
         return {}
     if not isinstance(options, dict):
         raise ValueError(f"{field}: expected a dict of LLMEngine options, got {type(options).__name__}")
-    from ..engine import validate_engine_options
+    from ..engine.llm_engine import validate_engine_options
 
     validate_engine_options(options)
     return dict(options)

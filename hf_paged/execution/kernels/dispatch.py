@@ -1,7 +1,7 @@
 """The one dispatch point for the hot-path kernels: ``write_kv``, ``copy_blocks`` and ``paged_attention``
 with the PyTorch signatures (``cache_ops`` / ``paged_attention``).
 
-Which one runs is the caller's :class:`~hf_paged.plan.ExecutionPlan` (an engine's, decided once; in the
+Which one runs is the caller's :class:`~hf_paged.execution.plan.ExecutionPlan` (an engine's, decided once; in the
 attention metadata for ``paged_attention``):
 
 * Triton kernels (``triton_cache_ops`` / ``triton_paged_attention``): CUDA tensors, or CPU tensors when forced

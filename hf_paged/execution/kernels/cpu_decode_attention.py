@@ -15,7 +15,7 @@ registers. The cache write quantizes.
 The kernel is plain C (no torch headers) in the library that ``cpu_library`` builds on first use and loads
 with ``ctypes``; it is called with raw ``data_ptr()``s (ctypes drops the GIL for the call). If no compiler
 is there or the build fails, :func:`available` is False and the callers keep the PyTorch path; nothing here
-raises at import. Whether an engine uses it is its plan's choice (``hf_paged.plan``).
+raises at import. Whether an engine uses it is its plan's choice (``hf_paged.execution.plan``).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .cpu_runtime import zeros_on_huge_pages
+from ..cpu_runtime import zeros_on_huge_pages
 
 KV_CACHE_DTYPES = ("auto", "int8")
 
@@ -226,7 +226,7 @@ class BlockPool:
         """Do every queued copy-on-write block copy (all layers, K and V, their scales) in one operation."""
         if not self._pending_copies:
             return
-        from .kernels.dispatch import copy_blocks
+        from ..execution.kernels.dispatch import copy_blocks
 
         # Staged in pinned memory on CUDA and copied without waiting: no host synchronisation per step.
         pairs = torch.tensor(self._pending_copies, dtype=torch.long, pin_memory=self.kv.is_cuda)

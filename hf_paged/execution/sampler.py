@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .kernels.cpu_fused_ops import argmax_rows
-from .sequence import Sequence
+from ..core.sequence import Sequence
 
 TopLogprobs = list[list[tuple[int, float]]]
 

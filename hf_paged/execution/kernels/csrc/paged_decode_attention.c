@@ -1,6 +1,6 @@
 /* Paged decode attention on the CPU: one query token per sequence, K/V read straight from the blocks.
  *
- * Built by hf_paged/kernels/cpu_decode_attention.py with the system C compiler (plain C11 + GNU vector
+ * Built by hf_paged/execution/kernels/cpu_decode_attention.py with the system C compiler (plain C11 + GNU vector
  * extensions + OpenMP, no torch headers) and called through ctypes with raw data pointers.
  *
  * Layouts (strides in elements):

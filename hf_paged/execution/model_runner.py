@@ -21,15 +21,15 @@ from typing import Callable, Iterator
 
 import torch
 
-from .admission import layer_windows
-from .block_pool import BlockPool
+from ..admission import layer_windows
+from ..core.block_pool import BlockPool
 from .kernels.paged_attention import PagedAttentionMetadata, step_running
 from .patches.attention import attention_configs, paged_attention_selected
 from .patches.compiled_layers import build_compiled, compile_settings
 from .patches.fused_layers import build_fused, fuse_decoder_layers
 from .patches.linear import build_packers, packed_linears
 from .plan import ExecutionPlan
-from .scheduler import ScheduledStep
+from ..core.scheduler import ScheduledStep
 
 _model_locks: "weakref.WeakKeyDictionary[torch.nn.Module, threading.Lock]" = weakref.WeakKeyDictionary()
 _model_locks_guard = threading.Lock()

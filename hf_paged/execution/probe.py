@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from .admission import UnsupportedModel
-from .block_pool import BlockPool, BlockTable
-from .scheduler import ScheduledStep
-from .sequence import SamplingParams, Sequence
+from ..admission import UnsupportedModel
+from ..core.block_pool import BlockPool, BlockTable
+from ..core.scheduler import ScheduledStep
+from ..core.sequence import SamplingParams, Sequence
 
 PROMPT_LENGTHS = (5, 3)
 LONG_PROBE_TOKENS = 64  # a window up to this short is exceeded by the first probe prompt

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .block_pool import BlockPool
-    from .scheduler import ScheduledStep, Scheduler
-    from .sequence import Sequence
+    from ..core.block_pool import BlockPool
+    from ..core.scheduler import ScheduledStep, Scheduler
+    from ..core.sequence import Sequence
 
 
 @dataclass

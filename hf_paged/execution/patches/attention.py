@@ -24,7 +24,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..kernels.dispatch import paged_attention, write_kv
-from ..admission import attention_window, check_attention_call, engine_refusal
+from ...admission import attention_window, check_attention_call, engine_refusal
 from ..kernels.paged_attention import PagedAttentionMetadata, running_step
 
 ATTN_IMPLEMENTATION = "hf_paged"
