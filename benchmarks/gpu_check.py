@@ -66,6 +66,7 @@ from hf_paged.execution.cuda_graphs import DecodeGraphs, EagerGraphStandIn  # no
 from hf_paged.execution.kernels import cache_ops  # noqa: E402
 from hf_paged.execution.kernels import paged_attention as torch_attention  # noqa: E402
 from hf_paged.execution.kernels.paged_attention import PagedAttentionMetadata  # noqa: E402
+from hf_paged.execution.plan import build_plan  # noqa: E402
 
 PARTS = ("kernels", "smollm2", "bandwidth", "throughput")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -167,7 +168,8 @@ def kernel_cases(dry: bool) -> list[tuple[torch.dtype, int, int, str]]:
 def make_step(kv_lens: list[int], q_lens: list[int], num_decodes: int, *, block_size: int, kv_heads: int,
               group: int, head_dim: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
     """A step's query, caches and metadata: random block tables over a pool whose every slot starts as large
-    garbage, each sequence's tokens random K/V (a kernel reading a slot it should not shows as a large error)."""
+    garbage, each sequence's tokens random K/V (a kernel reading a slot it should not shows as a large error). The
+    metadata's plan is the PyTorch path in fp32 (the reference; the Triton kernels are called directly)."""
     g = torch.Generator().manual_seed(seed)
     nblocks = [-(-k // block_size) for k in kv_lens]
     num_blocks = sum(nblocks) + 2
@@ -191,7 +193,8 @@ def make_step(kv_lens: list[int], q_lens: list[int], num_decodes: int, *, block_
     meta = PagedAttentionMetadata(
         slot_mapping=torch.tensor(slot_mapping, device=device), block_tables=tables.to(device),
         kv_lens=torch.tensor(kv_lens, dtype=torch.int32, device=device), cu_seqlens_q=torch.tensor(cu, device=device),
-        num_decodes=num_decodes, kv_lens_list=list(kv_lens), q_lens_list=list(q_lens), block_size=block_size)
+        num_decodes=num_decodes, kv_lens_list=list(kv_lens), q_lens_list=list(q_lens), block_size=block_size,
+        plan=build_plan(device, torch.float32, pack_weights=False, cpu_kernels=False, triton=False))
     query = torch.randn(cu[-1], kv_heads * group, head_dim, generator=g)
     return (query.to(device, dtype), key_cache.to(device, dtype), value_cache.to(device, dtype), meta)
 
@@ -413,7 +416,8 @@ def check_bandwidth(report: Report, args: argparse.Namespace, device: torch.devi
         slot_mapping=torch.zeros(batch, dtype=torch.long, device=device), block_tables=tables,
         kv_lens=torch.tensor(lens, dtype=torch.int32, device=device),
         cu_seqlens_q=torch.arange(batch + 1, device=device),
-        num_decodes=batch, kv_lens_list=lens, q_lens_list=[1] * batch, block_size=block_size)
+        num_decodes=batch, kv_lens_list=lens, q_lens_list=[1] * batch, block_size=block_size,
+        plan=build_plan(device, dtype, pack_weights=False, triton=True))
     query = torch.randn(batch, heads, head_dim, device=device, dtype=dtype)
     scale = head_dim ** -0.5
     reps = 2 if dry else 0

@@ -94,6 +94,7 @@ def main() -> None:
         sys.exit("benchmarks/kernels.py needs triton (pip install triton)")
     from hf_paged.execution.kernels import triton_paged_attention as tpa
     from hf_paged.execution.kernels.paged_attention import PagedAttentionMetadata
+    from hf_paged.execution.plan import build_plan
 
     device = torch.device("cuda")
     name = torch.cuda.get_device_name(device)
@@ -139,6 +140,7 @@ def main() -> None:
                 kv_lens=torch.tensor(kv_lens_list, dtype=torch.int32, device=device),
                 cu_seqlens_q=torch.arange(batch + 1, device=device),
                 num_decodes=batch, kv_lens_list=kv_lens_list, q_lens_list=[1] * batch, block_size=BS,
+                plan=build_plan(device, dtype, pack_weights=False, triton=True),
             )
             query = torch.randn(batch, H, D, device=device, dtype=dtype)
             splits = args.num_splits or tpa.decode_num_splits(batch, KVH, ctx, args.sliding_window, device)

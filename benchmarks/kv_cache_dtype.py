@@ -50,7 +50,7 @@ def run_engine(model, tok, wl, kv_cache_dtype: str, memory_bytes: int) -> dict:
     def timed_execute(step):
         t = time.perf_counter()
         out = execute(step)
-        if not any(n > 1 or s.num_computed_tokens == 0 for s, n in zip(step.seqs, step.num_new_tokens)):
+        if all(len(s.token_ids) == 1 and s.first_position > 0 for s in step.seqs):  # decode only
             decode_steps.append(time.perf_counter() - t)
         return out
 
@@ -59,7 +59,8 @@ def run_engine(model, tok, wl, kv_cache_dtype: str, memory_bytes: int) -> dict:
     outs = engine.generate(wl.prompts, [params(m) for m in wl.out_lens], use_tqdm=False)
     elapsed = time.perf_counter() - start
     pool = engine.pool
-    result = {"plan": str(engine.plan), "blocks": pool.num_blocks, "bytes_per_block": pool.bytes_per_block,
+    result = {"plan": str(engine.plan), "blocks": pool.num_blocks,
+              "bytes_per_block": engine.kv_cache.bytes_per_block,
               "block_size": pool.block_size, "elapsed_s": elapsed, "decode_steps": decode_steps,
               "tokens": [o.token_ids for o in outs], "logprobs": [o.logprobs for o in outs]}
     engine.close()

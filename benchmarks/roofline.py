@@ -380,10 +380,12 @@ def run_hf(wl, dtype: str, model_dir: Path | None, memory_bytes: int) -> dict:
         execute, step = engine.runner.execute, engine.step
 
         def recording_execute(s):
-            steps.append({"items": [(q.num_computed_tokens, n, q.num_computed_tokens + n == q.num_tokens)
-                                    for q, n in zip(s.seqs, s.num_new_tokens)],
-                          "prefill": any(n > 1 or q.num_computed_tokens < q.num_prompt_tokens
-                                         for q, n in zip(s.seqs, s.num_new_tokens))})
+            # (tokens computed before, new tokens, samples?) per sequence; the scheduler's sequences of this step,
+            # in the same order, know their prompt lengths
+            prompts = [seq.num_prompt_tokens for seq in engine.scheduler.step_seqs]
+            steps.append({"items": [(q.first_position, len(q.token_ids), q.samples) for q in s.seqs],
+                          "prefill": any(len(q.token_ids) > 1 or q.first_position < p
+                                         for q, p in zip(s.seqs, prompts))})
             return execute(s)
 
         def timed_step():

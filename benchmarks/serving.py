@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from hf_paged.serve.process import ServerProcess, free_port  # noqa: E402
+from server_process import ServerProcess, free_port  # noqa: E402
 
 PEERS = Path(os.environ.get("HF_PAGED_PEERS", "/work/shared/peers"))
 SERVED_NAME = "smollm2"
@@ -157,7 +157,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--servers", default="hf_paged,vllm,transformers")
     p.add_argument("--datasets", default="random,mixed,mixed-eos")
@@ -171,7 +171,70 @@ def main() -> int:
     p.add_argument("--model-dir", default=None, help="a HF checkpoint folder (default: the embedded SmolLM2)")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def run_server(server: str, model_dir: Path, args, workdir: Path, mixed_path: Path) -> list[dict]:
+    """Every dataset at every rate against one server (started here, stopped at the end): one row each."""
+    port = free_port()
+    cmd, env, model_name = server_command(server, model_dir, port, args.dtype, args.kv_gib)
+    print(f"== {server}: {' '.join(cmd)}", flush=True)
+    proc = ServerProcess(cmd, port, env=env, start_timeout=900, stop_timeout=60, log_path=workdir / f"{server}.log")
+    try:
+        proc.start()
+    except Exception as exc:  # noqa: BLE001 - reported, and the run goes on
+        reason = str(exc).strip().splitlines()
+        print(f"   {server} did not start: {reason[0] if reason else exc}\n{proc.log_tail(1500)}", flush=True)
+        return [{"server": server, "dataset": "-", "rate": "-", "error": f"did not start: {exc}"[:2000]}]
+    rows = []
+    try:
+        for dataset in args.datasets.split(","):
+            for rate in args.rates.split(","):
+                # mixed-eos: every server stops at EOS. transformers serve refuses ignore_eos (422), and
+                # vLLM's client always sends it with its random dataset: that is the one to compare it on.
+                ignore_eos = dataset != "mixed-eos"
+                if ignore_eos and server == "transformers":
+                    rows.append({"server": server, "dataset": dataset, "rate": rate, "error": (
+                        "not run: transformers serve refuses ignore_eos (422); see mixed-eos")})
+                    continue
+                result = bench(proc.base_url, model_name, model_dir, dataset, rate, args, workdir, mixed_path,
+                               ignore_eos)
+                row = {"server": server, "dataset": dataset, "rate": rate, "ignore_eos": ignore_eos,
+                       **{k: result.get(k) for k in ["completed", "failed", "duration", "total_output_tokens",
+                                                     *METRICS, "error"] if k in result}}
+                rows.append(row)
+                if "error" in row:
+                    print(f"   {dataset} @ {rate}: {row['error']}", flush=True)
+                else:
+                    print(f"   {dataset} @ {rate}: {row['completed']} ok, {row['failed']} failed, "
+                          f"{row['output_throughput']:.1f} out tok/s, TTFT p50 {row['median_ttft_ms']:.0f} ms, "
+                          f"TPOT p50 {row['median_tpot_ms']:.1f} ms", flush=True)
+    finally:
+        proc.stop()
+    return rows
+
+
+def print_table(rows: list[dict], datasets: list[str]) -> None:
+    print("\n| server | dataset | rate | done / failed | req/s | out tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms "
+          "| ITL p50 / p99 ms |\n|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['server']} | {r['dataset']} | {r['rate']} | error: {r['error'][:80]} | | | | | |")
+            continue
+        print(f"| {r['server']} | {r['dataset']} | {r['rate']} | {r['completed']} / {r['failed']} | "
+              f"{r['request_throughput']:.2f} | {r['output_throughput']:.1f} | {r['median_ttft_ms']:.0f} / "
+              f"{r['p99_ttft_ms']:.0f} | {r['median_tpot_ms']:.1f} / {r['p99_tpot_ms']:.1f} | "
+              f"{r['median_itl_ms']:.1f} / {r['p99_itl_ms']:.1f} |")
+    for dataset in datasets:  # the ratios at saturation
+        sat = {r["server"]: r["output_throughput"] for r in rows
+               if r["dataset"] == dataset and r["rate"] == "inf" and "error" not in r}
+        if "hf_paged" in sat:
+            ratios = ", ".join(f"{sat['hf_paged'] / v:.2f}x {s}" for s, v in sat.items() if s != "hf_paged" and v)
+            print(f"{dataset}, all at once: hf_paged {sat['hf_paged']:.1f} out tok/s = {ratios or 'no peer'}")
+
+
+def main() -> int:
+    args = parse_args()
     if not (PEERS / "vllm_bench_serve.sh").exists():
         raise SystemExit(f"no {PEERS}/vllm_bench_serve.sh: the client comes from the shared peers folder")
     if args.model_dir is None:
@@ -186,58 +249,8 @@ def main() -> int:
     mixed_path = mixed_dataset(workdir / "mixed.json", args.num_prompts, AutoTokenizer.from_pretrained(model_dir))
     rows: list[dict] = []
     for server in args.servers.split(","):
-        port = free_port()
-        cmd, env, model_name = server_command(server, model_dir, port, args.dtype, args.kv_gib)
-        print(f"== {server}: {' '.join(cmd)}", flush=True)
-        proc = ServerProcess(cmd, port, env=env, start_timeout=900, stop_timeout=60,
-                             log_path=workdir / f"{server}.log")
-        try:
-            proc.start()
-        except Exception as exc:  # noqa: BLE001 - reported, and the run goes on
-            reason = str(exc).strip().splitlines()
-            print(f"   {server} did not start: {reason[0] if reason else exc}\n{proc.log_tail(1500)}", flush=True)
-            rows.append({"server": server, "dataset": "-", "rate": "-", "error": f"did not start: {exc}"[:2000]})
-            continue
-        try:
-            for dataset in args.datasets.split(","):
-                for rate in args.rates.split(","):
-                    # mixed-eos: every server stops at EOS. transformers serve refuses ignore_eos (422), and
-                    # vLLM's client always sends it with its random dataset: that is the one to compare it on.
-                    ignore_eos = dataset != "mixed-eos"
-                    if ignore_eos and server == "transformers":
-                        rows.append({"server": server, "dataset": dataset, "rate": rate, "error": (
-                            "not run: transformers serve refuses ignore_eos (422); see mixed-eos")})
-                        continue
-                    result = bench(proc.base_url, model_name, model_dir, dataset, rate, args, workdir, mixed_path,
-                                   ignore_eos)
-                    row = {"server": server, "dataset": dataset, "rate": rate, "ignore_eos": ignore_eos,
-                           **{k: result.get(k) for k in ["completed", "failed", "duration", "total_output_tokens",
-                                                         *METRICS, "error"] if k in result}}
-                    rows.append(row)
-                    if "error" in row:
-                        print(f"   {dataset} @ {rate}: {row['error']}", flush=True)
-                    else:
-                        print(f"   {dataset} @ {rate}: {row['completed']} ok, {row['failed']} failed, "
-                              f"{row['output_throughput']:.1f} out tok/s, TTFT p50 {row['median_ttft_ms']:.0f} ms, "
-                              f"TPOT p50 {row['median_tpot_ms']:.1f} ms", flush=True)
-        finally:
-            proc.stop()
-    print("\n| server | dataset | rate | done / failed | req/s | out tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms "
-          "| ITL p50 / p99 ms |\n|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['server']} | {r['dataset']} | {r['rate']} | error: {r['error'][:80]} | | | | | |")
-            continue
-        print(f"| {r['server']} | {r['dataset']} | {r['rate']} | {r['completed']} / {r['failed']} | "
-              f"{r['request_throughput']:.2f} | {r['output_throughput']:.1f} | {r['median_ttft_ms']:.0f} / "
-              f"{r['p99_ttft_ms']:.0f} | {r['median_tpot_ms']:.1f} / {r['p99_tpot_ms']:.1f} | "
-              f"{r['median_itl_ms']:.1f} / {r['p99_itl_ms']:.1f} |")
-    for dataset in args.datasets.split(","):  # the ratios at saturation
-        sat = {r["server"]: r["output_throughput"] for r in rows
-               if r["dataset"] == dataset and r["rate"] == "inf" and "error" not in r}
-        if "hf_paged" in sat:
-            ratios = ", ".join(f"{sat['hf_paged'] / v:.2f}x {s}" for s, v in sat.items() if s != "hf_paged" and v)
-            print(f"{dataset}, all at once: hf_paged {sat['hf_paged']:.1f} out tok/s = {ratios or 'no peer'}")
+        rows += run_server(server, model_dir, args, workdir, mixed_path)
+    print_table(rows, args.datasets.split(","))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     if args.plot:

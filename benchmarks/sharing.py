@@ -323,9 +323,7 @@ class StepRecorder:
 
 def discard(engine) -> None:
     """Drop an engine's KV storage now (its idle thread may keep the engine object alive for a while)."""
-    import torch
-
-    engine.pool.kv = torch.empty(0, dtype=engine.pool.kv.dtype)
+    engine.kv_cache.release()
     _release()
 
 
@@ -398,7 +396,7 @@ def run_sharing(model, args, kind: str, width: int, prompts: list[list[int]], sh
     r = {"part": kind, "width": width, "share_blocks": share, "elapsed_s": elapsed, "output_tokens": out_tokens,
          "output_tok_per_s": out_tokens / elapsed, "forward_tokens": forward, "forward_tok_per_s": forward / elapsed,
          "preemptions": engine.metrics.preemptions - pre0, "pool_blocks": engine.pool.num_blocks,
-         "pool_gib": engine.pool.num_blocks * engine.pool.bytes_per_block / GiB,
+         "pool_gib": engine.pool.num_blocks * engine.kv_cache.bytes_per_block / GiB,
          "engine_peak_blocks": engine.metrics.peak_blocks_in_use, **rec.summary(), "tokens": tokens}
     discard(engine)
     return r
@@ -477,7 +475,7 @@ def run_prefix(model, args, warm: list[int], prompts: list[list[int]], caching: 
          "block_hit_rate": hits / queries if queries else 0.0,
          "engine_prefix_cache_hit_rate": engine.metrics.summary()["prefix_cache_hit_rate"],
          "forward_tokens": forward, "preemptions": engine.metrics.preemptions - pre0,
-         "pool_blocks": pool.num_blocks, "pool_gib": pool.num_blocks * pool.bytes_per_block / GiB,
+         "pool_blocks": pool.num_blocks, "pool_gib": pool.num_blocks * engine.kv_cache.bytes_per_block / GiB,
          **rec.summary(), "tokens": tokens}
     discard(engine)
     return r

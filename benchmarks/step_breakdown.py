@@ -61,8 +61,8 @@ def main() -> None:
         def timed_execute(step):
             t = time.perf_counter()
             out = execute(step)
-            steps.append((time.perf_counter() - t, any(n > 1 or s.num_computed_tokens == 0
-                                                       for s, n in zip(step.seqs, step.num_new_tokens))))
+            steps.append((time.perf_counter() - t, any(len(s.token_ids) > 1 or s.first_position == 0
+                                                       for s in step.seqs)))
             return out
 
         engine.runner.execute = timed_execute

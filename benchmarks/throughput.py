@@ -269,9 +269,10 @@ def run_hf_paged(engine, wl) -> dict:
     steps: list[tuple[int, int, bool, float]] = []  # (seqs, tokens, decode-only, seconds)
     record = metrics.record_step
 
-    def record_step(step, seconds, pool, scheduler):
-        steps.append((len(step.seqs), step.num_tokens, all(n == 1 for n in step.num_new_tokens), seconds))
-        record(step, seconds, pool, scheduler)
+    def record_step(num_tokens, seconds, pool, scheduler):
+        counts = scheduler.step_counts  # the step's new tokens per sequence
+        steps.append((len(counts), num_tokens, all(n == 1 for n in counts), seconds))
+        record(num_tokens, seconds, pool, scheduler)
 
     metrics.record_step = record_step
     start = time.perf_counter()
@@ -289,7 +290,7 @@ def run_hf_paged(engine, wl) -> dict:
     return {"engine": "hf_paged", "elapsed_s": elapsed, "useful_output_tokens": useful,
             "output_tok_per_s": useful / elapsed, "tokens": tokens, "metrics": summary,
             "pool_blocks": engine.pool.num_blocks, "block_size": engine.pool.block_size,
-            "pool_bytes": engine.pool.num_blocks * engine.pool.bytes_per_block,
+            "pool_bytes": engine.pool.num_blocks * engine.kv_cache.bytes_per_block,
             "max_concurrent_seqs": max_batch, "steps": len(steps), "step_time_s": sum(s[3] for s in steps),
             "decode_only_steps": len(decode), "decode_only_tokens": decode_tokens,
             "decode_only_time_s": decode_time,

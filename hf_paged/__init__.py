@@ -13,21 +13,23 @@
 """
 
 from .core.block_pool import BlockPool, BlockTable
+from .config import EngineConfig
+from .execution.kv_cache import KVCache
 from .execution.paged_cache import PagedCache
 from .engine.llm_engine import LLMEngine
 from .execution.patches.attention import ATTN_IMPLEMENTATION
 from .admission import UnsupportedModel
-from .api import fallback_reason, get_engine, unwrap, wrap
+from .api import astream_text, fallback_reason, get_engine, stream_text, unwrap, wrap
 from .execution.plan import ExecutionPlan
 from .core.sequence import FinishReason, RequestOutput, SamplingParams, StreamDelta
 from .integrations import pipeline as _pipeline_patch
 from .integrations.auto_model import disable, enable
 from .integrations.pipeline import PagedTextGenerationPipeline
-from .streaming import astream_text, stream_text
 
 _pipeline_patch.install()  # pipeline(..., backend="hf_paged"); calls without the flag are untouched
 
-__all__ = ["ATTN_IMPLEMENTATION", "BlockPool", "BlockTable", "ExecutionPlan", "FinishReason", "LLMEngine",
+__all__ = ["ATTN_IMPLEMENTATION", "BlockPool", "BlockTable", "EngineConfig", "ExecutionPlan", "FinishReason", "KVCache",
+           "LLMEngine",
            "PagedCache", "PagedTextGenerationPipeline", "RequestOutput", "SamplingParams", "StreamDelta",
            "UnsupportedModel", "astream_text", "disable", "enable", "fallback_reason", "get_engine", "stream_text",
            "unwrap", "wrap"]

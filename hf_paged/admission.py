@@ -225,10 +225,10 @@ def engine_refusal(model: torch.nn.Module) -> str | None:
             or _attention_feature(model))
 
 
-def check_attention_call(module: torch.nn.Module, key: torch.Tensor, value: torch.Tensor, pool: Any,
+def check_attention_call(module: torch.nn.Module, key: torch.Tensor, value: torch.Tensor, kv_cache: Any,
                          kwargs: dict[str, Any]) -> None:
     """Raise :class:`UnsupportedModel` unless this attention call is one the paged kernels compute exactly: every
-    argument handled or neutral, K/V of the pool's shape (the window: :func:`attention_window`)."""
+    argument handled or neutral, K/V of the KV cache's shape (the window: :func:`attention_window`)."""
     for name, value_ in kwargs.items():
         if name in _HANDLED_ARGS or name in _NEUTRAL_ARGS or value_ is None or value_ is False:
             continue
@@ -238,13 +238,13 @@ def check_attention_call(module: torch.nn.Module, key: torch.Tensor, value: torc
             raise UnsupportedModel("non-causal attention")
         raise UnsupportedModel(_ARG_FEATURES.get(name, f"attention argument {name!r}"))
     layer = getattr(module, "layer_idx", None)
-    if not isinstance(layer, int) or not 0 <= layer < pool.num_layers:
+    if not isinstance(layer, int) or not 0 <= layer < kv_cache.num_layers:
         raise UnsupportedModel(f"an attention module without a valid layer_idx ({type(module).__name__})")
     if key.shape[-1] != value.shape[-1]:
         raise UnsupportedModel("MLA: K and V widths differ")
-    if key.shape[1] != pool.num_kv_heads or key.shape[-1] != pool.head_dim:
+    if key.shape[1] != kv_cache.num_kv_heads or key.shape[-1] != kv_cache.head_dim:
         raise UnsupportedModel(f"layer {layer} has K/V of {key.shape[1]} heads x {key.shape[-1]}, not the "
-                               f"{pool.num_kv_heads} x {pool.head_dim} of the other layers")
+                               f"{kv_cache.num_kv_heads} x {kv_cache.head_dim} of the other layers")
 
 
 def attention_window(windows: dict[int, int | None] | None, layer: int, passed: int | None) -> int | None:

@@ -19,16 +19,17 @@ from __future__ import annotations
 import copy
 import logging
 import threading
-from typing import Any
+from typing import Any, AsyncIterator, Iterator, Sequence as Seq
 
 import torch
 from transformers import GenerationConfig
 
 from . import distributed, streaming
 from .execution.paged_cache import PagedCache
-from .engine.llm_engine import LLMEngine, validate_engine_options
+from .config import EngineConfig
+from .engine.llm_engine import LLMEngine
 from .admission import UnsupportedModel, cache_refusal, engine_refusal
-from .core.sequence import SamplingParams
+from .core.sequence import SamplingParams, StreamDelta
 
 logger = logging.getLogger("hf_paged")
 
@@ -112,7 +113,7 @@ def wrap(model: torch.nn.Module, tokenizer: Any = None, **engine_config: Any) ->
     ``ValueError`` naming it here. A model whose attention cannot be paged is returned unchanged, with the reason
     logged.
     """
-    validate_engine_options(engine_config)
+    EngineConfig.from_options(engine_config)
     refusal = engine_refusal(model)
     if refusal is not None:
         logger.warning("hf_paged: not wrapping %s (%s); it keeps HF generate", type(model).__name__, refusal)
@@ -186,12 +187,10 @@ def _unsupported(gen: GenerationConfig) -> str | None:
 def _paged_generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None,
                     logits_processor: Any = None, **kwargs: Any):
     """HF's ``generate`` signature and output, run on the model's hf_paged engine (see ``hf_paged.wrap``)."""
-    for name in _FALLBACK_ARGS:
-        if kwargs.get(name) is not None:
-            return _fallback(self, f"argument {name}", inputs, generation_config, logits_processor, kwargs)
-    if kwargs.get("past_key_values") is not None or kwargs.get("inputs_embeds") is not None:
-        return _fallback(self, "a caller-supplied past_key_values / inputs_embeds", inputs, generation_config,
-                         logits_processor, kwargs)
+    given = [name for name in _FALLBACK_ARGS if kwargs.get(name) is not None]
+    if given or kwargs.get("past_key_values") is not None or kwargs.get("inputs_embeds") is not None:
+        what = f"argument {given[0]}" if given else "a caller-supplied past_key_values / inputs_embeds"
+        return _fallback(self, what, inputs, generation_config, logits_processor, kwargs)
     call_kwargs = dict(kwargs)
     input_ids = inputs if inputs is not None else call_kwargs.pop("input_ids", None)
     attention_mask = call_kwargs.pop("attention_mask", None)
@@ -233,6 +232,11 @@ def _paged_generate(self, inputs: torch.Tensor | None = None, generation_config:
     if streamer is not None:
         out = streaming.generate_with_streamer(engine, input_ids[0][mask[0]].tolist(), params, streamer, input_ids)
         return _build_output(input_ids, [out], n, gen, params)
+    return _build_output(input_ids, _run_rows(engine, input_ids, mask, params), n, gen, params)
+
+
+def _run_rows(engine: LLMEngine, input_ids: torch.Tensor, mask: torch.Tensor, params: SamplingParams) -> list:
+    """Every row (its unpadded tokens) as one request on the engine; their outputs (``n`` samples each), in order."""
     roots = []
     try:
         for row in range(input_ids.shape[0]):
@@ -250,7 +254,7 @@ def _paged_generate(self, inputs: torch.Tensor | None = None, generation_config:
     for seq in roots:
         out = seq.output()
         outputs.extend(out.samples if out.samples else [out])
-    return _build_output(input_ids, outputs, n, gen, params)
+    return outputs
 
 
 def _sampling_params(gen: GenerationConfig, input_len: int, logits_processor: Any, tokenizer: Any,
@@ -339,3 +343,22 @@ def _fallback(model, reason: str, inputs, generation_config, logits_processor, k
         return generate(model, inputs, generation_config, logits_processor, past_key_values=cache, **kwargs)
     finally:
         cache.free()
+
+
+# ---- text deltas for applications ----------------------------------------------------------------------------------
+def _engine_of(target: Any) -> Any:
+    return target if hasattr(target, "stream_text") else get_engine(target)
+
+
+def stream_text(target: Any, prompt: str | Seq[int], params: SamplingParams | None = None,
+                request_id: str | None = None) -> Iterator[StreamDelta]:
+    """Yield a request's ``StreamDelta``s (new text, token ids; the last has ``finish_reason`` and the whole
+    ``output``) as it runs in the shared batch. ``target``: an ``LLMEngine`` or a wrapped model. Leaving the loop
+    early aborts the request. (``LLMEngine.stream_text``.)"""
+    return _engine_of(target).stream_text(prompt, params, request_id=request_id)
+
+
+def astream_text(target: Any, prompt: str | Seq[int], params: SamplingParams | None = None,
+                 request_id: str | None = None) -> AsyncIterator[StreamDelta]:
+    """:func:`stream_text` for asyncio (``LLMEngine.astream_text``); cancelling the consumer aborts the request."""
+    return _engine_of(target).astream_text(prompt, params, request_id=request_id)

@@ -8,15 +8,15 @@ model the engine cannot serve keeps plain HF behaviour, with one logged line say
 """
 
 import json
-import os
 
+from . import envs
 from .integrations.auto_model import enable
 
 ENV_OPTIONS = "HF_PAGED_ENGINE_OPTIONS"
 
 
 def options_from_environment() -> dict:
-    text = os.environ.get(ENV_OPTIONS, "").strip()
+    text = envs.engine_options()
     if not text:
         return {}
     try:

@@ -18,76 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from .loading import DEFAULT_MODEL_NAME, add_engine_arguments, build_engine
+
 DEFAULT_CHAT_MAX_TOKENS = 512
-_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 1 << 10, "m": 10**6, "mb": 10**6, "mib": 1 << 20,
-               "g": 10**9, "gb": 10**9, "gib": 1 << 30}
-
-
-def parse_size(text: str) -> int:
-    """``"512MiB"``, ``"2GiB"``, ``"1000000"`` -> bytes."""
-    match = re.fullmatch(r"\s*([0-9.]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", text)
-    if not match or match.group(2).lower() not in _SIZE_UNITS:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512MiB, 2GiB, 1000000)")
-    value = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return value
-
-
-# ---- loading -------------------------------------------------------------------------------------------------------
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("model")
-    group.add_argument("--model", default=None,
-                       help="a local Hugging Face model folder or a .gguf file (default: the embedded "
-                            "SmolLM2-135M-Instruct)")
-    group.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                       help="float32 (HF's greedy tokens exactly) or bfloat16 (faster on CPUs with AMX)")
-    group.add_argument("--kv-memory", type=parse_size, default=None,
-                       help="size of the KV-cache pool, e.g. 512MiB (default: the engine's, 2GiB)")
-    group.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one engine step")
-    group.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto",
-                       help="auto: K/V in the model's dtype; int8: int8 with a scale per token and head (a quarter of "
-                            "fp32's KV memory, faster decode attention, small rounding error)")
-
-
-def load_model(path: str | None, dtype: str) -> tuple[Any, Any]:
-    """(model, tokenizer) for ``--model``: the embedded default, a model folder or a GGUF file."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .distributed import cli_load
-
-    sharded = cli_load(path, dtype)  # under torchrun (WORLD_SIZE > 1): tensor-parallel shards
-    if sharded is not None:
-        return sharded[:2]
-    torch_dtype = getattr(torch, dtype)
-    if path is None:
-        from .models import load_default_model
-
-        return load_default_model(torch_dtype)
-    p = Path(path).expanduser()
-    if p.is_file() and p.suffix == ".gguf":
-        model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch_dtype).eval()
-        return model, AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
-    if not p.is_dir():
-        raise SystemExit(f"--model: {path} is neither a model folder nor a .gguf file")
-    return AutoModelForCausalLM.from_pretrained(p, dtype=torch_dtype).eval(), AutoTokenizer.from_pretrained(p)
-
-
-def build_engine(args: argparse.Namespace) -> Any:
-    from .engine.llm_engine import LLMEngine
-
-    model, tokenizer = load_model(args.model, args.dtype)
-    options: dict[str, Any] = {"max_num_seqs": args.max_num_seqs, "kv_cache_dtype": args.kv_cache_dtype}
-    if args.kv_memory is not None:
-        options["memory_bytes"] = args.kv_memory
-    return LLMEngine(model, tokenizer, **options)
 
 
 # ---- sampling ------------------------------------------------------------------------------------------------------
@@ -145,7 +83,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise SystemExit("--n: must be a positive integer")
     params = sampling_params(args, n=args.n)
-    engine = build_engine(args)
+    engine, _ = build_engine(args)
     try:
         tok = engine.tokenizer
         inputs = [_chat_prompt(tok, [{"role": "user", "content": p}]) if args.chat else p for p in prompts]
@@ -173,7 +111,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     except ImportError:
         pass
     params = sampling_params(args)
-    engine = build_engine(args)
+    engine, _ = build_engine(args)
     tok = engine.tokenizer
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = []
@@ -232,7 +170,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from .core.sequence import SamplingParams
 
-    engine = build_engine(args)
+    engine, _ = build_engine(args)
     try:
         vocab = engine.vocab_size
         g = torch.Generator().manual_seed(args.seed)
@@ -243,7 +181,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         results = engine.generate(prompts, params, use_tqdm=not args.no_progress)
         elapsed = time.perf_counter() - start
         output_tokens = sum(len(r.token_ids) for r in results)
-        report = {"model": args.model or "SmolLM2-135M-Instruct (embedded)", "dtype": args.dtype,
+        report = {"model": args.model or f"{DEFAULT_MODEL_NAME} (embedded)", "dtype": args.dtype,
                   "requests": len(results), "input_len": args.input_len, "output_len": args.output_len,
                   "elapsed_s": round(elapsed, 3), "output_tokens": output_tokens,
                   "output_tokens_per_s": round(output_tokens / elapsed, 1),
@@ -279,7 +217,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     gen.add_argument("--n", type=int, default=1, help="samples per prompt")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     _add_sampling_options(gen, max_tokens=64, temperature=1.0)
-    _add_model_options(gen)
+    add_engine_arguments(gen)
     gen.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser("chat", help="interactive chat in the terminal, streamed",
@@ -289,7 +227,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     chat.add_argument("--user-prompt", default="> ", help=argparse.SUPPRESS)
     chat.add_argument("--assistant-prompt", default="", help=argparse.SUPPRESS)
     _add_sampling_options(chat, max_tokens=DEFAULT_CHAT_MAX_TOKENS, temperature=0.7)
-    _add_model_options(chat)
+    add_engine_arguments(chat)
     chat.set_defaults(func=cmd_chat)
 
     bench = sub.add_parser("bench", help="offline throughput of the engine",
@@ -300,7 +238,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--json", default=None, help="also write the report to this file")
     bench.add_argument("--no-progress", action="store_true")
-    _add_model_options(bench)
+    add_engine_arguments(bench)
     bench.set_defaults(func=cmd_bench)
 
     serve = sub.add_parser("serve", help="the OpenAI-compatible HTTP server (hf_paged.serve)",
@@ -320,10 +258,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         value = getattr(args, name, None)
         if value is not None and value <= 0:
             raise SystemExit(f"--{name.replace('_', '-')}: must be a positive integer (got {value})")
-    from .distributed import env_world_size, run_cli
+    from . import envs
+    from .distributed import run_cli
 
-    if env_world_size() > 1:  # torchrun: rank 0 runs the command, the other ranks its forwards (distributed.py)
-        return run_cli(args, args.func)
+    if envs.world_size() > 1:  # torchrun: rank 0 runs the command, the other ranks its forwards (distributed.py)
+        from .serve.cli import _reexec_with_short_openmp_spin
+
+        return run_cli(args, args.func, _reexec_with_short_openmp_spin if args.command == "serve" else None)
     return args.func(args)
 
 

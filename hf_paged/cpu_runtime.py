@@ -33,6 +33,8 @@ import threading
 
 import torch
 
+from . import envs
+
 logger = logging.getLogger(__name__)
 
 _OMP_PAUSE_HARD = 2
@@ -47,25 +49,6 @@ _lock = threading.Lock()
 _omp_pause = None  # omp_pause_resource_all of the loaded OpenMP runtime, False if there is none
 _malloc_tuned = False
 _libc = None
-
-
-def env_flag(name: str, default: bool) -> bool:
-    """A boolean environment variable: 1/true/yes/on or 0/false/no/off; anything else (or unset) is ``default``."""
-    value = os.environ.get(name, "").strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    return default
-
-
-def env_switch(name: str) -> bool:
-    """An on-by-default switch: off only when the variable is set to 0 / false / no / off."""
-    return env_flag(name, True)
-
-
-def _enabled() -> bool:
-    return env_switch("HF_PAGED_TUNE_CPU")
 
 
 def _loaded_openmp() -> str | None:
@@ -87,7 +70,7 @@ def _loaded_openmp() -> str | None:
 def release_openmp_pool() -> bool:
     """Free the calling thread's idle OpenMP worker threads; True if the runtime did."""
     global _omp_pause
-    if not _enabled():
+    if not envs.tune_cpu():
         return False
     if _omp_pause is None:
         with _lock:
@@ -103,7 +86,7 @@ def release_openmp_pool() -> bool:
 def tune_malloc() -> bool:
     """Keep freed activations in the heap instead of unmapping them (glibc only; once per process)."""
     global _malloc_tuned
-    if not _enabled() or _malloc_tuned:
+    if not envs.tune_cpu() or _malloc_tuned:
         return _malloc_tuned
     with _lock:
         mallopt = getattr(_c_library(), "mallopt", None)
@@ -127,7 +110,7 @@ def zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
     """``torch.zeros(shape, dtype)`` on the CPU, its memory advised to be backed by transparent huge pages
     (the 2 MB-aligned part of it, before the zeros touch it; Linux only, best effort)."""
     out = torch.empty(shape, dtype=dtype)
-    libc = _c_library() if _enabled() and sys.platform.startswith("linux") else None
+    libc = _c_library() if envs.tune_cpu() and sys.platform.startswith("linux") else None
     madvise = getattr(libc, "madvise", None)
     if madvise is not None:
         start = -(-out.data_ptr() // _HUGE_PAGE_BYTES) * _HUGE_PAGE_BYTES

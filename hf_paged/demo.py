@@ -45,7 +45,7 @@ def main() -> None:
     m = engine.metrics.summary()
     pool = engine.pool
     print(f"\nKV blocks: peak {m['peak_blocks_in_use']} of {pool.num_blocks} "
-          f"({pool.block_size} tokens each, {pool.bytes_per_block / 1024:.0f} KiB each), "
+          f"({pool.block_size} tokens each, {engine.kv_cache.bytes_per_block / 1024:.0f} KiB each), "
           f"slot utilisation at peak {m['kv_slot_utilization_at_peak']:.1%}, "
           f"in use now {pool.num_used_blocks}, prefix-cache hit rate {m['prefix_cache_hit_rate']:.0%}")
     print(f"{m['output_tokens']} tokens in {elapsed:.1f} s = {m['output_tokens'] / elapsed:.1f} tok/s, "

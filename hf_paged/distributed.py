@@ -4,16 +4,16 @@ The model is sharded by transformers' own tensor parallelism (``from_pretrained(
 ``torchrun``): its weights are DTensors, each rank's attention sees only its local heads, and the logits come out
 replicated. hf_paged adds the paged KV memory and the continuous batching around it:
 
-* **One scheduler.** Only rank 0 has a scheduler, a block allocator, a sampler and requests. Each step its runner
-  (:class:`TensorParallelRunner`) broadcasts what the forward needs — for every scheduled sequence its new tokens,
-  where they start, its block table and whether it samples, plus the step's copy-on-write block copies — on a gloo
-  *control group* made with a long timeout (idle workers wait on it for the next step). Every other rank rebuilds
-  the same ``ScheduledStep`` from that message and runs the same ``ModelRunner.execute`` on its own pool
+* **One scheduler.** Only rank 0 has a scheduler, a block pool, a sampler and requests. Each step its executor
+  (:class:`TensorParallelExecutor`) broadcasts the scheduler's plain ``SchedulerOutput`` — for every scheduled
+  sequence its new tokens, where they start, its block table and whether it samples, plus the step's copy-on-write
+  block copies — on a gloo *control group* made with a long timeout (idle workers wait on it for the next step).
+  Every other rank runs that same step with the same ``ModelRunner.execute`` on its own KV tensors
   (:class:`TensorParallelWorker`), so every rank runs the same forward with identical block tables and slot
   mappings and its collectives pair with rank 0's; the workers discard the logits. Sampling happens once, on rank
-  0; the sampled tokens reach the workers as the next step's input ids. No rank ever allocates: the workers' pools
-  are storage addressed by rank 0's block ids.
-* **Per-rank KV memory.** Each rank's pool holds only its local KV heads (``local_kv_heads``: from the shape of
+  0; the sampled tokens reach the workers as the next step's input ids. Only rank 0 counts blocks: the workers' KV
+  tensors are addressed by rank 0's block ids.
+* **Per-rank KV memory.** Each rank's KV cache holds only its local KV heads (``local_kv_heads``: from the shape of
   this rank's ``k_proj`` shard), so KV memory per rank shrinks with the world size. A model whose heads do not
   split evenly is refused with a ``ValueError`` naming the world sizes that work (transformers itself shards such
   a model mid-head and then fails in its forward); :func:`tensor_parallel_plan` gives a plan that replicates the
@@ -32,7 +32,7 @@ replicated. hf_paged adds the paged KV memory and the continuous batching around
   step, at once, instead of hanging.
 
 Messages on the control group (broadcast from rank 0): ``("start", engine_id, spec)``, ``("step", engine_id,
-copies, seqs)``, ``("close", engine_id)``, ``("done", result)`` (the end of an SPMD ``generate`` call) and
+scheduler_output)``, ``("close", engine_id)``, ``("done", result)`` (the end of an SPMD ``generate`` call) and
 ``("stop",)`` (the workers' loop returns).
 """
 
@@ -52,10 +52,15 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from .core.block_pool import BlockPool, BlockTable
+from . import envs
+
+from .admission import kv_geometry
+from .config import EngineConfig
+from .core.scheduler import SchedulerOutput
+from .execution.executor import UniProcExecutor
+from .execution.kv_cache import model_kv_cache
 from .execution.model_runner import ModelRunner
 from .execution.plan import ExecutionPlan
-from .core.scheduler import ScheduledStep
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +69,7 @@ logger = logging.getLogger(__name__)
 CONTROL_TIMEOUT = timedelta(days=7)
 # The default process group's timeout where hf_paged creates it (``init_tensor_parallel``): a collective inside a
 # forward that waits longer than this means a rank is stuck; its requests then fail instead of hanging.
-DEFAULT_COLLECTIVE_TIMEOUT = timedelta(seconds=float(os.environ.get("HF_PAGED_TP_TIMEOUT", 600)))
+DEFAULT_COLLECTIVE_TIMEOUT = envs.tp_timeout()
 _ATTENTION_PROJECTIONS = ("k_proj", "qkv_proj", "query_key_value", "c_attn", "Wqkv")
 
 
@@ -73,14 +78,6 @@ class TensorParallelError(RuntimeError):
 
 
 # ---- the process group ------------------------------------------------------------------------------------------
-def env_world_size() -> int:
-    """``WORLD_SIZE`` as torchrun sets it (1 when not launched by torchrun)."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return 1
-
-
 def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
@@ -98,11 +95,11 @@ def init_tensor_parallel(backend: str | None = None, timeout: timedelta | None =
     """Join the process group that torchrun describes in the environment (``RANK``, ``WORLD_SIZE``,
     ``MASTER_ADDR``/``MASTER_PORT``), with a bounded collective timeout; nothing if it exists already or
     ``WORLD_SIZE`` is 1. On CUDA each rank takes the device ``LOCAL_RANK``."""
-    if env_world_size() <= 1 or dist.is_initialized():
+    if envs.world_size() <= 1 or dist.is_initialized():
         return
     backend = backend or default_backend()
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(envs.local_rank())
     dist.init_process_group(backend=backend, timeout=timeout or DEFAULT_COLLECTIVE_TIMEOUT)
 
 
@@ -277,44 +274,33 @@ def control_channel() -> ControlChannel:
 _engine_ids = itertools.count()
 
 
-def make_runner(model: torch.nn.Module, pool: BlockPool, plan: ExecutionPlan) -> ModelRunner:
-    """The engine's runner: a :class:`TensorParallelRunner` for a sharded model (on rank 0 only), else the plain
-    ``ModelRunner``."""
-    if not is_tensor_parallel(model):
-        return ModelRunner(model, pool, plan)
-    if rank() != 0:
-        raise ValueError("model: the engine of a tensor-parallel model runs on rank 0; the other ranks run "
-                         "hf_paged.distributed.worker_loop(model) (or call the wrapped model's generate)")
-    return TensorParallelRunner(model, pool, plan)
+class TensorParallelExecutor(UniProcExecutor):
+    """Rank 0's executor: before each forward it sends the step (the scheduler's plain ``SchedulerOutput``) to the
+    other ranks, which run it on the same ``ModelRunner`` over their own KV tensors."""
 
-
-class TensorParallelRunner(ModelRunner):
-    """Rank 0's runner: before each forward it sends the step to the other ranks, which run the same forward."""
-
-    def __init__(self, model: torch.nn.Module, pool: BlockPool, plan: ExecutionPlan) -> None:
-        super().__init__(model, pool, plan)
+    def __init__(self, model: torch.nn.Module, config: EngineConfig, plan: ExecutionPlan) -> None:
+        if rank() != 0:
+            raise ValueError("model: the engine of a tensor-parallel model runs on rank 0; the other ranks run "
+                             "hf_paged.distributed.worker_loop(model) (or call the wrapped model's generate)")
+        text = model.config.get_text_config()
+        _, kv_heads, head_dim = kv_geometry(model.config)
+        super().__init__(model, config, plan, local_kv_heads(model, text.num_attention_heads, kv_heads, head_dim))
         self.channel = control_channel()
         self.engine_id = next(_engine_ids)
         self.num_steps = 0
-        spec = {"block_size": pool.block_size, "num_blocks": pool.num_blocks, "dtype": pool.dtype,
-                "kv_cache_dtype": pool.kv_cache_dtype, "kv_shape": tuple(pool.kv.shape), "plan": plan}
+        kv = self.runner.kv_cache
+        spec = {"config": config, "num_blocks": kv.num_blocks, "dtype": kv.dtype, "kv_shape": tuple(kv.kv.shape),
+                "plan": plan}
         self.channel.send(("start", self.engine_id, spec), deferrable=True)
         self._open = True
 
     @torch.inference_mode()
-    def execute(self, step: ScheduledStep) -> tuple[torch.Tensor, list[int]]:
+    def execute(self, step: SchedulerOutput) -> tuple[torch.Tensor, list[int]]:
         channel = self.channel
-        # Everything a worker needs to rebuild this step: per sequence (first new position, its new tokens, its
-        # block table, its length) and the block copies queued by this step's scheduling.
-        seqs = []
-        for seq, n in zip(step.seqs, step.num_new_tokens):
-            start = seq.num_computed_tokens
-            seqs.append((start, seq.token_ids[start:start + n], list(seq.block_table.blocks), seq.num_tokens))
-        message = ("step", self.engine_id, list(self.pool._pending_copies), seqs)
         with channel.lock:  # one step's broadcast and forward before anything else is sent
-            channel.send(message)
+            channel.send(("step", self.engine_id, step))
             try:
-                out = super().execute(step)
+                out = self.runner.execute(step)
             except Exception as exc:
                 if _is_collective_failure(exc):
                     channel.mark_broken(exc)
@@ -331,6 +317,11 @@ class TensorParallelRunner(ModelRunner):
                 self.channel.send(("close", self.engine_id), deferrable=True)
             except TensorParallelError as exc:  # the workers are gone: nothing to release there
                 logger.debug("tensor-parallel close not sent: %s", exc)
+
+
+def executor_class(model: torch.nn.Module) -> type[UniProcExecutor]:
+    """The executor an engine on ``model`` uses unless it is given one: tensor-parallel for a sharded model."""
+    return TensorParallelExecutor if is_tensor_parallel(model) else UniProcExecutor
 
 
 def _is_collective_failure(exc: BaseException) -> bool:
@@ -354,7 +345,7 @@ def stop_workers() -> None:
 
 def worker_reports() -> list[dict]:
     """Rank 0, while the other ranks run :func:`worker_loop`: each worker's :class:`WorkerStats` (as a dict with its
-    ``rank``; ``used_blocks``: blocks its pools hold, always 0 as workers never allocate)."""
+    ``rank``)."""
     channel = control_channel()
     with channel.lock:
         channel.send(("report",))
@@ -365,51 +356,26 @@ def worker_reports() -> list[dict]:
 
 @atexit.register
 def _stop_workers_at_exit() -> None:
-    if _channel is None or rank() != 0:
-        return
-    from .engine.llm_engine import _shutdown_engines
-
-    _shutdown_engines()  # no engine thread may still broadcast after the stop
-    stop_workers()
+    # Registered before the engine module's own exit hook (which imports this module), so it runs after it: no
+    # engine thread still broadcasts after the stop.
+    if _channel is not None and rank() == 0:
+        stop_workers()
 
 
 # ---- the other ranks ----------------------------------------------------------------------------------------------
-class _Window:
-    """A sequence's token ids where only the window a step computes is known (what ``build_inputs`` reads)."""
-
-    __slots__ = ("start", "tokens")
-
-    def __init__(self, start: int, tokens: list[int]) -> None:
-        self.start, self.tokens = start, tokens
-
-    def __getitem__(self, index: slice) -> list[int]:
-        return self.tokens[index.start - self.start:index.stop - self.start]
-
-
-@dataclass
-class _RemoteSequence:
-    """What ``ModelRunner.build_inputs`` reads of one of rank 0's sequences."""
-
-    num_computed_tokens: int
-    token_ids: _Window
-    block_table: BlockTable
-    num_tokens: int
-
-
 @dataclass
 class WorkerStats:
-    """What a worker did (for checks and logs): steps and tokens run, engines started, its pools' sizes."""
+    """What a worker did (for checks and logs): steps and tokens run, engines started, its KV tensors' size."""
 
     steps: int = 0
     forward_tokens: int = 0
     engines_started: int = 0
     engines_open: int = 0
-    kv_bytes: int = 0  # of the last pool it made
-    used_blocks: int = 0  # blocks its pools allocated (a worker never allocates: rank 0 owns the block ids)
+    kv_bytes: int = 0  # of the last engine's KV cache
 
 
 class TensorParallelWorker:
-    """A non-zero rank: a pool and a runner per rank-0 engine, running each step rank 0 sends."""
+    """A non-zero rank: a runner (with its KV tensors) per rank-0 engine, running each step rank 0 sends."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
@@ -418,24 +384,20 @@ class TensorParallelWorker:
         self.stats = WorkerStats()
 
     def _start(self, engine_id: int, spec: dict) -> None:
-        from .execution.paged_cache import make_pool
-
-        pool = make_pool(self.model, block_size=spec["block_size"], num_blocks=spec["num_blocks"],
-                         dtype=spec["dtype"], kv_cache_dtype=spec.get("kv_cache_dtype", "auto"))
-        if tuple(pool.kv.shape) != tuple(spec["kv_shape"]):
-            raise TensorParallelError(f"rank {rank()}: KV pool {tuple(pool.kv.shape)} differs from rank 0's "
+        config, model = spec["config"], self.model
+        _, kv_heads, head_dim = kv_geometry(model.config)
+        heads = local_kv_heads(model, model.config.get_text_config().num_attention_heads, kv_heads, head_dim)
+        kv = model_kv_cache(model, block_size=config.block_size, num_blocks=spec["num_blocks"], dtype=spec["dtype"],
+                            kv_cache_dtype=config.kv_cache_dtype, num_kv_heads=heads)
+        if tuple(kv.kv.shape) != tuple(spec["kv_shape"]):
+            raise TensorParallelError(f"rank {rank()}: KV cache {tuple(kv.kv.shape)} differs from rank 0's "
                                       f"{tuple(spec['kv_shape'])}")
-        self.runners[engine_id] = ModelRunner(self.model, pool, spec["plan"])
+        self.runners[engine_id] = ModelRunner(model, kv, spec["plan"])
         self.stats.engines_started += 1
-        self.stats.kv_bytes = pool.nbytes
+        self.stats.kv_bytes = kv.nbytes
 
-    def _step(self, engine_id: int, copies: list[tuple[int, int]], seqs: list[tuple]) -> None:
+    def _step(self, engine_id: int, step: SchedulerOutput) -> None:
         runner = self.runners[engine_id]
-        pool = runner.pool
-        remote = [_RemoteSequence(start, _Window(start, tokens), BlockTable(pool, blocks, start + len(tokens)), total)
-                  for start, tokens, blocks, total in seqs]
-        step = ScheduledStep(remote, [len(tokens) for _, tokens, _, _ in seqs], [])
-        pool._pending_copies[:] = copies  # already resolved on rank 0 (a source queued as a destination)
         before = runner.num_forward_tokens
         try:
             runner.execute(step)
@@ -449,7 +411,6 @@ class TensorParallelWorker:
 
     def report(self) -> dict:
         stats = dict(vars(self.stats))
-        stats["used_blocks"] += sum(r.pool.num_used_blocks for r in self.runners.values())
         stats["engines_open"] = len(self.runners)
         stats["rank"] = rank()
         return stats
@@ -457,9 +418,7 @@ class TensorParallelWorker:
     def _close(self, engine_id: int) -> None:
         runner = self.runners.pop(engine_id, None)
         if runner is not None:
-            self.stats.used_blocks += runner.pool.num_used_blocks
             runner.close()
-            runner.pool.release()
 
     def serve(self, until: str = "stop") -> Any:
         """Run rank 0's messages until ``until`` ("stop", or "done": the end of an SPMD call, whose result is
@@ -579,16 +538,14 @@ def _to_device(obj: Any, device: torch.device | None) -> Any:
 
 
 # ---- the command line ------------------------------------------------------------------------------------------------
-def run_cli(args: Any, command: Callable[[Any], int]) -> int:
+def run_cli(args: Any, command: Callable[[Any], int], prepare: Callable[[], None] | None = None) -> int:
     """``torchrun ... -m hf_paged.cli <command>``: rank 0 runs the command (its model loaded tensor-parallel by
     the command's loader, see :func:`cli_load`), the other ranks load the same shards and run the worker loop
-    until rank 0 is done. Stop signals go to rank 0 only (torchrun sends them to every rank)."""
-    if getattr(args, "command", None) == "serve":
-        # serve restarts its process with a short OpenMP spin (serve/cli.py): every rank does it here, before
-        # joining the group (a rank restarting after it would leave the others waiting in a group it left)
-        from .serve.cli import _reexec_with_short_openmp_spin
-
-        _reexec_with_short_openmp_spin()
+    until rank 0 is done. Stop signals go to rank 0 only (torchrun sends them to every rank). ``prepare`` runs on
+    every rank before it joins the group (e.g. serve restarting its process with other OpenMP settings: a rank
+    restarting after joining would leave the others waiting in a group it left)."""
+    if prepare is not None:
+        prepare()
     init_tensor_parallel()
     if rank() != 0:
         import signal
@@ -611,7 +568,7 @@ def run_cli(args: Any, command: Callable[[Any], int]) -> int:
 def cli_load(path: str | None, dtype: str) -> tuple[Any, Any, str] | None:
     """For the command-line loaders: ``(model, tokenizer, name)`` loaded tensor-parallel when launched by torchrun
     with ``WORLD_SIZE`` > 1, else None (load as usual)."""
-    if env_world_size() <= 1:
+    if envs.world_size() <= 1:
         return None
     from pathlib import Path
 

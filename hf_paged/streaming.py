@@ -1,4 +1,4 @@
-"""Streaming on the engine: Hugging Face streamers on a wrapped ``generate``, and text-delta iterators for applications.
+"""Hugging Face streamers on a wrapped ``generate``, fed from the engine.
 
 **HF streamers.** A ``TextStreamer``, ``TextIteratorStreamer`` or any ``BaseStreamer`` passed to a wrapped
 ``model.generate(..., streamer=...)`` receives what HF's own ``generate`` sends it, in the same order and shapes:
@@ -8,18 +8,17 @@ caller's thread, while the request runs in the engine's shared batch with every 
 takes one sequence: a batch of several rows, ``num_return_sequences > 1`` or beam search is handed to HF's
 ``generate`` (which rejects the combinations it rejects).
 
-**Text deltas.** :func:`stream_text` / :func:`astream_text` (also ``hf_paged.stream_text`` / ``astream_text``) yield
-one request's new text as it is produced, for an engine or a wrapped model: the engine's ``LLMEngine.stream_text``
-/ ``astream_text`` (``StreamDelta`` objects, decoded by the engine's incremental detokenizer).
+Text deltas for applications are ``hf_paged.stream_text`` / ``astream_text`` (in ``api``), the engine's
+``LLMEngine.stream_text`` / ``astream_text``.
 """
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator, Iterator, Sequence as Seq
+from typing import Any, Iterator
 
 import torch
 
-from .core.sequence import RequestOutput, SamplingParams, StreamDelta
+from .core.sequence import RequestOutput, SamplingParams
 
 
 def streamer_fallback_reason(input_ids: torch.Tensor, num_return_sequences: int, num_beams: int) -> str | None:
@@ -61,26 +60,3 @@ def generate_with_streamer(engine: Any, prompt_ids: list[int], params: SamplingP
     if seq.error is not None:
         raise RuntimeError("hf_paged engine failed a request") from seq.error
     return seq.output()
-
-
-# ---- text deltas for applications ----------------------------------------------------------------------------------
-def _engine_of(target: Any) -> Any:
-    if hasattr(target, "stream_text"):
-        return target
-    from .api import get_engine
-
-    return get_engine(target)
-
-
-def stream_text(target: Any, prompt: str | Seq[int], params: SamplingParams | None = None,
-                request_id: str | None = None) -> Iterator[StreamDelta]:
-    """Yield a request's ``StreamDelta``s (new text, token ids; the last has ``finish_reason`` and the whole
-    ``output``) as it runs in the shared batch. ``target``: an ``LLMEngine`` or a wrapped model. Leaving the loop
-    early aborts the request. (``LLMEngine.stream_text``.)"""
-    return _engine_of(target).stream_text(prompt, params, request_id=request_id)
-
-
-def astream_text(target: Any, prompt: str | Seq[int], params: SamplingParams | None = None,
-                 request_id: str | None = None) -> AsyncIterator[StreamDelta]:
-    """:func:`stream_text` for asyncio (``LLMEngine.astream_text``); cancelling the consumer aborts the request."""
-    return _engine_of(target).astream_text(prompt, params, request_id=request_id)

@@ -144,10 +144,10 @@ def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tenso
 def hf_paged_server():
     """``python -m hf_paged.serve`` (SmolLM2, served as "smollm2") on a free loopback port, started once for the
     server tests and stopped with SIGTERM at the end of the session, which must exit 0. Failing to start fails."""
-    from hf_paged.serve.process import ServerProcess
+    from server_process import launch_hf_paged
 
-    server = ServerProcess.hf_paged(["--served-model-name", "smollm2", "--kv-memory", "256MiB",
-                                     "--disable-access-log", "--log-level", "warning"], start_timeout=180)
+    server = launch_hf_paged(["--served-model-name", "smollm2", "--kv-memory", "256MiB",
+                              "--disable-access-log", "--log-level", "warning"], start_timeout=180)
     with server:
         yield server
     assert server.returncode == 0, f"the server exited with {server.returncode}:\n{server.log_tail()}"

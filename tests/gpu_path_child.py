@@ -5,8 +5,8 @@ For a GQA Llama and a Gemma2 (sliding window, soft-capping), fp32, the engine wi
 
 * eager engine greedy tokens == HF ``generate`` (the oracle) token for token;
 * the same engine with decode graphs (``DecodeGraphs`` with ``EagerGraphStandIn`` for capture/replay) gives the
-  same tokens; graphs were captured at padded sizes and replayed; every graph step leaves the pool's blocks that
-  are neither the step's sequences' own nor the null block bit-identical, and the static buffers' padded rows
+  same tokens; graphs were captured at padded sizes and replayed; every graph step leaves the KV cache's blocks
+  that are neither the step's sequences' own nor the null block bit-identical, and the static buffers' padded rows
   point at the null block;
 * no host synchronisation inside any forward (eager or graph): ``Tensor.item/tolist/cpu/numpy/nonzero``,
   ``bool/int/float/index`` of a tensor, ``torch.tensor``/``as_tensor`` and ``torch.cuda.synchronize`` are counted
@@ -137,25 +137,26 @@ def check_model(name: str, counter: HostSyncCounter) -> None:
         stand_in = EagerGraphStandIn()
         graphs = engine.runner.decode_graphs = DecodeGraphs(engine.runner, 4, engine.max_model_len, stand_in)
         assert graphs.sizes == [1, 2, 4], graphs.sizes
-        pool = engine.pool
+        pool, kv_cache = engine.pool, engine.kv_cache
+        assert kv_cache.null_block == pool.null_block and kv_cache.block_size == pool.block_size
         graph_steps: list[int] = []
         real_execute = graphs.execute
 
         def checked_execute(step):
-            own = {b for seq in step.seqs for b in seq.block_table.blocks}
-            before = pool.kv.clone()
+            own = {b for seq in step.seqs for b in seq.block_ids}
+            before = kv_cache.kv.clone()
             out = real_execute(step)
             n = len(step.seqs)
             graph_steps.append(n)
-            untouched = [b for b in range(pool.num_blocks) if b not in own]
-            assert torch.equal(pool.kv[:, :, untouched], before[:, :, untouched]), "a padded row wrote a block"
+            untouched = [b for b in range(kv_cache.num_blocks) if b not in own]
+            assert torch.equal(kv_cache.kv[:, :, untouched], before[:, :, untouched]), "a padded row wrote a block"
             size = padded_batch_size(n, graphs.sizes)
-            null = pool.null_block
+            null = kv_cache.null_block
             assert (graphs.block_tables[n:size] == null).all()
-            assert (graphs.slot_mapping[n:size] == null * pool.block_size).all()
+            assert (graphs.slot_mapping[n:size] == null * kv_cache.block_size).all()
             assert (graphs.kv_lens[n:size] == 1).all() and (graphs.input_ids[0, n:size] == 0).all()
             for row, seq in enumerate(step.seqs):
-                blocks = seq.block_table.blocks
+                blocks = seq.block_ids
                 assert graphs.block_tables[row, : len(blocks)].tolist() == blocks
                 assert (graphs.block_tables[row, len(blocks):] == null).all()
             return out

@@ -167,12 +167,16 @@ def test_static_refusals_name_the_feature(model_type, overrides, feature, caplog
             hf_paged.PagedCache(model)
 
 
-def test_paged_cache_refuses_mismatched_kv_from_a_pool():
+def test_paged_cache_refuses_mismatched_kv_from_a_given_kv_cache():
     model = _tiny("llama")
-    pool = hf_paged.BlockPool(2, 2, 8, num_blocks=8, block_size=8)  # head_dim 8, the model's is 16
+    kv_cache = hf_paged.KVCache(2, 2, 8, num_blocks=8, block_size=8)  # head_dim 8, the model's is 16
+    pool = hf_paged.BlockPool(kv_cache.num_blocks, kv_cache.block_size)
     ids, mask = _batch()
-    with pytest.raises(ValueError, match="past_key_values: layer 0"):
-        model.generate(ids, attention_mask=mask, max_new_tokens=2, past_key_values=hf_paged.PagedCache(pool=pool))
+    for cache in (hf_paged.PagedCache(kv_cache=kv_cache), hf_paged.PagedCache(kv_cache=kv_cache, pool=pool)):
+        with pytest.raises(ValueError, match="past_key_values: layer 0"):
+            model.generate(ids, attention_mask=mask, max_new_tokens=2, past_key_values=cache)
+        assert cache.kv_cache is kv_cache and kv_cache.head_dim == 8  # a given cache is never re-shaped
+    assert pool.num_free_blocks == pool.num_blocks and not kv_cache.kv.any()
 
 
 def test_granite_decoder_layer_is_not_fused_but_its_parts_are():

@@ -3,7 +3,9 @@
 The state machine drives a tiny pool (1 layer, 1 KV head) through long random sequences of table
 operations and checks, after every step, reference counts, the free list (contents and LRU order), the
 prefix cache (against an exact mirror), the waste bound, and that every token's K/V can be read back
-unchanged from the pool storage (no write into a shared block, no lost copy-on-write).
+unchanged from the ``KVCache`` the block ids address (no write into a shared block, no lost copy-on-write):
+the pool only counts and queues copies; a step's copies are taken (``take_copies``) and done on the tensors
+(``KVCache.copy_blocks``), as the engine's scheduler and runner do.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from hf_paged.core.block_pool import BlockPool, BlockTable, hash_block_tokens
+from hf_paged.execution.kv_cache import KVCache
+from hf_paged.execution.plan import default_plan
 
 MAX_TABLES = 8
 SALTS = (None, "tenant-a")
@@ -47,11 +51,19 @@ class Seq:
     awaiting_copy: set = field(default_factory=set)  # written positions in a copy-on-write block not yet copied
 
 
+MAX_GROWTH = 12  # blocks the machine may add with ``grow`` (pool and storage together)
+
+
 class BlockPoolMachine(RuleBasedStateMachine):
     @initialize(block_size=st.sampled_from([2, 1, 4]), num_blocks=st.integers(4, 24), head_dim=st.sampled_from([1, 2]))
     def setup(self, block_size, num_blocks, head_dim):
-        self.pool = BlockPool(1, 1, head_dim, block_size=block_size, num_blocks=num_blocks)
+        self.pool = BlockPool(num_blocks, block_size)
+        self.kv_cache = KVCache(1, 1, head_dim, block_size=block_size, num_blocks=num_blocks, dtype=torch.float32)
+        self.plan = default_plan(self.kv_cache.kv)
         self.bs = block_size
+        self.grown = 0
+        # Destinations of the copy-on-write copies queued since the last step (what take_copies must hand over).
+        self.queued_dsts: list[int] = []
         self.seqs: list[Seq] = []
         self.next_marker = 1.0  # 0 is what a fresh pool holds: never a marker
         # Model of the free list, oldest-freed first (allocation takes from the front).
@@ -73,21 +85,28 @@ class BlockPoolMachine(RuleBasedStateMachine):
     def _snapshot(self, seq):
         pool = self.pool
         return (list(seq.table.blocks), seq.table.num_tokens, list(pool.ref_counts), pool.num_free_blocks,
-                list(pool._free), dict(pool._block_of_hash), list(pool._pending_copies), pool.kv.clone())
+                pool.num_cached_blocks, pool.num_blocks, self.kv_cache.kv.clone())
 
     def _flat(self, half):
-        return self.pool.kv[0, half].reshape(-1, self.pool.head_dim)
+        return self.kv_cache.kv[0, half].reshape(-1, self.kv_cache.head_dim)
 
     def _write(self, seq, positions):
         slots = torch.tensor(seq.table.slots(0, seq.table.num_tokens), dtype=torch.long)[list(positions)]
-        values = torch.tensor([seq.markers[p] for p in positions], dtype=self.pool.dtype)[:, None]
+        values = torch.tensor([seq.markers[p] for p in positions], dtype=self.kv_cache.dtype)[:, None]
         self._flat(0)[slots] = values
         self._flat(1)[slots] = -values
         seq.pending.difference_update(positions)
 
     def _flush(self):
-        self.pool.flush_copies()
-        assert not self.pool._pending_copies
+        """A step's copies: taken from the pool (exactly the copy-on-write copies queued since the last step, each
+        into a block of its own) and done on the tensors."""
+        copies = self.pool.take_copies()
+        assert [dst for _, dst in copies] == self.queued_dsts
+        assert len(set(self.queued_dsts)) == len(self.queued_dsts)
+        assert all(src != dst for src, dst in copies)
+        self.kv_cache.copy_blocks(copies, self.plan)
+        assert self.pool.take_copies() == []  # taking empties the queue
+        self.queued_dsts = []
         for seq in self.seqs:
             seq.awaiting_copy.clear()
 
@@ -105,8 +124,8 @@ class BlockPoolMachine(RuleBasedStateMachine):
             # (e) nothing changed, and only because the pool really was too small.
             assert needed > before[3]
             after = self._snapshot(seq)
-            assert after[:7] == before[:7]
-            assert torch.equal(after[7], before[7])
+            assert after[:6] == before[:6]
+            assert torch.equal(after[6], before[6])
             return False
         assert needed <= before[3]
         assert table.num_tokens == start + k
@@ -118,6 +137,7 @@ class BlockPoolMachine(RuleBasedStateMachine):
         assert changed in ([], [len(old_blocks) - 1])
         if changed:
             assert start % self.bs and before[2][old_blocks[-1]] > 1
+            self.queued_dsts.append(table.blocks[len(old_blocks) - 1])
             # Until the queued copy is done, the new block does not hold the tokens already written.
             seq.awaiting_copy.update(range(start - start % self.bs, start))
         # blocks_needed was exact, and the fresh blocks are the least recently freed ones, in order.
@@ -170,7 +190,7 @@ class BlockPoolMachine(RuleBasedStateMachine):
         k = (self.pool.num_free_blocks + 1) * self.bs + (len(t.blocks) * self.bs - t.num_tokens) + extra
         assert not self._append(seq, [0] * k, write_now=True)
 
-    @precondition(lambda self: self.pool._pending_copies or any(s.pending for s in self.seqs))
+    @precondition(lambda self: self.queued_dsts or any(s.pending for s in self.seqs))
     @rule()
     def flush_and_write(self):
         """One engine step's end: do the queued copies, then write every reserved slot."""
@@ -279,6 +299,21 @@ class BlockPoolMachine(RuleBasedStateMachine):
         assert self.pool.num_free_blocks == 0
         assert not self._append(seq, [tok], write_now=True)
 
+    @precondition(lambda self: self.grown < MAX_GROWTH)
+    @rule(n=st.integers(1, 4))
+    def grow(self, n):
+        """A growable cache out of blocks: the pool counts more, the storage is reallocated; every block id keeps
+        its K/V (queued copies included), the null block moves to the new end, the new blocks are freed last."""
+        old = self.pool.num_blocks
+        self.pool.grow(n)
+        self.kv_cache.grow(n)
+        self.grown += n
+        assert self.pool.num_blocks == self.kv_cache.num_blocks == old + n
+        assert self.pool.null_block == self.kv_cache.null_block == old + n
+        assert self.kv_cache.kv.shape[2] == old + n + 1
+        assert not self._flat(0)[old * self.bs:].any() and not self._flat(1)[old * self.bs:].any()
+        self.free_order.extend(range(old, old + n))
+
     # ---- invariants ----------------------------------------------------------------------------
     @invariant()
     def refcounts_match_references(self):  # (a)
@@ -318,8 +353,8 @@ class BlockPoolMachine(RuleBasedStateMachine):
             if not written:
                 continue
             slots = torch.tensor(seq.table.slots(0, seq.table.num_tokens), dtype=torch.long)[written]
-            expected = torch.tensor([seq.markers[p] for p in written], dtype=self.pool.dtype)[:, None]
-            expected = expected.expand(-1, self.pool.head_dim)
+            expected = torch.tensor([seq.markers[p] for p in written], dtype=self.kv_cache.dtype)[:, None]
+            expected = expected.expand(-1, self.kv_cache.head_dim)
             assert torch.equal(keys[slots], expected), (seq.table.blocks, keys[slots].tolist(), expected.tolist())
             assert torch.equal(values[slots], -expected)
 
@@ -331,6 +366,8 @@ class BlockPoolMachine(RuleBasedStateMachine):
         self.seqs = []
         assert self.pool.num_free_blocks == self.pool.num_blocks
         assert self.pool.ref_counts == [0] * self.pool.num_blocks
+        self.kv_cache.release()
+        assert self.kv_cache.kv.numel() == 0
 
 
 BlockPoolMachine.TestCase.settings = settings(
@@ -340,7 +377,34 @@ TestBlockPoolMachine = BlockPoolMachine.TestCase
 
 # ---- unit tests --------------------------------------------------------------------------------
 def small_pool(num_blocks=4, block_size=2):
-    return BlockPool(1, 1, 1, block_size=block_size, num_blocks=num_blocks)
+    return BlockPool(num_blocks, block_size)
+
+
+def small_storage(pool):
+    """One layer, one KV head of head_dim 1 under ``pool``'s block ids, and the plan its copies run with."""
+    kv_cache = KVCache(1, 1, 1, block_size=pool.block_size, num_blocks=pool.num_blocks, dtype=torch.float32)
+    return kv_cache, default_plan(kv_cache.kv)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.0, True, None])
+def test_pool_rejects_bad_sizes(bad):
+    with pytest.raises(ValueError, match="num_blocks"):
+        BlockPool(bad, 16)
+    with pytest.raises(ValueError, match="block_size"):
+        BlockPool(4, bad)
+
+
+def test_pool_counts_only():
+    pool = BlockPool(5, block_size=8)
+    assert (pool.num_blocks, pool.block_size, pool.null_block) == (5, 8, 5)
+    assert pool.num_free_blocks == 5 and pool.num_used_blocks == 0 and pool.num_cached_blocks == 0
+    for gone in ("kv", "kv_scales", "key_cache", "flush_copies", "bytes_per_block", "release", "dtype", "device"):
+        assert not hasattr(pool, gone), gone
+    assert pool.take_copies() == []
+    pool.grow(3)
+    assert pool.num_blocks == 8 and pool.null_block == 8 and pool.num_free_blocks == 8
+    assert sorted(pool.allocate() for _ in range(8)) == list(range(8))
+    assert pool.num_used_blocks == 8 and pool.ref_counts == [1] * 8
 
 
 def test_double_free_raises():
@@ -377,21 +441,39 @@ def test_exhausted_pool_raises_memory_error():
 
 
 @pytest.mark.parametrize("dtype, elem_bytes", [(torch.float32, 4), (torch.float16, 2), (torch.bfloat16, 2)])
-def test_pool_sized_by_memory_bytes(dtype, elem_bytes):
+def test_kv_cache_sized_by_memory_bytes(dtype, elem_bytes):
     layers, kv_heads, head_dim, block_size = 3, 2, 8, 16
     per_block = 2 * layers * block_size * kv_heads * head_dim * elem_bytes  # K and V, every layer
     # 7 usable blocks and the null block fit; padded block tables point at the null block, the last one.
-    pool = BlockPool(layers, kv_heads, head_dim, block_size=block_size, memory_bytes=per_block * 8 + per_block - 1,
-                     dtype=dtype)
-    assert pool.num_blocks == 7 and pool.null_block == 7
-    assert pool.bytes_per_block == per_block
-    assert pool.kv.shape == (layers, 2, 8, block_size, kv_heads, head_dim)
-    assert pool.kv.numel() * pool.kv.element_size() == 8 * per_block
-    assert pool.num_free_blocks == 7
+    kv_cache = KVCache(layers, kv_heads, head_dim, block_size=block_size, memory_bytes=per_block * 8 + per_block - 1,
+                       dtype=dtype)
+    assert kv_cache.num_blocks == 7 and kv_cache.null_block == 7
+    assert kv_cache.bytes_per_block == per_block
+    assert kv_cache.kv.shape == (layers, 2, 8, block_size, kv_heads, head_dim) and kv_cache.kv.dtype == dtype
+    assert kv_cache.nbytes == kv_cache.kv.numel() * kv_cache.kv.element_size() == 8 * per_block
+    assert not kv_cache.quantized and kv_cache.kv_scales is None
+    assert kv_cache.key_cache(2).shape == (8, block_size, kv_heads, head_dim)
+    assert kv_cache.key_cache(1).data_ptr() == kv_cache.kv[1, 0].data_ptr()  # views, not copies
+    assert kv_cache.value_cache(1).data_ptr() == kv_cache.kv[1, 1].data_ptr()
+    # A pool counting the same blocks.
+    pool = BlockPool(kv_cache.num_blocks, kv_cache.block_size)
+    assert pool.num_free_blocks == 7 and pool.null_block == kv_cache.null_block
     with pytest.raises(ValueError):
-        BlockPool(layers, kv_heads, head_dim, block_size=block_size, memory_bytes=per_block - 1, dtype=dtype)
+        KVCache(layers, kv_heads, head_dim, block_size=block_size, memory_bytes=per_block - 1, dtype=dtype)
     with pytest.raises(ValueError):
-        BlockPool(layers, kv_heads, head_dim, block_size=block_size)
+        KVCache(layers, kv_heads, head_dim, block_size=block_size, dtype=dtype)
+    kv_cache.release()
+    assert kv_cache.kv.numel() == 0 and kv_cache.nbytes == 0
+
+
+def test_kv_cache_grow_keeps_blocks_and_moves_the_null_block():
+    kv_cache = KVCache(2, 1, 3, block_size=2, num_blocks=3, dtype=torch.float32)
+    kv_cache.kv.copy_(torch.arange(kv_cache.kv.numel(), dtype=torch.float32).view(kv_cache.kv.shape) + 1)
+    before = kv_cache.kv[:, :, :3].clone()
+    kv_cache.grow(4)
+    assert kv_cache.num_blocks == 7 and kv_cache.null_block == 7 and kv_cache.kv.shape[2] == 8
+    assert torch.equal(kv_cache.kv[:, :, :3], before)
+    assert not kv_cache.kv[:, :, 3:].any()  # new blocks and the (moved) null block are zero
 
 
 HASH_CASES = [(None, [1, 2, 3, 4], None), (None, [1, 2, 3, 4], "tenant"), (b"\x01" * 16, [1, 2, 3, 4], None),
@@ -429,27 +511,34 @@ def _full_table(pool, tokens, salt=None):
 
 
 def test_lru_eviction_reuses_oldest_freed_first():
-    pool = small_pool(num_blocks=4, block_size=2)
-    a = _full_table(pool, [1, 2, 3, 4])
-    b = _full_table(pool, [5, 6, 7, 8])
     ha, hb = chain_hashes([1, 2, 3, 4], 2, None), chain_hashes([5, 6, 7, 8], 2, None)
-    a_blocks, b_blocks = list(a.blocks), list(b.blocks)
-    assert pool.num_cached_blocks == 4
-    a.free()  # freed first: its blocks are the oldest, its last block the oldest of all
-    b.free()
+
+    def freed_pool():
+        pool = small_pool(num_blocks=4, block_size=2)
+        a = _full_table(pool, [1, 2, 3, 4])
+        b = _full_table(pool, [5, 6, 7, 8])
+        a_blocks, b_blocks = list(a.blocks), list(b.blocks)
+        assert pool.num_cached_blocks == 4
+        a.free()  # freed first: its blocks are the oldest, its last block the oldest of all
+        b.free()
+        return pool, a_blocks, b_blocks
+
+    pool, a_blocks, b_blocks = freed_pool()
     expected_order = a_blocks[::-1] + b_blocks[::-1]
     for n, block in enumerate(expected_order):
         assert pool.allocate() == block
-        # The reused block left the cache; the ones not yet reused are still hits.
-        remaining = expected_order[n + 1:]
-        for h, blk in zip(ha + hb, a_blocks + b_blocks):
-            if blk in remaining:
-                assert pool._block_of_hash.get(h) == blk
-            else:
-                assert h not in pool._block_of_hash
-    assert pool.num_cached_blocks == 0
+        assert pool.num_cached_blocks == len(expected_order) - n - 1
     for block in expected_order:
         pool.decref(block)
+    # After n allocations, the reused blocks left the cache; the ones not yet reused are still hits.
+    for n in range(len(expected_order) + 1):
+        pool, a_blocks, b_blocks = freed_pool()
+        for _ in range(n):
+            pool.allocate()
+        remaining = expected_order[n:]
+        for h, blk in zip(ha + hb, a_blocks + b_blocks):
+            assert pool.cached_block(h) == (blk if blk in remaining else None)
+        assert pool.prefix_hits == len(remaining) and pool.prefix_queries == 4
 
 
 def test_cache_hit_is_not_evicted_while_in_use_and_refreshes_lru():
@@ -485,34 +574,103 @@ def test_cache_hit_is_not_evicted_while_in_use_and_refreshes_lru():
 
 def test_copy_on_write_keeps_both_views():
     pool = small_pool(num_blocks=4, block_size=4)
-    keys = pool.key_cache(0).view(-1)
+    kv_cache, plan = small_storage(pool)
+    keys = kv_cache.key_cache(0).view(-1)
     a = BlockTable(pool)
     keys[a.append_slots(2)] = torch.tensor([1.0, 2.0])
     b = a.fork()
     assert pool.ref_counts[a.blocks[0]] == 2 and b.blocks_needed(1) == 1
     slot = b.append_slots(1)
     assert b.blocks != a.blocks and pool.ref_counts[a.blocks[0]] == 1
-    pool.flush_copies()
+    copies = pool.take_copies()
+    assert copies == [(a.blocks[0], b.blocks[0])] and pool.take_copies() == []
+    kv_cache.copy_blocks(copies, plan)
     keys[slot] = 3.0
     keys[a.append_slots(1)] = 4.0  # a's block is no longer shared: written in place
+    assert pool.take_copies() == []
     assert keys[a.slots(0, 3)].tolist() == [1.0, 2.0, 4.0]
     assert keys[b.slots(0, 3)].tolist() == [1.0, 2.0, 3.0]
     a.free()
     b.free()
 
 
+def test_copy_blocks_copies_every_layer_and_both_halves():
+    pool = BlockPool(4, 2)
+    kv_cache = KVCache(3, 2, 4, block_size=2, num_blocks=4, dtype=torch.float32)
+    plan = default_plan(kv_cache.kv)
+    kv_cache.kv.normal_()
+    a = BlockTable(pool)
+    a.append_slots(1)
+    b = a.fork()
+    b.append_slots(1)  # copy-on-write
+    src, dst = a.blocks[0], b.blocks[0]
+    before = kv_cache.kv.clone()
+    kv_cache.copy_blocks(pool.take_copies(), plan)
+    assert torch.equal(kv_cache.kv[:, :, dst], before[:, :, src])
+    others = [blk for blk in range(kv_cache.num_blocks + 1) if blk != dst]
+    assert torch.equal(kv_cache.kv[:, :, others], before[:, :, others])
+    kv_cache.copy_blocks([], plan)  # nothing to do
+    assert torch.equal(kv_cache.kv[:, :, others], before[:, :, others])
+
+
+def test_table_copy_queues_private_copies():
+    """``BlockTable.copy`` (share_blocks=False) takes fresh blocks and queues a copy of each."""
+    pool = small_pool(num_blocks=6, block_size=2)
+    kv_cache, plan = small_storage(pool)
+    keys = kv_cache.key_cache(0).view(-1)
+    a = BlockTable(pool)
+    keys[a.append_slots(3)] = torch.tensor([1.0, 2.0, 3.0])
+    b = a.copy()
+    assert set(b.blocks).isdisjoint(a.blocks) and b.num_tokens == 3
+    assert pool.take_copies() == list(zip(a.blocks, b.blocks))
+    assert pool.ref_counts[a.blocks[0]] == 1 and pool.ref_counts[b.blocks[0]] == 1
+    kv_cache.copy_blocks(list(zip(a.blocks, b.blocks)), plan)
+    assert keys[b.slots(0, 3)].tolist() == [1.0, 2.0, 3.0]
+    keys[b.append_slots(1)] = 5.0  # b's own block: no copy-on-write
+    assert pool.take_copies() == [] and keys[a.slots(0, 3)].tolist() == [1.0, 2.0, 3.0]
+    with pytest.raises(MemoryError):
+        BlockTable(pool, [0, 1, 2, 3, 4, 5], 12).copy()
+    a.free()
+    b.free()
+
+
 def test_chained_copy_on_write_in_one_flush():
     pool = small_pool(num_blocks=8, block_size=4)
-    keys = pool.key_cache(0).view(-1)
+    kv_cache, plan = small_storage(pool)
+    keys = kv_cache.key_cache(0).view(-1)
     a = BlockTable(pool)
     keys[a.append_slots(1)] = 7.0
     b = a.fork()  # block shared by a and b
     a.append_slots(1)  # a: copy-on-write to a fresh block, queued
     c = a.fork()  # c shares a's fresh block before the copy is done
     c.append_slots(1)  # c: copy-on-write of a's fresh block, queued
-    pool.flush_copies()
+    kv_cache.copy_blocks(pool.take_copies(), plan)
     seen = [keys[t.slots(0, 1)].tolist() for t in (a, b, c)]
     for t in (a, b, c):
         t.free()
     # All queued copies read their sources at once: c's copy must read a's source, not a's fresh block.
     assert seen == [[7.0], [7.0], [7.0]]
+
+
+def test_chained_copy_on_write_through_a_reused_block():
+    pool = small_pool(num_blocks=5, block_size=4)
+    kv_cache, plan = small_storage(pool)
+    keys = kv_cache.key_cache(0).view(-1)
+    a = BlockTable(pool)
+    keys[a.append_slots(1)] = 7.0  # block 0
+    d = BlockTable(pool)
+    keys[d.append_slots(1)] = 9.0  # block 1
+    b, e = a.fork(), d.fork()
+    a.append_slots(1)  # copy-on-write 0 -> 2, queued
+    c = a.fork()  # c shares block 2 (which holds 7.0 once the copy is done)
+    spare = [pool.allocate(), pool.allocate()]  # blocks 3 and 4
+    b.free()  # block 0 (the queued copy's source) is free again, the only free block
+    d.append_slots(1)  # copy-on-write 1 -> 0: block 0 reused as a destination
+    pool.decref(spare.pop())
+    c.append_slots(1)  # copy-on-write of block 2: reads what a's copy reads (block 0 as it is now: 7.0)
+    kv_cache.copy_blocks(pool.take_copies(), plan)
+    seen = {name: keys[t.slots(0, 1)].tolist() for name, t in (("a", a), ("c", c), ("d", d), ("e", e))}
+    for t in (a, c, d, e):
+        t.free()
+    pool.decref(spare.pop())
+    assert seen == {"a": [7.0], "c": [7.0], "d": [9.0], "e": [9.0]}

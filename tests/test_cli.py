@@ -86,7 +86,13 @@ def test_serve_delegates_to_hf_paged_serve(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["serve", "--help"])
     assert exit_info.value.code == 0
-    assert "--port" in capsys.readouterr().out
+    serve_help = capsys.readouterr().out
+    assert "--port" in serve_help
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--help"])
+    generate_help = capsys.readouterr().out
+    for flag in ("--model", "--dtype", "--kv-memory", "--kv-cache-dtype", "--max-num-seqs", "--max-model-len"):
+        assert flag in serve_help and flag in generate_help  # one set of model and engine flags (hf_paged.loading)
 
 
 def _read_until(fd: int, marker: str, seen: list[str], timeout: float = 120.0) -> str:

@@ -5,6 +5,7 @@ and the fallback (``HF_PAGED_CPU_KERNEL=0``, or no compiler) giving the same res
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -12,6 +13,8 @@ import textwrap
 
 import pytest
 import torch
+
+from hf_paged.execution.plan import build_plan, default_plan
 
 from hf_paged.execution.kernels import cpu_decode_attention as cpu_kernel
 from hf_paged.execution.kernels import cpu_prefill_attention as cpu_prefill
@@ -59,7 +62,8 @@ def _make(lengths, num_heads, kv_heads, head_dim, block_size, dtype, seed=0, q_l
     meta = PagedAttentionMetadata(
         slot_mapping=torch.zeros(num_tokens, dtype=torch.long), block_tables=torch.tensor(tables, dtype=torch.long),
         kv_lens=torch.tensor(lengths, dtype=torch.int32), cu_seqlens_q=torch.tensor(cu, dtype=torch.long),
-        num_decodes=num_decodes, kv_lens_list=list(lengths), q_lens_list=list(q_lens), block_size=block_size)
+        num_decodes=num_decodes, kv_lens_list=list(lengths), q_lens_list=list(q_lens), block_size=block_size,
+        plan=default_plan(query))
     return query, key_cache, value_cache, meta
 
 
@@ -69,10 +73,11 @@ def _naive(query, key_cache, value_cache, meta, window, softcap):
 
 
 def _torch_path(query, key_cache, value_cache, meta, window, softcap, monkeypatch):
-    with monkeypatch.context() as m:
-        m.setenv("HF_PAGED_CPU_KERNEL", "0")
-        assert not cpu_kernel.available()
-        return paged_attention(query, key_cache, value_cache, meta, SCALE, window, softcap)
+    """The PyTorch path: the same step under a plan without the C kernels."""
+    plan = build_plan("cpu", query.dtype, cpu_kernels=False, pack_weights=False)
+    assert not plan.cpu_kernels
+    meta = dataclasses.replace(meta, plan=plan, _masks={}, _decode_tables={})
+    return paged_attention(query, key_cache, value_cache, meta, SCALE, window, softcap)
 
 
 def _kernel(query, key_cache, value_cache, meta, window, softcap):
@@ -187,6 +192,8 @@ def test_paged_attention_mixed_step_kernel_vs_fallback(dtype, monkeypatch):
     lengths = [5, 16, 17, 1, 33, 40, 24]
     q_lens = [1, 1, 1, 1, 1, 7, 24]
     q, kc, vc, meta = _make(lengths, 6, 2, 64, 16, dtype, q_lens=q_lens)
+    without_kernels = dataclasses.replace(meta, plan=build_plan("cpu", dtype, cpu_kernels=False, pack_weights=False),
+                                          _masks={}, _decode_tables={})
     calls, prefill_calls = [], []
     real = cpu_kernel.DecodePlan.__call__
     monkeypatch.setattr(cpu_kernel.DecodePlan, "__call__", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -200,10 +207,8 @@ def test_paged_attention_mixed_step_kernel_vs_fallback(dtype, monkeypatch):
         assert bool(prefill_calls) == (window is None and softcap is None)
         calls.clear()
         prefill_calls.clear()
-        monkeypatch.setenv("HF_PAGED_CPU_KERNEL", "0")
-        off = paged_attention(q, kc, vc, meta, SCALE, window, softcap)
-        monkeypatch.delenv("HF_PAGED_CPU_KERNEL")
-        assert not calls and not prefill_calls, "a kernel was used with HF_PAGED_CPU_KERNEL=0"
+        off = paged_attention(q, kc, vc, without_kernels, SCALE, window, softcap)
+        assert not calls and not prefill_calls, "a kernel was used by a plan without them"
         ref = _naive(q, kc, vc, meta, window, softcap)
         if dtype == torch.float32:
             torch.testing.assert_close(on, off, atol=1e-5, rtol=0)

@@ -18,6 +18,7 @@ import torch
 
 import hf_paged
 from hf_paged import LLMEngine, PagedCache, SamplingParams
+from hf_paged.core.scheduler import ScheduledSequence, SchedulerOutput
 from hf_paged.detokenizer import IncrementalDetokenizer
 from hf_paged.execution.patches.linear import amx_available
 
@@ -67,11 +68,12 @@ def _wrap_and_generate(model, prompts: list[list[int]], max_new: int = 6) -> Non
 # ---- one engine per model ----------------------------------------------------------------------
 def test_concurrent_first_calls_share_one_engine(fresh_smollm2, chat_ids, monkeypatch):
     model, tok = fresh_smollm2
-    import hf_paged.engine.llm_engine as engine_module
+    import hf_paged.execution.executor as executor_module
 
-    pools_made = []
-    real_make_pool = engine_module.make_pool
-    monkeypatch.setattr(engine_module, "make_pool", lambda *a, **k: pools_made.append(1) or real_make_pool(*a, **k))
+    caches_made = []  # the engine's KV tensors: made by its executor, once per engine
+    real_model_kv_cache = executor_module.model_kv_cache
+    monkeypatch.setattr(executor_module, "model_kv_cache",
+                        lambda *a, **k: caches_made.append(real_model_kv_cache(*a, **k)) or caches_made[-1])
     rows = [chat_ids[i % 8] for i in range(32)]  # 32 concurrent callers, 8 distinct prompts
     refs = {}
     for row in {tuple(r) for r in rows}:
@@ -97,8 +99,10 @@ def test_concurrent_first_calls_share_one_engine(fresh_smollm2, chat_ids, monkey
     try:
         assert not errors, errors
         assert len(_engines_of(model)) == 1
-        assert len(pools_made) == 1
+        assert len(caches_made) == 1
         engine = hf_paged.get_engine(model)
+        assert engine.kv_cache is caches_made[0] and engine.runner.kv_cache is caches_made[0]
+        assert engine.pool.num_blocks == caches_made[0].num_blocks
         assert engine.metrics.steps < 32 * 8  # they ran together
         for i, row in enumerate(rows):
             assert results[i] == refs[tuple(row)], i
@@ -128,7 +132,7 @@ def test_unwrap_leaves_the_model_as_it_was(tiny_model_dir):
     thread = engine._thread
     hf_paged.unwrap(model)
     assert _snapshot(model) == before
-    assert engine.closed and engine.pool.kv.numel() == 0
+    assert engine.closed and engine.kv_cache.kv.numel() == 0
     assert thread is None or not thread.is_alive()
     assert torch.equal(_plain_logits(model, prompts[0]), before_logits)
 
@@ -142,7 +146,7 @@ def test_close_stops_thread_frees_pool_and_refuses_work(tiny_model_dir):
         assert [o.token_ids for o in engine.generate(prompts, GREEDY8, use_tqdm=False)] == refs
         running = engine.submit(prompts[0], SamplingParams(max_new_tokens=400, temperature=0, ignore_eos=True))
     assert running.done.wait(10) and running.finish_reason == hf_paged.FinishReason.ABORT
-    assert engine.closed and engine.pool.kv.numel() == 0 and engine.pool.num_free_blocks == engine.pool.num_blocks
+    assert engine.closed and engine.kv_cache.kv.numel() == 0 and engine.pool.num_free_blocks == engine.pool.num_blocks
     assert engine._thread is None or not engine._thread.is_alive()
     assert _snapshot(model) == before
     with pytest.raises(RuntimeError, match="closed"):
@@ -297,9 +301,12 @@ def test_paged_cache_without_a_size_grows_on_demand(smollm2, chat_ids):
     expected = model.generate(**batch, max_new_tokens=80, do_sample=False)
     cache = PagedCache(model)
     start = cache.pool.num_blocks
+    assert cache.kv_cache.num_blocks == start == PagedCache.INITIAL_BLOCKS
     try:
         out = model.generate(**batch, max_new_tokens=80, do_sample=False, past_key_values=cache)
-        assert cache.pool.num_blocks > start  # it grew
+        assert cache.pool.num_blocks > start  # it grew: the pool's count and the tensors together
+        assert cache.kv_cache.num_blocks == cache.pool.num_blocks
+        assert cache.kv_cache.kv.shape[2] == cache.pool.num_blocks + 1
     finally:
         cache.free()
     assert torch.equal(out, expected)
@@ -427,19 +434,24 @@ def test_incremental_detokenizer_keeps_multibyte_characters_whole(smollm2):
 
 
 # ---- memory ------------------------------------------------------------------------------------
-def test_padded_block_tables_point_at_the_null_block(tiny_model_dir):
+def test_padded_block_tables_point_at_the_null_block(tiny_model_dir, monkeypatch):
+    import hf_paged.execution.model_runner as runner_module
+
     model = build_tiny_model("llama", tiny_model_dir)
     with LLMEngine(model, None, num_blocks=32, block_size=4) as engine:
-        pool = engine.pool
-        assert pool.null_block == pool.num_blocks and pool.kv.shape[2] == pool.num_blocks + 1
+        pool, kv_cache = engine.pool, engine.kv_cache
+        assert pool.null_block == pool.num_blocks == kv_cache.null_block
+        assert kv_cache.kv.shape[2] == pool.num_blocks + 1
         seen = {}
-        real = engine.runner.build_inputs
+        real = runner_module.build_step_inputs
 
-        def spy(step):
-            out = real(step)
-            seen.setdefault("tables", []).append((out[2].block_tables.clone(), list(out[2].kv_lens_list)))
+        def spy(step, *args):
+            assert isinstance(step, SchedulerOutput)  # the step reaches the runner as plain data
+            assert all(isinstance(seq, ScheduledSequence) for seq in step.seqs)
+            out = real(step, *args)
+            seen.setdefault("tables", []).append((out.meta.block_tables.clone(), list(out.meta.kv_lens_list)))
             return out
-        engine.runner.build_inputs = spy
+        monkeypatch.setattr(runner_module, "build_step_inputs", spy)
         engine.generate([[5] * 3, [6] * 14], SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True),
                         use_tqdm=False)
         tables, lens = seen["tables"][0]

@@ -28,7 +28,7 @@ import torch
 from conftest import build_tiny_model, tiny_prompts
 from hf_paged import LLMEngine, SamplingParams
 from hf_paged.execution.cuda_graphs import graph_batch_sizes, padded_batch_size
-from hf_paged.engine.llm_engine import validate_engine_options
+from hf_paged.config import EngineConfig
 from hf_paged.execution.plan import build_plan
 
 REPO = Path(__file__).resolve().parent.parent
@@ -89,10 +89,10 @@ def plan_compiles() -> bool:
 
 
 def test_cuda_graphs_engine_option(tiny_model_dir):
-    validate_engine_options({"cuda_graphs": None})
-    validate_engine_options({"cuda_graphs": False})
+    EngineConfig.from_options({"cuda_graphs": None})
+    EngineConfig.from_options({"cuda_graphs": False})
     with pytest.raises(ValueError, match="cuda_graphs"):
-        validate_engine_options({"cuda_graphs": "yes"})
+        EngineConfig.from_options({"cuda_graphs": "yes"})
     model = build_tiny_model("llama", tiny_model_dir)
     with pytest.raises(ValueError, match="cuda_graphs"):
         LLMEngine(model, None, num_blocks=8, cuda_graphs=True)  # a CPU model
@@ -115,33 +115,44 @@ def test_graph_batch_sizes_follow_vllm():
 
 
 # ---- one copy of the step's inputs -----------------------------------------------------------------------------------
-def test_step_inputs_reach_the_device_in_one_copy(tiny_model_dir):
+def test_step_inputs_reach_the_device_in_one_copy(tiny_model_dir, monkeypatch):
+    import hf_paged.execution.model_runner as runner_module
+    import hf_paged.execution.step_inputs as step_inputs_module
+
     model = build_tiny_model("llama", tiny_model_dir)
+    copies, built = [], []
+    real_to_device, real_build = step_inputs_module.to_device, runner_module.build_step_inputs
+
+    def to_device(values, device):
+        copies.append(len(values))
+        return real_to_device(values, device)
+
+    def build_step_inputs(step, *args):
+        out = real_build(step, *args)
+        built.append((step, out))
+        return out
+
+    monkeypatch.setattr(step_inputs_module, "to_device", to_device)
+    monkeypatch.setattr(runner_module, "build_step_inputs", build_step_inputs)
     with LLMEngine(model, None, num_blocks=64, block_size=4, max_num_batched_tokens=16) as engine:
-        runner = engine.runner
-        copies, metas = [], []
-        real_to_device, real_build = runner.to_device, runner.build_inputs
-
-        def to_device(values):
-            copies.append(len(values))
-            return real_to_device(values)
-
-        def build_inputs(step):
-            out = real_build(step)
-            metas.append(out)
-            return out
-
-        runner.to_device, runner.build_inputs = to_device, build_inputs
+        copies.clear()
+        built.clear()  # the start-up probe's steps
         prompts = tiny_prompts(3, seed=4)
         outputs = engine.generate(prompts, SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True),
                                   use_tqdm=False)
         assert all(len(o.token_ids) == 4 for o in outputs)
-        assert len(copies) == len(metas) > 1  # one staging copy per step (chunked prefill, mixed, decode steps)
-        for ids, pos, meta, _ in metas:
+        assert len(copies) == len(built) > 1  # one staging copy per step (chunked prefill, mixed, decode steps)
+        for step, inputs in built:
+            meta = inputs.meta
+            assert inputs.input_ids.shape == inputs.positions.shape == (1, step.num_tokens)
+            assert meta.block_tables.shape == (len(step.seqs), max(len(s.block_ids) for s in step.seqs))
+            assert meta.num_decodes == step.num_decodes
             storage = meta.slot_mapping.untyped_storage().data_ptr()
-            for tensor in (ids, pos, meta.block_tables, meta.cu_seqlens_q):
+            for tensor in (inputs.input_ids, inputs.positions, meta.block_tables, meta.cu_seqlens_q,
+                           inputs.logits_rows):
                 assert tensor.untyped_storage().data_ptr() == storage
             assert meta.kv_lens.dtype == torch.int32 and meta.block_tables.is_contiguous()
+            assert inputs.sample_rows == [i for i, s in enumerate(step.seqs) if s.samples]
 
 
 # ---- the engine on the Triton kernels, decode graphs, host synchronisation (interpreted, fresh process) -------------

@@ -1,6 +1,8 @@
-"""The C kernels fail loudly: every ctypes declaration matches its C prototype, a wrongly typed argument raises
-instead of reaching C, the library's cache key holds the CPU's full feature set and the flags (which can be
-overridden), and a kernel build that fails makes the suite fail under ``CI=true`` instead of skipping."""
+"""The C kernels fail loudly: their one header (``csrc/hf_paged_kernels.h``) is the single declaration of every
+exported function and argument struct (every source includes it and declares nothing of its own; the library exports
+exactly its prototypes; the ctypes structs cpu_library reads from it have the compiler's layouts), a wrongly typed
+argument raises instead of reaching C, the library's cache key holds the CPU's full feature set and the flags (which
+can be overridden), and a kernel build that fails makes the suite fail under ``CI=true`` instead of skipping."""
 
 from __future__ import annotations
 
@@ -16,43 +18,64 @@ import pytest
 
 from hf_paged.execution.kernels import cpu_isa, cpu_library
 
-_C_TYPES = {"long": ctypes.c_long, "int64_t": ctypes.c_long, "int": ctypes.c_int, "float": ctypes.c_float,
-            "void": None}
+HARNESS = cpu_library.CSRC / "tests" / "test_kernels.c"
 
 
-def _prototypes() -> dict[str, tuple[str, list[str]]]:
-    """name -> (return type, parameter declarations) of every function declared or defined in csrc/."""
-    found: dict[str, tuple[str, list[str]]] = {}
-    pattern = re.compile(r"^(int|void|long)\s+(\w+)\s*\(([^)]*)\)\s*[{;]", re.M)
-    for path in cpu_library.SOURCES:
+def test_every_source_includes_the_header_and_declares_nothing_else():
+    """No source re-declares a prototype (they all come from the header), and the build refuses an exported function
+    the header does not declare."""
+    assert "-Werror=missing-prototypes" in cpu_library.CFLAGS
+    prototype = re.compile(r"^(?:extern\s+)?(?:const\s+)?\w+[\s*]+\w+\s*\([^)]*\)\s*;", re.M)
+    for path in [*cpu_library.SOURCES, HARNESS]:
         text = path.read_text()
-        macro = re.search(r"#define ARGS((?:[^\n]*\\\n)*[^\n]*)", text)  # a parameter list shared by several
-        if macro:
-            text = text.replace("(ARGS)", "(" + macro.group(1).replace("\\\n", " ") + ")")
-        for ret, name, params in pattern.findall(text):
-            params = [p.strip() for p in params.replace("\n", " ").split(",") if p.strip()]
-            if all("*" in p or p.replace("const", "").split()[0] in _C_TYPES for p in params):  # not a macro
-                found.setdefault(name, (ret, params))
-    return found
+        assert re.search(r'#include "(\.\./)?hf_paged_kernels\.h"', text), path.name
+        assert not prototype.findall(text), f"{path.name} declares {prototype.findall(text)}"
 
 
-def _ctype_of(param: str):
-    if "*" in param:
-        return ctypes.c_void_p
-    words = param.replace("const", "").split()
-    return _C_TYPES[words[0]]
+def test_the_header_parse_misses_nothing():
+    """Every prototype and struct field of the header is in SIGNATURES / STRUCTS (found here by a looser scan), with
+    the types spelled out for one function of each kind."""
+    text = re.sub(r"/\*.*?\*/", "", cpu_library.HEADER.read_text(), flags=re.S)
+    assert set(re.findall(r"^\w[\w\s*]*?\b(\w+)\s*\(", text, re.M)) == set(cpu_library.SIGNATURES)
+    for body, name in re.findall(r"typedef struct\s*\{(.*?)\}\s*(\w+)", text, re.S):
+        names = re.findall(r"(\w+)\s*[,;]", body)
+        assert [f[0] for f in cpu_library.STRUCTS[name]._fields_] == names, name
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
+    assert cpu_library.SIGNATURES["hf_rms_norm"] == (None, [p, i64, p, p, i64, i64, i32, f32, i32])
+    layer, step = (ctypes.POINTER(cpu_library.STRUCTS[n]) for n in ("hf_llama_layer_t", "hf_decode_step_t"))
+    assert cpu_library.SIGNATURES["hf_llama_decode_layer"] == (ctypes.c_int, [layer, step, p, p])
+    assert cpu_library.SIGNATURES["hf_llama_decode_layer_workspace"] == (ctypes.c_long, [layer, i64])
 
 
-@pytest.mark.parametrize("name", sorted(cpu_library.SIGNATURES))
-def test_ctypes_signatures_match_the_c_prototypes(name):
-    protos = _prototypes()
-    assert name in protos, f"{name} has no C prototype in csrc/"
-    ret, params = protos[name]
-    restype, argtypes = cpu_library.SIGNATURES[name]
-    if params == ["void"]:
-        params = []
-    assert [_ctype_of(p) for p in params] == argtypes, name
-    assert _C_TYPES[ret] is restype or (ret == "long" and restype is ctypes.c_long), name
+def test_the_library_exports_exactly_the_header(cpu_kernels):
+    """Both ways: every prototype of the header is bound (``load`` binds them all) and every function the built
+    library exports is in the header."""
+    if shutil.which("nm") is None:
+        pytest.skip("no nm (binutils)")
+    out = subprocess.run(["nm", "-D", "--defined-only", str(cpu_library.library_path())], capture_output=True,
+                         text=True, check=True).stdout
+    exported = {line.split()[-1] for line in out.splitlines() if line.split()[1:2] == ["T"]}
+    assert {n for n in exported if not n.startswith("_")} == set(cpu_library.SIGNATURES)
+
+
+def test_struct_layouts_match_the_compiler(cpu_kernels, tmp_path):
+    """Each ctypes struct has the size and field offsets the C compiler gives the header's struct, with the
+    library's own flags."""
+    lines = ['#include <stddef.h>', '#include <stdio.h>', f'#include "{cpu_library.HEADER}"', "int main(void) {"]
+    for name, struct in cpu_library.STRUCTS.items():
+        lines.append(f'    printf("{name} %zu\\n", sizeof({name}));')
+        lines += [f'    printf("{name}.{f} %zu\\n", offsetof({name}, {f}));' for f, _ in struct._fields_]
+    (tmp_path / "layouts.c").write_text("\n".join(lines + ["    return 0;", "}"]) + "\n")
+    flags = [f for f in cpu_library.compiler_flags() if f not in ("-shared", "-fPIC")]
+    subprocess.run([cpu_library._compiler(), *flags, str(tmp_path / "layouts.c"), "-o", str(tmp_path / "layouts")],
+                   check=True, capture_output=True)
+    c_side = dict(line.split() for line in subprocess.run([str(tmp_path / "layouts")], capture_output=True,
+                                                          text=True, check=True).stdout.splitlines())
+    py_side = {}
+    for name, struct in cpu_library.STRUCTS.items():
+        py_side[name] = str(ctypes.sizeof(struct))
+        py_side.update({f"{name}.{f}": str(getattr(struct, f).offset) for f, _ in struct._fields_})
+    assert py_side == c_side
 
 
 def test_a_wrongly_typed_argument_raises(cpu_kernels):
@@ -66,6 +89,8 @@ def test_a_wrongly_typed_argument_raises(cpu_kernels):
         lib.hf_rms_norm(x.data_ptr(), 4.0, x.data_ptr(), x.data_ptr(), 4, 1, 4, 1e-6, 0)
     with pytest.raises(TypeError):
         lib.hf_silu_mul(x.data_ptr(), 1, x.data_ptr(), 1, 1, 1)  # too few arguments
+    with pytest.raises(ctypes.ArgumentError):  # another struct where a layer's belongs
+        lib.hf_llama_decode_layer_workspace(cpu_kernels.STRUCTS["hf_seqs_t"](), 1)
 
 
 def test_cache_key_holds_cpu_features_and_flags(monkeypatch):

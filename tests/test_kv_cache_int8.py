@@ -17,13 +17,14 @@ import torch
 
 import hf_paged
 from hf_paged import LLMEngine, PagedCache, SamplingParams
-from hf_paged.core.block_pool import BlockPool
-from hf_paged.engine.llm_engine import validate_engine_options
+from hf_paged.core.block_pool import BlockPool, BlockTable
+from hf_paged.config import EngineConfig
 from hf_paged.execution.kernels import cpu_decode_attention as cpu_kernel
 from hf_paged.execution.kernels import cpu_prefill_attention as cpu_prefill
 from hf_paged.execution.kernels.cache_ops import dequantize_int8, gather_blocks, quantize_int8, write_kv
 from hf_paged.execution.kernels.paged_attention import PagedAttentionMetadata, paged_attention, paged_attention_naive
-from hf_paged.execution.plan import build_plan
+from hf_paged.execution.kv_cache import KVCache
+from hf_paged.execution.plan import build_plan, default_plan
 
 from conftest import build_tiny_model, needs_cpu_kernels, tiny_prompts
 
@@ -50,40 +51,63 @@ def test_quantize_int8_is_symmetric_per_vector_rounding():
     assert all(torch.equal(a, b) for a, b in zip(quantize_int8(xb), quantize_int8(xb.float())))
 
 
-# ---- the pool -----------------------------------------------------------------------------------------------------
-def test_pool_sizes_int8_blocks_by_their_real_bytes():
+# ---- the KV cache -------------------------------------------------------------------------------------------------
+def test_kv_cache_sizes_int8_blocks_by_their_real_bytes():
     layers, kvh, hd, bs = 4, 3, 64, 16
-    full = BlockPool(layers, kvh, hd, block_size=bs, memory_bytes=64 << 20, dtype=torch.float32)
-    int8 = BlockPool(layers, kvh, hd, block_size=bs, memory_bytes=64 << 20, dtype=torch.float32,
-                     kv_cache_dtype="int8")
+    full = KVCache(layers, kvh, hd, block_size=bs, memory_bytes=64 << 20, dtype=torch.float32)
+    int8 = KVCache(layers, kvh, hd, block_size=bs, memory_bytes=64 << 20, dtype=torch.float32, kv_cache_dtype="int8")
     assert int8.bytes_per_block == 2 * layers * bs * kvh * (hd + 4)
     assert full.bytes_per_block == 2 * layers * bs * kvh * hd * 4
     assert int8.num_blocks == (64 << 20) // int8.bytes_per_block - 1
     assert int8.kv.dtype == torch.int8 and int8.quantized and not full.quantized
+    assert int8.kv_cache_dtype == "int8" and full.kv_cache_dtype == "auto"
     assert int8.kv.shape == (layers, 2, int8.num_blocks + 1, bs, kvh, hd)  # the null block stays
-    assert int8.kv_scales.shape == (layers, 2, int8.num_blocks + 1, kvh, bs)
+    assert int8.kv_scales.shape == (layers, 2, int8.num_blocks + 1, kvh, bs) and int8.kv_scales.dtype == torch.float32
     assert int8.nbytes == (int8.num_blocks + 1) * int8.bytes_per_block
     assert int8.key_scales(1).shape == (int8.num_blocks + 1, kvh, bs) and full.key_scales(1) is None
+    assert int8.value_scales(2).data_ptr() == int8.kv_scales[2, 1].data_ptr() and full.value_scales(0) is None
     with pytest.raises(ValueError, match="kv_cache_dtype"):
-        BlockPool(layers, kvh, hd, num_blocks=4, kv_cache_dtype="fp4")
+        KVCache(layers, kvh, hd, num_blocks=4, kv_cache_dtype="fp4")
+    int8.release()
+    assert int8.kv.numel() == 0 and int8.kv_scales.numel() == 0 and int8.nbytes == 0
 
 
-def test_pool_copies_and_grows_scales_with_their_blocks():
-    pool = BlockPool(2, 2, 8, block_size=4, num_blocks=6, kv_cache_dtype="int8")
+def test_kv_cache_copies_and_grows_scales_with_their_blocks():
+    pool = BlockPool(6, block_size=4)
+    kv_cache = KVCache(2, 2, 8, block_size=4, num_blocks=6, kv_cache_dtype="int8")
+    plan = default_plan(kv_cache.kv, "int8")
     g = torch.Generator().manual_seed(1)
-    pool.kv.copy_(torch.randint(-127, 128, pool.kv.shape, generator=g, dtype=torch.int8))
-    pool.kv_scales.copy_(torch.rand(pool.kv_scales.shape, generator=g))
-    before_kv, before_scales = pool.kv.clone(), pool.kv_scales.clone()
+    kv_cache.kv.copy_(torch.randint(-127, 128, kv_cache.kv.shape, generator=g, dtype=torch.int8))
+    kv_cache.kv_scales.copy_(torch.rand(kv_cache.kv_scales.shape, generator=g))
+    before_kv, before_scales = kv_cache.kv.clone(), kv_cache.kv_scales.clone()
     pool.queue_copy(2, 5)
     pool.queue_copy(0, 3)
-    pool.flush_copies()
+    copies = pool.take_copies()
+    assert copies == [(2, 5), (0, 3)] and pool.take_copies() == []
+    kv_cache.copy_blocks(copies, plan)
     for src, dst in ((2, 5), (0, 3)):
-        assert torch.equal(pool.kv[:, :, dst], before_kv[:, :, src])
-        assert torch.equal(pool.kv_scales[:, :, dst], before_scales[:, :, src])
-    kv, scales = pool.kv[:, :, :6].clone(), pool.kv_scales[:, :, :6].clone()
+        assert torch.equal(kv_cache.kv[:, :, dst], before_kv[:, :, src])
+        assert torch.equal(kv_cache.kv_scales[:, :, dst], before_scales[:, :, src])
+    for untouched in (0, 1, 2, 4, 6):
+        assert torch.equal(kv_cache.kv[:, :, untouched], before_kv[:, :, untouched])
+        assert torch.equal(kv_cache.kv_scales[:, :, untouched], before_scales[:, :, untouched])
+    # A copy-on-write through a block table carries the scales too.
+    a = BlockTable(pool)
+    a.append_slots(2)
+    b = a.fork()
+    b.append_slots(1)
+    src, dst = a.blocks[0], b.blocks[0]
+    kv_cache.copy_blocks(pool.take_copies(), plan)
+    assert torch.equal(kv_cache.kv_scales[:, :, dst], kv_cache.kv_scales[:, :, src])
+    assert torch.equal(kv_cache.kv[:, :, dst], kv_cache.kv[:, :, src])
+    a.free()
+    b.free()
+    kv, scales = kv_cache.kv[:, :, :6].clone(), kv_cache.kv_scales[:, :, :6].clone()
     pool.grow(4)
-    assert pool.null_block == 10 and pool.kv_scales.shape[2] == 11
-    assert torch.equal(pool.kv[:, :, :6], kv) and torch.equal(pool.kv_scales[:, :, :6], scales)
+    kv_cache.grow(4)
+    assert pool.null_block == kv_cache.null_block == 10 and kv_cache.kv_scales.shape[2] == 11
+    assert kv_cache.kv.shape[2] == 11 and kv_cache.kv.dtype == torch.int8
+    assert torch.equal(kv_cache.kv[:, :, :6], kv) and torch.equal(kv_cache.kv_scales[:, :, :6], scales)
 
 
 # ---- cache writes -------------------------------------------------------------------------------------------------
@@ -301,7 +325,8 @@ from hf_paged.execution.kernels import dispatch
 from hf_paged.execution.kernels.cache_ops import write_kv
 from hf_paged.execution.kernels.triton_cache_ops import write_kv_triton
 from hf_paged.execution.kernels.triton_paged_attention import paged_attention_triton
-from hf_paged.execution.plan import build_plan
+from hf_paged.execution.kv_cache import KVCache
+from hf_paged.execution.plan import build_plan, default_plan
 
 for dtype in (torch.float32, torch.bfloat16):
     # The cache write: the bits of the PyTorch write.
@@ -370,8 +395,11 @@ def test_engine_int8_greedy_agrees_with_full_precision(smollm2, chat_ids):
         assert f"kv_cache={'int8' if kv == 'int8' else 'float32'}" in str(engine.plan)
         outs[kv] = [o.token_ids for o in engine.generate(prompts, params, use_tqdm=False)]
         assert engine.pool.num_free_blocks == engine.pool.num_blocks
+        assert engine.kv_cache.quantized == (kv == "int8") and engine.kv_cache.kv_cache_dtype == kv
+        assert engine.pool.num_blocks == engine.kv_cache.num_blocks
         blocks[kv] = engine.pool.num_blocks
         engine.close()
+        assert engine.kv_cache.kv.numel() == 0
     assert blocks["int8"] > 3.5 * blocks["auto"]  # 64 + 4 bytes a row instead of 256
     first = [_first_divergence(a, b) for a, b in zip(outs["auto"], outs["int8"])]
     equal = sum(x == y for a, b in zip(outs["auto"], outs["int8"]) for x, y in zip(a, b)) / (new * len(prompts))
@@ -426,7 +454,7 @@ def test_paged_cache_int8_under_hf_generate(smollm2, chat_ids):
     ids = torch.tensor([chat_ids[2]])
     plain = model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:].tolist()
     with PagedCache(model, kv_cache_dtype="int8") as cache:
-        assert cache.pool.quantized and cache.plan.kv_cache_dtype == "int8"
+        assert cache.kv_cache.quantized and cache.plan.kv_cache_dtype == "int8"
         ours = model.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=cache)[0, ids.shape[1]:]
     assert _first_divergence(plain, ours.tolist()) >= 6
     with PagedCache(model, num_blocks=64, kv_cache_dtype="int8") as cache:
@@ -440,7 +468,7 @@ def test_bad_kv_cache_dtype_is_refused_naming_the_option(smollm2):
     model, tok = smollm2
     for bad in ("fp8", "INT8", 8, None, torch.int8):
         with pytest.raises(ValueError, match="kv_cache_dtype"):
-            validate_engine_options({"kv_cache_dtype": bad})
+            EngineConfig.from_options({"kv_cache_dtype": bad})
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         LLMEngine(model, tok, num_blocks=8, kv_cache_dtype="float8")
     with pytest.raises(ValueError, match="kv_cache_dtype"):
@@ -448,5 +476,5 @@ def test_bad_kv_cache_dtype_is_refused_naming_the_option(smollm2):
     assert "generate" not in model.__dict__  # nothing was wrapped
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         PagedCache(model, num_blocks=4, kv_cache_dtype="bf16")
-    validate_engine_options({"kv_cache_dtype": "auto"})
-    validate_engine_options({"kv_cache_dtype": "int8"})
+    EngineConfig.from_options({"kv_cache_dtype": "auto"})
+    EngineConfig.from_options({"kv_cache_dtype": "int8"})

@@ -5,10 +5,11 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from hf_paged import PagedCache
+from hf_paged import BlockPool, KVCache, PagedCache
+from hf_paged.execution.kv_cache import model_kv_cache
 from hf_paged.execution.patches.attention import disable_paged_attention, enable_paged_attention
 
-from conftest import left_pad, tiny_prompts
+from conftest import build_tiny_model, left_pad, tiny_prompts
 
 
 def _generate_both(model, inputs, cache_blocks=600, seed=None, **kwargs):
@@ -131,3 +132,51 @@ def test_paged_attention_selected_still_equals_dynamic(smollm2, chat_batch):
     finally:
         disable_paged_attention(model)
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_caches_share_one_kv_cache_and_pool(tmp_path):
+    """Two caches on one ``KVCache`` and its ``BlockPool``: each takes its own blocks of the shared storage, neither
+    touches the other's, both give DynamicCache's tokens; freeing returns the blocks and keeps the storage."""
+    model = build_tiny_model("llama", tmp_path)
+    kv_cache = model_kv_cache(model, num_blocks=64, block_size=4)
+    assert kv_cache.kv.shape == (2, 2, 65, 4, model.config.num_key_value_heads, 16)
+    pool = BlockPool(kv_cache.num_blocks, kv_cache.block_size)
+    ids, mask = left_pad(tiny_prompts(3, seed=8), 0)
+    kwargs = dict(attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    ref = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kwargs)
+    first, second = PagedCache(model, kv_cache=kv_cache, pool=pool), PagedCache(model, kv_cache=kv_cache, pool=pool)
+    assert first.kv_cache is second.kv_cache is kv_cache and first.pool is second.pool is pool
+    try:
+        out_first = model.generate(ids, past_key_values=first, **kwargs)
+        first_blocks = sorted({b for row in first.rows for b in row.blocks})
+        assert pool.num_used_blocks == len(first_blocks) == first.num_blocks_in_use > 0
+        stored = kv_cache.kv[:, :, first_blocks].clone()
+        out_second = model.generate(ids, past_key_values=second, **kwargs)
+        second_blocks = {b for row in second.rows for b in row.blocks}
+        assert second_blocks.isdisjoint(first_blocks)
+        assert pool.num_used_blocks == len(first_blocks) + len(second_blocks)
+        assert torch.equal(kv_cache.kv[:, :, first_blocks], stored)  # the second cache wrote only its own blocks
+    finally:
+        first.free()
+        second.free()
+    assert torch.equal(out_first, ref) and torch.equal(out_second, ref)
+    assert pool.num_free_blocks == pool.num_blocks and kv_cache.kv.shape[2] == 65  # the storage stays
+
+
+def test_a_given_kv_cache_does_not_grow():
+    """A cache on a given ``KVCache`` is sized by it: a generation it cannot hold fails with MemoryError."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from conftest import TINY_CONFIGS
+
+    spec = dict(TINY_CONFIGS["llama"])
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    kv_cache = KVCache(2, config.num_key_value_heads, 16, block_size=4, num_blocks=2)
+    cache = PagedCache(model, kv_cache=kv_cache)
+    ids, mask = left_pad(tiny_prompts(2, seed=9, low=10, high=20), 0)
+    with pytest.raises(MemoryError, match="too small"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, past_key_values=cache)
+    cache.free()
+    assert cache.pool.num_blocks == kv_cache.num_blocks == 2 and cache.pool.num_free_blocks == 2

@@ -135,7 +135,7 @@ def test_disable_removes_the_flag(smollm2):
     hf_paged.disable()
     try:
         assert not pipeline_patch.installed()
-        assert TextGenerationPipeline.__dict__["__init__"] is pipeline_patch._original_init
+        assert TextGenerationPipeline.__dict__["__init__"].__module__.startswith("transformers.")
         pipe = pipeline("text-generation", model=model, tokenizer=tok)
         assert type(pipe) is TextGenerationPipeline
     finally:

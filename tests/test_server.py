@@ -143,9 +143,12 @@ def test_chat_greedy_matches_hf_generate_streamed_and_not(client, reference):
     assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
 
 
-def test_n2_seeded_sampling_is_reproducible_and_streams_interleaved(client):
+def test_n2_seeded_sampling_is_reproducible_and_streams_interleaved(url, client):
     kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=1.0, top_p=0.95, n=2, seed=1234)
+    prefilled = metrics(url)["hf_paged:prompt_tokens_total"]
     a = client.completions.create(**kw)
+    # the n samples are one engine request (a group): its prompt is taken in once, not once per sample
+    assert metrics(url)["hf_paged:prompt_tokens_total"] - prefilled == a.usage.prompt_tokens
     b = client.completions.create(**kw)
     assert [c.index for c in a.choices] == [0, 1]
     assert [c.text for c in a.choices] == [c.text for c in b.choices]  # same seed, same samples

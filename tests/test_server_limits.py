@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from hf_paged.serve.process import ServerProcess
+from server_process import launch_hf_paged
 
 KEY = "sekrit-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -24,7 +24,7 @@ LIMITS = ["--api-key", KEY, "--max-concurrent-requests", "2", "--max-body-bytes"
 
 @pytest.fixture(scope="module")
 def server():
-    with ServerProcess.hf_paged(LIMITS, start_timeout=180) as s:
+    with launch_hf_paged(LIMITS, start_timeout=180) as s:
         yield s
     assert s.returncode == 0, s.log_tail()
 
@@ -107,7 +107,7 @@ def test_concurrency_limit_429_and_the_slot_comes_back(server):
 
 def test_sigterm_drains_then_exits_0():
     grace = 2.0
-    with ServerProcess.hf_paged([*LIMITS, "--shutdown-grace", str(grace)], start_timeout=180) as server:
+    with launch_hf_paged([*LIMITS, "--shutdown-grace", str(grace)], start_timeout=180) as server:
         url = server.base_url
         long_body = {"prompt": "Count to a thousand:", "max_tokens": 1000, "ignore_eos": True, "stream": True}
         short_body = {"prompt": "Hello", "max_tokens": 4, "ignore_eos": True, "stream": True}

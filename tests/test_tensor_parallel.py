@@ -5,10 +5,11 @@ port, with a timeout, and checks many things at once through the JSON it writes.
 engine on the unsharded model (the same scenarios, run here) and transformers' own ``generate``:
 
 * a tiny Llama and a tiny Qwen2: greedy tokens equal the single-process engine's, also with chunked prefill,
-  preemption, prefix caching, n = 2 seeded sampling and beam search; the per-rank KV pool is half the single-process
-  pool for the same block count; every rank ran the same forward tokens; an aborted request's blocks are free
-  afterwards and the requests that reuse them are right; a rank that dies makes rank 0 fail its requests at once;
-  ``hf_paged.wrap`` in an SPMD script returns transformers' tokens on every rank;
+  preemption, prefix caching, n = 2 seeded sampling and beam search; the per-rank KV cache is half the single-process
+  cache for the same block count (half the KV heads); every rank ran the same forward tokens; an aborted request's
+  blocks are free afterwards (only rank 0 counts blocks) and the requests that reuse them are right; a rank that
+  dies makes rank 0 fail its requests at once; ``hf_paged.wrap`` in an SPMD script returns transformers' tokens on
+  every rank;
 * ``torchrun -m hf_paged.cli generate`` on SmolLM2 (3 KV heads: attention replicated, the rest sharded) prints what
   the single-process engine generates.
 """
@@ -122,11 +123,16 @@ def test_tokens_equal_single_process_engine(tp_run, scenario):
         assert len(got["tokens"]) == 6 and got["tokens"][0] != got["tokens"][1]
 
 
-def test_kv_pool_per_rank_is_half(tp_run):
+def test_kv_cache_per_rank_is_half(tp_run):
     result, model = tp_run
     for name in ("greedy", "preemption", "prefix_caching"):
-        assert result["scenarios"][name]["kv_bytes"] * 2 == reference(model, name)["kv_bytes"]
-    # the worker's last pool (the abort scenario's) is rank 0's size too: half a single-process block per block
+        got, want = result["scenarios"][name], reference(model, name)
+        assert got["kv_bytes"] * 2 == want["kv_bytes"]
+        assert got["num_blocks"] == want["num_blocks"] == script.SCENARIOS[name]["engine"]["num_blocks"]
+        # [layer, K|V, blocks + null, block_size, KV heads, head_dim]: the same blocks, half the KV heads
+        assert got["kv_shape"][:4] == want["kv_shape"][:4] and got["kv_shape"][5] == want["kv_shape"][5]
+        assert got["kv_shape"][4] * 2 == want["kv_shape"][4]
+    # the worker's last KV cache (the abort scenario's) is rank 0's size too: half a single-process block per block
     one_block = reference(model, "greedy")["kv_bytes"] // (script.SCENARIOS["greedy"]["engine"]["num_blocks"] + 1)
     assert result["workers"][0]["kv_bytes"] == (script.ABORT["engine"]["num_blocks"] + 1) * one_block // 2
 
@@ -137,7 +143,8 @@ def test_every_rank_ran_the_same_forwards(tp_run):
     assert worker["rank"] == 1
     assert worker["forward_tokens"] == result["rank0_forward_tokens"] > 0
     assert worker["engines_started"] == len(result["scenarios"])
-    assert worker["engines_open"] == 0 and worker["used_blocks"] == 0
+    assert worker["engines_open"] == 0
+    assert "used_blocks" not in worker  # only rank 0 counts blocks; a worker holds KV tensors only
 
 
 def test_abort_frees_blocks_on_every_rank(tp_run):
@@ -203,22 +210,34 @@ def test_plan_for_a_sharded_model():
 
 
 def test_heads_that_do_not_split_are_refused(tmp_path, monkeypatch):
-    from hf_paged import distributed
-    from hf_paged.execution.paged_cache import make_pool
+    from hf_paged import LLMEngine, distributed
+    from hf_paged.config import EngineConfig
+    from hf_paged.execution.kv_cache import model_kv_cache
+    from hf_paged.execution.plan import build_plan
 
     model = build_tiny_model("llama", tmp_path)  # 4 query heads, 2 KV heads of 16
     attention = model.model.layers[0].self_attn
     monkeypatch.setattr(distributed, "tensor_parallel_size", lambda m: 2)
-    # what 2 ranks hold of it: half the rows of q/k/v -> one KV head per rank
+    assert distributed.executor_class(model) is distributed.TensorParallelExecutor
+    # what 2 ranks hold of it: half the rows of q/k/v -> one KV head per rank, and a KV cache of that one head
     attention.q_proj.weight = torch.nn.Parameter(attention.q_proj.weight[:32])
     attention.k_proj.weight = torch.nn.Parameter(attention.k_proj.weight[:16])
-    pool = make_pool(model, num_blocks=4)
-    assert pool.num_kv_heads == 1
-    # a shard of 1.5 heads (as transformers' row split gives 3 KV heads over 2 ranks)
+    heads = distributed.local_kv_heads(model, 4, 2, 16)
+    assert heads == 1
+    kv_cache = model_kv_cache(model, num_blocks=4, num_kv_heads=heads)
+    assert kv_cache.num_kv_heads == 1 and kv_cache.kv.shape == (model.config.num_hidden_layers, 2, 5, 16, 1, 16)
+    # a shard of 1.5 heads (as transformers' row split gives 3 KV heads over 2 ranks): refused before any KV tensor
+    # or control channel is made, by the executor and so by the engine
     attention.k_proj.weight = torch.nn.Parameter(attention.k_proj.weight[:8])
-    with pytest.raises(ValueError, match=r"model: .*splits attention heads.*World sizes that split the heads "
-                                         r"evenly: 1, 2"):
-        make_pool(model, num_blocks=4)
+    refusal = r"model: .*splits attention heads.*World sizes that split the heads evenly: 1, 2"
+    with pytest.raises(ValueError, match=refusal):
+        distributed.local_kv_heads(model, 4, 2, 16)
+    with pytest.raises(ValueError, match=refusal):
+        distributed.TensorParallelExecutor(model, EngineConfig(num_blocks=4),
+                                           build_plan("cpu", torch.float32, tensor_parallel=True))
+    with pytest.raises(ValueError, match=refusal):
+        LLMEngine(model, None, num_blocks=4)
+    assert distributed._channel is None
 
 
 def test_loading_plan_replicates_attention_when_heads_do_not_split():

@@ -31,6 +31,7 @@ if "triton" not in sys.modules:
 import pytest
 import torch
 
+
 triton = pytest.importorskip("triton")
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
@@ -43,6 +44,7 @@ interpreted = pytest.mark.skipif(not INTERPRETED, reason="triton was imported be
 not_in_child = pytest.mark.skipif(CHILD, reason="already run by the parent process")
 
 from hf_paged.execution.kernels import dispatch  # noqa: E402
+from hf_paged.execution.plan import default_plan  # noqa: E402
 from hf_paged.execution.kernels import triton_paged_attention as tpa  # noqa: E402
 from hf_paged.execution.kernels.cache_ops import copy_blocks, write_kv  # noqa: E402
 from hf_paged.execution.kernels.paged_attention import (  # noqa: E402
@@ -92,6 +94,7 @@ def make_batch(kv_lens, q_lens, num_decodes, *, block_size, kv_heads, group, hea
         kv_lens_list=list(kv_lens),
         q_lens_list=list(q_lens),
         block_size=block_size,
+        plan=default_plan(key_cache),
     )
     query = torch.randn(cu[-1], kv_heads * group, head_dim, generator=g).to(dtype)
     return query, key_cache, value_cache, meta
@@ -278,11 +281,11 @@ def test_dispatch_selects_path(monkeypatch):
     monkeypatch.delenv("HF_PAGED_FORCE_TRITON", raising=False)
     monkeypatch.delenv("HF_PAGED_FORCE_TORCH", raising=False)
     cpu = torch.zeros(1)
-    assert not dispatch.use_triton(cpu)
+    assert not dispatch.use_triton(default_plan(cpu))
     monkeypatch.setenv("HF_PAGED_FORCE_TRITON", "1")
-    assert dispatch.use_triton(cpu)
+    assert dispatch.use_triton(default_plan(cpu))
     monkeypatch.setenv("HF_PAGED_FORCE_TORCH", "1")
-    assert not dispatch.use_triton(cpu)  # forcing PyTorch wins
+    assert not dispatch.use_triton(default_plan(cpu))  # forcing PyTorch wins
     monkeypatch.delenv("HF_PAGED_FORCE_TRITON")
     monkeypatch.delenv("HF_PAGED_FORCE_TORCH")
 
@@ -293,12 +296,12 @@ def test_dispatch_selects_path(monkeypatch):
     monkeypatch.setattr(tco, "copy_blocks_triton", lambda *a: calls.append("copy"))
     kv = torch.zeros(1, 2, 2, 4, 1, 8)
     args = (kv[0, 0], kv[0, 1], torch.ones(1, 1, 8), torch.ones(1, 1, 8), torch.tensor([3]))
-    dispatch.write_kv(*args)
-    dispatch.copy_blocks(kv, torch.tensor([[0, 1]]))
+    dispatch.write_kv(*args, default_plan(kv))
+    dispatch.copy_blocks(kv, torch.tensor([[0, 1]]), default_plan(kv))
     assert calls == [] and kv[0, 0].reshape(8, 8)[3].eq(1).all() and kv[0, 0, 1].eq(kv[0, 0, 0]).all()
     monkeypatch.setenv("HF_PAGED_FORCE_TRITON", "1")
-    dispatch.write_kv(*args)
-    dispatch.copy_blocks(kv, torch.tensor([[0, 1]]))
+    dispatch.write_kv(*args, default_plan(kv))
+    dispatch.copy_blocks(kv, torch.tensor([[0, 1]]), default_plan(kv))
     assert calls == ["write", "copy"]
 
 
@@ -314,9 +317,10 @@ import hf_paged
 from hf_paged.execution.kernels import dispatch
 assert not [m for m in sys.modules if m.startswith("hf_paged.execution.kernels.triton")], "Triton kernels imported eagerly"
 kv = torch.zeros(1, 2, 2, 4, 1, 8)
-dispatch.write_kv(kv[0, 0], kv[0, 1], torch.ones(1, 1, 8), torch.ones(1, 1, 8), torch.tensor([3]))
+from hf_paged.execution.plan import default_plan
+dispatch.write_kv(kv[0, 0], kv[0, 1], torch.ones(1, 1, 8), torch.ones(1, 1, 8), torch.tensor([3]), default_plan(kv))
 os.environ["HF_PAGED_FORCE_TRITON"] = "1"  # no triton: falls back to PyTorch
-dispatch.copy_blocks(kv, torch.tensor([[0, 1]]))
+dispatch.copy_blocks(kv, torch.tensor([[0, 1]]), default_plan(kv))
 assert kv.sum() == 32
 """
 

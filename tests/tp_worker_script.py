@@ -3,8 +3,9 @@ with transformers' tensor parallelism, rank 0 running hf_paged engines on it and
 
 The scenarios are plain data and one function (:func:`run_scenario`), so the test runs the very same requests on the
 unsharded model in a single process as the oracle. Rank 0 writes one JSON file: each scenario's tokens and counters,
-the per-rank KV pool sizes, what the workers report (steps, forward tokens, blocks held), and optionally the result
-of an SPMD ``wrap``-ed ``generate`` call and of a rank that dies mid-run.
+the per-rank KV cache sizes and shapes, what the workers report (steps, forward tokens, engines open, KV bytes; only
+rank 0 counts blocks), and optionally the result of an SPMD ``wrap``-ed ``generate`` call and of a rank that dies
+mid-run.
 
     torchrun --nproc-per-node 2 tests/tp_worker_script.py MODEL_DIR OUT.json [--spmd] [--dead-rank]
 """
@@ -66,8 +67,8 @@ def run_scenario(model: Any, name: str) -> dict[str, Any]:
         stats = engine.stats()
         return {"tokens": outputs, "preemptions": engine.metrics.preemptions,
                 "prefix_cache_hits": stats["prefix_cache_hits"], "used_blocks_after": engine.pool.num_used_blocks,
-                "forward_tokens": engine.runner.num_forward_tokens,
-                "kv_bytes": engine.pool.kv.numel() * engine.pool.kv.element_size()}
+                "forward_tokens": engine.runner.num_forward_tokens, "kv_bytes": engine.kv_cache.nbytes,
+                "kv_shape": list(engine.kv_cache.kv.shape), "num_blocks": engine.pool.num_blocks}
 
 
 def run_abort(model: Any) -> dict[str, Any]:
@@ -126,10 +127,10 @@ def main() -> int:
         if dead_engine is not None:
             step = worker._step
 
-            def dying_step(engine_id, copies, seqs):
+            def dying_step(engine_id, scheduler_output):
                 if worker.stats.engines_started >= dead_engine and worker.stats.steps >= dead_steps[0]:
                     os._exit(0)  # exit code 0: torchrun would otherwise tear rank 0 down before it can report
-                return step(engine_id, copies, seqs)
+                return step(engine_id, scheduler_output)
 
             dead_steps = [10 ** 9]
             start = worker._start

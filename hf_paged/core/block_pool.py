@@ -1,22 +1,15 @@
-"""The paged KV memory: one pool of fixed-size blocks for every layer, and the block tables that use it.
+"""The block pool: which KV blocks are free, shared or cached; counting only (the tensors live with the runner).
 
-``BlockPool`` owns the storage (``kv[layer, 0|1, block, slot_in_block, kv_head, head_dim]``), a free list
-kept in least-recently-freed order, a reference count per block, and the prefix cache (full blocks
-keyed by a chained content hash; a freed block keeps its hash until it is reused, so it can be hit again).
-``BlockTable`` is one sequence's list of blocks. Sharing is by reference count: ``fork`` shares every
-block, and a write into a block held by more than one table first copies it (copy-on-write). Copies are
-queued on the pool and done in one ``flush_copies`` call per step, before any K/V is written.
+``BlockPool`` keeps a free list in least-recently-freed order, a reference count per block, and the prefix cache
+(full blocks keyed by a chained content hash; a freed block keeps its hash until it is reused, so it can be hit
+again). ``BlockTable`` is one sequence's list of blocks. Sharing is by reference count: ``fork`` shares every block,
+and a write into a block held by more than one table first copies it (copy-on-write). Copies are queued on the pool
+and handed to the runner with the step that needs them (``take_copies``), which does them before any K/V is written.
 
 A sequence never holds more than one partially filled block, so waste is under one block per sequence.
 
-One more block than ``num_blocks`` is stored: the null block (``null_block``, the last one), never allocated.
-Block tables padded to a common width point their padding at it, so a kernel that reads or writes past a
-sequence's own blocks touches no block a sequence owns.
-
-``kv_cache_dtype="int8"`` stores K and V as int8 with one fp32 scale per (token, KV head) (symmetric:
-``scale = max|x| / 127`` of that head's vector) in ``kv_scales[layer, 0|1, block, kv_head, slot_in_block]``:
-a block's scales of one KV head are contiguous, so a kernel walking a block reads them as one short vector.
-Copies, growth and the prefix cache treat the scales as part of their block.
+Block ``num_blocks`` is the null block (``null_block``), never allocated: block tables padded to a common width point
+their padding at it, so a kernel that reads or writes past a sequence's own blocks touches no block a sequence owns.
 """
 
 from __future__ import annotations
@@ -26,64 +19,16 @@ import struct
 from collections import OrderedDict
 from typing import Iterable, Sequence
 
-import torch
-
-from ..cpu_runtime import zeros_on_huge_pages
-
-KV_CACHE_DTYPES = ("auto", "int8")
-
-
-def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    if torch.device(device).type == "cpu":
-        return zeros_on_huge_pages(shape, dtype)
-    return torch.zeros(shape, dtype=dtype, device=device)
-
 
 class BlockPool:
-    """Fixed-size KV blocks for all layers of one model, with reference counts and a prefix cache."""
+    """Reference counts, a free list and a prefix cache over ``num_blocks`` blocks of ``block_size`` tokens."""
 
-    def __init__(
-        self,
-        num_layers: int,
-        num_kv_heads: int,
-        head_dim: int,
-        *,
-        block_size: int = 16,
-        num_blocks: int | None = None,
-        memory_bytes: int | None = None,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-        kv_cache_dtype: str = "auto",
-    ) -> None:
-        if block_size <= 0:
-            raise ValueError(f"block_size must be positive, got {block_size}")
-        if kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"kv_cache_dtype: expected one of {', '.join(map(repr, KV_CACHE_DTYPES))}, "
-                             f"got {kv_cache_dtype!r}")
-        self.kv_cache_dtype = kv_cache_dtype
-        quantized = kv_cache_dtype == "int8"
-        if quantized:
-            dtype = torch.int8
-        # Per token and KV head: head_dim elements (plus one fp32 scale when quantized), for K and V, every layer.
-        row_bytes = head_dim * dtype.itemsize + (4 if quantized else 0)
-        bytes_per_block = 2 * num_layers * block_size * num_kv_heads * row_bytes
-        if num_blocks is None:
-            if memory_bytes is None:
-                raise ValueError("give num_blocks or memory_bytes to size the block pool")
-            num_blocks = int(memory_bytes) // bytes_per_block - 1  # one block is the null block
-        if num_blocks <= 0:
-            raise ValueError(f"num_blocks must be positive (memory_bytes too small?), got {num_blocks}")
-        self.num_layers = num_layers
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = head_dim
+    def __init__(self, num_blocks: int, block_size: int = 16) -> None:
+        for name, value in (("num_blocks", num_blocks), ("block_size", block_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}: must be a positive integer (got {value!r})")
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.bytes_per_block = bytes_per_block
-        self.null_block = num_blocks
-        self.kv = _zeros((num_layers, 2, num_blocks + 1, block_size, num_kv_heads, head_dim), dtype, device)
-        self.kv_scales: torch.Tensor | None = (
-            _zeros((num_layers, 2, num_blocks + 1, num_kv_heads, block_size), torch.float32, device) if quantized
-            else None)
         self.ref_counts = [0] * num_blocks
         # Free blocks, oldest-freed first: allocation takes from the front, so recently freed cached
         # blocks survive longest (LRU eviction of the prefix cache).
@@ -94,65 +39,17 @@ class BlockPool:
         self.prefix_queries = 0
         self.prefix_hits = 0
 
-    # ---- storage views -------------------------------------------------------------------------
     @property
-    def dtype(self) -> torch.dtype:
-        return self.kv.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.kv.device
-
-    @property
-    def quantized(self) -> bool:
-        """Whether K/V are stored as int8 with scales (``kv_cache_dtype="int8"``)."""
-        return self.kv_scales is not None
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of storage held (K/V and their scales, the null block included)."""
-        scales = 0 if self.kv_scales is None else self.kv_scales.numel() * self.kv_scales.element_size()
-        return self.kv.numel() * self.kv.element_size() + scales
+    def null_block(self) -> int:
+        return self.num_blocks
 
     def grow(self, num_new_blocks: int) -> None:
-        """Add ``num_new_blocks`` free blocks (the storage is reallocated and copied; block ids stay valid, the null
-        block moves to the new end). For pools that size themselves on demand (``PagedCache`` without a size)."""
-        old, num = self.kv, self.num_blocks
-        shape = (self.num_layers, 2, num + num_new_blocks + 1, self.block_size, self.num_kv_heads, self.head_dim)
-        self.kv = _zeros(shape, old.dtype, old.device)
-        self.kv[:, :, :num] = old[:, :, :num]
-        if self.kv_scales is not None:
-            old_scales = self.kv_scales
-            self.kv_scales = _zeros((*shape[:3], self.num_kv_heads, self.block_size), torch.float32, old.device)
-            self.kv_scales[:, :, :num] = old_scales[:, :, :num]
+        """Add ``num_new_blocks`` free blocks (the null block moves to the new end; the storage grows with it)."""
+        num = self.num_blocks
         self.num_blocks = num + num_new_blocks
-        self.null_block = self.num_blocks
         self.ref_counts.extend([0] * num_new_blocks)
         for block in range(num, num + num_new_blocks):
             self._free[block] = None
-
-    def release(self) -> None:
-        """Give the storage back (the pool's owner is closing; every block must be free)."""
-        self.kv = torch.empty((self.num_layers, 2, 0, self.block_size, self.num_kv_heads, self.head_dim),
-                              dtype=self.kv.dtype, device=self.kv.device)
-        if self.kv_scales is not None:
-            self.kv_scales = torch.empty((self.num_layers, 2, 0, self.num_kv_heads, self.block_size),
-                                         dtype=torch.float32, device=self.kv.device)
-
-    def key_cache(self, layer: int) -> torch.Tensor:
-        """``[num_blocks, block_size, kv_heads, head_dim]`` keys of one layer (a view)."""
-        return self.kv[layer, 0]
-
-    def value_cache(self, layer: int) -> torch.Tensor:
-        return self.kv[layer, 1]
-
-    def key_scales(self, layer: int) -> torch.Tensor | None:
-        """``[num_blocks, kv_heads, block_size]`` fp32 scales of one layer's int8 keys (a view); None unless
-        quantized."""
-        return None if self.kv_scales is None else self.kv_scales[layer, 0]
-
-    def value_scales(self, layer: int) -> torch.Tensor | None:
-        return None if self.kv_scales is None else self.kv_scales[layer, 1]
 
     # ---- allocation ----------------------------------------------------------------------------
     @property
@@ -215,24 +112,19 @@ class BlockPool:
 
     # ---- copies --------------------------------------------------------------------------------
     def queue_copy(self, src: int, dst: int) -> None:
-        # All queued copies read their sources at once, before any is written: a source that is itself
-        # the destination of a queued copy must read that copy's source instead.
-        for pending_src, pending_dst in self._pending_copies:
+        # All queued copies read their sources at once, before any is written: a source that is itself the
+        # destination of a queued copy must read that copy's source instead (the latest one: queued sources are
+        # already resolved, and a block may have been a source, been freed, then a destination).
+        for pending_src, pending_dst in reversed(self._pending_copies):
             if pending_dst == src:
                 src = pending_src
+                break
         self._pending_copies.append((src, dst))
 
-    def flush_copies(self, plan=None) -> None:
-        """Do every queued copy-on-write block copy (all layers, K and V, their scales) in one operation."""
-        if not self._pending_copies:
-            return
-        from ..execution.kernels.dispatch import copy_blocks
-
-        # Staged in pinned memory on CUDA and copied without waiting: no host synchronisation per step.
-        pairs = torch.tensor(self._pending_copies, dtype=torch.long, pin_memory=self.kv.is_cuda)
-        pairs = pairs.to(self.device, non_blocking=True)
-        self._pending_copies.clear()
-        copy_blocks(self.kv, pairs, plan, scales=self.kv_scales)
+    def take_copies(self) -> list[tuple[int, int]]:
+        """The queued copy-on-write copies ``(src, dst)``, for the step that needs them (the queue is emptied)."""
+        copies, self._pending_copies = self._pending_copies, []
+        return copies
 
 
 def hash_block_tokens(parent: bytes | None, token_ids: Sequence[int], salt: str | None = None) -> bytes:

@@ -10,11 +10,20 @@ full blocks a step filled so later prompts can find them, and returns a sequence
 from __future__ import annotations
 
 from .block_pool import BlockPool, hash_block_tokens
+from .kv_cache_spec import KVCacheGroup
 from .sequence import Sequence
 
 
 class KVCacheManager:
-    def __init__(self, pool: BlockPool, enable_prefix_caching: bool = True) -> None:
+    """The block tables of a model's paged layer groups (``kv_cache_spec``) on one pool."""
+
+    def __init__(self, pool: BlockPool, enable_prefix_caching: bool = True,
+                 groups: list[KVCacheGroup] | None = None) -> None:
+        unkept = [g for g in groups or [] if not g.paged]
+        if unkept:
+            raise ValueError(f"model: layers {list(unkept[0].layers)} keep {type(unkept[0].spec).__name__}, which the "
+                             "KV-cache manager does not keep")
+        self.groups = list(groups or [])
         self.pool = pool
         self.enable_prefix_caching = enable_prefix_caching
         self.num_prefix_cached_tokens = 0  # prompt tokens served from the prefix cache

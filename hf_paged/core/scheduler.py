@@ -16,31 +16,60 @@ bookkeeping. After the forward, ``postprocess`` records what the step computed.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import time
 
 from .kv_cache_manager import KVCacheManager
-from .sequence import Sequence
+from .sequence import FinishReason, Sequence
 
 
 @dataclass
 class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
+    max_model_len: int = 1 << 30
 
 
 @dataclass
-class ScheduledStep:
-    """Sequences of one step and how many new tokens each computes (decodes first)."""
+class ScheduledSequence:
+    """What the runner needs of one sequence in a step: the tokens it computes, the position of the first, its whole
+    block table (block ids), and whether its last token's logits are sampled."""
 
-    seqs: list[Sequence]
-    num_new_tokens: list[int]
-    preempted: list[Sequence]
+    request_id: str
+    token_ids: list[int]
+    first_position: int
+    block_ids: list[int]
+    samples: bool
+
+
+@dataclass
+class SchedulerOutput:
+    """One step as plain data (picklable: tensor-parallel ranks receive it as it is): the scheduled sequences
+    (decodes first) and the copy-on-write block copies ``(src, dst)`` to do before the forward."""
+
+    seqs: list[ScheduledSequence]
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
-        return sum(self.num_new_tokens)
+        return sum(len(s.token_ids) for s in self.seqs)
+
+    @property
+    def num_decodes(self) -> int:
+        """The leading sequences that compute one token each."""
+        n = 0
+        while n < len(self.seqs) and len(self.seqs[n].token_ids) == 1:
+            n += 1
+        return n
+
+
+def scheduled_seq(seq: Sequence, num_new_tokens: int) -> ScheduledSequence:
+    """``seq``'s next ``num_new_tokens`` tokens as a step computes them."""
+    start = seq.num_computed_tokens
+    end = start + num_new_tokens
+    return ScheduledSequence(seq.request_id, seq.token_ids[start:end], start, list(seq.block_table.blocks),
+                             end == seq.num_tokens)
 
 
 class Scheduler:
@@ -51,6 +80,9 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.num_prompt_tokens_scheduled = 0
+        self.step_seqs: list[Sequence] = []  # the last step's sequences, in the order of its SchedulerOutput
+        self.step_counts: list[int] = []
+        self.preempted: list[Sequence] = []  # by the last schedule
 
     @property
     def num_prefix_cached_tokens(self) -> int:
@@ -62,7 +94,7 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> ScheduledStep:
+    def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         scheduled: list[tuple[Sequence, int]] = []
         preempted: list[Sequence] = []
@@ -99,7 +131,8 @@ class Scheduler:
                 self.num_prompt_tokens_scheduled += n
                 budget -= n
         scheduled.sort(key=lambda item: item[1] != 1)  # decodes (one token) first, stable
-        return ScheduledStep([s for s, _ in scheduled], [n for _, n in scheduled], preempted)
+        self.step_seqs, self.step_counts, self.preempted = [s for s, _ in scheduled], [n for _, n in scheduled], preempted
+        return SchedulerOutput([scheduled_seq(s, n) for s, n in scheduled], self.kv.pool.take_copies())
 
     def _preempt(self, seq: Sequence) -> None:
         self.kv.free(seq)
@@ -108,12 +141,38 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def postprocess(self, step: ScheduledStep) -> None:
+    def postprocess(self) -> None:
         """After the step's forward: its tokens are computed, and the full blocks they filled are cached."""
-        for seq, n in zip(step.seqs, step.num_new_tokens):
+        for seq, n in zip(self.step_seqs, self.step_counts):
             old = seq.num_computed_tokens
             seq.num_computed_tokens = old + n
             self.kv.register_computed_blocks(seq, old)
+
+    def append_tokens(self, seqs: list[Sequence], tokens: list[int], logprobs: list[float] | None,
+                      top_logprobs: list | None) -> list[FinishReason | None]:
+        """Append each sequence's sampled token (and its logprobs); per sequence, the reason it stops by token or
+        length (stop strings are the output processor's: they need the text), else None."""
+        now = time.perf_counter()
+        reasons: list[FinishReason | None] = []
+        for i, (seq, token) in enumerate(zip(seqs, tokens)):
+            if seq.error is not None:  # its own logits processor failed: nothing to append
+                reasons.append(FinishReason.ERROR)
+                continue
+            seq.token_ids.append(token)
+            if logprobs is not None and seq.params.logprobs:
+                seq.logprobs.append(logprobs[i])
+                if top_logprobs is not None and seq.params.top_logprobs:
+                    seq.top_logprobs.append(top_logprobs[i])
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            n_out, p = seq.num_output_tokens, seq.params
+            if token in seq.stop_ids and n_out >= p.min_new_tokens:
+                reasons.append(FinishReason.STOP)
+            elif n_out >= p.max_new_tokens or seq.num_tokens >= self.config.max_model_len:
+                reasons.append(FinishReason.LENGTH)
+            else:
+                reasons.append(None)
+        return reasons
 
     def replace(self, old: list[Sequence], new: list[Sequence]) -> None:
         """Put ``new`` where ``old`` were (a request's root by its samples, beams by the next beams); old

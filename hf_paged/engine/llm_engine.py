@@ -13,35 +13,37 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import inspect
 import logging
 import queue
 import threading
 import time
 import weakref
-from typing import Any, AsyncIterator, Iterable, Iterator, Sequence as Seq
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Sequence as Seq
 
 import torch
 
-from ..core.block_pool import KV_CACHE_DTYPES, BlockTable
-from ..execution.paged_cache import make_pool
-from ..cpu_runtime import release_openmp_pool, tune_malloc
-from ..distributed import is_tensor_parallel, make_runner
-from ..core.kv_cache_manager import KVCacheManager
-from .metrics import EngineMetrics
-from ..execution.model_runner import WeightWatcher
-from .output_processor import OutputProcessor
 from ..admission import UnsupportedModel, engine_refusal
-from ..execution.probe import probe_engine
-from ..execution.plan import build_plan
-from ..execution.sampler import Sampler
-from ..core.scheduler import Scheduler, SchedulerConfig
+from ..config import EngineConfig
 from ..core.beam_search import BeamSearchState
+from ..core.block_pool import BlockPool, BlockTable
+from ..core.kv_cache_manager import KVCacheManager
+from ..core.kv_cache_spec import attention_groups
+from ..core.scheduler import Scheduler, SchedulerConfig
 from ..core.sequence import RequestOutput, SamplingParams, Sequence, SequenceGroup, StreamDelta
+from ..cpu_runtime import release_openmp_pool, tune_malloc
+from ..distributed import executor_class, is_tensor_parallel
+from ..execution.cuda_graphs import DecodeGraphs
+from ..execution.executor import Executor
+from ..execution.kv_cache import KVCache
+from ..execution.model_runner import ModelRunner, WeightWatcher
+from ..execution.plan import build_plan
+from ..execution.probe import probe_engine
+from ..execution.sampler import Sampler
+from .metrics import EngineMetrics
+from .output_processor import OutputProcessor
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_KV_MEMORY_BYTES = 2 << 30
 _engines: "weakref.WeakSet[LLMEngine]" = weakref.WeakSet()
 
 
@@ -78,31 +80,11 @@ def _shutdown_engines() -> None:
         engine.shutdown()
 
 
-def _positive_int(name: str, value: Any, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name}: must be a positive integer{' or None' if optional else ''} (got {value!r})")
-
-
-def validate_engine_options(options: dict[str, Any]) -> None:
-    """Raise ``ValueError`` naming the first engine option that ``LLMEngine`` would not accept."""
-    known = [p for p in inspect.signature(LLMEngine.__init__).parameters if p not in ("self", "model", "tokenizer")]
-    for name, value in options.items():
-        if name not in known:
-            raise ValueError(f"{name}: not an engine option (known: {', '.join(known)})")
-        if name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
-            _positive_int(name, value)
-        elif name in ("num_blocks", "memory_bytes", "max_model_len"):
-            _positive_int(name, value, optional=True)
-        elif name in ("enable_prefix_caching", "share_blocks", "compile"):
-            if not isinstance(value, bool):
-                raise ValueError(f"{name}: must be True or False (got {value!r})")
-        elif name == "kv_cache_dtype":
-            if not isinstance(value, str) or value not in KV_CACHE_DTYPES:
-                raise ValueError(f"{name}: must be one of {', '.join(map(repr, KV_CACHE_DTYPES))} (got {value!r})")
-        elif value is not None and not isinstance(value, bool):
-            raise ValueError(f"{name}: must be True, False or None for the default (got {value!r})")
+def _eos_token_ids(model: torch.nn.Module) -> list[int]:
+    eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
+    if eos is None:
+        eos = model.config.get_text_config().eos_token_id
+    return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
 
 
 class _LoopQueue:
@@ -121,77 +103,49 @@ class _LoopQueue:
 class LLMEngine:
     """Serve many generation requests at once on paged KV memory with an unmodified HF causal LM.
 
-    The KV pool takes ``num_blocks`` blocks of ``block_size`` tokens, or as many as fit in ``memory_bytes``
-    (default 2 GiB), in the model's dtype. What the forwards run is decided once, in ``engine.plan``
-    (:mod:`hf_paged.execution.plan`): ``compile`` runs the decoder layers through ``torch.compile`` (one graph shared by all
-    layers and step shapes, one more for single-token steps; seconds at the first steps); ``pack_weights`` (default:
-    on for CPU models) multiplies with pre-packed oneDNN weights (one more copy of the linear weights);
-    ``fuse_layers`` (default: as ``pack_weights``; never with ``compile``) runs Llama-style attention, MLP and
-    RMSNorm modules through fused forwards (see ``patches/fused_layers.py``); ``cpu_kernels`` (default: on where
-    they build, ``HF_PAGED_CPU_KERNEL``), ``amx`` (default: where the CPU has it, ``HF_PAGED_AMX``) and ``triton``
-    (default: on CUDA) force those paths on or off. None of it changes the model outside the engine's own
-    forwards. Several engines may serve one model: their forwards take turns. ``share_blocks=False`` copies
-    blocks for n-samples and beams instead of sharing them. ``cuda_graphs`` (default: on for a CUDA model with the
-    Triton kernels) replays decode-only steps from CUDA graphs captured at padded batch sizes
-    (:mod:`hf_paged.execution.cuda_graphs`); steps with prefill run eagerly. ``kv_cache_dtype="int8"`` stores K/V as int8
-    with one fp32 scale per token and KV head (symmetric, max|x| / 127): about a quarter of fp32's bytes per block
-    (half of bf16's), so ``memory_bytes`` holds that many more blocks and decode attention reads that many fewer
-    bytes, at the price of a small rounding error in attention; ``"auto"`` (the default) keeps the model's dtype.
+    The options are :class:`~hf_paged.config.EngineConfig`'s fields (the pool, the scheduler's limits, the plan's
+    switches), as keywords or as ``config``; what the forwards run is decided once, in ``engine.plan``, and none of
+    it changes the model outside the engine's own forwards. Several engines may serve one model: their forwards take
+    turns. ``executor`` (injected; default: tensor-parallel for a sharded model, else this process) is called with
+    the model, the config and the plan, and runs the steps.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer=None, *, block_size: int = 16, num_blocks: int | None = None,
-                 memory_bytes: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
-                 enable_prefix_caching: bool = True, max_model_len: int | None = None,
-                 share_blocks: bool = True, compile: bool = False, pack_weights: bool | None = None,
-                 fuse_layers: bool | None = None, cpu_kernels: bool | None = None, amx: bool | None = None,
-                 triton: bool | None = None, cuda_graphs: bool | None = None, kv_cache_dtype: str = "auto") -> None:
-        validate_engine_options(dict(
-            block_size=block_size, num_blocks=num_blocks, memory_bytes=memory_bytes, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
-            max_model_len=max_model_len, share_blocks=share_blocks, compile=compile, pack_weights=pack_weights,
-            fuse_layers=fuse_layers, cpu_kernels=cpu_kernels, amx=amx, triton=triton, cuda_graphs=cuda_graphs,
-            kv_cache_dtype=kv_cache_dtype))
+    def __init__(self, model: torch.nn.Module, tokenizer=None, *, config: EngineConfig | None = None,
+                 executor: Callable[..., Executor] | None = None, **options: Any) -> None:
+        if config is None:
+            config = EngineConfig.from_options(options)
+        elif options:
+            raise ValueError(f"{next(iter(options))}: give the engine options in config or as keywords, not both")
         refusal = engine_refusal(model)
         if refusal is not None:
             raise UnsupportedModel(refusal)
-        self.model = model
-        if num_blocks is None and memory_bytes is None:
-            memory_bytes = DEFAULT_KV_MEMORY_BYTES
-        self.pool = make_pool(model, block_size=block_size, num_blocks=num_blocks, memory_bytes=memory_bytes,
-                              kv_cache_dtype=kv_cache_dtype)
-        self.kv = KVCacheManager(self.pool, enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv, SchedulerConfig(max_num_seqs, max_num_batched_tokens))
-        self.plan = build_plan(self.pool.device, next(model.parameters()).dtype, compile=compile,
-                               pack_weights=pack_weights, fuse_layers=fuse_layers, cpu_kernels=cpu_kernels, amx=amx,
-                               triton=triton, cuda_graphs=cuda_graphs, tensor_parallel=is_tensor_parallel(model),
-                               kv_cache_dtype=kv_cache_dtype)
+        self.model, self.config = model, config
+        param = next(model.parameters())
+        self.plan = build_plan(param.device, param.dtype, **config.plan_options(),
+                               tensor_parallel=is_tensor_parallel(model))
         logger.info("hf_paged engine for %s: %s", type(model).__name__, self.plan)
-        self._on_cpu = self.pool.device.type == "cpu"
-        self.runner = make_runner(model, self.pool, self.plan)  # sharded: rank 0 drives the others (distributed.py)
+        self._on_cpu = param.device.type == "cpu"
+        text = model.config.get_text_config()
+        self.max_model_len = config.max_model_len or getattr(text, "max_position_embeddings", None) or 1 << 30
+        self.vocab_size = text.vocab_size
+        self.executor = (executor or executor_class(model))(model, config, self.plan)
+        try:
+            self._start_runner()
+        except Exception:
+            self.executor.close()
+            raise
+        self.pool = BlockPool(self.executor.num_blocks, config.block_size)
+        kv = self.kv_cache
+        self.kv = KVCacheManager(self.pool, config.enable_prefix_caching,
+                                 attention_groups(self.runner.layer_windows, kv.num_kv_heads, kv.head_dim))
+        self.scheduler = Scheduler(self.kv, SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
+                                                             self.max_model_len))
         self.weights = WeightWatcher(model)
-        if self._on_cpu:
-            tune_malloc()
         self.sampler = Sampler(c_argmax=self.plan.cpu_kernels)
-        config = model.config.get_text_config()
-        self.max_model_len = max_model_len or getattr(config, "max_position_embeddings", None) or 1 << 30
-        self.vocab_size = config.vocab_size
-        if self.plan.cuda_graphs:
-            from ..execution.cuda_graphs import DecodeGraphs
-
-            self.runner.decode_graphs = DecodeGraphs(self.runner, max_num_seqs, self.max_model_len)
-        if not is_tensor_parallel(model):  # (a sharded model's plain forward needs every rank)
-            try:
-                probe_engine(self.runner, self.pool, self.vocab_size)
-            except Exception:
-                self.runner.close()
-                self.pool.release()
-                raise
-        eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
-        if eos is None:
-            eos = config.eos_token_id
-        self.eos_token_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        self.eos_token_ids = _eos_token_ids(model)
         self.metrics = EngineMetrics()
-        self.outputs = OutputProcessor(self.scheduler, self.metrics, tokenizer, self.max_model_len, share_blocks)
+        self.outputs = OutputProcessor(self.scheduler, self.metrics, tokenizer, self.max_model_len,
+                                       config.share_blocks)
         self._inbox: "queue.SimpleQueue[tuple[str, object]]" = queue.SimpleQueue()
         self._wake = threading.Condition()
         self._pending = 0  # messages posted, not yet taken by the engine thread
@@ -200,6 +154,25 @@ class LLMEngine:
         self._closed = False
         self._thread: threading.Thread | None = None
         _engines.add(self)
+
+    def _start_runner(self) -> None:
+        """CUDA graphs where the plan has them, then the admission probe (not on a sharded model: its plain forward
+        needs every rank)."""
+        if self._on_cpu:
+            tune_malloc()
+        if self.plan.cuda_graphs:
+            self.runner.decode_graphs = DecodeGraphs(self.runner, self.config.max_num_seqs, self.max_model_len)
+        if not is_tensor_parallel(self.model):
+            probe_engine(self.runner, self.vocab_size)
+
+    @property
+    def runner(self) -> ModelRunner:
+        """The runner of this process (rank 0's on a tensor-parallel model)."""
+        return self.executor.runner
+
+    @property
+    def kv_cache(self) -> KVCache:
+        return self.executor.runner.kv_cache
 
     @property
     def tokenizer(self) -> Any:
@@ -264,14 +237,16 @@ class LLMEngine:
     def _decode(self, ids: list[int]) -> str | None:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else None
 
-    def submit(self, prompt: str | Seq[int], params: SamplingParams | None = None, request_id: str | None = None,
-               stream: bool | Any = False) -> Sequence:
-        """Queue a request; returns its sequence (``seq.done`` is set when it finishes). ``stream``: True, or a
-        queue (anything with ``put``), to receive its ``StreamDelta``s in ``seq.stream``."""
-        seq = self.make_sequence(prompt, params, request_id)
+    def submit(self, prompt: str | Seq[int] | Sequence, params: SamplingParams | None = None,
+               request_id: str | None = None, stream: bool | Any = False) -> Sequence:
+        """Queue a request (or a sequence ``make_sequence`` built, not yet submitted); returns its sequence
+        (``seq.done`` is set when it finishes). ``stream``: True, or a queue (anything with ``put``), to receive its
+        ``StreamDelta``s in ``seq.stream``; an ``n > 1`` request streams its samples' deltas (ids
+        ``<request_id>-<i>``), then its own last one."""
+        seq = prompt if isinstance(prompt, Sequence) else self.make_sequence(prompt, params, request_id)
         if stream is not False and stream is not None:
-            if seq.group is not None:
-                raise ValueError("stream: streaming is for single-sequence requests (n=1, num_beams=1)")
+            if seq.group is not None and seq.group.beam is not None:
+                raise ValueError("stream: beam search requests do not stream")
             seq.stream = queue.SimpleQueue() if stream is True else stream
         self._post("add", seq)
         return seq
@@ -321,8 +296,7 @@ class LLMEngine:
         self._drain_inbox()
         for request_id in list(self.outputs.requests):
             self.outputs.abort(request_id)
-        self.runner.close()
-        self.pool.release()
+        self.executor.close()
         _engines.discard(self)
 
     @property
@@ -351,7 +325,7 @@ class LLMEngine:
         ``load_state_dict``, a merged adapter), cached prefixes hold stale K/V and packed copies stale weights."""
         if self.weights.changed(full=was_idle):
             self.kv.reset_prefix_cache()
-            self.runner.build()
+            self.executor.rebuild()
 
     def step(self) -> list[Sequence]:
         """One iteration (schedule -> execute -> sample -> process); returns the sequences that finished in it."""
@@ -359,22 +333,23 @@ class LLMEngine:
         if self._drain_inbox():
             self._sync_weights(was_idle)
         step = self.scheduler.schedule()
-        self.metrics.preemptions += len(step.preempted)
+        self.metrics.preemptions += len(self.scheduler.preempted)
         if not step.seqs:
             return []
         started = time.perf_counter()
+        scheduled = self.scheduler.step_seqs
         try:
-            logits, rows = self.runner.execute(step)
-            self.scheduler.postprocess(step)
-            seqs, logits = self.outputs.rows_to_sample(step, logits, rows)
+            logits, rows = self.executor.execute(step)
+            self.scheduler.postprocess()
+            seqs, logits = self.outputs.rows_to_sample(scheduled, logits, rows)
             # In place: the step's logits are ours (beam rows were taken out above by indexing, a copy).
             sampled = self.sampler(logits, seqs, inplace=True) if seqs else ([], None, None)
-            self.outputs.advance_beams(step.seqs)
+            self.outputs.advance_beams(scheduled)
         except Exception as exc:  # a failed forward fails only this step's requests
-            logger.exception("engine step failed; failing its %d requests", len(step.seqs))
-            return self.outputs.fail(step.seqs, exc)
-        self.metrics.record_step(step, time.perf_counter() - started, self.pool, self.scheduler)
-        return self.outputs.process(seqs, *sampled)
+            logger.exception("engine step failed; failing its %d requests", len(scheduled))
+            return self.outputs.fail(scheduled, exc)
+        self.metrics.record_step(step.num_tokens, time.perf_counter() - started, self.pool, self.scheduler)
+        return self.outputs.process(seqs, self.scheduler.append_tokens(seqs, *sampled))
 
     # ---- convenience APIs ----------------------------------------------------------------------
     def generate(self, prompts: str | Seq[int] | Iterable[str | Seq[int]],
@@ -435,7 +410,7 @@ class LLMEngine:
         try:
             while not finished:
                 delta = seq.stream.get()
-                finished = delta.finish_reason is not None
+                finished = delta.finish_reason is not None and delta.request_id == seq.request_id
                 yield delta
         finally:
             if not finished:
@@ -451,7 +426,7 @@ class LLMEngine:
         try:
             while not finished:
                 delta = await deltas.get()
-                finished = delta.finish_reason is not None
+                finished = delta.finish_reason is not None and delta.request_id == seq.request_id
                 yield delta
         finally:
             if not finished and not self._closed:

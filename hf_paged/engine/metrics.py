@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ..core.block_pool import BlockPool
-    from ..core.scheduler import ScheduledStep, Scheduler
+    from ..core.scheduler import Scheduler
     from ..core.sequence import Sequence
 
 
@@ -35,10 +35,10 @@ class EngineMetrics:
     ttft_s: list[float] = field(default_factory=list)
     tpot_s: list[float] = field(default_factory=list)
 
-    def record_step(self, step: "ScheduledStep", seconds: float, pool: "BlockPool", scheduler: "Scheduler") -> None:
+    def record_step(self, num_tokens: int, seconds: float, pool: "BlockPool", scheduler: "Scheduler") -> None:
         self.steps += 1
         self.step_time_s += seconds
-        self.forward_tokens += step.num_tokens
+        self.forward_tokens += num_tokens
         self.running = len(scheduler.running)
         self.waiting = len(scheduler.waiting)
         used = pool.num_used_blocks

@@ -17,7 +17,7 @@ import torch
 
 from ..detokenizer import IncrementalDetokenizer
 from .metrics import EngineMetrics
-from ..core.scheduler import ScheduledStep, Scheduler
+from ..core.scheduler import Scheduler
 from ..core.sequence import FinishReason, Sequence, SequenceGroup, StreamDelta
 
 
@@ -57,13 +57,13 @@ class OutputProcessor:
         return list(seqs)
 
     # ---- after the forward ---------------------------------------------------------------------
-    def rows_to_sample(self, step: ScheduledStep, logits: torch.Tensor,
+    def rows_to_sample(self, scheduled: list[Sequence], logits: torch.Tensor,
                        rows: list[int]) -> tuple[list[Sequence], torch.Tensor]:
         """The sequences that sample this step and their logits. A beam keeps its logits for its group; the prompt
         of an ``n > 1`` request is replaced by its ``n`` samples (sharing its blocks), each sampling from its row."""
         sampling: list[Sequence] = []
         sample_rows: list[int] = []
-        for row, seq in enumerate(step.seqs[r] for r in rows):  # row: the seq's row of logits
+        for row, seq in enumerate(scheduled[r] for r in rows):  # row: the seq's row of logits
             group = seq.group
             if group is not None and group.beam is not None:
                 seq.pending_logits = logits[row]
@@ -72,6 +72,7 @@ class OutputProcessor:
                 for child in children:
                     child.detokenizer = (IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids)
                                          if seq.detokenizer is not None else None)
+                    child.stream = seq.stream
                 group.live = children
                 self.scheduler.replace([seq], children)
                 sampling.extend(children)
@@ -109,44 +110,22 @@ class OutputProcessor:
             group.live = children
             self.scheduler.replace(beams, children)
 
-    def process(self, seqs: list[Sequence], tokens: list[int], logprobs: list[float] | None,
-                top_logprobs: list | None) -> list[Sequence]:
-        """Append each sequence's sampled token, stream it, finish what stops; returns the finished sequences."""
-        now = time.perf_counter()
+    def process(self, seqs: list[Sequence], reasons: list[FinishReason | None]) -> list[Sequence]:
+        """After the scheduler appended the step's tokens (``reasons``: stopped by token or length): detokenize, check
+        stop strings, stream, finish what stopped; returns the finished sequences."""
         finished = []
-        self.metrics.generation_tokens += len(tokens)
-        for i, (seq, token) in enumerate(zip(seqs, tokens)):
-            if seq.error is not None:  # its own logits processor failed
-                self.finish(seq, FinishReason.ERROR, seq.error)
-                finished.append(seq)
-                continue
-            seq.token_ids.append(token)
-            if logprobs is not None and seq.params.logprobs:
-                seq.logprobs.append(logprobs[i])
-                if top_logprobs is not None and seq.params.top_logprobs:
-                    seq.top_logprobs.append(top_logprobs[i])
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            reason = self._stop_reason(seq, token)
+        self.metrics.generation_tokens += len(seqs)
+        for seq, reason in zip(seqs, reasons):
+            if seq.detokenizer is not None and reason in (None, FinishReason.LENGTH):  # a stop token's text is not shown
+                new_text = seq.detokenizer.add(seq.token_ids[-1])
+                if seq.params.stop and new_text and self._find_stop_string(seq, len(new_text)):
+                    reason = FinishReason.STOP
             if reason is not None:
-                self.finish(seq, reason)
+                self.finish(seq, reason, seq.error)
                 finished.append(seq)
             elif seq.stream is not None:
                 self._send(seq, final=False)
         return finished
-
-    def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
-        p = seq.params
-        n_out = seq.num_output_tokens
-        if token in seq.stop_ids and n_out >= p.min_new_tokens:
-            return FinishReason.STOP
-        if seq.detokenizer is not None:
-            new_text = seq.detokenizer.add(token)
-            if p.stop and new_text and self._find_stop_string(seq, len(new_text)):
-                return FinishReason.STOP
-        if n_out >= p.max_new_tokens or seq.num_tokens >= self.max_model_len:
-            return FinishReason.LENGTH
-        return None
 
     @staticmethod
     def _find_stop_string(seq: Sequence, new_chars: int) -> bool:

@@ -24,11 +24,12 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import torch
 
+from ..core.scheduler import ScheduledSequence, SchedulerOutput
 from .kernels.paged_attention import PagedAttentionMetadata, step_running
+from .step_inputs import build_step_inputs
 
 if TYPE_CHECKING:
     from .model_runner import ModelRunner
-    from ..core.scheduler import ScheduledStep
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -124,17 +125,17 @@ class DecodeGraphs:
                  capturer: GraphCapturer | None = None) -> None:
         if not runner.plan.triton:
             raise ValueError("cuda_graphs: decode graphs need the Triton attention (plan.attention == 'triton')")
-        pool = runner.pool
+        kv = runner.kv_cache
         self.runner = runner
         self.sizes = graph_batch_sizes(max_num_seqs)
         self.max_batch = self.sizes[-1]
         # Block-table width: no sequence holds more blocks than its context or the pool allow.
-        self.width = max(1, min(-(-max_model_len // pool.block_size), pool.num_blocks))
-        self.max_len = self.width * pool.block_size
-        device, batch, null = pool.device, self.max_batch, pool.null_block
+        self.width = max(1, min(-(-max_model_len // kv.block_size), kv.num_blocks))
+        self.max_len = self.width * kv.block_size
+        device, batch, null = kv.device, self.max_batch, kv.null_block
         self.input_ids = torch.zeros(1, batch, dtype=torch.long, device=device)
         self.positions = torch.zeros(1, batch, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((batch,), null * pool.block_size, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((batch,), null * kv.block_size, dtype=torch.long, device=device)
         self.block_tables = torch.full((batch, self.width), null, dtype=torch.long, device=device)
         self.kv_lens = torch.ones(batch, dtype=torch.int32, device=device)
         self.cu_seqlens_q = torch.arange(batch + 1, dtype=torch.long, device=device)
@@ -146,71 +147,41 @@ class DecodeGraphs:
         """Drop every graph (the weights or the forwards they captured changed); they are captured again on use."""
         self.graphs.clear()
 
-    def accepts(self, step: "ScheduledStep") -> bool:
+    def accepts(self, step: SchedulerOutput) -> bool:
         """Whether ``step`` is decode-only and fits the largest graph."""
-        return (0 < len(step.seqs) <= self.max_batch and all(n == 1 for n in step.num_new_tokens)
-                and all(len(seq.block_table.blocks) <= self.width for seq in step.seqs))
+        return (0 < len(step.seqs) <= self.max_batch and step.num_decodes == len(step.seqs)
+                and all(len(seq.block_ids) <= self.width for seq in step.seqs))
 
-    def stage(self, step: "ScheduledStep") -> tuple[int, int, list[int], torch.Tensor]:
-        """The step's inputs padded to its graph's batch size, on the device in one copy: (size, block-table width,
-        sampling rows, ids | positions | slots | lengths | sampling rows | block tables ``[size, width]``)."""
-        pool = self.runner.pool
-        null, block_size = pool.null_block, pool.block_size
-        num = len(step.seqs)
-        size = padded_batch_size(num, self.sizes)
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        lens: list[int] = []
-        rows: list[int] = []
-        width = 1
-        for i, seq in enumerate(step.seqs):
-            start = seq.num_computed_tokens
-            ids.append(seq.token_ids[start])
-            positions.append(start)
-            slots.extend(seq.block_table.slots(start, start + 1))
-            lens.append(start + 1)
-            width = max(width, len(seq.block_table.blocks))
-            if start + 1 == seq.num_tokens:
-                rows.append(i)
-        pad = size - num
-        flat = (ids + [0] * pad + positions + [0] * pad + slots + [null * block_size] * pad + lens + [1] * pad
-                + rows)
-        for seq in step.seqs:
-            blocks = seq.block_table.blocks
-            flat += blocks
-            flat += [null] * (width - len(blocks))
-        flat += [null] * (pad * width)
-        return size, width, rows, self.runner.to_device(flat)
-
-    def execute(self, step: "ScheduledStep") -> tuple[torch.Tensor, list[int]]:
-        """Run a decode-only step through its graph; returns what ``ModelRunner.execute`` returns."""
+    def execute(self, step: SchedulerOutput) -> tuple[torch.Tensor, list[int]]:
+        """Run a decode-only step through its graph (padded to the graph's batch size with sequences on the null
+        block); returns what ``ModelRunner.execute`` returns."""
         runner = self.runner
-        size, width, rows, staged = self.stage(step)
-        ids, positions, slots, lens, sample_rows, tables = staged.split([size] * 4 + [len(rows), size * width])
-        runner.pool.flush_copies(runner.plan)
+        size = padded_batch_size(len(step.seqs), self.sizes)
+        padding = [ScheduledSequence("", [0], 0, [], False)] * (size - len(step.seqs))
+        inputs = build_step_inputs(SchedulerOutput(step.seqs + padding), runner.kv_cache, runner.plan, None)
+        meta, width = inputs.meta, inputs.meta.block_tables.shape[1]
         with runner._lock, runner._installed():
-            self.input_ids[0, :size].copy_(ids)
-            self.positions[0, :size].copy_(positions)
-            self.slot_mapping[:size].copy_(slots)
-            self.kv_lens[:size].copy_(lens)
-            self.block_tables[:size, :width].copy_(tables.view(size, width))
-            self.block_tables[:size, width:].fill_(runner.pool.null_block)
+            self.input_ids[:, :size].copy_(inputs.input_ids)
+            self.positions[:, :size].copy_(inputs.positions)
+            self.slot_mapping[:size].copy_(meta.slot_mapping)
+            self.kv_lens[:size].copy_(meta.kv_lens)
+            self.block_tables[:size, :width].copy_(meta.block_tables)
+            self.block_tables[:size, width:].fill_(runner.kv_cache.null_block)
             graph = self.graphs.get(size)
             if graph is None:
                 graph = self.graphs[size] = self._capture(size)
             graph.replay()
             self.num_replays += 1
-            logits = graph.output[0].index_select(0, sample_rows)
+            logits = graph.output[0].index_select(0, inputs.logits_rows)
         runner.num_forward_tokens += len(step.seqs)
-        return logits.float(), rows
+        return logits.float(), inputs.sample_rows
 
     def _capture(self, size: int) -> CapturedGraph:
-        runner, pool = self.runner, self.runner.pool
+        runner, kv = self.runner, self.runner.kv_cache
         meta = PagedAttentionMetadata(
             slot_mapping=self.slot_mapping[:size], block_tables=self.block_tables[:size],
             kv_lens=self.kv_lens[:size], cu_seqlens_q=self.cu_seqlens_q[: size + 1], num_decodes=size,
-            kv_lens_list=[self.max_len] * size, q_lens_list=[1] * size, block_size=pool.block_size, pool=pool,
+            kv_lens_list=[self.max_len] * size, q_lens_list=[1] * size, block_size=kv.block_size, kv_cache=kv,
             plan=runner.plan, max_decode_len=self.max_len, layer_windows=runner.layer_windows)
         ids, positions = self.input_ids[:, :size], self.positions[:, :size]
         model, mask = runner.model, runner._mask_placeholder

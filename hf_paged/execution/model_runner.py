@@ -1,10 +1,10 @@
 """One forward per engine step over a ragged, unpadded batch, through the unmodified HF model.
 
-All scheduled tokens are flattened into a single row ``[1, T]`` with their own positions; the paged
-metadata (slots, block tables, lengths) rides in the forward's kwargs to the registered ``hf_paged``
-attention, which writes the new K/V into the pool and attends over the blocks. A ready 4-D mask
-placeholder makes transformers skip building a ``[T, T]`` mask. Logits are computed only for the last
-token of the sequences that sample this step (``logits_to_keep``).
+The runner owns the KV tensors (``KVCache``) and takes each step as the scheduler's plain ``SchedulerOutput``: it
+does the step's block copies, builds the inputs (``step_inputs``: one flattened ``[1, T]`` row with the paged
+metadata the registered ``hf_paged`` attention reads and writes the K/V through) and runs the forward. A ready 4-D
+mask placeholder makes transformers skip building a ``[T, T]`` mask. Logits are computed only for the last token of
+the sequences that sample this step (``logits_to_keep``).
 
 The runner owns what its engine's plan adds to the model's forwards (packed weights, fused or compiled layer
 forwards, the ``hf_paged`` attention selection) and installs it only for the length of each forward, under a
@@ -22,14 +22,15 @@ from typing import Callable, Iterator
 import torch
 
 from ..admission import layer_windows
-from ..core.block_pool import BlockPool
-from .kernels.paged_attention import PagedAttentionMetadata, step_running
+from .kernels.paged_attention import step_running
+from .kv_cache import KVCache
 from .patches.attention import attention_configs, paged_attention_selected
 from .patches.compiled_layers import build_compiled, compile_settings
 from .patches.fused_layers import build_fused, fuse_decoder_layers
 from .patches.linear import build_packers, packed_linears
 from .plan import ExecutionPlan
-from ..core.scheduler import ScheduledStep
+from .step_inputs import build_step_inputs
+from ..core.scheduler import SchedulerOutput
 
 _model_locks: "weakref.WeakKeyDictionary[torch.nn.Module, threading.Lock]" = weakref.WeakKeyDictionary()
 _model_locks_guard = threading.Lock()
@@ -78,11 +79,13 @@ class WeightWatcher:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, pool: BlockPool, plan: ExecutionPlan) -> None:
+    """Runs steps of one model on the KV tensors it owns, with what its plan adds to the model's forwards."""
+
+    def __init__(self, model: torch.nn.Module, kv_cache: KVCache, plan: ExecutionPlan) -> None:
         self.model = model
-        self.pool = pool
+        self.kv_cache = kv_cache
         self.plan = plan
-        self.device = pool.device
+        self.device = kv_cache.device
         self._lock = model_lock(model)
         self._configs = attention_configs(model)
         self.layer_windows = layer_windows(model)  # the layers that must run paged attention, and their windows
@@ -128,10 +131,11 @@ class ModelRunner:
             self.decode_graphs.reset()
 
     def close(self) -> None:
-        """Drop everything this runner built (nothing is installed between forwards)."""
+        """Drop everything this runner built (nothing is installed between forwards) and its KV tensors."""
         self.forwards, self._packers, self._fused, self._packers_by_weight = {}, {}, {}, {}
         if self.decode_graphs is not None:
             self.decode_graphs.reset()
+        self.kv_cache.release()
 
     @contextmanager
     def _installed(self) -> Iterator[None]:
@@ -147,79 +151,21 @@ class ModelRunner:
             for module in installed:
                 del module.__dict__["forward"]
 
-    def build_inputs(self, step: ScheduledStep) -> tuple[torch.Tensor, torch.Tensor, PagedAttentionMetadata, list[int]]:
-        """(input_ids, position_ids, metadata, sampling rows) of one step."""
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        tables: list[list[int]] = []
-        kv_lens: list[int] = []
-        cu = [0]
-        sample_rows: list[int] = []
-        num_decodes = 0
-        for i, (seq, n) in enumerate(zip(step.seqs, step.num_new_tokens)):
-            start = seq.num_computed_tokens
-            end = start + n
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            slots.extend(seq.block_table.slots(start, end))
-            tables.append(seq.block_table.blocks)
-            kv_lens.append(end)
-            cu.append(cu[-1] + n)
-            if n == 1 and num_decodes == i:
-                num_decodes += 1
-            if end == seq.num_tokens:
-                sample_rows.append(i)
-        width = max(len(t) for t in tables)
-        null = self.pool.null_block
-        # Everything in one host buffer (pinned on CUDA), copied to the device once per step, without waiting:
-        # ids | positions | slots | cu_seqlens_q | kv_lens | logits rows to keep | block tables (padded).
-        t, s = len(input_ids), len(tables)
-        keep = [cu[i + 1] - 1 for i in sample_rows]
-        flat = input_ids + positions + slots + cu + kv_lens + keep
-        for table in tables:
-            flat += table
-            flat += [null] * (width - len(table))
-        staged = self.to_device(flat)
-        ids, pos, slot_mapping, cu_q, lens, self._keep, tables_dev = staged.split(
-            [t, t, t, s + 1, s, len(keep), s * width])
-        meta = PagedAttentionMetadata(
-            slot_mapping=slot_mapping,
-            block_tables=tables_dev.view(s, width),
-            kv_lens=lens.to(torch.int32),
-            cu_seqlens_q=cu_q,
-            num_decodes=num_decodes,
-            kv_lens_list=kv_lens,
-            q_lens_list=list(step.num_new_tokens),
-            block_size=self.pool.block_size,
-            pool=self.pool,
-            plan=self.plan,
-            layer_windows=self.layer_windows,
-        )
-        return ids.view(1, t), pos.view(1, t), meta, sample_rows
-
-    def to_device(self, values: list[int]) -> torch.Tensor:
-        """``values`` as one int64 tensor on the model's device: on CUDA staged in pinned host memory and copied
-        without waiting (the host allocator keeps the buffer until the copy is done), so building a step's inputs
-        never synchronises with the GPU."""
-        if self.device.type == "cpu":
-            return torch.tensor(values, dtype=torch.long)
-        host = torch.tensor(values, dtype=torch.long, pin_memory=self.device.type == "cuda")
-        return host.to(self.device, non_blocking=True)
-
     @torch.inference_mode()
-    def execute(self, step: ScheduledStep) -> tuple[torch.Tensor, list[int]]:
-        """Run the step's forward; returns (logits ``[num_sampling, vocab]`` in fp32, their row indices)."""
+    def execute(self, step: SchedulerOutput) -> tuple[torch.Tensor, list[int]]:
+        """Do the step's block copies and run its forward; returns (logits ``[num_sampling, vocab]`` in fp32, the
+        indices of the scheduled sequences they belong to)."""
+        self.kv_cache.copy_blocks(step.block_copies, self.plan)
         if self.decode_graphs is not None and self.decode_graphs.accepts(step):
             return self.decode_graphs.execute(step)
-        ids, pos, meta, sample_rows = self.build_inputs(step)
-        keep = self._keep
-        self.pool.flush_copies(self.plan)
+        inputs = build_step_inputs(step, self.kv_cache, self.plan, self.layer_windows)
+        meta = inputs.meta
         with self._lock, self._installed(), step_running(meta), ExitStack() as scope:
             if self.compiled:
                 scope.enter_context(compile_settings())
-            out = self.model(input_ids=ids, position_ids=pos, attention_mask=self._mask_placeholder,
-                             paged_metadata=meta, logits_to_keep=keep, use_cache=False)
+            out = self.model(input_ids=inputs.input_ids, position_ids=inputs.positions,
+                             attention_mask=self._mask_placeholder, paged_metadata=meta,
+                             logits_to_keep=inputs.logits_rows, use_cache=False)
         meta.check_layer_calls()
-        self.num_forward_tokens += ids.shape[1]
-        return out.logits[0].float(), sample_rows
+        self.num_forward_tokens += inputs.input_ids.shape[1]
+        return out.logits[0].float(), inputs.sample_rows

@@ -20,27 +20,12 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ..admission import cache_layer_windows, cache_refusal, kv_geometry
+from ..admission import cache_layer_windows, cache_refusal
 from ..core.block_pool import BlockPool, BlockTable
 from .kernels.cache_ops import gather_blocks
 from .kernels.dispatch import write_kv
+from .kv_cache import KVCache, model_kv_cache
 from .plan import default_plan
-
-
-def make_pool(model: torch.nn.Module, *, block_size: int = 16, num_blocks: int | None = None,
-              memory_bytes: int | None = None, dtype: torch.dtype | None = None,
-              kv_cache_dtype: str = "auto") -> BlockPool:
-    """A block pool shaped for ``model``'s layers and KV heads (this rank's KV heads for a tensor-parallel model),
-    storing K/V in ``dtype`` (default: the model's) or, with ``kv_cache_dtype="int8"``, as int8 with scales."""
-    from ..distributed import local_kv_heads
-
-    layers, kv_heads, head_dim = kv_geometry(model.config)
-    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    kv_heads = local_kv_heads(model, text.num_attention_heads, kv_heads, head_dim)
-    param = next(model.parameters())
-    return BlockPool(layers, kv_heads, head_dim, block_size=block_size, num_blocks=num_blocks,
-                     memory_bytes=memory_bytes, dtype=dtype or param.dtype, device=param.device,
-                     kv_cache_dtype=kv_cache_dtype)
 
 
 class _PagedLayer(CacheLayerMixin):
@@ -97,43 +82,48 @@ class _PagedLayer(CacheLayerMixin):
 
 
 class PagedCache(Cache):
-    """KV cache of one ``generate`` call, stored in a (possibly shared) ``BlockPool``.
+    """KV cache of one ``generate`` call: block tables on a ``BlockPool`` over a ``KVCache``'s tensors.
 
-    Give the pool size as ``num_blocks`` or ``memory_bytes``, pass an existing ``pool``, or give neither: like
-    ``DynamicCache``, the cache then grows on demand (its own pool starts at ``INITIAL_BLOCKS`` blocks and doubles
-    whenever a step needs more). ``kv_cache_dtype="int8"`` (for a pool of its own) stores K/V as int8 with scales.
-    Call ``free()`` (or use it as a context manager) to return its blocks when the generation is over.
+    Give the size as ``num_blocks`` or ``memory_bytes``, pass an existing ``kv_cache`` (with its ``pool`` to share
+    both with other caches), or give neither: like ``DynamicCache``, the cache then grows on demand (it starts at
+    ``INITIAL_BLOCKS`` blocks and doubles whenever a step needs more). ``kv_cache_dtype="int8"`` (for a cache of its
+    own) stores K/V as int8 with scales. Call ``free()`` (or use it as a context manager) to return its blocks when
+    the generation is over.
     """
 
     INITIAL_BLOCKS = 16
 
-    def __init__(self, model: torch.nn.Module | None = None, *, pool: BlockPool | None = None,
-                 block_size: int = 16, num_blocks: int | None = None, memory_bytes: int | None = None,
-                 share_identical_rows: bool = True, kv_cache_dtype: str | None = None) -> None:
-        self.growable = pool is None and num_blocks is None and memory_bytes is None
-        self._own_pool = pool is None
-        if pool is None:
+    def __init__(self, model: torch.nn.Module | None = None, *, kv_cache: KVCache | None = None,
+                 pool: BlockPool | None = None, block_size: int = 16, num_blocks: int | None = None,
+                 memory_bytes: int | None = None, share_identical_rows: bool = True,
+                 kv_cache_dtype: str | None = None) -> None:
+        self.growable = kv_cache is None and num_blocks is None and memory_bytes is None
+        self._own_storage = kv_cache is None
+        if kv_cache is None:
             if model is None:
-                raise ValueError("model: PagedCache needs a model (to shape its pool) or a pool")
+                raise ValueError("model: PagedCache needs a model (to shape its KV cache) or a kv_cache")
             refusal = cache_refusal(model)
             if refusal is not None:
                 raise ValueError(f"model: a PagedCache cannot hold this model's state ({refusal}); use HF's own "
                                  "cache")
-            if self.growable:
-                num_blocks = self.INITIAL_BLOCKS
-            pool = make_pool(model, block_size=block_size, num_blocks=num_blocks, memory_bytes=memory_bytes,
-                             kv_cache_dtype=kv_cache_dtype or "auto")
-        elif kv_cache_dtype is not None and kv_cache_dtype != pool.kv_cache_dtype:
-            raise ValueError(f"kv_cache_dtype: {kv_cache_dtype!r} differs from the given pool's "
-                             f"{pool.kv_cache_dtype!r}")
-        self.pool = pool
-        self.plan = default_plan(pool.kv, pool.kv_cache_dtype)
+            kv_cache = model_kv_cache(model, block_size=block_size, memory_bytes=memory_bytes,
+                                      num_blocks=self.INITIAL_BLOCKS if self.growable else num_blocks,
+                                      kv_cache_dtype=kv_cache_dtype or "auto")
+        elif kv_cache_dtype is not None and kv_cache_dtype != kv_cache.kv_cache_dtype:
+            raise ValueError(f"kv_cache_dtype: {kv_cache_dtype!r} differs from the given kv_cache's "
+                             f"{kv_cache.kv_cache_dtype!r}")
+        self.kv_cache = kv_cache
+        if pool is not None and (pool.num_blocks, pool.block_size) != (kv_cache.num_blocks, kv_cache.block_size):
+            raise ValueError(f"pool: {pool.num_blocks} blocks of {pool.block_size} do not match the kv_cache's "
+                             f"{kv_cache.num_blocks} of {kv_cache.block_size}")
+        self.pool = pool if pool is not None else BlockPool(kv_cache.num_blocks, kv_cache.block_size)
+        self.plan = default_plan(kv_cache.kv, kv_cache.kv_cache_dtype)
         self.share_identical_rows = share_identical_rows
         windows = cache_layer_windows(model) if model is not None else []
         super().__init__(layers=[_PagedLayer(self, i, windows[i] if i < len(windows) else None)
-                                 for i in range(pool.num_layers)])
+                                 for i in range(kv_cache.num_layers)])
         self.rows: list[BlockTable] = []
-        self.lengths = [0] * pool.num_layers
+        self.lengths = [0] * kv_cache.num_layers
         self._writers: torch.Tensor | None = None  # rows whose K/V this step are stored
         self._slots: torch.Tensor | None = None
         self._tables: torch.Tensor | None = None
@@ -142,18 +132,18 @@ class PagedCache(Cache):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         batch, kv_heads, q_len, head_dim = key_states.shape
-        pool = self.pool
-        if (kv_heads, head_dim) != (pool.num_kv_heads, pool.head_dim) and self._own_pool and not self.rows \
+        kv = self.kv_cache
+        if (kv_heads, head_dim) != (kv.num_kv_heads, kv.head_dim) and self._own_storage and not self.rows \
                 and value_states.shape[1:] == key_states.shape[1:]:
-            pool = self._reshape_pool(kv_heads, head_dim)
-        if (kv_heads, head_dim) != (pool.num_kv_heads, pool.head_dim) or value_states.shape[1:] != key_states.shape[1:]:
+            kv = self._reshape_storage(kv_heads, head_dim)
+        if (kv_heads, head_dim) != (kv.num_kv_heads, kv.head_dim) or value_states.shape[1:] != key_states.shape[1:]:
             raise ValueError(f"past_key_values: layer {layer_idx} gives K {tuple(key_states.shape[1::2])} and V "
                              f"{tuple(value_states.shape[1::2])} (heads, head_dim); this PagedCache holds "
-                             f"({pool.num_kv_heads}, {pool.head_dim}) for both")
+                             f"({kv.num_kv_heads}, {kv.head_dim}) for both")
         if layer_idx == 0:
             self._begin_step(key_states, value_states, q_len)
-        key_cache, value_cache = pool.key_cache(layer_idx), pool.value_cache(layer_idx)
-        key_scales, value_scales = pool.key_scales(layer_idx), pool.value_scales(layer_idx)  # None unless int8
+        key_cache, value_cache = kv.key_cache(layer_idx), kv.value_cache(layer_idx)
+        key_scales, value_scales = kv.key_scales(layer_idx), kv.value_scales(layer_idx)  # None unless int8
         writers = self._writers
         k = key_states if writers is None else key_states.index_select(0, writers)
         v = value_states if writers is None else value_states.index_select(0, writers)
@@ -166,23 +156,23 @@ class PagedCache(Cache):
         self.lengths[layer_idx] += q_len
         layer.is_initialized = True
         length = self.lengths[layer_idx]
-        first = start // pool.block_size  # a windowed layer gathers only the blocks it shows
-        tables, skip = self._tables[:, first:], start - first * pool.block_size
-        keys = gather_blocks(key_cache, tables, length - first * pool.block_size, key_scales,
+        first = start // kv.block_size  # a windowed layer gathers only the blocks it shows
+        tables, skip = self._tables[:, first:], start - first * kv.block_size
+        keys = gather_blocks(key_cache, tables, length - first * kv.block_size, key_scales,
                              key_states.dtype)[:, skip:].transpose(1, 2)
-        values = gather_blocks(value_cache, tables, length - first * pool.block_size, value_scales,
+        values = gather_blocks(value_cache, tables, length - first * kv.block_size, value_scales,
                                value_states.dtype)[:, skip:].transpose(1, 2)
         return keys, values
 
-    def _reshape_pool(self, kv_heads: int, head_dim: int) -> BlockPool:
-        """Before anything is stored, a pool of the cache's own re-shaped to the K/V the model gives (a config whose
-        head counts do not say, e.g. multi-query attention), with as many blocks."""
-        old = self.pool
-        self.pool = BlockPool(old.num_layers, kv_heads, head_dim, block_size=old.block_size, num_blocks=old.num_blocks,
-                              dtype=old.dtype if old.kv_cache_dtype == "auto" else torch.float32, device=old.device,
-                              kv_cache_dtype=old.kv_cache_dtype)
+    def _reshape_storage(self, kv_heads: int, head_dim: int) -> KVCache:
+        """Before anything is stored, the cache's own storage re-shaped to the K/V the model gives (a config whose
+        head counts do not say, e.g. multi-query attention, or one rank's heads of a sharded model), as many blocks."""
+        old = self.kv_cache
+        self.kv_cache = KVCache(old.num_layers, kv_heads, head_dim, block_size=old.block_size,
+                                num_blocks=old.num_blocks, device=old.device, kv_cache_dtype=old.kv_cache_dtype,
+                                dtype=old.dtype if old.kv_cache_dtype == "auto" else torch.float32)
         old.release()
-        return self.pool
+        return self.kv_cache
 
     def _begin_step(self, key_states: torch.Tensor, value_states: torch.Tensor, q_len: int) -> None:
         batch = key_states.shape[0]
@@ -198,7 +188,9 @@ class PagedCache(Cache):
         for row in writers:
             row_slots = self.rows[row].append_slots(q_len)
             while row_slots is None and self.growable:
-                self.pool.grow(max(self.pool.num_blocks, self.rows[row].blocks_needed(q_len)))
+                more = max(self.pool.num_blocks, self.rows[row].blocks_needed(q_len))
+                self.pool.grow(more)
+                self.kv_cache.grow(more)
                 row_slots = self.rows[row].append_slots(q_len)
             if row_slots is None:
                 raise MemoryError(
@@ -210,8 +202,8 @@ class PagedCache(Cache):
                 if leader != row:
                     self.rows[row].free()
                     self.rows[row] = self.rows[leader].fork()
-        self.pool.flush_copies(self.plan)
-        device = self.pool.device
+        self.kv_cache.copy_blocks(self.pool.take_copies(), self.plan)
+        device = self.kv_cache.device
         self._writers = None if len(writers) == batch else torch.tensor(writers, device=device)
         self._slots = torch.tensor(slots, dtype=torch.long, device=device)
         self._refresh_tables()
@@ -247,9 +239,9 @@ class PagedCache(Cache):
     def _refresh_tables(self) -> None:
         if self.rows and self.rows[0].blocks:
             width = max(len(r.blocks) for r in self.rows)
-            null = self.pool.null_block
+            null = self.kv_cache.null_block
             self._tables = torch.tensor([r.blocks + [null] * (width - len(r.blocks)) for r in self.rows],
-                                        dtype=torch.long, device=self.pool.device)
+                                        dtype=torch.long, device=self.kv_cache.device)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.lengths[layer_idx]

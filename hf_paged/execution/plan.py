@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..cpu_runtime import env_flag
+from .. import envs
 
 @dataclass(frozen=True)
 class ExecutionPlan:
@@ -100,49 +100,51 @@ def build_plan(device: torch.device | str, dtype: torch.dtype, *, compile: bool 
 
         if not OPAQUE_METADATA:
             raise ValueError(f"compile: needs torch's opaque reference types, which torch {torch.__version__} lacks")
-    if triton is None:
-        forced_torch = env_flag("HF_PAGED_FORCE_TORCH", False)
-        triton = not forced_torch and (not on_cpu or env_flag("HF_PAGED_FORCE_TRITON", False))
-    triton = triton and _triton_usable()
-    kernels = False
-    if on_cpu and not triton:
-        wanted = env_flag("HF_PAGED_CPU_KERNEL", True) if cpu_kernels is None else cpu_kernels
-        if wanted:
-            from .kernels import cpu_library
-
-            kernels = cpu_library.available()
-    attention = "triton" if triton else ("c" if kernels else "torch")
-    cache_write = "triton" if triton else ("c" if kernels else "torch")
-
+    attention = _attention(on_cpu, triton, cpu_kernels)
+    kernels = attention == "c"
     pack = on_cpu if pack_weights is None else pack_weights
     pack = pack and on_cpu and torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16)
-    linears = "torch"
-    if pack:
-        from .kernels import cpu_isa
-        from .patches.linear import amx_available, small_rows_available, small_rows_isa
-
-        # The best that passed its probe: AMX tiles, hf_paged's small-row kernel, oneDNN's packed weights; none
-        # for bf16 on a CPU without a bf16 GEMM in oneDNN and the kernels off (F.linear).
-        if dtype == torch.bfloat16 and kernels and (env_flag("HF_PAGED_AMX", True) if amx is None else amx) \
-                and amx_available():
-            linears = "amx"
-        elif kernels and env_flag("HF_PAGED_AVX512_LINEAR", True) and small_rows_available(dtype):
-            linears = small_rows_isa()
-        elif cpu_isa.onednn_packs(dtype):
-            linears = "onednn"
-    elif amx:
+    if amx and not pack:
         raise ValueError("amx: the AMX linears need pack_weights (a CPU model in bf16)")
+    linears = _linears(dtype, kernels, amx) if pack else "torch"
     fused = (pack if fuse_layers is None else fuse_layers) and kernels and linears != "torch" and not compile
     graphs_possible = device == "cuda" and attention == "triton" and not compile
     if cuda_graphs and not graphs_possible:
         raise ValueError(f"cuda_graphs: needs a CUDA model with the Triton attention and without compile "
                          f"(device={device}, attention={attention}, compile={compile})")
     graphs = graphs_possible if cuda_graphs is None else bool(cuda_graphs)
-    return ExecutionPlan(device=device, dtype=dtype, attention=attention, cache_write=cache_write, linears=linears,
+    return ExecutionPlan(device=device, dtype=dtype, attention=attention, cache_write=attention, linears=linears,
                          fused_layers=bool(fused),
                          one_call_layers=bool(fused and linears in ("amx", "avx512", "avx2")),
                          compiled=bool(compile), cuda_graphs=graphs, kv_cache_dtype=kv_cache_dtype,
                          isa=_cpu_isa() if on_cpu else "")
+
+
+def _attention(on_cpu: bool, triton: bool | None, cpu_kernels: bool | None) -> str:
+    """``triton``, ``c`` or ``torch``: the attention and cache-write kernels."""
+    if triton is None:
+        triton = not envs.force_torch() and (not on_cpu or envs.force_triton())
+    if triton and _triton_usable():
+        return "triton"
+    if on_cpu and (envs.cpu_kernel() if cpu_kernels is None else cpu_kernels):
+        from .kernels import cpu_library
+
+        if cpu_library.available():
+            return "c"
+    return "torch"
+
+
+def _linears(dtype: torch.dtype, kernels: bool, amx: bool | None) -> str:
+    """The best linears that passed their probe: AMX tiles, hf_paged's small-row kernel, oneDNN's packed weights;
+    none for bf16 on a CPU without a bf16 GEMM in oneDNN and the kernels off (F.linear)."""
+    from .kernels import cpu_isa
+    from .patches.linear import amx_available, small_rows_available, small_rows_isa
+
+    if dtype == torch.bfloat16 and kernels and (envs.amx() if amx is None else amx) and amx_available():
+        return "amx"
+    if kernels and envs.small_row_linears() and small_rows_available(dtype):
+        return small_rows_isa()
+    return "onednn" if cpu_isa.onednn_packs(dtype) else "torch"
 
 
 def _cpu_isa() -> str:

@@ -5,7 +5,7 @@ is decoded for each in a second step, through the runner exactly as requests run
 are compared with the model's own forward over the same tokens (no cache, its own attention). A model whose state
 or attention none of ``hf_paged.admission``'s checks foresaw — a layer computing attention around hf_paged's, state
 kept outside the K/V, positions taken from the flattened batch — gives different logits here, and the engine is
-refused (``UnsupportedModel``) instead of answering requests wrongly. Its blocks are freed; nothing is cached.
+refused (``UnsupportedModel``) instead of answering requests wrongly. It writes only blocks no request holds yet.
 """
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ from typing import Any
 import torch
 
 from ..admission import UnsupportedModel
-from ..core.block_pool import BlockPool, BlockTable
-from ..core.scheduler import ScheduledStep
-from ..core.sequence import SamplingParams, Sequence
+from ..core.scheduler import ScheduledSequence, SchedulerOutput
 
 PROMPT_LENGTHS = (5, 3)
 LONG_PROBE_TOKENS = 64  # a window up to this short is exceeded by the first probe prompt
@@ -36,52 +34,52 @@ def _distance(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.float() - want).norm() / want.norm().clamp_min(1e-6))
 
 
-def probe_engine(runner: Any, pool: BlockPool, vocab_size: int) -> None:
+def probe_engine(runner: Any, vocab_size: int) -> None:
     """Raise ``UnsupportedModel`` unless the runner's forward of a small ragged batch (prefill, then decode) gives
-    the model's own logits."""
-    model = runner.model
+    the model's own logits. Runs before the engine allocates anything: the probe's sequences take the first blocks."""
+    kv = runner.kv_cache
     tolerance = _TOLERANCE.get(runner.plan.dtype, _TOLERANCE_LOW_PRECISION)
-    if pool.kv_cache_dtype == "int8":
+    if kv.quantized:
         tolerance = max(tolerance, _TOLERANCE_LOW_PRECISION)
-    params = SamplingParams(max_new_tokens=1)
-    forward_tokens = runner.num_forward_tokens  # the probe's tokens are not requests' work
     windows = [w for w in runner.layer_windows.values() if w]
     lengths = list(PROMPT_LENGTHS)
     if windows and min(windows) + 3 <= LONG_PROBE_TOKENS:  # past the window, where windowed and full attention differ
         lengths[0] = min(windows) + 3
-    seqs = []
+    seqs, first_block = [], 0
     for salt, length in enumerate(lengths):
-        if sum(-(-(n + 1) // pool.block_size) for n in lengths[: salt + 1]) > pool.num_blocks:
-            break  # a pool too small for both: probe with one sequence
-        seqs.append(Sequence(_probe_tokens(length, vocab_size, salt), params, BlockTable(pool)))
+        blocks = -(-(length + 1) // kv.block_size)
+        if first_block + blocks > kv.num_blocks:
+            break  # a pool too small for both: probe with one sequence (none: the per-layer check still runs)
+        seqs.append((_probe_tokens(length, vocab_size, salt), list(range(first_block, first_block + blocks))))
+        first_block += blocks
+    forward_tokens = runner.num_forward_tokens  # the probe's tokens are not requests' work
     try:
         for phase in ("prefill", "decode"):
             if phase == "decode":
-                for seq in seqs:
-                    seq.token_ids.append((seq.token_ids[-1] * 13 + 5) % vocab_size)
-            counts = [seq.num_tokens - seq.num_computed_tokens for seq in seqs]
-            for seq, n in zip(seqs, counts):
-                if seq.block_table.append_slots(n) is None:
-                    return  # no room to probe (a pool smaller than two blocks): the per-layer check still runs
-            try:
-                logits, rows = runner.execute(ScheduledStep(seqs, counts, []))
-            except UnsupportedModel:
-                raise
-            except Exception as exc:
-                raise UnsupportedModel(f"the engine's forward failed: {type(exc).__name__}: {exc}") from exc
-            for seq, n in zip(seqs, counts):
-                seq.num_computed_tokens += n
-            for i, row in enumerate(rows):
-                want = _reference_logits(model, seqs[row].token_ids, pool.device)
-                distance = _distance(logits[i], want)
-                if not distance <= tolerance:
-                    raise UnsupportedModel(
-                        f"the engine's logits differ from the model's own forward in a {phase} step (relative "
-                        f"distance {distance:.3g}): some state or attention feature it does not reproduce")
+                for tokens, _ in seqs:
+                    tokens.append((tokens[-1] * 13 + 5) % vocab_size)
+                step = [ScheduledSequence("probe", t[-1:], len(t) - 1, b, True) for t, b in seqs]
+            else:
+                step = [ScheduledSequence("probe", list(t), 0, b, True) for t, b in seqs]
+            if step:
+                _check_step(runner, SchedulerOutput(step), [t for t, _ in seqs], tolerance, phase)
     finally:
-        for seq in seqs:
-            seq.block_table.free()
         runner.num_forward_tokens = forward_tokens
+
+
+def _check_step(runner: Any, step: SchedulerOutput, tokens: list[list[int]], tolerance: float, phase: str) -> None:
+    try:
+        logits, rows = runner.execute(step)
+    except UnsupportedModel:
+        raise
+    except Exception as exc:
+        raise UnsupportedModel(f"the engine's forward failed: {type(exc).__name__}: {exc}") from exc
+    for i, row in enumerate(rows):
+        distance = _distance(logits[i], _reference_logits(runner.model, tokens[row], runner.kv_cache.device))
+        if not distance <= tolerance:
+            raise UnsupportedModel(
+                f"the engine's logits differ from the model's own forward in a {phase} step (relative "
+                f"distance {distance:.3g}): some state or attention feature it does not reproduce")
 
 
 @torch.inference_mode()

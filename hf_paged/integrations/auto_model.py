@@ -16,18 +16,19 @@ from typing import Any
 
 from transformers import AutoModelForCausalLM
 
+from . import patch_registry
 from . import pipeline as pipeline_patch
 
 logger = logging.getLogger("hf_paged")
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {"enabled": False, "installed": False, "engine_options": {}}
-_original_from_pretrained = AutoModelForCausalLM.__dict__["from_pretrained"]  # a classmethod
 _wrapped = pipeline_patch.wrapped_while_enabled  # models wrapped while enabled, for disable() to unwrap
 
 
 def _from_pretrained(cls: type, *args: Any, **kwargs: Any) -> Any:
-    model = _original_from_pretrained.__get__(None, cls)(*args, **kwargs)
+    original = patch_registry.original(AutoModelForCausalLM, "from_pretrained")  # a classmethod
+    model = original.__get__(None, cls)(*args, **kwargs)
     if _state["enabled"]:
         wrap_loaded_model(model)
     return model
@@ -54,7 +55,7 @@ def enable(**engine_options: Any) -> None:
     with _lock:
         _state["engine_options"] = options
         if not _state["installed"]:
-            AutoModelForCausalLM.from_pretrained = classmethod(_from_pretrained)
+            patch_registry.install(AutoModelForCausalLM, "from_pretrained", classmethod(_from_pretrained))
         _state.update(enabled=True, installed=True)
     pipeline_patch.install(all_text_generation=True, engine_options=options)
 
@@ -67,7 +68,7 @@ def disable() -> None:
 
     with _lock:
         if _state["installed"]:
-            AutoModelForCausalLM.from_pretrained = _original_from_pretrained
+            patch_registry.remove(AutoModelForCausalLM, "from_pretrained")
         _state.update(enabled=False, installed=False, engine_options={})
         models = list(_wrapped)
         _wrapped.clear()

@@ -28,6 +28,8 @@ from typing import Any, Iterator
 
 from transformers.pipelines.text_generation import TextGenerationPipeline
 
+from . import patch_registry
+
 logger = logging.getLogger("hf_paged")
 
 BACKEND = "hf_paged"
@@ -45,9 +47,9 @@ def check_engine_options(options: dict[str, Any] | None, field: str = "engine_op
         return {}
     if not isinstance(options, dict):
         raise ValueError(f"{field}: expected a dict of LLMEngine options, got {type(options).__name__}")
-    from ..engine.llm_engine import validate_engine_options
+    from ..config import EngineConfig
 
-    validate_engine_options(options)
+    EngineConfig.from_options(options)
     return dict(options)
 
 
@@ -145,9 +147,6 @@ class PagedTextGenerationPipeline(TextGenerationPipeline):
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-_original_init = TextGenerationPipeline.__dict__["__init__"]
-
-
 def _init_text_generation_pipeline(self: TextGenerationPipeline, *args: Any, **kwargs: Any) -> None:
     """``TextGenerationPipeline.__init__`` while installed: a plain ``TextGenerationPipeline`` built with
     ``backend="hf_paged"`` (or any, while ``hf_paged.enable()`` is on) becomes a ``PagedTextGenerationPipeline``;
@@ -157,7 +156,7 @@ def _init_text_generation_pipeline(self: TextGenerationPipeline, *args: Any, **k
         self.__class__ = PagedTextGenerationPipeline
         PagedTextGenerationPipeline.__init__(self, *args, **kwargs)
         return
-    _original_init(self, *args, **kwargs)
+    patch_registry.original(TextGenerationPipeline, "__init__")(self, *args, **kwargs)
 
 
 def install(all_text_generation: bool = False, engine_options: dict[str, Any] | None = None) -> None:
@@ -165,7 +164,7 @@ def install(all_text_generation: bool = False, engine_options: dict[str, Any] | 
     built afterwards runs on the engine (``hf_paged.enable()``), with ``engine_options`` as its default options."""
     with _lock:
         if not _state["installed"]:
-            TextGenerationPipeline.__init__ = _init_text_generation_pipeline
+            patch_registry.install(TextGenerationPipeline, "__init__", _init_text_generation_pipeline)
             _state["installed"] = True
         _state["all"] = all_text_generation
         _state["engine_options"] = dict(engine_options or {})
@@ -175,8 +174,7 @@ def uninstall() -> None:
     """Remove what :func:`install` put on ``TextGenerationPipeline``."""
     with _lock:
         if _state["installed"]:
-            if TextGenerationPipeline.__dict__.get("__init__") is _init_text_generation_pipeline:
-                TextGenerationPipeline.__init__ = _original_init
+            patch_registry.remove(TextGenerationPipeline, "__init__")
             _state["installed"] = False
         _state["all"] = False
         _state["engine_options"] = {}

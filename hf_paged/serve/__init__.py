@@ -7,6 +7,7 @@
 Needs the ``serve`` extra (FastAPI, uvicorn, prometheus-client).
 """
 
-from .app import ServeConfig, create_app
+from .app import create_app
+from .config import ServeConfig
 
 __all__ = ["ServeConfig", "create_app"]

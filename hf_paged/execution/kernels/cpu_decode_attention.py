@@ -3,11 +3,12 @@
 The PyTorch CPU path gathers every decode sequence's blocks into a dense tensor and then runs
 ``scaled_dot_product_attention`` on it, reading K/V three times. The C kernel reads K/V straight from the
 blocks through the block table, once, one OpenMP task per (sequence, KV head). :class:`DecodePlan` is that call
-with the per-step arguments converted once and shared by all layers; :func:`write_kv_cpu` is the cache write
+with the per-step arguments converted once into the kernel's argument structs and shared by all layers
+(:class:`PagedCall`, which the prefill kernel's plan shares); :func:`write_kv_cpu` is the cache write
 (a step's new K/V rows into their slots) as one C call instead of two index ops and their views.
 
 Int8 caches (``kv_cache_dtype="int8"``: int8 rows with fp32 scales ``[num_blocks, KVH, block_size]``, see
-``cache_ops``) take the ``*_i8`` kernels, so a decode step reads a quarter (fp32) or half (bf16) of the bytes: the
+``cache_ops``) take the kernel's int8 paths, so a decode step reads a quarter (fp32) or half (bf16) of the bytes: the
 scales are applied to the scores and the probabilities; with AVX512-VNNI the dot products are integer (the scaled
 query and the probability weights rounded to int16, relative 2**-16), elsewhere the rows are widened to fp32 in
 registers. The cache write quantizes.
@@ -37,8 +38,7 @@ build_seconds = cpu_library.build_seconds
 
 
 
-_DTYPES = {torch.float32: "paged_decode_attention_f32", torch.bfloat16: "paged_decode_attention_bf16"}
-_DTYPES_I8 = {torch.float32: "paged_decode_attention_f32_i8", torch.bfloat16: "paged_decode_attention_bf16_i8"}
+_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _scales_fit(cache: torch.Tensor, scales: torch.Tensor | None) -> bool:
@@ -73,8 +73,7 @@ def decode_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor, value_cac
     ``[D]`` -> ``[D, H, hd]`` in the query's dtype (written into ``out`` when given; any strides with a
     contiguous last dim). fp32 or bf16, the caches in the query's dtype or int8 with their ``key_scales`` /
     ``value_scales`` ``[num_blocks, KVH, block_size]``; fp32 accumulation."""
-    lib = cpu_library.load()
-    if lib is None:
+    if cpu_library.load() is None:
         raise RuntimeError("the C decode-attention kernel is not available")
     quantized = key_cache.dtype == torch.int8
     if quantized:
@@ -106,28 +105,58 @@ def decode_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor, value_cac
     elif out.shape != query.shape or out.dtype != query.dtype or out.stride(2) != 1:
         raise ValueError("out must be [D, H, hd] in the query's dtype with a contiguous last dim")
     if num_seqs:
-        fn = getattr(lib, (_DTYPES_I8 if quantized else _DTYPES)[query.dtype])
-        DecodePlan(fn, block_tables[:num_seqs], kv_lens[:num_seqs], num_heads, kv_heads, head_dim, block_size, scale,
-                   sliding_window, softcap, quantized)(query, key_cache, value_cache, out, key_scales, value_scales)
+        DecodePlan(block_tables[:num_seqs], kv_lens[:num_seqs], num_heads, kv_heads, head_dim, block_size, scale,
+                   sliding_window, softcap, query.dtype, quantized)(query, key_cache, value_cache, out, key_scales,
+                                                                    value_scales)
     return out
 
 
-class DecodePlan:
+class PagedCall:
+    """A C paged-attention call with what every layer of a step shares built once: the step's sequences
+    (``hf_seqs_t``: block tables, lengths) and how the layers score (``hf_attention_t``: heads, scale, window,
+    softcap, dtype). A layer's call sets its caches in the latter and passes its query and output."""
+
+    label = "hf_paged::paged_attention"
+
+    def __init__(self, fn, seqs, attention, dtype: torch.dtype, quantized: bool, keep: tuple) -> None:
+        self.fn, self.seqs, self.attention, self.quantized = fn, seqs, attention, quantized
+        attention.bf16 = int(dtype == torch.bfloat16)
+        self._keep = keep  # the tensors the structs point into, kept alive
+
+    def _run(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, out: torch.Tensor,
+             key_scales: torch.Tensor | None, value_scales: torch.Tensor | None) -> None:
+        a = self.attention
+        a.key_cache, a.value_cache = key_cache.data_ptr(), value_cache.data_ptr()
+        if self.quantized:
+            if key_scales is None or value_scales is None:
+                raise ValueError("an int8 cache's plan needs key_scales and value_scales")
+            a.key_scales, a.value_scales = key_scales.data_ptr(), value_scales.data_ptr()
+        args = (a, self.seqs, query.data_ptr(), query.stride(0), query.stride(1), out.data_ptr(), out.stride(0),
+                out.stride(1), torch.get_num_threads())
+        rc = cpu_library.call_profiled(self.label, self.fn, args)
+        if rc != 0:
+            raise RuntimeError(f"{self.label} failed ({rc})")
+
+
+class DecodePlan(PagedCall):
     """:func:`decode_attention_cpu` with everything that is the same for every layer of a step checked and
     converted once (block tables, lengths, shapes, scale, window, softcap): a layer's call passes only its
     query, caches (and their scales, for int8 caches) and output. Build it with :meth:`for_step`, which returns
     None where the kernel cannot run."""
 
-    def __init__(self, fn, block_tables: torch.Tensor, kv_lens: torch.Tensor, num_heads: int, kv_heads: int,
+    label = "hf_paged::paged_decode_attention"
+
+    def __init__(self, block_tables: torch.Tensor, kv_lens: torch.Tensor, num_heads: int, kv_heads: int,
                  head_dim: int, block_size: int, scale: float, sliding_window: int | None,
-                 softcap: float | None, quantized: bool = False) -> None:
-        self.fn = fn
-        self.quantized = quantized
-        self.block_tables, self.kv_lens = block_tables, kv_lens  # kept alive: the kernel reads their memory
+                 softcap: float | None, dtype: torch.dtype, quantized: bool = False) -> None:
         self.num_seqs = block_tables.shape[0]
-        self.tail = (self.num_seqs, num_heads, kv_heads, head_dim, block_size, int(sliding_window or 0),
-                     float(scale), float(softcap or 0.0))
-        self.tables = (block_tables.data_ptr(), block_tables.stride(0), kv_lens.data_ptr())
+        seqs = cpu_library.STRUCTS["hf_seqs_t"](block_tables=block_tables.data_ptr(), bt_stride=block_tables.stride(0),
+                                                kv_lens=kv_lens.data_ptr(), num_seqs=self.num_seqs)
+        attention = cpu_library.STRUCTS["hf_attention_t"](
+            H=num_heads, KVH=kv_heads, hd=head_dim, block_size=block_size, window=int(sliding_window or 0),
+            scale=float(scale), softcap=float(softcap or 0.0))
+        super().__init__(cpu_library.load().hf_paged_decode_attention, seqs, attention, dtype, quantized,
+                         (block_tables, kv_lens))
         self.shape = (self.num_seqs, num_heads, head_dim)
 
     @classmethod
@@ -137,12 +166,9 @@ class DecodePlan:
                  value_scales: torch.Tensor | None = None) -> "DecodePlan | None":
         if not supports(query, key_cache, value_cache, key_scales, value_scales):
             return None
-        block_tables = block_tables.to(torch.int64).contiguous()
-        kv_lens = kv_lens.to(torch.int32).contiguous()
-        quantized = key_cache.dtype == torch.int8
-        fn = getattr(cpu_library.load(), (_DTYPES_I8 if quantized else _DTYPES)[query.dtype])
-        return cls(fn, block_tables, kv_lens, query.shape[1], key_cache.shape[2], query.shape[2], key_cache.shape[1],
-                   scale, sliding_window, softcap, quantized)
+        return cls(block_tables.to(torch.int64).contiguous(), kv_lens.to(torch.int32).contiguous(), query.shape[1],
+                   key_cache.shape[2], query.shape[2], key_cache.shape[1], scale, sliding_window, softcap,
+                   query.dtype, key_cache.dtype == torch.int8)
 
     def __call__(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                  out: torch.Tensor, key_scales: torch.Tensor | None = None,
@@ -151,17 +177,7 @@ class DecodePlan:
         with their scales)."""
         if query.shape != self.shape or out.shape != self.shape or query.stride(2) != 1 or out.stride(2) != 1:
             raise ValueError(f"query {tuple(query.shape)} / out {tuple(out.shape)}: the plan is for {self.shape}")
-        bt, bt_stride, lens = self.tables
-        caches: tuple = (key_cache.data_ptr(), value_cache.data_ptr())
-        if self.quantized:
-            if key_scales is None or value_scales is None:
-                raise ValueError("an int8 cache's plan needs key_scales and value_scales")
-            caches += (key_scales.data_ptr(), value_scales.data_ptr())
-        args = (query.data_ptr(), query.stride(0), query.stride(1), *caches, bt, bt_stride, lens, out.data_ptr(),
-                out.stride(0), out.stride(1), *self.tail, torch.get_num_threads())
-        rc = cpu_library.call_profiled("hf_paged::paged_decode_attention", self.fn, args)
-        if rc != 0:
-            raise RuntimeError(f"paged_decode_attention failed ({rc})")
+        self._run(query, key_cache, value_cache, out, key_scales, value_scales)
 
 
 def write_kv_cpu(key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

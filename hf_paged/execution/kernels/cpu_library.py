@@ -13,9 +13,11 @@ another; it is built under a temporary name and renamed into place, so processes
 worst.
 
 ctypes rather than a torch extension: the kernels need no torch headers, so the library builds in a second with
-any C compiler and is the same for every torch version. Each function is declared with its argument types
-(:data:`SIGNATURES`, checked against the C prototypes by the tests), so a call with a wrong argument type raises
-``ctypes.ArgumentError`` instead of passing garbage; the Python wrappers check shapes and dtypes before calling.
+any C compiler and is the same for every torch version. Every exported function and argument struct is declared
+once, in ``csrc/hf_paged_kernels.h``; :func:`parse_header` reads the ctypes declarations from it (:data:`SIGNATURES`,
+:data:`STRUCTS`; the tests check them against the compiler's layouts and the library's exported symbols), so a call
+with a wrong argument type raises ``ctypes.ArgumentError`` instead of passing garbage; the Python wrappers check
+shapes and dtypes before calling.
 
 If no compiler is there or the build fails, :func:`available` is False (one warning is logged, :func:`failure`
 says why) and the callers keep their PyTorch paths; nothing here raises at import. ``HF_PAGED_CPU_KERNEL=0``
@@ -29,6 +31,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -39,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from ...cpu_runtime import env_switch
+from ... import envs
 from . import cpu_isa
 
 logger = logging.getLogger(__name__)
@@ -47,10 +50,12 @@ logger = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / "paged_decode_attention.c", CSRC / "paged_prefill_attention.c", CSRC / "fused_layer_ops.c",
            CSRC / "amx_linear.c", CSRC / "llama_decode_layer.c", CSRC / "small_linear.c"]
-HEADERS = [CSRC / "cpu_vec.h"]
+HEADER = CSRC / "hf_paged_kernels.h"  # every exported function and argument struct (see parse_header)
+HEADERS = [HEADER, CSRC / "cpu_vec.h"]
 # No -ffast-math: the reductions are vectorized through `omp simd reduction` and exp is a polynomial in
-# the source, so the results stay within ~1e-6 of fp32 PyTorch without it.
-CFLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-fno-strict-aliasing", "-std=gnu11"]
+# the source, so the results stay within ~1e-6 of fp32 PyTorch without it. Missing prototypes are errors: an
+# exported function not in the header would have no ctypes declaration.
+CFLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-fno-strict-aliasing", "-std=gnu11", "-Werror=missing-prototypes"]
 
 
 def compiler_flags() -> list[str]:
@@ -58,42 +63,42 @@ def compiler_flags() -> list[str]:
     target = os.environ.get("HF_PAGED_CFLAGS")
     return CFLAGS + (target.split() if target is not None else cpu_isa.target_flags())
 
-_p, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
-_DECODE = [_p, _i64, _i64, _p, _p, _p, _i64, _p, _p, _i64, _i64, _i32, _i32, _i32, _i32, _i32, _i32, _f32, _f32, _i32]
-_DECODE_I8 = _DECODE[:5] + [_p, _p] + _DECODE[5:]  # the int8 caches' key and value scales after the caches
-_PREFILL = [_p, _i64, _i64, _p, _p, _p, _i64, _p, _p, _p, _i32, _p, _i64, _i64, _i32, _i32, _i32, _i32, _f32, _i32]
-SIGNATURES: dict[str, tuple[type | None, list]] = {  # name -> (restype, argtypes)
-    "paged_decode_attention_f32": (ctypes.c_int, _DECODE),
-    "paged_decode_attention_bf16": (ctypes.c_int, _DECODE),
-    "paged_decode_attention_f32_i8": (ctypes.c_int, _DECODE_I8),
-    "paged_decode_attention_bf16_i8": (ctypes.c_int, _DECODE_I8),
-    "paged_prefill_attention_f32": (ctypes.c_int, _PREFILL),
-    "paged_prefill_attention_bf16": (ctypes.c_int, _PREFILL),
-    "paged_prefill_attention_f32_i8": (ctypes.c_int, _PREFILL[:5] + [_p, _p] + _PREFILL[5:]),
-    "paged_prefill_attention_bf16_i8": (ctypes.c_int, _PREFILL[:5] + [_p, _p] + _PREFILL[5:]),
-    "paged_write_kv": (None, [_p, _i64, _i64, _p, _i64, _i64, _p, _i64, _p, _p, _i32, _i32, _i32]),
-    "paged_write_kv_i8": (None, [_p, _i64, _i64, _p, _i64, _i64, _p, _i64, _p, _p, _p, _p, _i32, _i32, _i32, _i32]),
-    "hf_rms_norm": (None, [_p, _i64, _p, _p, _i64, _i64, _i32, _f32, _i32]),
-    "hf_add_rms_norm": (None, [_p, _p, _p, _p, _p, _i64, _i32, _f32, _i32]),
-    "hf_rope": (None, [_p, _i64, _i64, _i32, _p, _i64, _i64, _i32, _p, _p, _p, _p, _i64, _i32, _i32]),
-    "hf_rope_write_kv": (None, [_p, _i64, _i64, _i32, _p, _i64, _i64, _i32, _p, _i64, _i64, _p, _p, _p, _p, _p, _p,
-                                _i64, _i32, _i32]),
-    "hf_silu_mul": (None, [_p, _i64, _p, _i64, _i64, _i32, _i32]),
-    "hf_argmax_rows": (None, [_p, _i64, _i64, _i64, _p]),
-    "hf_amx_available": (ctypes.c_int, []),
-    "hf_amx_pack": (None, [_p, _i64, _i64, _i64, _p]),
-    "hf_amx_linear": (ctypes.c_int, [_p, _i64, _i64, _p, _p, _i64, _i64, _p, _i64, _i32]),
-    "hf_small_linear_available": (ctypes.c_int, []),
-    "hf_small_linear_bf16_available": (ctypes.c_int, []),
-    "hf_small_linear_pack_f32": (None, [_p, _i64, _i64, _i64, _p]),
-    "hf_small_linear_pack_bf16": (None, [_p, _i64, _i64, _i64, _p]),
-    "hf_small_linear_f32": (ctypes.c_int, [_p, _i64, _i64, _p, _p, _i64, _i64, _p, _i64, _i32]),
-    "hf_small_linear_bf16": (ctypes.c_int, [_p, _i64, _i64, _p, _p, _i64, _i64, _p, _i64, _i32]),
-    "hf_llama_decode_layer_workspace": (ctypes.c_long, [_i64, _i32, _i32, _i32, _i32, _i32]),
-    "hf_llama_decode_layer": (ctypes.c_int, [_p, _p, _i64, _i32, _p, _f32, _p, _f32, _p, _p, _i32, _i32, _i32, _p, _p,
-                                             _p, _p, _i32, _p, _p, _p, _p, _p, _p, _p, _p, _p, _p, _i64, _p, _i32,
-                                             _f32, _p, _i32, _i32, _i32]),
-}
+_SCALARS = {"int": ctypes.c_int, "long": ctypes.c_long, "float": ctypes.c_float, "void": None}
+
+
+def _declaration(text: str, structs: dict) -> tuple[str, type | None]:
+    """``const T *name`` (or ``T name``) -> (name, its ctypes type): a struct pointer as a pointer to that struct
+    (ctypes then refuses another struct), any other pointer as ``c_void_p`` (an address, e.g. a ``data_ptr()``)."""
+    base, stars, name = re.fullmatch(r"\s*(?:const\s+)?(\w+)\s*(\**)\s*(\w*)\s*", text).groups()
+    if stars:
+        return name, ctypes.POINTER(structs[base]) if base in structs else ctypes.c_void_p
+    return name, structs[base] if base in structs else _SCALARS[base]
+
+
+def parse_header(text: str) -> tuple[dict, dict, dict]:
+    """(structs as ``ctypes.Structure`` classes, prototypes as name -> (restype, argtypes), enum constants) of
+    ``hf_paged_kernels.h``, the one place they are declared (a subset of C: see the header's opening comment)."""
+    text = re.sub(r"/\*.*?\*/|^[ \t]*#[^\n]*", "", text, flags=re.S | re.M)
+    structs: dict[str, type] = {}
+    for body, name in re.findall(r"typedef struct\s*\{(.*?)\}\s*(\w+)\s*;", text, re.S):
+        fields = []
+        for decl in filter(str.strip, body.split(";")):
+            first, *more = decl.split(",")
+            base = re.match(r"\s*((?:const\s+)?\w+)", first).group(1)
+            fields += [_declaration(f if i == 0 else f"{base} {f}", structs) for i, f in enumerate([first, *more])]
+        structs[name] = type(name, (ctypes.Structure,), {"_fields_": fields})
+    functions = {}
+    for ret, name, params in re.findall(r"^(int|long|void)\s+(\w+)\s*\(([^)]*)\)\s*;", text, re.M):
+        args = [] if params.strip() == "void" else [_declaration(p, structs)[1] for p in params.split(",")]
+        functions[name] = (_SCALARS[ret], args)
+    enums = {k: int(v) for body in re.findall(r"enum\s*\{(.*?)\}", text, re.S)
+             for k, v in re.findall(r"(\w+)\s*=\s*(\d+)", body)}
+    return structs, functions, enums
+
+
+# The ctypes side of the header: every function is declared with its argument types, so a call with a wrong
+# argument type raises ctypes.ArgumentError instead of passing garbage.
+STRUCTS, SIGNATURES, CONSTANTS = parse_header(HEADER.read_text())
 
 _profiler_enabled = torch._C._autograd._profiler_enabled
 _lock = threading.Lock()
@@ -106,7 +111,7 @@ _failure: str | None = None  # why the library could not be built or loaded
 
 def enabled() -> bool:
     """``HF_PAGED_CPU_KERNEL`` does not turn the kernels off (read on every call)."""
-    return env_switch("HF_PAGED_CPU_KERNEL")
+    return envs.cpu_kernel()
 
 
 def _compiler() -> str | None:

@@ -20,12 +20,10 @@ from __future__ import annotations
 import torch
 
 from . import cpu_library
-from .cpu_decode_attention import _scales_fit
+from .cpu_decode_attention import PagedCall
+from .cpu_decode_attention import supports as _decode_supports
 
 __all__ = ["PrefillPlan", "prefill_attention_cpu"]
-
-_FUNCTIONS = {torch.float32: "paged_prefill_attention_f32", torch.bfloat16: "paged_prefill_attention_bf16"}
-_FUNCTIONS_I8 = {torch.float32: "paged_prefill_attention_f32_i8", torch.bfloat16: "paged_prefill_attention_bf16_i8"}
 
 
 def _head_dim_multiple() -> int:
@@ -35,34 +33,29 @@ def _head_dim_multiple() -> int:
 
 def supports(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
              key_scales: torch.Tensor | None = None, value_scales: torch.Tensor | None = None) -> bool:
-    """Whether these tensors can take the kernel (CPU, fp32 or bf16, caches of the query's dtype or int8 with their
-    scales, contiguous)."""
-    if key_cache.dtype == torch.int8:
-        caches_ok = (value_cache.dtype == torch.int8 and _scales_fit(key_cache, key_scales)
-                     and _scales_fit(value_cache, value_scales))
-    else:
-        caches_ok = key_cache.dtype == query.dtype and value_cache.dtype == query.dtype and key_scales is None
-    return (query.device.type == "cpu" and key_cache.device.type == "cpu" and query.dtype in _FUNCTIONS
-            and caches_ok and key_cache.is_contiguous() and value_cache.is_contiguous() and key_cache.shape == value_cache.shape
-            and query.shape[-1] == key_cache.shape[-1] and query.shape[1] % key_cache.shape[2] == 0
-            and cpu_library.loaded() and query.shape[-1] % _head_dim_multiple() == 0)
+    """Whether these tensors can take the kernel: as the decode kernel (CPU, fp32 or bf16, caches of the query's
+    dtype or int8 with their scales, contiguous), and a head dim the kernel's tiles take."""
+    return (_decode_supports(query, key_cache, value_cache, key_scales, value_scales)
+            and query.shape[-1] % _head_dim_multiple() == 0)
 
 
-class PrefillPlan:
+class PrefillPlan(PagedCall):
     """The kernel's call for one step's prefill sequences, the same for every layer: a layer's call passes only
     its query, caches and output (``[T, H, hd]``, the prefill rows included at the positions ``q_starts`` gives).
     Build it with :meth:`for_step`, which returns None where the kernel cannot run."""
 
-    def __init__(self, fn, block_tables: torch.Tensor, q_starts: torch.Tensor, q_lens: torch.Tensor,
+    label = "hf_paged::paged_prefill_attention"
+
+    def __init__(self, block_tables: torch.Tensor, q_starts: torch.Tensor, q_lens: torch.Tensor,
                  kv_lens: torch.Tensor, num_heads: int, kv_heads: int, head_dim: int, block_size: int,
-                 scale: float, quantized: bool = False) -> None:
-        self.fn = fn
-        self.quantized = quantized
-        # Kept alive: the kernel reads their memory.
-        self.block_tables, self.q_starts, self.q_lens, self.kv_lens = block_tables, q_starts, q_lens, kv_lens
-        self.tables = (block_tables.data_ptr(), block_tables.stride(0), q_starts.data_ptr(), q_lens.data_ptr(),
-                       kv_lens.data_ptr(), block_tables.shape[0])
-        self.tail = (num_heads, kv_heads, head_dim, block_size, float(scale))
+                 scale: float, dtype: torch.dtype, quantized: bool = False) -> None:
+        seqs = cpu_library.STRUCTS["hf_seqs_t"](
+            block_tables=block_tables.data_ptr(), bt_stride=block_tables.stride(0), kv_lens=kv_lens.data_ptr(),
+            q_starts=q_starts.data_ptr(), q_lens=q_lens.data_ptr(), num_seqs=block_tables.shape[0])
+        attention = cpu_library.STRUCTS["hf_attention_t"](H=num_heads, KVH=kv_heads, hd=head_dim,
+                                                          block_size=block_size, scale=float(scale))
+        super().__init__(cpu_library.load().hf_paged_prefill_attention, seqs, attention, dtype, quantized,
+                         (block_tables, q_starts, q_lens, kv_lens))
         self.num_rows = int(q_starts[-1]) + int(q_lens[-1]) if len(q_starts) else 0
 
     @classmethod
@@ -74,12 +67,10 @@ class PrefillPlan:
         rows are ``q_starts[s] .. + q_lens[s]``, the last ``q_lens[s]`` of its ``kv_lens[s]`` cached tokens."""
         if not supports(query, key_cache, value_cache, key_scales, value_scales):
             return None
-        quantized = key_cache.dtype == torch.int8
-        fn = getattr(cpu_library.load(), (_FUNCTIONS_I8 if quantized else _FUNCTIONS)[query.dtype])
         as_i32 = lambda xs: torch.tensor(xs, dtype=torch.int32)  # noqa: E731
-        return cls(fn, block_tables.to(torch.int64).contiguous(), as_i32(q_starts), as_i32(q_lens),
-                   as_i32(kv_lens), query.shape[1], key_cache.shape[2], query.shape[2], key_cache.shape[1], scale,
-                   quantized)
+        return cls(block_tables.to(torch.int64).contiguous(), as_i32(q_starts), as_i32(q_lens), as_i32(kv_lens),
+                   query.shape[1], key_cache.shape[2], query.shape[2], key_cache.shape[1], scale, query.dtype,
+                   key_cache.dtype == torch.int8)
 
     def __call__(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                  out: torch.Tensor, key_scales: torch.Tensor | None = None,
@@ -90,15 +81,7 @@ class PrefillPlan:
                 or out.stride(2) != 1 or out.dtype != query.dtype):
             raise ValueError(f"query {tuple(query.shape)} / out {tuple(out.shape)}: the plan needs "
                              f"{self.num_rows} rows and contiguous head dims")
-        caches: tuple = (key_cache.data_ptr(), value_cache.data_ptr())
-        if self.quantized:
-            if key_scales is None or value_scales is None:
-                raise ValueError("an int8 cache's plan needs key_scales and value_scales")
-            caches += (key_scales.data_ptr(), value_scales.data_ptr())
-        args = (query.data_ptr(), query.stride(0), query.stride(1), *caches, *self.tables, out.data_ptr(), out.stride(0), out.stride(1), *self.tail, torch.get_num_threads())
-        rc = cpu_library.call_profiled("hf_paged::paged_prefill_attention", self.fn, args)
-        if rc != 0:
-            raise RuntimeError(f"paged_prefill_attention failed ({rc})")
+        self._run(query, key_cache, value_cache, out, key_scales, value_scales)
 
 
 def prefill_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,

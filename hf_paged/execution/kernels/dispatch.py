@@ -12,22 +12,25 @@ attention metadata for ``paged_attention``):
 Int8 caches (``kv_cache_dtype="int8"``) travel with their scales (``key_scales`` / ``value_scales``, ``scales`` for
 the whole pool); every path quantizes on write and dequantizes on read (see ``cache_ops``).
 
-Calls without a plan (kernel tests, ``PagedCache`` built before) use ``plan.default_plan``, which reads the
-environment. triton is imported lazily, on the first call that takes the Triton path, so importing ``hf_paged``
+Every call names its plan; kernels never build one (outside an engine: ``plan.default_plan``). triton is imported
+lazily, on the first call that takes the Triton path, so importing ``hf_paged``
 never needs triton or a GPU. On a GPU without an importable triton the PyTorch path is used (with one warning).
 """
 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..plan import ExecutionPlan, default_plan
 from . import cache_ops as _torch_cache_ops
 from . import cpu_decode_attention as _cpu_kernel
 from . import paged_attention as _torch_attention
 from .paged_attention import PagedAttentionMetadata
+
+if TYPE_CHECKING:
+    from ..plan import ExecutionPlan
 
 logger = logging.getLogger(__name__)
 
@@ -51,18 +54,18 @@ def triton_importable() -> bool:
     return _triton_ok
 
 
-def use_triton(tensor: torch.Tensor, plan: ExecutionPlan | None = None) -> bool:
-    """Whether an operation on ``tensor`` takes the Triton path."""
-    return (plan or default_plan(tensor)).triton
+def use_triton(plan: "ExecutionPlan") -> bool:
+    """Whether the plan's operations take the Triton path."""
+    return plan.triton
 
 
 def write_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-             slot_mapping: torch.Tensor, plan: ExecutionPlan | None = None, *, key_scales: torch.Tensor | None = None,
+             slot_mapping: torch.Tensor, plan: "ExecutionPlan", *, key_scales: torch.Tensor | None = None,
              value_scales: torch.Tensor | None = None) -> None:
     """Scatter ``key``/``value`` ``[tokens, kv_heads, head_dim]`` into the slots ``slot_mapping[tokens]``
     of one layer's caches ``[num_blocks, block_size, kv_heads, head_dim]`` (int8 caches: quantized, with their
     scales ``[num_blocks, kv_heads, block_size]``)."""
-    way = (plan or default_plan(key_cache)).cache_write
+    way = plan.cache_write
     if way == "triton":
         from .triton_cache_ops import write_kv_triton
 
@@ -72,11 +75,11 @@ def write_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tens
         _torch_cache_ops.write_kv(key_cache, value_cache, key, value, slot_mapping, key_scales, value_scales)
 
 
-def copy_blocks(kv: torch.Tensor, pairs: torch.Tensor, plan: ExecutionPlan | None = None, *,
+def copy_blocks(kv: torch.Tensor, pairs: torch.Tensor, plan: "ExecutionPlan", *,
                 scales: torch.Tensor | None = None) -> None:
     """For every (src, dst) row of ``pairs`` copy block src to block dst, in every layer, K and V (and the int8
     pool's ``scales``)."""
-    if use_triton(kv, plan):
+    if plan.triton:
         from .triton_cache_ops import copy_blocks_triton
 
         copy_blocks_triton(kv, pairs)
@@ -91,7 +94,7 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
                     softcap: float | None = None, *, key_scales: torch.Tensor | None = None,
                     value_scales: torch.Tensor | None = None) -> torch.Tensor:
     """query ``[T, H, D]`` (the step's new tokens, K/V already written to the caches) -> ``[T, H, D]``."""
-    if (meta.plan or default_plan(query)).triton:
+    if meta.plan.triton:
         from .triton_paged_attention import paged_attention_triton
 
         return paged_attention_triton(query, key_cache, value_cache, meta, scale, sliding_window, softcap,

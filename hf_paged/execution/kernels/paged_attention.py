@@ -65,10 +65,11 @@ class PagedAttentionMetadata(OpaqueBase):
     kv_lens_list: list[int]
     q_lens_list: list[int]
     block_size: int
-    pool: Any = field(default=None, repr=False)  # the BlockPool the attention layers read and write
-    plan: Any = field(default=None, repr=False)  # the engine's ExecutionPlan (None: plan.default_plan)
+    kv_cache: Any = field(default=None, repr=False)  # the KVCache the attention layers read and write
+    plan: Any = field(default=None, repr=False)  # the ExecutionPlan whose kernels run (required)
     # A bound on the decode lengths that the Triton decode kernel sizes its split-K from instead of
-    # ``max(kv_lens_list)``: a CUDA graph's metadata (hf_paged/execution/cuda_graphs.py), whose host lists are not the step's.
+    # ``max(kv_lens_list)``: a CUDA graph's metadata (hf_paged/execution/cuda_graphs.py), whose host lists are not
+    # the step's.
     max_decode_len: int | None = None
     # The layers expected to run paged attention, with the window each must use (None: unchecked), and how many
     # times each did in this forward (see ``mark_layer`` / ``check_layer_calls``).
@@ -76,9 +77,11 @@ class PagedAttentionMetadata(OpaqueBase):
     layer_calls: list[int] = field(default_factory=list, repr=False)
     _masks: dict = field(default_factory=dict, repr=False)
     _decode_tables: dict = field(default_factory=dict, repr=False)
+    # The one-call decoder layers' per-step C arguments (patches/fused_layers.py), built by the first layer.
+    c_step: Any = field(default=None, repr=False)
 
     def __reduce__(self):
-        # Inductor pickles a compiled graph's inputs into its cache key; one step's tensors (and the whole pool
+        # Inductor pickles a compiled graph's inputs into its cache key; one step's tensors (and the whole KV cache
         # behind ``pool``) must not go there. The metadata is never persisted, so it pickles to a fresh, empty one.
         return _empty_metadata, ()
 
@@ -95,7 +98,7 @@ class PagedAttentionMetadata(OpaqueBase):
         output would be wrong)."""
         if self.layer_windows is None:
             return
-        calls = self.layer_calls + [0] * max(0, self.pool.num_layers - len(self.layer_calls))
+        calls = self.layer_calls + [0] * max(0, self.kv_cache.num_layers - len(self.layer_calls))
         wrong = [i for i, n in enumerate(calls) if n != (1 if i in self.layer_windows else 0)]
         if wrong:
             detail = ", ".join(f"layer {i}: {calls[i]}x" for i in wrong[:4])
@@ -143,12 +146,7 @@ class PagedAttentionMetadata(OpaqueBase):
                         value_scales: torch.Tensor | None = None) -> "_cpu_kernel.DecodePlan | None":
         """The C decode kernel's call for this step's decodes (built by the first layer, reused by the others);
         None where the kernel does not apply."""
-        plan = self.plan
-        if plan is None:  # called outside an engine
-            from ..plan import default_plan
-
-            plan = default_plan(query)
-        if not plan.cpu_kernels:
+        if not self.plan.cpu_kernels:
             return None
         key = ("cpu", query.dtype, key_cache.dtype, scale, sliding_window, softcap)
         if key not in self._decode_tables:
@@ -167,12 +165,7 @@ class PagedAttentionMetadata(OpaqueBase):
         head dim it does not take)."""
         if sliding_window or softcap or self.num_decodes == self.num_seqs:
             return None
-        plan = self.plan
-        if plan is None:  # called outside an engine
-            from ..plan import default_plan
-
-            plan = default_plan(query)
-        if not plan.cpu_kernels:
+        if not self.plan.cpu_kernels:
             return None
         key = ("cpu-prefill", query.dtype, key_cache.dtype, scale)
         if key not in self._decode_tables:

@@ -45,17 +45,17 @@ def _base_attention_fn(module: torch.nn.Module):
 
 def paged_attention_layer(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, meta: PagedAttentionMetadata,
                           layer: int, scale: float, sliding_window: int | None, softcap: float | None) -> torch.Tensor:
-    """One layer's paged attention: write the step's new K/V (``[1, KVH, T, hd]``) into the pool, attend the
+    """One layer's paged attention: write the step's new K/V (``[1, KVH, T, hd]``) into the KV cache, attend the
     queries ``[1, H, T, hd]`` over the blocks -> ``[1, T, H, hd]``.
 
     A custom op so that a compiled forward keeps it whole (one opaque call per layer, the metadata an opaque
-    graph input). The pool is written through ``meta`` (hidden from the compiler on purpose: nothing in the
-    graph reads the pool, and the data dependency between layers keeps the calls in order)."""
-    pool = meta.pool
+    graph input). The KV cache is written through ``meta`` (hidden from the compiler on purpose: nothing in
+    the graph reads it, and the data dependency between layers keeps the calls in order)."""
+    kv = meta.kv_cache
     meta.mark_layer(layer)
     sliding_window = attention_window(meta.layer_windows, layer, sliding_window)
-    key_cache, value_cache = pool.key_cache(layer), pool.value_cache(layer)
-    key_scales, value_scales = pool.key_scales(layer), pool.value_scales(layer)  # None unless int8
+    key_cache, value_cache = kv.key_cache(layer), kv.value_cache(layer)
+    key_scales, value_scales = kv.key_scales(layer), kv.value_scales(layer)  # None unless int8
     # HF hands q/k/v as [1, heads, T, head_dim]; the kernels use [T, heads, head_dim].
     write_kv(key_cache, value_cache, key[0].transpose(0, 1), value[0].transpose(0, 1), meta.slot_mapping, meta.plan,
              key_scales=key_scales, value_scales=value_scales)
@@ -83,7 +83,7 @@ def hf_paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
         return _base_attention_fn(module)(module, query, key, value, attention_mask, scaling=scaling,
                                           dropout=dropout, **kwargs)
     if not torch.compiler.is_compiling():
-        check_attention_call(module, key, value, meta.pool, kwargs)
+        check_attention_call(module, key, value, meta.kv_cache, kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     args = (query, key, value, meta, module.layer_idx, float(scale), kwargs.get("sliding_window"),
             kwargs.get("softcap"))

@@ -34,8 +34,6 @@ from ..kernels.dispatch import paged_attention
 from .attention import ATTN_IMPLEMENTATION, paged_attention_layer
 from .linear import AMX_MAX_ROWS, SMALL_MAX_ROWS, AmxWeight, PackedGroup, SmallRowsWeight, in_packed_call
 
-_LINEAR_AMX, _LINEAR_AVX512 = 0, 1  # llama_decode_layer.c's linear kinds
-
 
 # The transformers classes whose forward computes exactly what each fused path computes: Llama's attention (q/k/v
 # projections, Llama's rotary embedding of the whole head, causal attention at ``module.scaling``, o_proj), MLP
@@ -145,7 +143,7 @@ class _FusedAttention(_Fused):
                            head_dim: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """This layer's (key, value) caches where the C kernels may write them directly, else None."""
         layer = self.module.layer_idx
-        key_cache, value_cache = meta.pool.key_cache(layer), meta.pool.value_cache(layer)
+        key_cache, value_cache = meta.kv_cache.key_cache(layer), meta.kv_cache.value_cache(layer)
         if (key_cache.dtype == dtype and key_cache.is_contiguous() and value_cache.is_contiguous()
                 and key_cache.shape[2:] == (kv_heads, head_dim) and meta.slot_mapping.dtype == torch.int64
                 and meta.plan is not None and meta.plan.cache_write == "c"):
@@ -223,11 +221,22 @@ class _FusedRMSNorm(_Fused):
         return self.original(x)
 
 
+class _OneCallStep:
+    """What the one-call layers of a decode-only step share (``hf_decode_step_t``: the decode sequences, slots,
+    rotary tables, one workspace), built by the first layer and kept on the step's metadata; ``struct`` is None
+    where the step cannot run its layers as one call."""
+
+    def __init__(self, key: tuple, position_embeddings: tuple) -> None:
+        self.key, self.position_embeddings = key, position_embeddings
+        self.struct, self.shape, self.keep = None, None, ()
+
+
 class _FusedDecoderLayer(_Fused):
     """A Llama decoder layer whose four parts are all fused: it calls their fused paths directly (none of
     ``nn.Module.__call__``'s work for them) and does the residual add with the post-attention norm in one C call.
-    A decode-only step whose linears run on hf_paged's kernels (AMX, AVX-512) runs the whole layer as one C call
-    (``one_call``)."""
+    A decode-only step whose linears run on hf_paged's kernels (AMX, AVX-512, AVX2) runs the whole layer as one C
+    call (``one_call``) with two argument structs: the layer's, built on its first such call, and the step's, built by
+    the step's first layer."""
 
     PARTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
 
@@ -237,6 +246,7 @@ class _FusedDecoderLayer(_Fused):
         # The o_proj / down_proj packers (for the one-call layer), or None.
         self.o_packer, self.down_packer = parts.get(module.self_attn.o_proj), parts.get(module.mlp.down_proj)
         self.one_call = one_call
+        self._layer: tuple = (None, None, None)  # (pool, dtype, its one-call arguments or None) of the last call
 
     @classmethod
     def matches(cls, module: torch.nn.Module, parts: dict) -> bool:
@@ -253,118 +263,116 @@ class _FusedDecoderLayer(_Fused):
     def __call__(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  position_ids: torch.Tensor | None = None, past_key_values: Any = None, use_cache: bool | None = False,
                  position_embeddings: tuple | None = None, **kwargs: Any) -> torch.Tensor:
-        m = self.module
-        attention = self.attention
         meta = kwargs.get("paged_metadata")
-        if not (meta is not None and past_key_values is None and position_embeddings is not None
-                and in_packed_call() and attention.usable(hidden_states) and hidden_states.is_contiguous()):
-            return self.original(hidden_states, attention_mask, position_ids, past_key_values, use_cache,
-                                 position_embeddings, **kwargs)
-        if self.one_call:
+        if self.one_call and meta is not None and past_key_values is None:
             out = self._decode_in_one_call(hidden_states, position_embeddings, meta)
             if out is not None:
                 return out
+        m = self.module
+        if not (meta is not None and past_key_values is None and position_embeddings is not None
+                and in_packed_call() and self.attention.usable(hidden_states) and hidden_states.is_contiguous()):
+            return self.original(hidden_states, attention_mask, position_ids, past_key_values, use_cache,
+                                 position_embeddings, **kwargs)
         lib, bf16 = self.lib, self.bf16
         rows, dim = hidden_states.numel() // hidden_states.shape[-1], hidden_states.shape[-1]
         pre, post = m.input_layernorm, m.post_attention_layernorm
         normed = torch.empty_like(hidden_states)
         lib.hf_rms_norm(hidden_states.data_ptr(), dim, pre.weight.data_ptr(), normed.data_ptr(), dim, rows, dim,
                         pre.variance_epsilon, bf16)
-        attended = attention.fast(normed, position_embeddings, meta)
+        attended = self.attention.fast(normed, position_embeddings, meta)
         residual = torch.empty_like(hidden_states)
         lib.hf_add_rms_norm(hidden_states.data_ptr(), attended.data_ptr(), post.weight.data_ptr(), residual.data_ptr(),
                             normed.data_ptr(), rows, dim, post.variance_epsilon, bf16)
         return residual.add_(self.mlp.fast(normed))
 
-    def _one_call_args(self, dtype: torch.dtype) -> tuple | None:
-        """What the one C call of this layer needs that no step changes (the kernel the four GEMMs were packed for,
-        the geometry, the weights' and biases' pointers), worked out once (an engine's runner builds new layer
-        forwards when weights change); None where the layer cannot run as one call."""
-        cached = getattr(self, "_static", None)
-        if cached is not None and cached[0] == dtype:
-            return cached[1]
+    def _one_call_layer(self, meta: Any, dtype: torch.dtype) -> Any:
+        """This layer's ``hf_llama_layer_t`` (weights as the four GEMMs were packed, biases, norms, geometry, its
+        caches in the step's pool) with what checks it, worked out once per pool and dtype (an engine's runner builds
+        new layer forwards when weights change); None where the layer cannot run as one call."""
         m = self.module
         attn, mlp, pre, post = m.self_attn, m.mlp, m.input_layernorm, m.post_attention_layernorm
-        o_packer, down_packer = self.o_packer, self.down_packer
-        args = None
-        if o_packer is not None and down_packer is not None:
-            qkv, gate_up = self.attention.group, self.mlp.group
-            packs = (qkv.packed, o_packer.packed, gate_up.packed, down_packer.packed)
-            biases = (qkv.bias, attn.o_proj.bias, gate_up.bias, mlp.down_proj.bias)
-            kind = None
-            if all(isinstance(p, AmxWeight) for p in packs) and dtype == torch.bfloat16:
-                kind, max_rows = _LINEAR_AMX, AMX_MAX_ROWS
-            elif all(isinstance(p, SmallRowsWeight) and p.dtype == dtype for p in packs):
-                kind, max_rows = _LINEAR_AVX512, SMALL_MAX_ROWS
-            if kind is not None and all(b is None or (b.dtype == dtype and b.is_contiguous()) for b in biases):
-                hd = attn.head_dim
-                heads, kv_heads = attn.q_proj.out_features // hd, attn.k_proj.out_features // hd
-                ptr = [None if b is None else b.data_ptr() for b in biases]
-                inter = gate_up.packed.out_features // 2
-                # hf_llama_decode_layer's arguments from D (after x, out, T) to down_b, in its order.
-                layer = (pre.weight.data_ptr(), pre.variance_epsilon, post.weight.data_ptr(), post.variance_epsilon,
-                         packs[0].packed.data_ptr(), ptr[0], heads, kv_heads, hd, packs[1].packed.data_ptr(), ptr[1],
-                         packs[2].packed.data_ptr(), ptr[2], inter, packs[3].packed.data_ptr(), ptr[3])
-                per_token = self.lib.hf_llama_decode_layer_workspace(1, m.input_layernorm.weight.shape[0], heads,
-                                                                     kv_heads, hd, inter)  # linear in T
-                args = (kind, max_rows, heads, kv_heads, hd, inter, float(attn.scaling), attn.layer_idx, layer,
-                        per_token)
-        self._static = (dtype, args)
-        return args
-
-    def _caches(self, meta: Any, dtype: torch.dtype, kv_heads: int, hd: int) -> tuple | None:
-        """(key cache, value cache, key scales, value scales) of this layer in the step's pool where the C kernels
-        may write them, else None; kept for the pool (an engine's pool does not change)."""
-        if not (meta.plan is not None and meta.plan.cache_write == "c" and meta.slot_mapping.dtype == torch.int64):
+        qkv, gate_up = self.attention.group, self.mlp.group
+        if (self.o_packer is None or self.down_packer is None or dtype != qkv.dtype or meta.plan is None
+                or meta.plan.cache_write != "c"):
             return None
-        cached = getattr(self, "_pool_caches", None)
-        if cached is not None and cached[0] is meta.pool and cached[1] == dtype:
-            return cached[2]
-        layer = self.module.self_attn.layer_idx
-        key_scales, value_scales = meta.pool.key_scales(layer), meta.pool.value_scales(layer)
+        packs = (qkv.packed, self.o_packer.packed, gate_up.packed, self.down_packer.packed)
+        biases = (qkv.bias, attn.o_proj.bias, gate_up.bias, mlp.down_proj.bias)
+        if all(isinstance(p, AmxWeight) for p in packs) and dtype == torch.bfloat16:
+            kind, max_rows = cpu_library.CONSTANTS["HF_LINEAR_AMX"], AMX_MAX_ROWS
+        elif all(isinstance(p, SmallRowsWeight) and p.dtype == dtype for p in packs):
+            kind, max_rows = cpu_library.CONSTANTS["HF_LINEAR_SMALL"], SMALL_MAX_ROWS
+        else:
+            return None
+        hd, layer = attn.head_dim, attn.layer_idx
+        heads, kv_heads = attn.q_proj.out_features // hd, attn.k_proj.out_features // hd
+        key_scales, value_scales = meta.kv_cache.key_scales(layer), meta.kv_cache.value_scales(layer)
         cache_dtype = dtype if key_scales is None else torch.int8  # int8 K/V: quantized by the C write
         caches = self.attention.caches_for_c_write(meta, cache_dtype, kv_heads, hd)
-        found = None if caches is None else (*caches, key_scales, value_scales)
-        self._pool_caches = (meta.pool, dtype, found)
-        return found
+        if caches is None or not all(b is None or (b.dtype == dtype and b.is_contiguous()) for b in biases):
+            return None
+        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+        structs = cpu_library.STRUCTS
+        attention = structs["hf_attention_t"](
+            key_cache=ptr(caches[0]), value_cache=ptr(caches[1]), key_scales=ptr(key_scales),
+            value_scales=ptr(value_scales), H=heads, KVH=kv_heads, hd=hd, block_size=caches[0].shape[1],
+            scale=float(attn.scaling), bf16=self.bf16)
+        dim, inter = pre.weight.shape[0], gate_up.packed.out_features // 2
+        weights = {f"{name}_{part}": ptr(t) for name, p, b in zip(("qkv", "o", "gate_up", "down"), packs, biases)
+                   for part, t in (("w", p.packed), ("b", b))}
+        struct = structs["hf_llama_layer_t"](
+            attn=attention, norm1_w=pre.weight.data_ptr(), norm2_w=post.weight.data_ptr(), eps1=pre.variance_epsilon,
+            eps2=post.variance_epsilon, D=dim, I=inter, linear_kind=kind, **weights)
+        per_token = self.lib.hf_llama_decode_layer_workspace(struct, 1)  # linear in T
+        # What a step's arguments must have been built for: the activations' dtype and shape, the query's, the
+        # workspace, the rows the linear kernel takes.
+        key = (dtype, dim, heads, hd, per_token, max_rows)
+        return struct, key, layer, (caches[0], caches[1], key_scales, value_scales, float(attn.scaling))
+
+    def _one_call_step(self, meta: Any, hidden_states: torch.Tensor, position_embeddings: tuple,
+                       layer: tuple) -> _OneCallStep:
+        """The step's ``hf_decode_step_t``, built once for the layers whose arguments ``layer[1]`` describes."""
+        struct, key, _, (key_cache, value_cache, key_scales, value_scales, scale) = layer
+        dtype, dim, heads, hd, per_token, max_rows = key
+        step = meta.c_step = _OneCallStep(key, position_embeddings)
+        tokens = hidden_states.shape[1] if hidden_states.dim() == 3 else 0
+        if not (meta.num_decodes == tokens and 0 < tokens <= max_rows and position_embeddings is not None
+                and self.attention.module.config._attn_implementation == ATTN_IMPLEMENTATION
+                and meta.slot_mapping.dtype == torch.int64 and meta.plan is not None and meta.plan.cache_write == "c"):
+            return step
+        cos, sin = position_embeddings[0], position_embeddings[1]  # [1, T, hd]: row 0 is where they start
+        if not (cos.dtype == dtype and cos.is_contiguous() and sin.is_contiguous() and cos.shape == (1, tokens, hd)):
+            return step
+        work = torch.empty(tokens * per_token, dtype=dtype)  # one workspace for all of the step's layers
+        query = work[: tokens * heads * hd].view(tokens, heads, hd)  # for the plan's shape and dtype checks
+        plan = meta.cpu_decode_plan(query, key_cache, value_cache, scale, None, None, key_scales, value_scales)
+        if plan is not None:
+            step.struct = cpu_library.STRUCTS["hf_decode_step_t"](
+                seqs=plan.seqs, slots=meta.slot_mapping.data_ptr(), cos=cos.data_ptr(), sin=sin.data_ptr(), T=tokens,
+                work=work.data_ptr(), num_threads=torch.get_num_threads())
+            step.shape, step.keep = torch.Size((1, tokens, dim)), (plan, work, meta.slot_mapping)
+        return step
 
     def _decode_in_one_call(self, hidden_states: torch.Tensor, position_embeddings: tuple,
                             meta: Any) -> torch.Tensor | None:
         """The whole layer as one C call (``csrc/llama_decode_layer.c``: the same kernels in the same order, without
         the Python between them) for a decode-only step whose four GEMMs all run on hf_paged's kernels (AMX tiles,
         or the small-row kernel); None where that does not apply."""
-        tokens = hidden_states.shape[1]
-        if meta.num_decodes != tokens or tokens == 0:
+        pool, dtype, layer = self._layer
+        if pool is not meta.kv_cache or dtype != hidden_states.dtype:
+            layer = self._one_call_layer(meta, hidden_states.dtype)
+            self._layer = (meta.kv_cache, hidden_states.dtype, layer)
+        if layer is None:
             return None
-        dtype = hidden_states.dtype
-        static = self._one_call_args(dtype)
-        if static is None or tokens > static[1]:
+        step = meta.c_step
+        if step is None or step.position_embeddings is not position_embeddings or step.key != layer[1]:
+            step = self._one_call_step(meta, hidden_states, position_embeddings, layer)
+        if not (step.struct is not None and hidden_states.shape == step.shape and hidden_states.is_contiguous()
+                and in_packed_call()):
             return None
-        linear_kind, _, heads, kv_heads, hd, inter, scale, layer_idx, layer, per_token = static
-        cos, sin = position_embeddings[0], position_embeddings[1]  # [1, T, hd]: row 0 is where they start
-        if not (cos.dtype == dtype and cos.is_contiguous() and sin.is_contiguous() and cos.shape == (1, tokens, hd)):
-            return None
-        caches = self._caches(meta, dtype, kv_heads, hd)
-        if caches is None:
-            return None
-        key_cache, value_cache, key_scales, value_scales = caches
-        dim = hidden_states.shape[-1]
-        lib = self.lib
-        work = torch.empty(tokens * per_token, dtype=dtype)
-        query = work[: tokens * heads * hd].view(tokens, heads, hd)  # for the plan's shape and dtype checks
-        plan = meta.cpu_decode_plan(query, key_cache, value_cache, scale, None, None, key_scales, value_scales)
-        if plan is None:
-            return None
-        scales = (None, None) if key_scales is None else (key_scales.data_ptr(), value_scales.data_ptr())
         out = torch.empty_like(hidden_states)
-        rc = lib.hf_llama_decode_layer(
-            hidden_states.data_ptr(), out.data_ptr(), tokens, dim, *layer, cos.data_ptr(), sin.data_ptr(),
-            meta.slot_mapping.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(), *scales, *plan.tables,
-            key_cache.shape[1], scale, work.data_ptr(), linear_kind, int(dtype == torch.bfloat16),
-            torch.get_num_threads())
-        if rc != 0:
+        if self.lib.hf_llama_decode_layer(layer[0], step.struct, hidden_states.data_ptr(), out.data_ptr()) != 0:
             return None
-        meta.mark_layer(layer_idx)
+        meta.mark_layer(layer[2])
         return out
 
 

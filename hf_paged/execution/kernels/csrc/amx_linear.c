@@ -19,6 +19,7 @@
 #include <string.h>
 
 #include "cpu_vec.h"
+#include "hf_paged_kernels.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__) && defined(__linux__)
 #include <immintrin.h>

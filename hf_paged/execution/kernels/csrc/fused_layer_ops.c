@@ -2,11 +2,11 @@
  * RMSNorm (alone, or after the residual add), rotary embedding of q and k (alone, or writing the rotated k and v
  * into their cache slots), and SiLU(gate) * up; beside them greedy sampling's argmax over the vocabulary.
  *
- * Built with the other CPU kernels into one library (hf_paged/execution/kernels/cpu_library.py), called through ctypes
- * by hf_paged/execution/kernels/cpu_fused_ops.py and hf_paged/execution/patches/fused_layers.py. Each function computes what
- * transformers' eager code computes, rounding to bf16 where its ops round (a bf16 torch op computes in fp32 and
- * rounds its result): rotary embedding is bit-exact in fp32 and bf16; RMSNorm sums the squares in another order
- * and SiLU uses cpu_vec.h's exp and a refined reciprocal, so those differ from torch by an ulp or so of fp32
+ * Built with the other CPU kernels into one library (hf_paged/execution/kernels/cpu_library.py), called through
+ * ctypes by hf_paged/execution/kernels/cpu_fused_ops.py and hf_paged/execution/patches/fused_layers.py. Each function
+ * computes what transformers' eager code computes, rounding to bf16 where its ops round (a bf16 torch op computes in
+ * fp32 and rounds its result): rotary embedding is bit-exact in fp32 and bf16; RMSNorm sums the squares in another
+ * order and SiLU uses cpu_vec.h's exp and a refined reciprocal, so those differ from torch by an ulp or so of fp32
  * before any rounding.
  *
  * torch rounds the products of q*cos + rotate_half(q)*sin separately: no_contract() keeps the compiler from
@@ -20,6 +20,7 @@
 #include <string.h>
 
 #include "cpu_vec.h"
+#include "hf_paged_kernels.h"
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif

@@ -1,7 +1,9 @@
 /* Paged decode attention on the CPU: one query token per sequence, K/V read straight from the blocks.
  *
- * Built by hf_paged/execution/kernels/cpu_decode_attention.py with the system C compiler (plain C11 + GNU vector
- * extensions + OpenMP, no torch headers) and called through ctypes with raw data pointers.
+ * Built by hf_paged/execution/kernels/cpu_library.py with the system C compiler (plain C11 + GNU vector extensions +
+ * OpenMP, no torch headers) and called through ctypes (cpu_decode_attention.py) and by llama_decode_layer.c with raw
+ * data pointers and the argument structs of hf_paged_kernels.h (hf_attention_t: the layer's caches, heads, scale,
+ * window, softcap; hf_seqs_t: the step's block tables and lengths).
  *
  * Layouts (strides in elements):
  *   q            [D, H, hd]            row strides q_s0 (sequence), q_s1 (head); head_dim contiguous
@@ -35,7 +37,7 @@
  *
  * paged_write_kv, beside it, scatters a step's new K/V rows into their slots (the cache write of every layer).
  *
- * int8 K/V (kv_cache_dtype="int8", the *_i8 entry points): each cached row is hd int8 values q with one fp32 scale
+ * int8 K/V (kv_cache_dtype="int8": caches that come with scales): each cached row is hd int8 values q with one fp32 scale
  * s per (slot, KV head), x = q * s, the scales in [num_blocks, KVH, block_size] beside each cache. The scales are
  * applied outside the dot products: pass 1 multiplies a tile's VL scores by its VL key scales, pass 2 weighs each V
  * row by its probability times its scale. With AVX512-VNNI and head dims that are multiples of 32 (unit_i8_vnni)
@@ -58,6 +60,7 @@
 #endif
 
 #include "cpu_vec.h"
+#include "hf_paged_kernels.h"
 
 /* P[0..VL) -> the vector whose lane i is the sum of P[i]'s lanes (P is clobbered). With GCC: a tree of two-source
  * shuffles, each level halving the number of vectors and the number of lanes summed per key. Clang has no shuffle
@@ -859,16 +862,15 @@ static inline __attribute__((always_inline)) void unit_scalar(const int bf16, co
 }
 
 static inline __attribute__((always_inline)) int paged_decode_attention(
-    const int bf16, const int kv8, const void *q, long q_s0, long q_s1, const void *key_cache, const void *value_cache,
-    const float *key_scales, const float *value_scales, const int64_t *block_tables, long bt_stride,
-    const int32_t *kv_lens, void *out, long o_s0, long o_s1, int D, int H, int KVH, int hd, int block_size,
-    int window, float scale, float softcap, int num_threads) {
+    const int bf16, const int kv8, const hf_attention_t *a, const hf_seqs_t *seqs, const void *q, long q_s0,
+    long q_s1, void *out, long o_s0, long o_s1, int num_threads) {
+    const int D = seqs->num_seqs, H = a->H, KVH = a->KVH, hd = a->hd, block_size = a->block_size, window = a->window;
+    const int32_t *kv_lens = seqs->kv_lens;
     if (D <= 0) return 0;
     if (KVH <= 0 || H % KVH != 0 || hd <= 0 || block_size <= 0) return -1;
-    if (kv8 && (!key_scales || !value_scales)) return -1;
-    params_t p = {(const char *)q, (const char *)key_cache, (const char *)value_cache, (char *)out,
-                  block_tables, kv_lens, q_s0, q_s1, o_s0, o_s1, bt_stride, (long)KVH * hd,
-                  H, KVH, H / KVH, hd, block_size, window, scale, softcap, 0, key_scales, value_scales};
+    params_t p = {(const char *)q, (const char *)a->key_cache, (const char *)a->value_cache, (char *)out,
+                  seqs->block_tables, kv_lens, q_s0, q_s1, o_s0, o_s1, seqs->bt_stride, (long)KVH * hd,
+                  H, KVH, H / KVH, hd, block_size, window, a->scale, a->softcap, 0, a->key_scales, a->value_scales};
     int max_len = 1;
     for (int s = 0; s < D; s++) {
         int n = kv_lens[s];
@@ -964,40 +966,16 @@ static inline __attribute__((always_inline)) int paged_decode_attention(
     return err;
 }
 
-#define ARGS                                                                                                  \
-    const void *q, long q_s0, long q_s1, const void *key_cache, const void *value_cache,                     \
-        const int64_t *block_tables, long bt_stride, const int32_t *kv_lens, void *out, long o_s0, long o_s1, \
-        int D, int H, int KVH, int hd, int block_size, int window, float scale, float softcap, int num_threads
-#define PASS                                                                                                  \
-    q, q_s0, q_s1, key_cache, value_cache, NULL, NULL, block_tables, bt_stride, kv_lens, out, o_s0, o_s1, D, H,   \
-        KVH, hd, block_size, window, scale, softcap, num_threads
-
-/* q, key/value caches and out hold float32. Returns 0, or < 0 on bad arguments or no memory. */
-int paged_decode_attention_f32(ARGS) { return paged_decode_attention(0, 0, PASS); }
-
-/* q, key/value caches and out hold bfloat16 (uint16 bit patterns). */
-int paged_decode_attention_bf16(ARGS) { return paged_decode_attention(1, 0, PASS); }
-
-/* int8 key/value caches with their fp32 row scales [num_blocks, KVH, block_size]; q and out hold float32. */
-int paged_decode_attention_f32_i8(const void *q, long q_s0, long q_s1, const void *key_cache, const void *value_cache,
-                                  const float *key_scales, const float *value_scales, const int64_t *block_tables,
-                                  long bt_stride, const int32_t *kv_lens, void *out, long o_s0, long o_s1, int D,
-                                  int H, int KVH, int hd, int block_size, int window, float scale, float softcap,
-                                  int num_threads) {
-    return paged_decode_attention(0, 1, q, q_s0, q_s1, key_cache, value_cache, key_scales, value_scales,
-                                  block_tables, bt_stride, kv_lens, out, o_s0, o_s1, D, H, KVH, hd, block_size, window,
-                                  scale, softcap, num_threads);
-}
-
-/* The same with q and out in bfloat16. */
-int paged_decode_attention_bf16_i8(const void *q, long q_s0, long q_s1, const void *key_cache, const void *value_cache,
-                                   const float *key_scales, const float *value_scales, const int64_t *block_tables,
-                                   long bt_stride, const int32_t *kv_lens, void *out, long o_s0, long o_s1, int D,
-                                   int H, int KVH, int hd, int block_size, int window, float scale, float softcap,
-                                   int num_threads) {
-    return paged_decode_attention(1, 1, q, q_s0, q_s1, key_cache, value_cache, key_scales, value_scales,
-                                  block_tables, bt_stride, kv_lens, out, o_s0, o_s1, D, H, KVH, hd, block_size, window,
-                                  scale, softcap, num_threads);
+/* Returns 0, or < 0 on bad arguments (a scale table without the other) or no memory. The int8 kernels where the
+ * caches come with scales; fp32 or bf16 as attn->bf16 says. */
+int hf_paged_decode_attention(const hf_attention_t *attn, const hf_seqs_t *seqs, const void *q, long q_s0, long q_s1,
+                              void *out, long o_s0, long o_s1, int num_threads) {
+    if (!attn->key_scales != !attn->value_scales) return -1;
+    if (attn->key_scales)
+        return attn->bf16 ? paged_decode_attention(1, 1, attn, seqs, q, q_s0, q_s1, out, o_s0, o_s1, num_threads)
+                          : paged_decode_attention(0, 1, attn, seqs, q, q_s0, q_s1, out, o_s0, o_s1, num_threads);
+    return attn->bf16 ? paged_decode_attention(1, 0, attn, seqs, q, q_s0, q_s1, out, o_s0, o_s1, num_threads)
+                      : paged_decode_attention(0, 0, attn, seqs, q, q_s0, q_s1, out, o_s0, o_s1, num_threads);
 }
 
 /* Scatter the K and V rows of T new tokens into their slots: k/v [T, KVH, hd] with element strides k_s0 (token)

@@ -2,7 +2,8 @@
  * to themselves, K/V read straight from the blocks (flash attention over the block table).
  *
  * Built into the library of hf_paged/execution/kernels/cpu_library.py and called through ctypes
- * (hf_paged/execution/kernels/cpu_prefill_attention.py) with raw data pointers.
+ * (hf_paged/execution/kernels/cpu_prefill_attention.py) with raw data pointers and the argument structs of
+ * hf_paged_kernels.h (hf_attention_t: the layer's caches and heads; hf_seqs_t: the step's prefill sequences).
  *
  * Layouts (strides in elements):
  *   q            [T, H, hd]       row strides q_s0 (token), q_s1 (head); head_dim contiguous
@@ -12,12 +13,13 @@
  *                q_lens[s] of its kv_lens[s] cached tokens (query token t sits at position kv_len - q_len + t)
  *   out          [T, H, hd]       row strides o_s0, o_s1
  * GQA: query head h reads KV head h / (H / KVH). No sliding window, no soft-capping (the caller keeps its PyTorch
- * path for those). int8 K/V (the *_i8 entry points, scales [num_blocks, KVH, block_size] beside the caches): the keys
- * are dequantized as the tile is packed, each V row's scale multiplies its probabilities; fp32 products.
+ * path for those). int8 K/V (caches with scales [num_blocks, KVH, block_size] beside them): the keys are
+ * dequantized as the tile is packed, each V row's scale multiplies its probabilities; fp32 products.
  *
  * A unit of work is (sequence, KV head, qt query tokens; qt = 512 / G, 8 to 128): its rows are the qt tokens x
- * G = H / KVH query heads sharing the KV head, token-major, so one K/V tile serves all of them. For each tile of KT keys (up to the unit's
- * last position): the tile's keys are packed transposed ([hd][KT], fp32), so that the scores of RB rows x KT keys
+ * G = H / KVH query heads sharing the KV head, token-major, so one K/V tile serves all of them. For each tile of KT
+ * keys (up to the unit's last position): the tile's keys are packed transposed ([hd][KT], fp32), so that the scores
+ * of RB rows x KT keys
  * are RB x KT/VL vector accumulators over hd broadcast-FMAs (no horizontal sums); the online softmax updates each
  * row's running max and sum; then RB rows x 4*VL output dims accumulate P.V, V rows read from their blocks. The
  * query is scaled and widened once per unit; everything accumulates in fp32; bf16 inputs (uint16 bit patterns)
@@ -35,6 +37,7 @@
 #include <string.h>
 
 #include "cpu_vec.h"
+#include "hf_paged_kernels.h"
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -431,17 +434,18 @@ static void run_unit_dpbf16(const prefill_t *a, const unit_t *u, work_t *w) {
 static void run_unit_dpbf16(const prefill_t *a, const unit_t *u, work_t *w) { run_unit(a, u, w); }
 #endif
 
-static int paged_prefill_attention(const int bf16, const void *q, long q_s0, long q_s1, const void *key_cache,
-                                   const void *value_cache, const float *k_scales, const float *v_scales,
-                                   const int64_t *block_tables, long bt_stride,
-                                   const int32_t *q_starts, const int32_t *q_lens, const int32_t *kv_lens, int S,
-                                   void *out, long o_s0, long o_s1, int H, int KVH, int hd, int block_size,
-                                   float scale, int num_threads) {
+static int paged_prefill_attention(const int bf16, const hf_attention_t *at, const hf_seqs_t *seqs, const void *q,
+                                   long q_s0, long q_s1, void *out, long o_s0, long o_s1, int num_threads) {
+    const int S = seqs->num_seqs, H = at->H, KVH = at->KVH, hd = at->hd, block_size = at->block_size;
+    const int32_t *q_lens = seqs->q_lens, *kv_lens = seqs->kv_lens;
+    const float *k_scales = at->key_scales;
     if (S <= 0) return 0;
     if (H <= 0 || KVH <= 0 || H % KVH || hd <= 0 || hd % DC || block_size <= 0) return 1;
-    const prefill_t a = {(const char *)q, (const char *)key_cache, (const char *)value_cache, (char *)out,
-                         block_tables, q_starts, q_lens, kv_lens, q_s0, q_s1, o_s0, o_s1, bt_stride,
-                         H, KVH, H / KVH, hd, block_size, bf16, scale, k_scales, v_scales};
+    if (at->window > 0 || at->softcap > 0.0f || !k_scales != !at->value_scales) return 1;
+    const prefill_t a = {(const char *)q, (const char *)at->key_cache, (const char *)at->value_cache, (char *)out,
+                         seqs->block_tables, seqs->q_starts, q_lens, kv_lens, q_s0, q_s1, o_s0, o_s1,
+                         seqs->bt_stride, H, KVH, H / KVH, hd, block_size, bf16, at->scale, k_scales,
+                         at->value_scales};
     int qt = UNIT_ROWS / a.G; /* tokens per unit: longer units pack each key tile for more rows */
     qt = qt > UNIT_MAX_TOKENS ? UNIT_MAX_TOKENS : (qt < 8 ? 8 : qt);
     long n_units = 0;
@@ -501,34 +505,11 @@ static int paged_prefill_attention(const int bf16, const void *q, long q_s0, lon
     return failed ? 3 : 0;
 }
 
-#define ARGS                                                                                                  \
-    const void *q, long q_s0, long q_s1, const void *key_cache, const void *value_cache, const int64_t *block_tables, \
-        long bt_stride, const int32_t *q_starts, const int32_t *q_lens, const int32_t *kv_lens, int S, void *out,     \
-        long o_s0, long o_s1, int H, int KVH, int hd, int block_size, float scale, int num_threads
-#define PASS                                                                                                  \
-    q, q_s0, q_s1, key_cache, value_cache, NULL, NULL, block_tables, bt_stride, q_starts, q_lens, kv_lens, S, out, o_s0, o_s1, H, \
-        KVH, hd, block_size, scale, num_threads
-
-int paged_prefill_attention_f32(ARGS) { return paged_prefill_attention(0, PASS); }
-int paged_prefill_attention_bf16(ARGS) { return paged_prefill_attention(1, PASS); }
-
-/* int8 K/V: the caches' scales [num_blocks, KVH, block_size] after the caches. */
-int paged_prefill_attention_f32_i8(const void *q, long q_s0, long q_s1, const void *key_cache,
-                                   const void *value_cache, const float *k_scales, const float *v_scales,
-                                   const int64_t *block_tables, long bt_stride, const int32_t *q_starts,
-                                   const int32_t *q_lens, const int32_t *kv_lens, int S, void *out, long o_s0,
-                                   long o_s1, int H, int KVH, int hd, int block_size, float scale, int num_threads) {
-    return paged_prefill_attention(0, q, q_s0, q_s1, key_cache, value_cache, k_scales, v_scales, block_tables,
-                                   bt_stride, q_starts, q_lens, kv_lens, S, out, o_s0, o_s1, H, KVH, hd, block_size,
-                                   scale, num_threads);
-}
-
-int paged_prefill_attention_bf16_i8(const void *q, long q_s0, long q_s1, const void *key_cache,
-                                    const void *value_cache, const float *k_scales, const float *v_scales,
-                                    const int64_t *block_tables, long bt_stride, const int32_t *q_starts,
-                                    const int32_t *q_lens, const int32_t *kv_lens, int S, void *out, long o_s0,
-                                    long o_s1, int H, int KVH, int hd, int block_size, float scale, int num_threads) {
-    return paged_prefill_attention(1, q, q_s0, q_s1, key_cache, value_cache, k_scales, v_scales, block_tables,
-                                   bt_stride, q_starts, q_lens, kv_lens, S, out, o_s0, o_s1, H, KVH, hd, block_size,
-                                   scale, num_threads);
+/* Returns 0, or 1 on bad arguments (a head dim that is not a multiple of DC, a window or softcap, a scale table
+ * without the other), 2 on bad lengths, 3 without memory. The caches are int8 where they come with scales; q and out
+ * fp32 or bf16 as attn->bf16 says. */
+int hf_paged_prefill_attention(const hf_attention_t *attn, const hf_seqs_t *seqs, const void *q, long q_s0,
+                               long q_s1, void *out, long o_s0, long o_s1, int num_threads) {
+    return attn->bf16 ? paged_prefill_attention(1, attn, seqs, q, q_s0, q_s1, out, o_s0, o_s1, num_threads)
+                      : paged_prefill_attention(0, attn, seqs, q, q_s0, q_s1, out, o_s0, o_s1, num_threads);
 }

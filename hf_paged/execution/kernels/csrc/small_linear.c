@@ -30,6 +30,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "hf_paged_kernels.h"
+
 #define ROW_BLOCK 6  /* rows of x per register block */
 #define K_CHUNK 64   /* products summed in registers before they join the running sum (closer to F.linear's error) */
 

@@ -12,7 +12,8 @@
  * attention (chunks after a cached prefix, query rows with gaps between sequences), the fused ops (rms_norm,
  * add_rms_norm, rope, rope_write_kv, silu_mul, argmax_rows), the small linear and AMX kernels where the target has
  * them (their probes must report 0 elsewhere), and the argument checks; of hf_llama_decode_layer, which chains the
- * others through the linear kernels, only the workspace size. Caches hold NaN (or NaN scales) everywhere no
+ * others through the linear kernels, only the workspace size. The prototypes and argument structs are the library's
+ * header's (hf_paged_kernels.h), as cpu_library reads them. Caches hold NaN (or NaN scales) everywhere no
  * visible key is, block tables are shuffled and point past their used entries at a NaN block, and outputs are
  * padded with sentinels that must survive: a kernel that reads or writes where it should not fails. The oracles
  * compute in double (rope and the int8 quantization in float, as the kernels promise the same bits). One line per
@@ -24,77 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* ---- the library's exported functions (cpu_library.SIGNATURES) ------------------------------------------------ */
-typedef int (*decode_fn)(const void *q, long q_s0, long q_s1, const void *key_cache, const void *value_cache,
-                         const int64_t *block_tables, long bt_stride, const int32_t *kv_lens, void *out, long o_s0,
-                         long o_s1, int D, int H, int KVH, int hd, int block_size, int window, float scale,
-                         float softcap, int num_threads);
-typedef int (*decode_i8_fn)(const void *q, long q_s0, long q_s1, const void *key_cache, const void *value_cache,
-                            const float *key_scales, const float *value_scales, const int64_t *block_tables,
-                            long bt_stride, const int32_t *kv_lens, void *out, long o_s0, long o_s1, int D, int H,
-                            int KVH, int hd, int block_size, int window, float scale, float softcap, int num_threads);
-typedef int (*prefill_fn)(const void *q, long q_s0, long q_s1, const void *key_cache, const void *value_cache,
-                          const int64_t *block_tables, long bt_stride, const int32_t *q_starts, const int32_t *q_lens,
-                          const int32_t *kv_lens, int S, void *out, long o_s0, long o_s1, int H, int KVH, int hd,
-                          int block_size, float scale, int num_threads);
-typedef int (*prefill_i8_fn)(const void *q, long q_s0, long q_s1, const void *key_cache, const void *value_cache,
-                             const float *k_scales, const float *v_scales, const int64_t *block_tables, long bt_stride,
-                             const int32_t *q_starts, const int32_t *q_lens, const int32_t *kv_lens, int S, void *out,
-                             long o_s0, long o_s1, int H, int KVH, int hd, int block_size, float scale,
-                             int num_threads);
-
-int paged_decode_attention_f32(const void *, long, long, const void *, const void *, const int64_t *, long,
-                               const int32_t *, void *, long, long, int, int, int, int, int, int, float, float, int);
-int paged_decode_attention_bf16(const void *, long, long, const void *, const void *, const int64_t *, long,
-                                const int32_t *, void *, long, long, int, int, int, int, int, int, float, float, int);
-int paged_decode_attention_f32_i8(const void *, long, long, const void *, const void *, const float *, const float *,
-                                  const int64_t *, long, const int32_t *, void *, long, long, int, int, int, int, int,
-                                  int, float, float, int);
-int paged_decode_attention_bf16_i8(const void *, long, long, const void *, const void *, const float *, const float *,
-                                   const int64_t *, long, const int32_t *, void *, long, long, int, int, int, int, int,
-                                   int, float, float, int);
-int paged_decode_attention_vector_width(void);
-int paged_prefill_attention_f32(const void *, long, long, const void *, const void *, const int64_t *, long,
-                                const int32_t *, const int32_t *, const int32_t *, int, void *, long, long, int, int,
-                                int, int, float, int);
-int paged_prefill_attention_bf16(const void *, long, long, const void *, const void *, const int64_t *, long,
-                                 const int32_t *, const int32_t *, const int32_t *, int, void *, long, long, int, int,
-                                 int, int, float, int);
-int paged_prefill_attention_f32_i8(const void *, long, long, const void *, const void *, const float *, const float *,
-                                   const int64_t *, long, const int32_t *, const int32_t *, const int32_t *, int,
-                                   void *, long, long, int, int, int, int, float, int);
-int paged_prefill_attention_bf16_i8(const void *, long, long, const void *, const void *, const float *,
-                                    const float *, const int64_t *, long, const int32_t *, const int32_t *,
-                                    const int32_t *, int, void *, long, long, int, int, int, int, float, int);
-void paged_write_kv(const char *k, long k_s0, long k_s1, const char *v, long v_s0, long v_s1, const int64_t *slots,
-                    long T, char *key_cache, char *value_cache, int KVH, int hd, int esz);
-void paged_write_kv_i8(const char *k, long k_s0, long k_s1, const char *v, long v_s0, long v_s1,
-                       const int64_t *slots, long T, int8_t *key_cache, int8_t *value_cache, float *key_scales,
-                       float *value_scales, int KVH, int hd, int block_size, int bf16);
-void hf_rms_norm(const char *x, long x_stride, const char *w, char *out, long out_stride, long rows, int dim,
-                 float eps, int bf16);
-void hf_add_rms_norm(const char *x, const char *a, const char *w, char *residual_out, char *out, long rows, int dim,
-                     float eps, int bf16);
-void hf_rope(const char *q, long q_s0, long q_s1, int Hq, const char *k, long k_s0, long k_s1, int Hk, char *q_out,
-             char *k_out, const char *cos, const char *sin, long T, int hd, int bf16);
-void hf_rope_write_kv(const char *q, long q_s0, long q_s1, int Hq, const char *k, long k_s0, long k_s1, int Hk,
-                      const char *v, long v_s0, long v_s1, char *q_out, const char *cos, const char *sin,
-                      const int64_t *slots, char *key_cache, char *value_cache, long T, int hd, int bf16);
-void hf_silu_mul(const char *gate_up, long gu_stride, char *out, long out_stride, long rows, int inter, int bf16);
-void hf_argmax_rows(const float *x, long stride, long rows, long n, int64_t *out);
-int hf_amx_available(void);
-void hf_amx_pack(const uint16_t *w, long w_stride, long N, long K, uint16_t *packed);
-int hf_amx_linear(const uint16_t *x, long x_stride, long M, const uint16_t *packed, const uint16_t *bias, long N,
-                  long K, uint16_t *out, long out_stride, int num_threads);
-int hf_small_linear_available(void);
-int hf_small_linear_bf16_available(void);
-void hf_small_linear_pack_f32(const float *w, long w_stride, long N, long K, float *packed);
-void hf_small_linear_pack_bf16(const uint16_t *w, long w_stride, long N, long K, uint16_t *packed);
-int hf_small_linear_f32(const float *x, long x_stride, long M, const float *packed, const float *bias, long N,
-                        long K, float *out, long out_stride, int num_threads);
-int hf_small_linear_bf16(const uint16_t *x, long x_stride, long M, const uint16_t *packed, const uint16_t *bias,
-                         long N, long K, uint16_t *out, long out_stride, int num_threads);
-long hf_llama_decode_layer_workspace(long T, int D, int H, int KVH, int hd, int I);
+#include "../hf_paged_kernels.h" /* the library's exported functions and their argument structs */
 
 /* ---- helpers ------------------------------------------------------------------------------------------------ */
 static char **filters; /* run the cases whose name contains one of these (all when there are none) */
@@ -322,15 +253,9 @@ static void test_decode(int bf16, int kv8, int G, int hd, int bs, int window, fl
     for (long i = 0; i < D * q_s0; i++) put(q, bf16, i, urand(-2.0f, 2.0f));
     for (long i = 0; i < D * o_s0; i++) put(out, bf16, i, SENTINEL);
     const float scale = 1.0f / sqrtf((float)hd);
-    int rc;
-    if (kv8)
-        rc = (bf16 ? paged_decode_attention_bf16_i8 : paged_decode_attention_f32_i8)(
-            q, q_s0, q_s1, c.k, c.v, c.ks, c.vs, c.bt, c.bt_stride, kv_lens, out, o_s0, o_s1, D, H, KVH, hd, bs,
-            window, scale, softcap, threads);
-    else
-        rc = (bf16 ? paged_decode_attention_bf16 : paged_decode_attention_f32)(
-            q, q_s0, q_s1, c.k, c.v, c.bt, c.bt_stride, kv_lens, out, o_s0, o_s1, D, H, KVH, hd, bs, window, scale,
-            softcap, threads);
+    const hf_attention_t attn = {c.k, c.v, c.ks, c.vs, H, KVH, hd, bs, window, scale, softcap, bf16};
+    const hf_seqs_t seqs = {c.bt, c.bt_stride, kv_lens, NULL, NULL, D};
+    const int rc = hf_paged_decode_attention(&attn, &seqs, q, q_s0, q_s1, out, o_s0, o_s1, threads);
     double err = rc == 0 ? 0.0 : INFINITY, qd[128], ref[128], scores[256];
     double *K = xmalloc(sizeof(double) * 256 * hd), *V = xmalloc(sizeof(double) * 256 * hd);
     int outside = 0;
@@ -383,15 +308,9 @@ static void test_prefill(int bf16, int kv8, int G, int hd, int bs, int big, int 
     for (long i = 0; i < T * q_s0; i++) put(q, bf16, i, urand(-2.0f, 2.0f));
     for (long i = 0; i < T * o_s0; i++) put(out, bf16, i, SENTINEL);
     const float scale = 1.0f / sqrtf((float)hd);
-    int rc;
-    if (kv8)
-        rc = (bf16 ? paged_prefill_attention_bf16_i8 : paged_prefill_attention_f32_i8)(
-            q, q_s0, q_s1, c.k, c.v, c.ks, c.vs, c.bt, c.bt_stride, qs32, ql32, kv32, S, out, o_s0, o_s1, H, KVH, hd,
-            bs, scale, threads);
-    else
-        rc = (bf16 ? paged_prefill_attention_bf16 : paged_prefill_attention_f32)(
-            q, q_s0, q_s1, c.k, c.v, c.bt, c.bt_stride, qs32, ql32, kv32, S, out, o_s0, o_s1, H, KVH, hd, bs, scale,
-            threads);
+    const hf_attention_t attn = {c.k, c.v, c.ks, c.vs, H, KVH, hd, bs, 0, scale, 0.0f, bf16};
+    const hf_seqs_t seqs = {c.bt, c.bt_stride, kv32, qs32, ql32, S};
+    const int rc = hf_paged_prefill_attention(&attn, &seqs, q, q_s0, q_s1, out, o_s0, o_s1, threads);
     double err = rc == 0 ? 0.0 : INFINITY, qd[128], ref[128], scores[256];
     double *K = xmalloc(sizeof(double) * 256 * hd), *V = xmalloc(sizeof(double) * 256 * hd);
     char *written = xmalloc((size_t)T);
@@ -809,13 +728,19 @@ static void test_probes(void) {
     /* Bad arguments are refused, not run. */
     int32_t len = 4;
     int64_t bt = 0;
-    ok = ok && paged_decode_attention_f32(NULL, 0, 0, NULL, NULL, &bt, 1, &len, NULL, 0, 0, 1, 3, 2, 64, 16, 0, 1.0f,
-                                          0.0f, 1) == -1; /* H % KVH != 0 */
-    ok = ok && paged_decode_attention_f32_i8(NULL, 0, 0, NULL, NULL, NULL, NULL, &bt, 1, &len, NULL, 0, 0, 1, 2, 2, 64,
-                                             16, 0, 1.0f, 0.0f, 1) == -1; /* no scales */
-    ok = ok && paged_prefill_attention_f32(NULL, 0, 0, NULL, NULL, &bt, 1, &len, &len, &len, 1, NULL, 0, 0, 2, 2,
-                                           4 * want_vw + 1, 16, 1.0f, 1) == 1; /* head dim not a multiple of 4 VL */
-    ok = ok && hf_llama_decode_layer_workspace(3, 64, 4, 2, 16, 128) == 3 * (4 * 64 + 10 * 16 + 2 * 64 + 3 * 128);
+    float scales = 1.0f;
+    const hf_seqs_t seqs = {&bt, 1, &len, &len, &len, 1};
+    hf_attention_t attn = {NULL, NULL, NULL, NULL, 3, 2, 64, 16, 0, 1.0f, 0.0f, 0};
+    ok = ok && hf_paged_decode_attention(&attn, &seqs, NULL, 0, 0, NULL, 0, 0, 1) == -1; /* H % KVH != 0 */
+    attn.H = 2, attn.key_scales = &scales;
+    ok = ok && hf_paged_decode_attention(&attn, &seqs, NULL, 0, 0, NULL, 0, 0, 1) == -1; /* one scale table */
+    ok = ok && hf_paged_prefill_attention(&attn, &seqs, NULL, 0, 0, NULL, 0, 0, 1) == 1;
+    attn.key_scales = NULL, attn.hd = 4 * want_vw + 1;
+    ok = ok && hf_paged_prefill_attention(&attn, &seqs, NULL, 0, 0, NULL, 0, 0, 1) == 1; /* hd not a multiple of 4 VL */
+    attn.hd = 4 * want_vw, attn.window = 8;
+    ok = ok && hf_paged_prefill_attention(&attn, &seqs, NULL, 0, 0, NULL, 0, 0, 1) == 1; /* no window in prefill */
+    const hf_llama_layer_t layer = {.attn = {.H = 4, .KVH = 2, .hd = 16}, .D = 64, .I = 128};
+    ok = ok && hf_llama_decode_layer_workspace(&layer, 3) == 3 * (4 * 64 + 10 * 16 + 2 * 64 + 3 * 128);
     char name[200];
     snprintf(name, sizeof name, "probes vector_width=%d small_linear=%d small_linear_bf16=%d amx=%d", vw,
              hf_small_linear_available(), hf_small_linear_bf16_available(), hf_amx_available());

@@ -1,5 +1,6 @@
-"""Starting and stopping an HTTP server in a subprocess: ``hf-paged serve`` for the tests, and the serving peers
-(``vllm serve``, ``transformers serve``) for ``benchmarks/serving.py``.
+"""Starting and stopping an HTTP server in a subprocess: the servers ``benchmarks/serving.py`` compares
+(``hf-paged serve``, ``vllm serve``, ``transformers serve``), and ``hf-paged serve`` for the tests
+(``tests/server_process.py``).
 
 ``ServerProcess(command, port)`` starts the command with its output in a log file, waits until ``ready_path``
 answers 200, and stops it with SIGTERM (then SIGKILL after ``stop_timeout``), keeping the exit status.
@@ -11,15 +12,12 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Sequence
-
-from .cli import openmp_spin_env
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -43,15 +41,6 @@ class ServerProcess:
         self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="server-", suffix=".log")[1])
         self.proc: subprocess.Popen | None = None
         self.returncode: int | None = None
-
-    @classmethod
-    def hf_paged(cls, args: Sequence[str] = (), port: int | None = None, **kwargs) -> "ServerProcess":
-        """``python -m hf_paged.serve`` with ``args`` on a free loopback port."""
-        port = port or free_port()
-        command = [sys.executable, "-m", "hf_paged.serve", "--host", "127.0.0.1", "--port", str(port), *args]
-        # What the server would restart itself with (cli.py), set here to spare the restart.
-        kwargs["env"] = {**openmp_spin_env(), **(kwargs.get("env") or {})}
-        return cls(command, port, **kwargs)
 
     @property
     def base_url(self) -> str:

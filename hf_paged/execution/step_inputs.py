@@ -1,0 +1,73 @@
+"""One step's forward inputs from the scheduler's plain ``SchedulerOutput``: the same builder for the eager forward,
+the CUDA graphs' staging and every tensor-parallel rank.
+
+All scheduled tokens are flattened into a single row ``[1, T]`` with their own positions; the paged metadata (slots,
+block tables, lengths) rides in the forward's kwargs to the registered ``hf_paged`` attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..core.scheduler import SchedulerOutput
+from .kernels.paged_attention import PagedAttentionMetadata
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [1, T]
+    positions: torch.Tensor  # [1, T]
+    meta: PagedAttentionMetadata
+    logits_rows: torch.Tensor  # the flattened rows whose logits are kept (the sampling sequences' last tokens)
+    sample_rows: list[int]  # which scheduled sequences sample, in order
+
+
+def to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """``values`` as one int64 tensor on ``device``: on CUDA staged in pinned host memory and copied without waiting
+    (the host allocator keeps the buffer until the copy is done), so building a step's inputs never synchronises."""
+    if device.type == "cpu":
+        return torch.tensor(values, dtype=torch.long)
+    return torch.tensor(values, dtype=torch.long, pin_memory=device.type == "cuda").to(device, non_blocking=True)
+
+
+def slots(block_ids: list[int], start: int, end: int, block_size: int) -> list[int]:
+    return [block_ids[p // block_size] * block_size + p % block_size for p in range(start, end)]
+
+
+def build_step_inputs(step: SchedulerOutput, kv_cache, plan, layer_windows) -> StepInputs:
+    """The forward's inputs and metadata for ``step`` on ``kv_cache`` (block tables padded with its null block)."""
+    bs, device = kv_cache.block_size, kv_cache.device
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slot_mapping: list[int] = []
+    kv_lens: list[int] = []
+    cu = [0]
+    sample_rows: list[int] = []
+    for i, seq in enumerate(step.seqs):
+        start, n = seq.first_position, len(seq.token_ids)
+        input_ids.extend(seq.token_ids)
+        positions.extend(range(start, start + n))
+        slot_mapping.extend(slots(seq.block_ids or [kv_cache.null_block], start, start + n, bs))  # padding: null
+        kv_lens.append(start + n)
+        cu.append(cu[-1] + n)
+        if seq.samples:
+            sample_rows.append(i)
+    width = max(len(s.block_ids) for s in step.seqs)
+    null = kv_cache.null_block
+    # Everything in one host buffer (pinned on CUDA), copied to the device once per step, without waiting:
+    # ids | positions | slots | cu_seqlens_q | kv_lens | logits rows to keep | block tables (padded).
+    t, s = len(input_ids), len(step.seqs)
+    keep = [cu[i + 1] - 1 for i in sample_rows]
+    flat = input_ids + positions + slot_mapping + cu + kv_lens + keep
+    for seq in step.seqs:
+        flat += seq.block_ids
+        flat += [null] * (width - len(seq.block_ids))
+    ids, pos, slot_t, cu_q, lens, keep_t, tables = to_device(flat, device).split(
+        [t, t, t, s + 1, s, len(keep), s * width])
+    meta = PagedAttentionMetadata(
+        slot_mapping=slot_t, block_tables=tables.view(s, width), kv_lens=lens.to(torch.int32), cu_seqlens_q=cu_q,
+        num_decodes=step.num_decodes, kv_lens_list=kv_lens, q_lens_list=[len(q.token_ids) for q in step.seqs],
+        block_size=bs, kv_cache=kv_cache, plan=plan, layer_windows=layer_windows)
+    return StepInputs(ids.view(1, t), pos.view(1, t), meta, keep_t, sample_rows)
