@@ -1,39 +1,17 @@
-"""Tensor-parallel paged generation over ``torch.distributed``: one scheduler on rank 0, the same forward on every rank.
+"""Tensor-parallel paged generation over ``torch.distributed``: one scheduler on rank 0, the same runner on every rank.
 
 The model is sharded by transformers' own tensor parallelism (``from_pretrained(..., tp_plan="auto")`` under
-``torchrun``): its weights are DTensors, each rank's attention sees only its local heads, and the logits come out
-replicated. hf_paged adds the paged KV memory and the continuous batching around it:
-
-* **One scheduler.** Only rank 0 has a scheduler, a block pool, a sampler and requests. Each step its executor
-  (:class:`TensorParallelExecutor`) broadcasts the scheduler's plain ``SchedulerOutput`` — for every scheduled
-  sequence its new tokens, where they start, its block table and whether it samples, plus the step's copy-on-write
-  block copies — on a gloo *control group* made with a long timeout (idle workers wait on it for the next step).
-  Every other rank runs that same step with the same ``ModelRunner.execute`` on its own KV tensors
-  (:class:`TensorParallelWorker`), so every rank runs the same forward with identical block tables and slot
-  mappings and its collectives pair with rank 0's; the workers discard the logits. Sampling happens once, on rank
-  0; the sampled tokens reach the workers as the next step's input ids. Only rank 0 counts blocks: the workers' KV
-  tensors are addressed by rank 0's block ids.
-* **Per-rank KV memory.** Each rank's KV cache holds only its local KV heads (``local_kv_heads``: from the shape of
-  this rank's ``k_proj`` shard), so KV memory per rank shrinks with the world size. A model whose heads do not
-  split evenly is refused with a ``ValueError`` naming the world sizes that work (transformers itself shards such
-  a model mid-head and then fails in its forward); :func:`tensor_parallel_plan` gives a plan that replicates the
-  attention of such a model and shards the rest.
-* **The plan.** A sharded model runs plain ``nn.Linear`` forwards (transformers' own local-shard fast path): no
-  packed, fused or compiled layers and no CUDA graphs (``plan.build_plan(..., tensor_parallel=True)``); the
-  paged attention kernels (the C decode kernel included) work on the local tensors. The plan is rank 0's, sent to
-  the workers with each engine's start, so every rank runs the same kernels.
-* **Entry points.** ``torchrun --nproc-per-node N -m hf_paged.cli generate|serve|bench|chat ...``
-  (:func:`run_cli`: rank 0 runs the command, the other ranks :func:`worker_loop` until rank 0 stops them);
-  an engine on rank 0 (``LLMEngine(model)``) with :func:`worker_loop` on the other ranks; or ``hf_paged.wrap``
-  inside a user's SPMD script, where every rank calls ``model.generate`` with the same inputs: rank 0's engine
-  serves the call while the other ranks' ``generate`` serves as a worker, then returns rank 0's result.
-* **Failures.** A collective that fails (a rank died: its sockets close; a rank hangs: the process group's timeout)
-  marks the group broken: the step's requests fail with :class:`TensorParallelError`, and so does every later
-  step, at once, instead of hanging.
-
-Messages on the control group (broadcast from rank 0): ``("start", engine_id, spec)``, ``("step", engine_id,
-scheduler_output)``, ``("close", engine_id)``, ``("done", result)`` (the end of an SPMD ``generate`` call) and
-``("stop",)`` (the workers' loop returns).
+``torchrun``). Rank 0's engine runs a :class:`TensorParallelExecutor`, which broadcasts each plain
+``SchedulerOutput`` on a gloo control group (long timeout: idle workers wait on it) before running it; every other
+rank's :class:`TensorParallelWorker` runs the same step on the same ``ModelRunner`` over its own KV tensors (its
+local KV heads: :func:`local_kv_heads`, which refuses a sharding that splits heads; :func:`tensor_parallel_plan`
+replicates such a model's attention), so the forwards' collectives pair. Only rank 0 counts blocks and samples. A
+failed collective marks the group broken: the step's requests, and every later step's, fail with
+:class:`TensorParallelError` instead of hanging. Entry points: ``torchrun ... -m hf_paged.cli`` (:func:`run_cli`),
+an engine on rank 0 with :func:`worker_loop` on the others, or ``hf_paged.wrap`` in an SPMD script (rank 0 serves
+the call, the others follow it). Messages: ``("start", engine_id, spec)``, ``("step", engine_id,
+scheduler_output)``, ``("close", engine_id)``, ``("done", result)`` (the end of an SPMD call), ``("stop",)``;
+``docs/architecture.md`` draws it.
 """
 
 from __future__ import annotations

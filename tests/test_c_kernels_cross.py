@@ -35,6 +35,7 @@ from pathlib import Path
 
 import pytest
 
+from hf_paged import envs
 from hf_paged.execution.kernels import cpu_library
 
 HARNESS = cpu_library.CSRC / "tests" / "test_kernels.c"
@@ -118,7 +119,7 @@ def _compiler_id(cc: str) -> str:
 
 
 def _cache_dir() -> Path:
-    return cpu_library._cache_dir() / "c_tests"
+    return envs.cache_dir() / "c_tests"
 
 
 def _compile(cc: str, args: list[str], src: Path, obj: Path) -> tuple[int, str]:

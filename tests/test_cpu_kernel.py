@@ -18,7 +18,8 @@ from hf_paged.execution.plan import build_plan, default_plan
 
 from hf_paged.execution.kernels import cpu_decode_attention as cpu_kernel
 from hf_paged.execution.kernels import cpu_prefill_attention as cpu_prefill
-from hf_paged.execution.kernels.paged_attention import PagedAttentionMetadata, paged_attention, paged_attention_naive
+from attention_oracle import paged_attention_naive
+from hf_paged.execution.kernels.paged_attention import PagedAttentionMetadata, paged_attention
 
 from conftest import needs_cpu_kernels
 

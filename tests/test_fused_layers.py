@@ -286,10 +286,11 @@ def test_decode_layer_in_one_call_is_bit_identical(tiny_model_dir, monkeypatch, 
     model = build_tiny_model("llama", tiny_model_dir).to(dtype)
     prompts = tiny_prompts(6, seed=15)
     params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True, logprobs=1)
-    calls = []
-    one_call = fused_layers._FusedDecoderLayer._decode_in_one_call
-    monkeypatch.setattr(fused_layers._FusedDecoderLayer, "_decode_in_one_call",
-                        lambda self, *a: calls.append(1) or one_call(self, *a))
+    calls, steps_built = [], []
+    layer_class = fused_layers._FusedDecoderLayer
+    one_call, step_args = layer_class._decode_in_one_call, layer_class._one_call_step
+    monkeypatch.setattr(layer_class, "_decode_in_one_call", lambda self, *a: calls.append(1) or one_call(self, *a))
+    monkeypatch.setattr(layer_class, "_one_call_step", lambda self, *a: steps_built.append(1) or step_args(self, *a))
     outs = {}
     for flag in (True, False):
         engine = LLMEngine(model, None, num_blocks=200, max_num_batched_tokens=32, enable_prefix_caching=False)
@@ -306,7 +307,7 @@ def test_decode_layer_in_one_call_is_bit_identical(tiny_model_dir, monkeypatch, 
             engine.step()
         outs[flag] = [seq.output() for seq in seqs]
         engine.close()
-        if flag:
-            assert calls  # it ran
+        if flag:  # it ran, the step's C arguments built by the first layer of each forward only
+            assert calls and len(calls) == len(steps_built) * model.config.num_hidden_layers
     assert [o.token_ids for o in outs[True]] == [o.token_ids for o in outs[False]]
     assert [o.logprobs for o in outs[True]] == [o.logprobs for o in outs[False]]

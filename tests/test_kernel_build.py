@@ -131,7 +131,8 @@ def test_clang_builds_the_kernels_and_they_agree(tmp_path):
     code = """
         import torch
         from hf_paged.execution.kernels import cpu_isa, cpu_library, cpu_decode_attention as k
-        from hf_paged.execution.kernels.paged_attention import paged_attention_naive
+        import sys; sys.path.insert(0, TESTS_DIR)
+        from attention_oracle import paged_attention_naive
         assert cpu_library.load() is not None, cpu_library.failure()
         g = torch.Generator().manual_seed(0)
         kc, vc = torch.randn(8, 16, 2, 64, generator=g), torch.randn(8, 16, 2, 64, generator=g)
@@ -145,6 +146,7 @@ def test_clang_builds_the_kernels_and_they_agree(tmp_path):
     import textwrap
 
     env = {**os.environ, "CC": "clang", "HF_PAGED_CACHE": str(tmp_path)}
-    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+    code = textwrap.dedent(code).replace("TESTS_DIR", repr(os.path.dirname(__file__)))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-2000:]

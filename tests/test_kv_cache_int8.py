@@ -22,7 +22,8 @@ from hf_paged.config import EngineConfig
 from hf_paged.execution.kernels import cpu_decode_attention as cpu_kernel
 from hf_paged.execution.kernels import cpu_prefill_attention as cpu_prefill
 from hf_paged.execution.kernels.cache_ops import dequantize_int8, gather_blocks, quantize_int8, write_kv
-from hf_paged.execution.kernels.paged_attention import PagedAttentionMetadata, paged_attention, paged_attention_naive
+from attention_oracle import paged_attention_naive
+from hf_paged.execution.kernels.paged_attention import PagedAttentionMetadata, paged_attention
 from hf_paged.execution.kv_cache import KVCache
 from hf_paged.execution.plan import build_plan, default_plan
 

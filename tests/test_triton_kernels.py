@@ -43,6 +43,7 @@ interpreted = pytest.mark.skipif(not INTERPRETED, reason="triton was imported be
                                  "test_kernels_in_interpreter_process runs this in a fresh process")
 not_in_child = pytest.mark.skipif(CHILD, reason="already run by the parent process")
 
+from attention_oracle import paged_attention_naive  # noqa: E402
 from hf_paged.execution.kernels import dispatch  # noqa: E402
 from hf_paged.execution.plan import default_plan  # noqa: E402
 from hf_paged.execution.kernels import triton_paged_attention as tpa  # noqa: E402
@@ -50,7 +51,6 @@ from hf_paged.execution.kernels.cache_ops import copy_blocks, write_kv  # noqa: 
 from hf_paged.execution.kernels.paged_attention import (  # noqa: E402
     PagedAttentionMetadata,
     paged_attention,
-    paged_attention_naive,
 )
 from hf_paged.execution.kernels.triton_cache_ops import copy_blocks_triton, write_kv_triton  # noqa: E402
 

@@ -9,16 +9,8 @@ that passed, so nothing on the hot path can fail for a missing CPU feature. All 
 never the environment. The plan is logged at INFO (with the CPU tier it targets, ``isa=...``) and kept as
 ``engine.plan``.
 
-Environment defaults (an engine option given explicitly wins):
-
-* ``HF_PAGED_CPU_ISA=avx2`` (``avx512``, ``avx512_bf16``, ``amx``; default ``native``): the C kernels built for
-  that x86-64 tier and the plan capped at it (``kernels/cpu_isa.py``), e.g. the AVX2 path on an AVX-512 machine;
-* ``HF_PAGED_CPU_KERNEL=0``: no C kernels (decode attention, cache write, fused layer ops, AMX linears);
-* ``HF_PAGED_AMX=0``: no AMX tiles even where the CPU has them (measures the non-AMX path on an AMX CPU);
-* ``HF_PAGED_AVX512_LINEAR=0``: oneDNN for every product instead of hf_paged's small-row kernel (AVX-512 or
-  AVX2) for decode-sized ones (measures one against the other);
-* ``HF_PAGED_FORCE_TRITON=1``: the Triton kernels on CPU tensors too (with ``TRITON_INTERPRET=1``: how they are
-  tested); ``HF_PAGED_FORCE_TORCH=1``: the PyTorch path on a GPU too.
+The environment's switches (``hf_paged.envs``: ``HF_PAGED_CPU_ISA``, ``HF_PAGED_CPU_KERNEL``, ``HF_PAGED_AMX``, ...) are
+defaults; an engine option given explicitly wins.
 """
 
 from __future__ import annotations

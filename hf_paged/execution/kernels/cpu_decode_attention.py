@@ -36,8 +36,6 @@ def available() -> bool:
 library_path = cpu_library.library_path
 build_seconds = cpu_library.build_seconds
 
-
-
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -105,18 +103,17 @@ def decode_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor, value_cac
     elif out.shape != query.shape or out.dtype != query.dtype or out.stride(2) != 1:
         raise ValueError("out must be [D, H, hd] in the query's dtype with a contiguous last dim")
     if num_seqs:
-        DecodePlan(block_tables[:num_seqs], kv_lens[:num_seqs], num_heads, kv_heads, head_dim, block_size, scale,
-                   sliding_window, softcap, query.dtype, quantized)(query, key_cache, value_cache, out, key_scales,
-                                                                    value_scales)
+        plan = DecodePlan(block_tables[:num_seqs], kv_lens[:num_seqs], num_heads, kv_heads, head_dim, block_size,
+                          scale, sliding_window, softcap, query.dtype, quantized)
+        plan(query, key_cache, value_cache, out, key_scales, value_scales)
     return out
 
 
 class PagedCall:
     """A C paged-attention call with what every layer of a step shares built once: the step's sequences
     (``hf_seqs_t``: block tables, lengths) and how the layers score (``hf_attention_t``: heads, scale, window,
-    softcap, dtype). A layer's call sets its caches in the latter and passes its query and output."""
-
-    label = "hf_paged::paged_attention"
+    softcap, dtype). A layer's call sets its caches in the latter and passes its query and output. Subclasses name
+    their ``label`` (the profiler's row)."""
 
     def __init__(self, fn, seqs, attention, dtype: torch.dtype, quantized: bool, keep: tuple) -> None:
         self.fn, self.seqs, self.attention, self.quantized = fn, seqs, attention, quantized
@@ -149,15 +146,14 @@ class DecodePlan(PagedCall):
     def __init__(self, block_tables: torch.Tensor, kv_lens: torch.Tensor, num_heads: int, kv_heads: int,
                  head_dim: int, block_size: int, scale: float, sliding_window: int | None,
                  softcap: float | None, dtype: torch.dtype, quantized: bool = False) -> None:
-        self.num_seqs = block_tables.shape[0]
         seqs = cpu_library.STRUCTS["hf_seqs_t"](block_tables=block_tables.data_ptr(), bt_stride=block_tables.stride(0),
-                                                kv_lens=kv_lens.data_ptr(), num_seqs=self.num_seqs)
+                                                kv_lens=kv_lens.data_ptr(), num_seqs=block_tables.shape[0])
         attention = cpu_library.STRUCTS["hf_attention_t"](
             H=num_heads, KVH=kv_heads, hd=head_dim, block_size=block_size, window=int(sliding_window or 0),
             scale=float(scale), softcap=float(softcap or 0.0))
         super().__init__(cpu_library.load().hf_paged_decode_attention, seqs, attention, dtype, quantized,
                          (block_tables, kv_lens))
-        self.shape = (self.num_seqs, num_heads, head_dim)
+        self.shape = (block_tables.shape[0], num_heads, head_dim)
 
     @classmethod
     def for_step(cls, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,

@@ -39,13 +39,14 @@ from __future__ import annotations
 import functools
 import getpass
 import logging
-import os
 import platform
 import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from ... import envs
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ def detected() -> str:
 @functools.lru_cache(maxsize=None)
 def requested() -> str:
     """``HF_PAGED_CPU_ISA`` as read the first time it is asked (``native`` when unset or not understood)."""
-    value = os.environ.get("HF_PAGED_CPU_ISA", "native").strip().lower() or "native"
+    value = envs.cpu_isa()
     if value != "native" and value not in TIERS:
         logger.warning("HF_PAGED_CPU_ISA=%s is not one of native, %s; using native", value, ", ".join(TIERS))
         return "native"
@@ -149,7 +150,7 @@ def target_flags() -> list[str]:
 
 def library_label() -> str:
     """The tier part of the C library's file name (``native``, ``avx2``, ...; ``cflags`` for ``HF_PAGED_CFLAGS``)."""
-    if os.environ.get("HF_PAGED_CFLAGS") is not None:
+    if envs.cflags() is not None:
         return "cflags"
     return tier() if forced() else "native"
 

@@ -60,8 +60,9 @@ CFLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-fno-strict-aliasing", "-std=g
 
 def compiler_flags() -> list[str]:
     """The flags the library is built with (read when it is built): ``HF_PAGED_CFLAGS``, else the CPU tier's."""
-    target = os.environ.get("HF_PAGED_CFLAGS")
+    target = envs.cflags()
     return CFLAGS + (target.split() if target is not None else cpu_isa.target_flags())
+
 
 _SCALARS = {"int": ctypes.c_int, "long": ctypes.c_long, "float": ctypes.c_float, "void": None}
 
@@ -115,7 +116,7 @@ def enabled() -> bool:
 
 
 def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "gcc", "cc"):
+    for name in (envs.c_compiler(), "gcc", "cc"):
         if name and shutil.which(name):
             return name
     return None
@@ -133,11 +134,6 @@ def _cpu_id() -> str:
         return "\n".join(lines) or platform.processor() or platform.machine()
     except OSError:
         return platform.processor() or platform.machine()
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("HF_PAGED_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "hf_paged"
 
 
 def _run(command: list[str]) -> None:
@@ -161,7 +157,7 @@ def _build(cc: str) -> Path:
     flags = compiler_flags()
     key = hashlib.sha256(b"\0".join([*parts, " ".join(flags).encode(), version.encode(),
                                      _cpu_id().encode(), platform.machine().encode()])).hexdigest()[:16]
-    folder = _cache_dir()
+    folder = envs.cache_dir()
     path = folder / f"hf_paged_cpu_{cpu_isa.library_label()}_{key}.so"
     if path.exists():
         return path

@@ -293,54 +293,36 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     if prefill_plan is not None:  # every prefill sequence in one C call, K/V read from the blocks
         prefill_plan(query, key_cache, value_cache, out, key_scales, value_scales)
         return out
-    cu = meta.cu_seqlens_q
     for seq in range(d, meta.num_seqs):
-        start, q_len, kv_len = int(cu[seq]), meta.q_lens_list[seq], meta.kv_lens_list[seq]
-        nblocks = -(-kv_len // meta.block_size)
-        table = meta.block_tables[seq : seq + 1, :nblocks]
-        k = gather_blocks(key_cache, table, kv_len, key_scales, query.dtype)[0].transpose(0, 1)  # [KVH, L, hd]
-        v = gather_blocks(value_cache, table, kv_len, value_scales, query.dtype)[0].transpose(0, 1)
-        if not sliding_window and not softcap and (q_len == kv_len or query.device.type == "cpu"):
-            # Causal attention without a mask, which SDPA's flash kernel does 2-5x faster than a masked one.
-            q = query[start : start + q_len].transpose(0, 1).unsqueeze(0)
-            k, v = k.unsqueeze(0).to(q.dtype), v.unsqueeze(0).to(q.dtype)
-            if q_len == kv_len:  # a whole prompt
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-            else:  # a later chunk of a prompt: all of the cached prefix, then causal within the chunk
-                o = _attend_chunk(q, k, v, kv_len - q_len, scale)
-            out[start : start + q_len] = o[0].transpose(0, 1)
-            continue
-        # [q_len, KVH, g, hd] -> [KVH, g*q_len, hd]: the heads sharing a KV head become extra query rows.
-        q = query[start : start + q_len].view(q_len, kv_heads, group, head_dim).permute(1, 2, 0, 3)
-        q = q.reshape(kv_heads, group * q_len, head_dim)
-        mask = meta.prefill_mask(seq, sliding_window).repeat(group, 1)
-        o = _attend(q, k, v, mask, scale, softcap)  # [KVH, g*q_len, hd]
-        out[start : start + q_len] = o.view(kv_heads, group, q_len, head_dim).permute(2, 0, 1, 3).reshape(
-            q_len, num_heads, head_dim)
+        _prefill_one(query, key_cache, value_cache, meta, seq, scale, sliding_window, softcap, key_scales,
+                     value_scales, out)
     return out
 
 
-def paged_attention_naive(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                          block_tables: torch.Tensor, kv_lens: list[int], cu_seqlens_q: list[int], scale: float,
-                          sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
-    """The plainest possible statement of paged attention, token by token, in fp32: the test oracle."""
-    bs = key_cache.shape[1]
-    kv_heads = key_cache.shape[2]
-    num_heads = query.shape[1]
-    out = torch.zeros(query.shape, dtype=torch.float32)
-    for seq, kv_len in enumerate(kv_lens):
-        start, end = cu_seqlens_q[seq], cu_seqlens_q[seq + 1]
-        slots = [int(block_tables[seq, p // bs]) * bs + p % bs for p in range(kv_len)]
-        k = key_cache.reshape(-1, kv_heads, key_cache.shape[-1])[slots].float()
-        v = value_cache.reshape(-1, kv_heads, value_cache.shape[-1])[slots].float()
-        for t in range(start, end):
-            pos = kv_len - (end - t)
-            for h in range(num_heads):
-                kh = h // (num_heads // kv_heads)
-                s = (k[: pos + 1, kh] @ query[t, h].float()) * scale
-                if softcap:
-                    s = torch.tanh(s / softcap) * softcap
-                if sliding_window:
-                    s[: max(0, pos + 1 - sliding_window)] = float("-inf")
-                out[t, h] = torch.softmax(s, 0) @ v[: pos + 1, kh]
-    return out
+def _prefill_one(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, meta: PagedAttentionMetadata,
+                 seq: int, scale: float, sliding_window: int | None, softcap: float | None,
+                 key_scales: torch.Tensor | None, value_scales: torch.Tensor | None, out: torch.Tensor) -> None:
+    """One prefill sequence's attention, PyTorch, into its rows of ``out``."""
+    num_heads, head_dim, kv_heads = query.shape[1], query.shape[2], key_cache.shape[2]
+    group = num_heads // kv_heads
+    start, q_len, kv_len = int(meta.cu_seqlens_q[seq]), meta.q_lens_list[seq], meta.kv_lens_list[seq]
+    table = meta.block_tables[seq : seq + 1, : -(-kv_len // meta.block_size)]
+    k = gather_blocks(key_cache, table, kv_len, key_scales, query.dtype)[0].transpose(0, 1)  # [KVH, L, hd]
+    v = gather_blocks(value_cache, table, kv_len, value_scales, query.dtype)[0].transpose(0, 1)
+    if not sliding_window and not softcap and (q_len == kv_len or query.device.type == "cpu"):
+        # Causal attention without a mask, which SDPA's flash kernel does faster than a masked one.
+        q = query[start : start + q_len].transpose(0, 1).unsqueeze(0)
+        k, v = k.unsqueeze(0).to(q.dtype), v.unsqueeze(0).to(q.dtype)
+        if q_len == kv_len:  # a whole prompt
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        else:  # a later chunk of a prompt: all of the cached prefix, then causal within the chunk
+            o = _attend_chunk(q, k, v, kv_len - q_len, scale)
+        out[start : start + q_len] = o[0].transpose(0, 1)
+        return
+    # [q_len, KVH, g, hd] -> [KVH, g*q_len, hd]: the heads sharing a KV head become extra query rows.
+    q = query[start : start + q_len].view(q_len, kv_heads, group, head_dim).permute(1, 2, 0, 3)
+    q = q.reshape(kv_heads, group * q_len, head_dim)
+    mask = meta.prefill_mask(seq, sliding_window).repeat(group, 1)
+    o = _attend(q, k, v, mask, scale, softcap)  # [KVH, g*q_len, hd]
+    out[start : start + q_len] = o.view(kv_heads, group, q_len, head_dim).permute(2, 0, 1, 3).reshape(
+        q_len, num_heads, head_dim)

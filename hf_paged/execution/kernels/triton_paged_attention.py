@@ -35,12 +35,11 @@ registers and pipelining stages. Its launch settings (tile, warps, stages) come 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ... import envs
 from .triton_cache_ops import _cast_rtne
 
 _NEG_INF = tl.constexpr(float("-inf"))  # a global read by @triton.jit code must be a constexpr
@@ -50,7 +49,7 @@ DECODE_TILE_N = 64
 DECODE_NUM_WARPS = 4
 DECODE_NUM_STAGES = 2
 # The interpreter's tl.dot is wrong on fp16/bf16 operands, so interpreted runs keep the fp32 casts.
-DECODE_NATIVE_DOT = os.environ.get("TRITON_INTERPRET") != "1"
+DECODE_NATIVE_DOT = not envs.triton_interpreted()
 PREFILL_TILE_N = 64
 PREFILL_BLOCK_M = 64
 MAX_SPLITS = 64

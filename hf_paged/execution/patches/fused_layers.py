@@ -9,8 +9,9 @@ kernel: ~40 small torch ops a layer and their dispatch. Inside :func:`~hf_paged.
 * **MLP**: gate and up from one packed GEMM, ``silu(gate) * up`` in one C call, then ``down_proj``;
 * **RMSNorm**: one C call;
 * **decoder layer** (its four parts all fused): their fused paths called directly, the residual add and the
-  norm after it in one C call; for a decode-only bf16 step with every GEMM on AMX tiles, the whole layer in one
-  C call (``kernels/csrc/llama_decode_layer.c``).
+  norm after it in one C call; for a decode-only step with every GEMM on hf_paged's linear kernels (AMX tiles, the
+  small-row kernel), the whole layer in one C call (``kernels/csrc/llama_decode_layer.c``) that takes the layer's
+  argument struct (built once) and the step's (built once per step, kept on its metadata).
 
 A module is recognised by its exact class (:data:`LLAMA_EQUIVALENT`: the transformers classes that compute what
 Llama's module computes, e.g. Mistral / Qwen2 / Qwen3 MLPs and norms, Granite's attention; not Granite's decoder
@@ -223,12 +224,12 @@ class _FusedRMSNorm(_Fused):
 
 class _OneCallStep:
     """What the one-call layers of a decode-only step share (``hf_decode_step_t``: the decode sequences, slots,
-    rotary tables, one workspace), built by the first layer and kept on the step's metadata; ``struct`` is None
-    where the step cannot run its layers as one call."""
+    rotary tables, one workspace; and an output per layer, allocated together), built by the first layer and kept on
+    the step's metadata; ``struct`` is None where the step cannot run its layers as one call."""
 
     def __init__(self, key: tuple, position_embeddings: tuple) -> None:
         self.key, self.position_embeddings = key, position_embeddings
-        self.struct, self.shape, self.keep = None, None, ()
+        self.struct, self.shape, self.outs, self.keep = None, None, (), ()
 
 
 class _FusedDecoderLayer(_Fused):
@@ -246,7 +247,7 @@ class _FusedDecoderLayer(_Fused):
         # The o_proj / down_proj packers (for the one-call layer), or None.
         self.o_packer, self.down_packer = parts.get(module.self_attn.o_proj), parts.get(module.mlp.down_proj)
         self.one_call = one_call
-        self._layer: tuple = (None, None, None)  # (pool, dtype, its one-call arguments or None) of the last call
+        self._layer: tuple = (None, None, None)  # (KV cache, dtype, its one-call arguments or None) of the last call
 
     @classmethod
     def matches(cls, module: torch.nn.Module, parts: dict) -> bool:
@@ -287,13 +288,12 @@ class _FusedDecoderLayer(_Fused):
 
     def _one_call_layer(self, meta: Any, dtype: torch.dtype) -> Any:
         """This layer's ``hf_llama_layer_t`` (weights as the four GEMMs were packed, biases, norms, geometry, its
-        caches in the step's pool) with what checks it, worked out once per pool and dtype (an engine's runner builds
-        new layer forwards when weights change); None where the layer cannot run as one call."""
+        caches in the step's KV cache) with what checks it, worked out once per cache and dtype (an engine's runner
+        builds new layer forwards when weights change); None where the layer cannot run as one call."""
         m = self.module
         attn, mlp, pre, post = m.self_attn, m.mlp, m.input_layernorm, m.post_attention_layernorm
         qkv, gate_up = self.attention.group, self.mlp.group
-        if (self.o_packer is None or self.down_packer is None or dtype != qkv.dtype or meta.plan is None
-                or meta.plan.cache_write != "c"):
+        if self.o_packer is None or self.down_packer is None or dtype != qkv.dtype:
             return None
         packs = (qkv.packed, self.o_packer.packed, gate_up.packed, self.down_packer.packed)
         biases = (qkv.bias, attn.o_proj.bias, gate_up.bias, mlp.down_proj.bias)
@@ -307,7 +307,7 @@ class _FusedDecoderLayer(_Fused):
         heads, kv_heads = attn.q_proj.out_features // hd, attn.k_proj.out_features // hd
         key_scales, value_scales = meta.kv_cache.key_scales(layer), meta.kv_cache.value_scales(layer)
         cache_dtype = dtype if key_scales is None else torch.int8  # int8 K/V: quantized by the C write
-        caches = self.attention.caches_for_c_write(meta, cache_dtype, kv_heads, hd)
+        caches = self.attention.caches_for_c_write(meta, cache_dtype, kv_heads, hd)  # where the plan writes in C
         if caches is None or not all(b is None or (b.dtype == dtype and b.is_contiguous()) for b in biases):
             return None
         ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
@@ -336,8 +336,8 @@ class _FusedDecoderLayer(_Fused):
         step = meta.c_step = _OneCallStep(key, position_embeddings)
         tokens = hidden_states.shape[1] if hidden_states.dim() == 3 else 0
         if not (meta.num_decodes == tokens and 0 < tokens <= max_rows and position_embeddings is not None
-                and self.attention.module.config._attn_implementation == ATTN_IMPLEMENTATION
-                and meta.slot_mapping.dtype == torch.int64 and meta.plan is not None and meta.plan.cache_write == "c"):
+                and meta.slot_mapping.dtype == torch.int64  # the C cache write reads int64 slots
+                and self.attention.module.config._attn_implementation == ATTN_IMPLEMENTATION):
             return step
         cos, sin = position_embeddings[0], position_embeddings[1]  # [1, T, hd]: row 0 is where they start
         if not (cos.dtype == dtype and cos.is_contiguous() and sin.is_contiguous() and cos.shape == (1, tokens, hd)):
@@ -350,6 +350,8 @@ class _FusedDecoderLayer(_Fused):
                 seqs=plan.seqs, slots=meta.slot_mapping.data_ptr(), cos=cos.data_ptr(), sin=sin.data_ptr(), T=tokens,
                 work=work.data_ptr(), num_threads=torch.get_num_threads())
             step.shape, step.keep = torch.Size((1, tokens, dim)), (plan, work, meta.slot_mapping)
+            # One tensor per layer (never one layer's output overwritten by another's), in one allocation.
+            step.outs = torch.empty((meta.kv_cache.num_layers, 1, tokens, dim), dtype=dtype).unbind(0)
         return step
 
     def _decode_in_one_call(self, hidden_states: torch.Tensor, position_embeddings: tuple,
@@ -357,8 +359,8 @@ class _FusedDecoderLayer(_Fused):
         """The whole layer as one C call (``csrc/llama_decode_layer.c``: the same kernels in the same order, without
         the Python between them) for a decode-only step whose four GEMMs all run on hf_paged's kernels (AMX tiles,
         or the small-row kernel); None where that does not apply."""
-        pool, dtype, layer = self._layer
-        if pool is not meta.kv_cache or dtype != hidden_states.dtype:
+        cache, dtype, layer = self._layer
+        if cache is not meta.kv_cache or dtype != hidden_states.dtype:
             layer = self._one_call_layer(meta, hidden_states.dtype)
             self._layer = (meta.kv_cache, hidden_states.dtype, layer)
         if layer is None:
@@ -369,7 +371,7 @@ class _FusedDecoderLayer(_Fused):
         if not (step.struct is not None and hidden_states.shape == step.shape and hidden_states.is_contiguous()
                 and in_packed_call()):
             return None
-        out = torch.empty_like(hidden_states)
+        out = step.outs[layer[2]]
         if self.lib.hf_llama_decode_layer(layer[0], step.struct, hidden_states.data_ptr(), out.data_ptr()) != 0:
             return None
         meta.mark_layer(layer[2])

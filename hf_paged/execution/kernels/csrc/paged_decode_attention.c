@@ -37,13 +37,13 @@
  *
  * paged_write_kv, beside it, scatters a step's new K/V rows into their slots (the cache write of every layer).
  *
- * int8 K/V (kv_cache_dtype="int8": caches that come with scales): each cached row is hd int8 values q with one fp32 scale
- * s per (slot, KV head), x = q * s, the scales in [num_blocks, KVH, block_size] beside each cache. The scales are
- * applied outside the dot products: pass 1 multiplies a tile's VL scores by its VL key scales, pass 2 weighs each V
- * row by its probability times its scale. With AVX512-VNNI and head dims that are multiples of 32 (unit_i8_vnni)
- * the dot products are integer (vpdpwssd): the scaled query and each tile's weights rounded to int16, the rows
- * widened to int16, int32 sums; otherwise (unit_vec, unit_scalar) the rows are widened to fp32 in registers. The
- * query and the output keep the model's dtype (fp32 or bf16). paged_write_kv_i8 quantizes as
+ * int8 K/V (kv_cache_dtype="int8": caches that come with scales): each cached row is hd int8 values q with one
+ * fp32 scale s per (slot, KV head), x = q * s, the scales in [num_blocks, KVH, block_size] beside each cache. The
+ * scales are applied outside the dot products: pass 1 multiplies a tile's VL scores by its VL key scales, pass 2
+ * weighs each V row by its probability times its scale. With AVX512-VNNI and head dims that are multiples of 32
+ * (unit_i8_vnni) the dot products are integer (vpdpwssd): the scaled query and each tile's weights rounded to int16,
+ * the rows widened to int16, int32 sums; otherwise (unit_vec, unit_scalar) the rows are widened to fp32 in
+ * registers. The query and the output keep the model's dtype (fp32 or bf16). paged_write_kv_i8 quantizes as
  * cache_ops.quantize_int8 does (scale = max|x| / 127, x / scale rounded half to even: the same bits).
  *
  * No -ffast-math: exp is a polynomial written here and no loop needs reassociation permission. Head dims
