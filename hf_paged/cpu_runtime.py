@@ -4,19 +4,16 @@
   per thread that ever ran a parallel region; the thread that loaded the model has one. With two pools
   alive on two cores there are more OpenMP threads than CPUs, and libgomp then stops spinning between
   parallel regions and parks its workers, so each of the ~1,000 small ops of a decode step pays a futex
-  wake-up: measured here, a [32, 576] x [576, 1536] matmul takes 340 us from the engine thread against 240 us
-  from the main thread, and a whole run is 12-15% slower. :func:`release_openmp_pool` frees the calling
+  wake-up (docs/benchmarks.md has what it costs). :func:`release_openmp_pool` frees the calling
   thread's idle pool (``omp_pause_resource_all``); the engine calls it from threads that hand work to it
   and then wait. The pool comes back by itself on that thread's next parallel region.
 * **malloc.** A prefill step allocates activations of several MB; glibc serves those with fresh ``mmap``s
-  and returns them on free, so every step page-faults its activations in again (the first prefill steps of a
-  run took 2.7 s instead of 1.8 s). :func:`tune_malloc` raises the mmap and trim thresholds so freed
+  and returns them on free, so every step page-faults its activations in again. :func:`tune_malloc` raises the mmap and trim thresholds so freed
   activations are reused.
 
 * **Huge pages for the KV pool.** Decode attention reads a few KB from each of thousands of blocks scattered
   over a pool of GBs: with 4 KB pages nearly every block costs a TLB miss. :func:`zeros_on_huge_pages` asks
   the kernel for transparent huge pages (``madvise(MADV_HUGEPAGE)``) before the pool is first touched.
-  Measured on the mixed workload in bf16: decode attention 8.19 -> 7.75 s, output 351 -> 359 tok/s.
 
 All act through ``ctypes`` on what is already loaded; where a call is not available (another libc or OpenMP
 runtime, another OS) they do nothing. ``HF_PAGED_TUNE_CPU=0`` turns them off.

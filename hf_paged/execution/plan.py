@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import envs
+from .kernels import triton_importable
 
 @dataclass(frozen=True)
 class ExecutionPlan:
@@ -60,12 +61,6 @@ class ExecutionPlan:
         return (f"device={self.device}{isa} dtype={dtype} kv_cache={kv} attention={self.attention} "
                 f"cache_write={self.cache_write} linears={self.linears} fused_layers={self.fused_layers} "
                 f"one_call_layers={self.one_call_layers} compiled={self.compiled} cuda_graphs={self.cuda_graphs}")
-
-
-def _triton_usable() -> bool:
-    from .kernels import dispatch
-
-    return dispatch.triton_importable()
 
 
 def build_plan(device: torch.device | str, dtype: torch.dtype, *, compile: bool = False,
@@ -116,7 +111,7 @@ def _attention(on_cpu: bool, triton: bool | None, cpu_kernels: bool | None) -> s
     """``triton``, ``c`` or ``torch``: the attention and cache-write kernels."""
     if triton is None:
         triton = not envs.force_torch() and (not on_cpu or envs.force_triton())
-    if triton and _triton_usable():
+    if triton and triton_importable():
         return "triton"
     if on_cpu and (envs.cpu_kernel() if cpu_kernels is None else cpu_kernels):
         from .kernels import cpu_library

@@ -19,7 +19,6 @@ never needs triton or a GPU. On a GPU without an importable triton the PyTorch p
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,27 +31,7 @@ from .paged_attention import PagedAttentionMetadata
 if TYPE_CHECKING:
     from ..plan import ExecutionPlan
 
-logger = logging.getLogger(__name__)
-
-__all__ = ["write_kv", "copy_blocks", "paged_attention", "use_triton", "triton_importable"]
-
-_triton_ok: bool | None = None
-
-
-def triton_importable() -> bool:
-    """Whether triton imports here (tried once per process)."""
-    global _triton_ok
-    if _triton_ok is None:
-        try:
-            import triton  # noqa: F401
-            import triton.language  # noqa: F401
-
-            _triton_ok = True
-        except Exception as exc:  # ImportError, or a broken install
-            logger.warning("triton is not usable (%s); hf_paged kernels fall back to PyTorch", exc)
-            _triton_ok = False
-    return _triton_ok
-
+__all__ = ["write_kv", "copy_blocks", "paged_attention", "use_triton"]
 
 def use_triton(plan: "ExecutionPlan") -> bool:
     """Whether the plan's operations take the Triton path."""

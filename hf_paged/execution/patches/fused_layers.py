@@ -1,7 +1,7 @@
 """Fused forwards for Llama-style attention, MLP and RMSNorm modules, used only inside engine forwards (CPU).
 
-Eager, a batch-32 bf16 decode step of SmolLM2 spent ~14 of its ~41 ms outside the GEMMs and the attention
-kernel: ~40 small torch ops a layer and their dispatch. Inside :func:`~hf_paged.execution.patches.linear.packed_linears`
+Eager, a decode step spends a large part of its time outside the GEMMs and the attention kernel: ~40 small torch
+ops a layer and their dispatch. Inside :func:`~hf_paged.execution.patches.linear.packed_linears`
 (the engine's forward), modules recognised here run a shorter path with the same arithmetic:
 
 * **attention**: q, k and v from one packed GEMM (:class:`~hf_paged.execution.patches.linear.PackedGroup`), the rotary

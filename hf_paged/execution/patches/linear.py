@@ -3,11 +3,10 @@
 ``F.linear`` on the CPU re-lays out the weight for the GEMM kernel on every call; for decode steps (a few
 dozen rows against a 576 x 1536 weight) that costs as much as the product. oneDNN can keep a weight in its
 kernel's layout (``mkldnn._reorder_linear_weight``) and multiply with it directly
-(``mkldnn._linear_pointwise``, AMX on CPUs that have it). Measured on SmolLM2 at batch 32: a decode step
-53.3 -> 46.4 ms in bf16, 90.6 -> 83.6 ms in fp32, greedy tokens unchanged. (MKL's packed fp32 sgemm,
+(``mkldnn._linear_pointwise``, AMX on CPUs that have it), greedy tokens unchanged. (MKL's packed fp32 sgemm,
 ``mkl._mkl_linear``, is only faster for the one row count it was packed for.) On CPUs with AMX, bf16 weights
-are packed for hf_paged's own AMX kernel instead (:class:`AmxWeight`): oneDNN spends ~15 us a call before any
-arithmetic, which a decode step's ~120 small products feel; elsewhere (AVX-512, AVX2) decode-sized products run on
+are packed for hf_paged's own AMX kernel instead (:class:`AmxWeight`): oneDNN's fixed cost per call, before any
+arithmetic, is felt by a decode step's ~120 small products; elsewhere (AVX-512, AVX2) decode-sized products run on
 hf_paged's small-row kernel (:class:`SmallRowsWeight`). oneDNN's packing is used only for a dtype whose probe passed
 (``kernels/cpu_isa.py``: a CPU without AVX-512 cannot pack bf16 weights), so building the packed copies cannot fail
 for a CPU feature.
@@ -43,8 +42,7 @@ _active = threading.local()  # .on: inside an engine forward; .packers: that eng
 
 class AmxWeight:
     """A bf16 weight ``[N, K]`` in AMX tile layout (``kernels/csrc/amx_linear.c``), for products with up to
-    ``AMX_MAX_ROWS`` rows: a decode step's. Measured on [32, K] inputs, weights streaming from memory: 20-35%
-    faster than oneDNN's packed GEMM for SmolLM2's shapes (oneDNN costs ~13 us a call before any arithmetic).
+    ``AMX_MAX_ROWS`` rows: a decode step's, where it is faster than oneDNN's packed GEMM (no fixed cost per call).
     For more rows (prefill) oneDNN's blocking wins, and the unpacked ``F.linear`` wins over the packed one."""
 
     def __init__(self, weight: torch.Tensor) -> None:
@@ -241,8 +239,7 @@ class _PackedLinearForward:
 
 class PackedGroup:
     """Several ``nn.Linear`` of one input (q/k/v, gate/up) as one packed weight: one GEMM instead of several,
-    its output their outputs side by side. Fewer, larger GEMMs stream the weights faster (measured on a
-    [32, 576] input in bf16: three of 576/192/192 outputs 114 us, one of 960 outputs 74 us). With AMX the
+    its output their outputs side by side. Fewer, larger GEMMs stream the weights faster. With AMX the
     concatenated weight is kept too, for products too large for the AMX kernel."""
 
     def __init__(self, linears: list[torch.nn.Linear], kind: str) -> None:

@@ -1,8 +1,7 @@
 /* bf16 linear layers for a few dozen rows (decode steps) on AMX tiles: out = x @ W^T + bias.
  *
- * oneDNN's packed GEMM (mkldnn._linear_pointwise) costs ~13 us a call before any arithmetic on this CPU, and a
- * decode step of SmolLM2 makes 121 such calls whose products take 20-200 us: the weights stream from memory,
- * the arithmetic is nothing for AMX. Here a call is a ctypes call and one OpenMP region.
+ * oneDNN's packed GEMM (mkldnn._linear_pointwise) has a fixed cost per call before any arithmetic, and a decode
+ * step makes over a hundred such small calls: the weights stream from memory, the arithmetic is nothing for AMX. Here a call is a ctypes call and one OpenMP region.
  *
  * Weights are packed once (hf_amx_pack) into 1 KB tiles in AMX's VNNI layout, grouped by pairs of 16-column
  * blocks: [N / 32][K / 32][2 tiles][16 k-pairs][16 columns][2]. A thread takes whole column-block pairs (a

@@ -24,16 +24,13 @@
  * patterns) are widened on load and the output rounded to nearest even. Except with AVX512-BF16, for bf16
  * and head dims that are multiples of 32 (unit_dp): vdpbf16ps dot products on the rows as stored, q.k over key
  * pairs sharing a vector (scale applied to the fp32 scores), and sum p v over pairs of V rows interleaved
- * against their probabilities rounded to bf16, as vLLM's and IPEX's CPU attention do (1.4-1.65x faster with
- * K/V in cache, ~1.2x when they stream from DRAM).
+ * against their probabilities rounded to bf16, as vLLM's and IPEX's CPU attention do.
  *
  * An OpenMP task is a whole sequence (its KV heads one after the other) when there are at least 4
  * sequences per thread, else one unit. Threads claim tasks from a shared counter one ahead, so that the
  * next task's first rows are prefetched while the current one ends; within a pass, the rows PF_TILES
- * tiles ahead are prefetched, one row per key computed. Measured on a 2-core Sapphire Rapids VM with the
- * caches out of L3 (SmolLM2-135M shapes, batch 64, ~160 keys): whole-sequence tasks and the software
- * prefetch each gain ~15-20%; walking all KV heads of a row together (one pass for the whole sequence)
- * computes a little faster but streams from memory slower.
+ * tiles ahead are prefetched, one row per key computed (walking all KV heads of a row together computes a little
+ * faster but streams from memory slower).
  *
  * paged_write_kv, beside it, scatters a step's new K/V rows into their slots (the cache write of every layer).
  *
