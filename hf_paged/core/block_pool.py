@@ -207,5 +207,9 @@ class BlockTable:
         self.num_tokens = 0
 
     def slots(self, start: int, end: int) -> list[int]:
-        bs = self.pool.block_size
-        return [self.blocks[p // bs] * bs + p % bs for p in range(start, end)]
+        return slot_ids(self.blocks, start, end, self.pool.block_size)
+
+
+def slot_ids(block_ids: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """The slots of positions ``start:end`` of a sequence whose blocks are ``block_ids``."""
+    return [block_ids[p // block_size] * block_size + p % block_size for p in range(start, end)]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.block_pool import slot_ids
 from ..core.scheduler import SchedulerOutput
 from .kernels.paged_attention import PagedAttentionMetadata
 
@@ -32,10 +33,6 @@ def to_device(values: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long, pin_memory=device.type == "cuda").to(device, non_blocking=True)
 
 
-def slots(block_ids: list[int], start: int, end: int, block_size: int) -> list[int]:
-    return [block_ids[p // block_size] * block_size + p % block_size for p in range(start, end)]
-
-
 def build_step_inputs(step: SchedulerOutput, kv_cache, plan, layer_windows) -> StepInputs:
     """The forward's inputs and metadata for ``step`` on ``kv_cache`` (block tables padded with its null block)."""
     bs, device = kv_cache.block_size, kv_cache.device
@@ -49,7 +46,7 @@ def build_step_inputs(step: SchedulerOutput, kv_cache, plan, layer_windows) -> S
         start, n = seq.first_position, len(seq.token_ids)
         input_ids.extend(seq.token_ids)
         positions.extend(range(start, start + n))
-        slot_mapping.extend(slots(seq.block_ids or [kv_cache.null_block], start, start + n, bs))  # padding: null
+        slot_mapping.extend(slot_ids(seq.block_ids or [kv_cache.null_block], start, start + n, bs))  # padding: null
         kv_lens.append(start + n)
         cu.append(cu[-1] + n)
         if seq.samples:
