@@ -1,24 +1,12 @@
-"""Which models hf_paged runs exactly, and the one reason why not for the others.
+"""Which models hf_paged runs exactly, and the one reason why not for the others; see "Which models run on the engine"
+in docs/architecture.md.
 
-What hf_paged keeps between steps is one key and one value vector per layer, token and KV head, all of one shape,
-read back by causal attention (optionally windowed and soft-capped). A model is admitted only where that is all
-its state and all its attention computes:
-
-* :func:`cache_refusal`: what a ``PagedCache`` cannot hold (recurrent state, K and V of different widths, no
-  attention at all, attention outside transformers' ``AttentionInterface``);
-* :func:`engine_refusal`: that, and what the engine's own attention does not compute (chunked or sparse attention,
-  attention sinks, NoPE temperature tuning, non-causal attention, attention outside transformers'
-  ``AttentionInterface``, encoder-decoder models);
-* :func:`check_attention_call`: every paged attention call is checked against its layer: arguments the kernels do
-  not implement (``s_aux``, a position bias, ``is_causal=False``, ...), a window other than the layer's, K/V not of
-  the pool's shape raise :class:`UnsupportedModel` instead of being ignored. The window a layer attends with is
-  the one transformers masks it with (:func:`layer_windows`, from its ``layer_types``), whether or not the layer
-  passes it to the attention call;
-* the step metadata counts the paged attention calls of each layer, and the runner refuses a forward in which a
-  KV layer did not run it exactly once (``PagedAttentionMetadata.check_layer_calls``).
-
-The static checks are fast and read only the model's classes, config and parameters; the engine also runs one
-probe step when it starts (see ``LLMEngine``), so what no list foresaw is caught before any request.
+hf_paged keeps one key and one value vector per layer, token and KV head, all of one shape, read by causal attention
+(optionally windowed and soft-capped); a model is admitted only where that is all its state and all its attention
+computes. :func:`cache_refusal` (what a ``PagedCache`` cannot hold) and :func:`engine_refusal` (that, and what the
+engine's attention does not compute) are static checks of the model's classes, config and parameters;
+:func:`check_attention_call` refuses, at run time, a paged attention call the kernels would not compute exactly. A layer
+attends with the window transformers masks its layer type with (:func:`layer_windows`), whatever it passes.
 """
 
 from __future__ import annotations
@@ -88,11 +76,6 @@ def layer_types(config: Any) -> list[str]:
     return [legacy.get(t, t) for t in types]
 
 
-def attention_layers(model: torch.nn.Module) -> list[int]:
-    """The indices of the layers that cache K/V (every layer but those without attention)."""
-    return [i for i, t in enumerate(layer_types(text_config(model))) if t not in _NO_KV_LAYER_TYPES]
-
-
 def layer_windows(model: torch.nn.Module) -> dict[int, int | None]:
     """The sliding window each K/V layer attends with (None: the whole prefix): the one transformers' masks apply to
     its layer type, which is what HF's attention computes whatever the layer passes to the attention function."""
@@ -125,8 +108,7 @@ def cache_layer_windows(model: torch.nn.Module) -> list[int | None]:
 
 
 def _state_refusal(model: torch.nn.Module, allowed: tuple[str, ...]) -> str | None:
-    """The first thing the model keeps that is not per-token K/V of one shape (or a layer kind not in
-    ``allowed``)."""
+    """The first thing the model keeps that is not per-token K/V of one shape (or a layer kind not in ``allowed``)."""
     config = text_config(model)
     if getattr(model.config, "is_encoder_decoder", False):
         return "encoder-decoder model"
@@ -188,9 +170,8 @@ _routes_through_interface: dict[type, bool] = {}
 
 def _attention_class_without_interface(model: torch.nn.Module) -> str | None:
     """The name of an ``*Attention*`` module class of ``model`` whose ``forward`` does not look up the
-    AttentionInterface, or None. transformers' own check reads the model class's module and caches its answer on
-    the class, where subclasses inherit it: a custom (``trust_remote_code``) subclass of a Llama model that swaps in
-    its own attention modules would pass it."""
+    AttentionInterface, or None. transformers' own check is cached on the model class, so a ``trust_remote_code``
+    subclass of a Llama model that swaps in its own attention would inherit a pass."""
     for module in model.modules():
         cls = type(module)
         if "Attention" not in cls.__name__:

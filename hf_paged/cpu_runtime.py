@@ -1,22 +1,16 @@
-"""Process-level settings that decide CPU throughput more than any kernel: OpenMP thread pools and malloc.
+"""Process-level settings that decide CPU throughput more than any kernel (see docs/architecture.md).
 
-* **OpenMP pools.** The engine runs its forwards in its own thread. libgomp keeps a pool of worker threads
-  per thread that ever ran a parallel region; the thread that loaded the model has one. With two pools
-  alive on two cores there are more OpenMP threads than CPUs, and libgomp then stops spinning between
-  parallel regions and parks its workers, so each of the ~1,000 small ops of a decode step pays a futex
-  wake-up (docs/benchmarks.md has what it costs). :func:`release_openmp_pool` frees the calling
-  thread's idle pool (``omp_pause_resource_all``); the engine calls it from threads that hand work to it
-  and then wait. The pool comes back by itself on that thread's next parallel region.
-* **malloc.** A prefill step allocates activations of several MB; glibc serves those with fresh ``mmap``s
-  and returns them on free, so every step page-faults its activations in again. :func:`tune_malloc` raises the mmap and trim thresholds so freed
-  activations are reused.
+* :func:`release_openmp_pool` frees the calling thread's idle OpenMP pool (``omp_pause_resource_all``): libgomp keeps a
+  pool per thread that ran a parallel region, and with two alive (the engine thread's, the caller's) there are more
+  OpenMP threads than cores and it parks its workers between regions (a futex wake-up per op). The pool returns on the
+  thread's next parallel region.
+* :func:`tune_malloc` raises glibc's mmap and trim thresholds, so a prefill step's activations are reused instead of
+  page-faulted in from fresh ``mmap``s each step.
+* :func:`zeros_on_huge_pages` advises the KV pool onto transparent huge pages before it is touched (decode reads a few
+  KB from each of many scattered blocks: on 4 KB pages nearly each is a TLB miss).
 
-* **Huge pages for the KV pool.** Decode attention reads a few KB from each of thousands of blocks scattered
-  over a pool of GBs: with 4 KB pages nearly every block costs a TLB miss. :func:`zeros_on_huge_pages` asks
-  the kernel for transparent huge pages (``madvise(MADV_HUGEPAGE)``) before the pool is first touched.
-
-All act through ``ctypes`` on what is already loaded; where a call is not available (another libc or OpenMP
-runtime, another OS) they do nothing. ``HF_PAGED_TUNE_CPU=0`` turns them off.
+All act through ``ctypes`` and do nothing where a call is missing (another libc, OpenMP runtime or OS);
+``HF_PAGED_TUNE_CPU=0`` turns them off.
 """
 
 from __future__ import annotations

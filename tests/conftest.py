@@ -169,3 +169,11 @@ def cpu_kernels():
 
 
 needs_cpu_kernels = pytest.mark.usefixtures("cpu_kernels")
+
+
+def engine_thread(engine) -> "threading.Thread | None":
+    """The engine's step thread if one is alive (found by the name it gives its thread)."""
+    import threading
+
+    name = f"hf_paged-engine-{id(engine):x}"
+    return next((t for t in threading.enumerate() if t.name == name), None)

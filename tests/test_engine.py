@@ -9,7 +9,7 @@ import torch
 
 from hf_paged import FinishReason, LLMEngine, SamplingParams
 
-from conftest import left_pad, tiny_prompts
+from conftest import engine_thread, left_pad, tiny_prompts
 
 MAX_NEW = 32
 GREEDY = SamplingParams(max_new_tokens=MAX_NEW, temperature=0)
@@ -147,7 +147,7 @@ def test_shutdown_stops_the_thread_and_a_new_request_restarts_it(smollm2, chat_i
     engine = LLMEngine(model, tok, num_blocks=256)
     greedy = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
     first = engine.generate(chat_ids[:1], greedy, use_tqdm=False)
-    thread = engine._thread
+    thread = engine_thread(engine)
     assert thread is not None and thread.is_alive()
     engine.shutdown()
     assert not thread.is_alive()

@@ -22,7 +22,7 @@ from hf_paged.core.scheduler import ScheduledSequence, SchedulerOutput
 from hf_paged.detokenizer import IncrementalDetokenizer
 from hf_paged.execution.patches.linear import amx_available
 
-from conftest import build_tiny_model, left_pad, tiny_prompts
+from conftest import build_tiny_model, engine_thread, left_pad, tiny_prompts
 from test_engine import hf_greedy
 
 GREEDY8 = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
@@ -129,7 +129,7 @@ def test_unwrap_leaves_the_model_as_it_was(tiny_model_dir):
     before = _snapshot(model)
     _wrap_and_generate(model, prompts)
     engine = hf_paged.get_engine(model)
-    thread = engine._thread
+    thread = engine_thread(engine)
     hf_paged.unwrap(model)
     assert _snapshot(model) == before
     assert engine.closed and engine.kv_cache.kv.numel() == 0
@@ -147,7 +147,7 @@ def test_close_stops_thread_frees_pool_and_refuses_work(tiny_model_dir):
         running = engine.submit(prompts[0], SamplingParams(max_new_tokens=400, temperature=0, ignore_eos=True))
     assert running.done.wait(10) and running.finish_reason == hf_paged.FinishReason.ABORT
     assert engine.closed and engine.kv_cache.kv.numel() == 0 and engine.pool.num_free_blocks == engine.pool.num_blocks
-    assert engine._thread is None or not engine._thread.is_alive()
+    assert engine_thread(engine) is None
     assert _snapshot(model) == before
     with pytest.raises(RuntimeError, match="closed"):
         engine.submit(prompts[0], GREEDY8)
@@ -164,7 +164,7 @@ def test_an_engine_dropped_without_close_is_freed(tiny_model_dir):
     before = _snapshot(model)
     engine = LLMEngine(model, None, num_blocks=64)
     engine.generate(prompts, GREEDY8, use_tqdm=False)
-    thread, gone = engine._thread, weakref.ref(engine)
+    thread, gone = engine_thread(engine), weakref.ref(engine)
     assert thread is not None and thread.is_alive()
     del engine
     deadline = time.monotonic() + 5

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 from typing import Any
 
@@ -101,6 +102,17 @@ def spmd_inputs() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+def _die_mid_engine(stats, dead_engine: int) -> None:
+    """Exit this rank a few steps into its ``dead_engine``-th engine, as a crashed worker would (exit code 0:
+    torchrun would otherwise tear rank 0 down before it can report)."""
+    while stats.engines_started < dead_engine:
+        time.sleep(0.001)
+    first = stats.steps
+    while stats.steps < first + 3:
+        time.sleep(0.001)
+    os._exit(0)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("model_dir")
@@ -125,22 +137,7 @@ def main() -> int:
         dead_engine = len(names) + 1 if args.dead_rank else None  # the engine started after the others
         worker = tp.worker_for(model)
         if dead_engine is not None:
-            step = worker._step
-
-            def dying_step(engine_id, scheduler_output):
-                if worker.stats.engines_started >= dead_engine and worker.stats.steps >= dead_steps[0]:
-                    os._exit(0)  # exit code 0: torchrun would otherwise tear rank 0 down before it can report
-                return step(engine_id, scheduler_output)
-
-            dead_steps = [10 ** 9]
-            start = worker._start
-
-            def counting_start(engine_id, spec):
-                start(engine_id, spec)
-                if worker.stats.engines_started == dead_engine:
-                    dead_steps[0] = worker.stats.steps + 3
-
-            worker._start, worker._step = counting_start, dying_step
+            threading.Thread(target=_die_mid_engine, args=(worker.stats, dead_engine), daemon=True).start()
         tp.worker_loop(model)
         if args.spmd:
             hf_paged.wrap(model, num_blocks=64, block_size=4)

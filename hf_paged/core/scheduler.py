@@ -79,7 +79,6 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
-        self.num_prompt_tokens_scheduled = 0
         self.step_seqs: list[Sequence] = []  # the last step's sequences, in the order of its SchedulerOutput
         self.step_counts: list[int] = []
         self.preempted: list[Sequence] = []  # by the last schedule
@@ -128,7 +127,6 @@ class Scheduler:
                     seq.first_scheduled_time = time.perf_counter()
                 running.append(seq)
                 scheduled.append((seq, n))
-                self.num_prompt_tokens_scheduled += n
                 budget -= n
         scheduled.sort(key=lambda item: item[1] != 1)  # decodes (one token) first, stable
         self.step_seqs, self.step_counts, self.preempted = [s for s, _ in scheduled], [n for _, n in scheduled], preempted

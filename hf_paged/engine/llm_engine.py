@@ -271,7 +271,7 @@ class LLMEngine:
             self._stopping = False
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=_engine_thread, args=(weakref.ref(self), self._wake),
-                                                name="hf_paged-engine", daemon=True)
+                                                name=f"hf_paged-engine-{id(self):x}", daemon=True)
                 self._thread.start()
 
     def shutdown(self, timeout: float = 10.0) -> None:

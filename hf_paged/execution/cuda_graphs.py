@@ -1,20 +1,11 @@
-"""CUDA graphs for the engine's decode-only steps.
+"""CUDA graphs for the engine's decode-only steps; see "The CUDA path" in docs/architecture.md.
 
-A decode step's forward is the same sequence of kernel launches whatever the tokens are, so it can be captured once
-and replayed: what a replay reads comes from static device buffers (token ids, positions, slots, block tables,
-lengths) that each step overwrites in place. Graphs are captured lazily, one per padded batch size (as vLLM: 1, 2, 4,
-8, then steps of 8 up to ``max_num_seqs``); a step of ``n`` sequences runs the graph of the smallest size >= ``n``.
-The padded rows are inert: token 0 at position 0, length 1, their one slot and every block-table entry on the pool's
-null block (``BlockPool.null_block``, never allocated), so they read and write no block a sequence owns; their logits
-are dropped. Steps with prefill tokens run eagerly (``ModelRunner.execute``).
-
-Only the Triton attention is captured: its launches read nothing from the host lists of the step's metadata (the
-decode kernel sizes its split-K from ``max_decode_len``, the bound of the graph's block-table width), while the
-PyTorch path shapes its gathers from them. ``ExecutionPlan.cuda_graphs`` (engine option ``cuda_graphs``, default on
-for CUDA) decides. The capture itself is behind a small interface (``capture(fn) -> graph`` with ``graph.output``
-and ``graph.replay()``): :class:`CudaGraphCapturer` on the GPU, :class:`EagerGraphStandIn` off it, which re-runs the
-captured callable on the static buffers at each replay (the tests and ``benchmarks/gpu_check.py --dry-run`` check
-the padding and buffer logic with it on the CPU).
+A decode step's launches do not depend on its tokens, so its forward is captured once per padded batch size
+(:func:`graph_batch_sizes`, lazily) over static device buffers that each step overwrites in place. Padded rows are inert
+(token 0 at position 0, length 1, slot and block-table entries on the pool's null block) and their logits are dropped;
+steps with prefill run eagerly. Only the Triton attention is captured: its launches read no host list of the metadata
+(split-K is bounded by ``max_decode_len``). Capture is behind ``capture(fn) -> graph`` (``graph.output``,
+``graph.replay()``): :class:`CudaGraphCapturer` on the GPU, :class:`EagerGraphStandIn` for CPU tests.
 """
 
 from __future__ import annotations
@@ -104,10 +95,9 @@ class _EagerGraph:
 
 
 class EagerGraphStandIn:
-    """Capture and replay without a GPU: ``capture`` runs the callable once (the warm-up a real capture does) and
-    records it; ``replay`` runs it again and writes the result into the output tensor ``capture`` returned, as a
-    replayed graph rewrites its output in place. Faithful to a graph as long as the callable's launches depend only
-    on the static buffers, which is what it is there to check."""
+    """Capture and replay without a GPU: ``capture`` runs the callable once (as a real capture's warm-up) and records
+    it; ``replay`` reruns it into the output tensor, as a graph rewrites its output in place. Faithful as long as the
+    launches depend only on the static buffers, which is what it checks."""
 
     def __init__(self) -> None:
         self.captures = 0

@@ -1,20 +1,11 @@
 """``pipeline("text-generation", ..., backend="hf_paged")``: HF's text-generation pipeline, generating on the engine.
 
-:class:`PagedTextGenerationPipeline` is a ``TextGenerationPipeline`` (same pre- and post-processing, so the same
-output format for strings, lists, chats, ``return_full_text``, ``num_return_sequences``) whose model is wrapped with
-``hf_paged.wrap``. A list of prompts goes to the engine at once and a generator or dataset streams through with many
-requests in flight (HF would run them one by one or in padded ``batch_size`` chunks); results come back in input
-order. Where the call's generation options are ones the engine hands back to HF, the pipeline keeps HF's own
-iteration (one logged line says why). Use it directly with ``pipeline(..., pipeline_class=PagedTextGenerationPipeline)``
-or through the ``backend`` flag.
-
-The flag: ``transformers.pipeline`` passes unknown keyword arguments to the pipeline class, so
-:func:`install` gives ``TextGenerationPipeline`` an ``__init__`` that turns the new object into a
-``PagedTextGenerationPipeline`` when the call passes ``backend="hf_paged"`` (or for every text-generation pipeline
-while ``hf_paged.enable()`` is on); this also catches a ``pipeline`` function imported before hf_paged. Construction
-without the flag runs transformers' own ``__init__`` unchanged. :func:`uninstall` (run by
-``hf_paged.disable()``) removes it. Engine options (``memory_bytes``, ``num_blocks``, ``max_num_seqs``, ...) go in
-``engine_options={...}``.
+:class:`PagedTextGenerationPipeline` keeps ``TextGenerationPipeline``'s pre- and post-processing (the same outputs) on a
+``hf_paged.wrap``-ed model: every input is an engine request, many in flight, results in input order; call options the
+engine hands back to HF keep HF's iteration (one logged line says why). Use it as ``pipeline_class=`` or through the
+flag: :func:`install` gives ``TextGenerationPipeline`` an ``__init__`` that turns a new instance into the paged class
+when ``backend="hf_paged"`` is passed (or always, while ``hf_paged.enable()`` is on), which also catches a ``pipeline``
+imported before hf_paged; :func:`uninstall` removes it. Engine options go in ``engine_options={...}``.
 """
 
 from __future__ import annotations
@@ -148,9 +139,8 @@ class PagedTextGenerationPipeline(TextGenerationPipeline):
 
 
 def _init_text_generation_pipeline(self: TextGenerationPipeline, *args: Any, **kwargs: Any) -> None:
-    """``TextGenerationPipeline.__init__`` while installed: a plain ``TextGenerationPipeline`` built with
-    ``backend="hf_paged"`` (or any, while ``hf_paged.enable()`` is on) becomes a ``PagedTextGenerationPipeline``;
-    everything else runs the original unchanged."""
+    """``TextGenerationPipeline.__init__`` while installed: a plain instance built with ``backend="hf_paged"`` (or any,
+    while ``hf_paged.enable()`` is on) becomes a paged one; else the original."""
     if type(self) is TextGenerationPipeline and (kwargs.get("backend") == BACKEND
                                                  or (_state["all"] and "backend" not in kwargs)):
         self.__class__ = PagedTextGenerationPipeline

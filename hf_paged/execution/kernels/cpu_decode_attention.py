@@ -1,22 +1,13 @@
-"""Paged decode attention on the CPU as a small C kernel (``csrc/paged_decode_attention.c``).
+"""Paged decode attention and the cache write on the CPU as C kernels (``csrc/paged_decode_attention.c``); see "CPU C
+kernels" in docs/architecture.md.
 
-The PyTorch CPU path gathers every decode sequence's blocks into a dense tensor and then runs
-``scaled_dot_product_attention`` on it, reading K/V three times. The C kernel reads K/V straight from the
-blocks through the block table, once, one OpenMP task per (sequence, KV head). :class:`DecodePlan` is that call
-with the per-step arguments converted once into the kernel's argument structs and shared by all layers
-(:class:`PagedCall`, which the prefill kernel's plan shares); :func:`write_kv_cpu` is the cache write
-(a step's new K/V rows into their slots) as one C call instead of two index ops and their views.
-
-Int8 caches (``kv_cache_dtype="int8"``: int8 rows with fp32 scales ``[num_blocks, KVH, block_size]``, see
-``cache_ops``) take the kernel's int8 paths, so a decode step reads a quarter (fp32) or half (bf16) of the bytes: the
-scales are applied to the scores and the probabilities; with AVX512-VNNI the dot products are integer (the scaled
-query and the probability weights rounded to int16, relative 2**-16), elsewhere the rows are widened to fp32 in
-registers. The cache write quantizes.
-
-The kernel is plain C (no torch headers) in the library that ``cpu_library`` builds on first use and loads
-with ``ctypes``; it is called with raw ``data_ptr()``s (ctypes drops the GIL for the call). If no compiler
-is there or the build fails, :func:`available` is False and the callers keep the PyTorch path; nothing here
-raises at import. Whether an engine uses it is its plan's choice (``hf_paged.execution.plan``).
+The kernel reads K/V once, straight from the blocks (one OpenMP task per sequence and KV head), where the PyTorch path
+gathers them first. :class:`DecodePlan` is its call with the step's arguments converted once and shared by all layers
+(:class:`PagedCall`, shared with the prefill kernel); :func:`write_kv_cpu` writes a step's new K/V rows in one call.
+Int8 caches (fp32 scales ``[num_blocks, KVH, block_size]``, see ``cache_ops``) are quantized on write and read as
+stored, the scales applied to the scores and the probabilities; with AVX512-VNNI the dot products are integer (the
+scaled query and the probabilities rounded to int16, relative 2**-16), elsewhere rows are widened to fp32 in registers.
+Calls pass raw ``data_ptr()``s (ctypes drops the GIL); the engine's plan decides whether they are used.
 """
 
 from __future__ import annotations
@@ -66,11 +57,10 @@ def decode_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor, value_cac
                          sliding_window: int | None = None, softcap: float | None = None,
                          out: torch.Tensor | None = None, key_scales: torch.Tensor | None = None,
                          value_scales: torch.Tensor | None = None) -> torch.Tensor:
-    """One query token per sequence: query ``[D, H, hd]`` (sequence i at position ``kv_lens[i] - 1``, its K/V
-    already in the caches ``[num_blocks, block_size, KVH, hd]``), block_tables ``[D, >= blocks]``, kv_lens
-    ``[D]`` -> ``[D, H, hd]`` in the query's dtype (written into ``out`` when given; any strides with a
-    contiguous last dim). fp32 or bf16, the caches in the query's dtype or int8 with their ``key_scales`` /
-    ``value_scales`` ``[num_blocks, KVH, block_size]``; fp32 accumulation."""
+    """One query token per sequence: query ``[D, H, hd]`` (sequence i at position ``kv_lens[i] - 1``, its K/V already in
+    the caches ``[num_blocks, block_size, KVH, hd]``), block_tables ``[D, >= blocks]``, kv_lens ``[D]`` ->
+    ``[D, H, hd]`` in the query's dtype (into ``out`` when given: any strides, contiguous last dim). fp32 or bf16;
+    caches in the query's dtype or int8 with ``key_scales`` / ``value_scales``; fp32 accumulation."""
     if cpu_library.load() is None:
         raise RuntimeError("the C decode-attention kernel is not available")
     quantized = key_cache.dtype == torch.int8
@@ -110,10 +100,9 @@ def decode_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor, value_cac
 
 
 class PagedCall:
-    """A C paged-attention call with what every layer of a step shares built once: the step's sequences
-    (``hf_seqs_t``: block tables, lengths) and how the layers score (``hf_attention_t``: heads, scale, window,
-    softcap, dtype). A layer's call sets its caches in the latter and passes its query and output. Subclasses name
-    their ``label`` (the profiler's row)."""
+    """A C paged-attention call with what every layer of a step shares built once: the sequences (``hf_seqs_t``: block
+    tables, lengths) and the scoring (``hf_attention_t``: heads, scale, window, softcap, dtype). A layer's call sets its
+    caches and passes its query and output. Subclasses name their ``label`` (the profiler's row)."""
 
     def __init__(self, fn, seqs, attention, dtype: torch.dtype, quantized: bool, keep: tuple) -> None:
         self.fn, self.seqs, self.attention, self.quantized = fn, seqs, attention, quantized
@@ -136,10 +125,9 @@ class PagedCall:
 
 
 class DecodePlan(PagedCall):
-    """:func:`decode_attention_cpu` with everything that is the same for every layer of a step checked and
-    converted once (block tables, lengths, shapes, scale, window, softcap): a layer's call passes only its
-    query, caches (and their scales, for int8 caches) and output. Build it with :meth:`for_step`, which returns
-    None where the kernel cannot run."""
+    """:func:`decode_attention_cpu` with what is the same for every layer of a step checked and converted once: a layer
+    passes only its query, caches (int8: and scales) and output. :meth:`for_step` builds it, or returns None where the
+    kernel cannot run."""
 
     label = "hf_paged::paged_decode_attention"
 
@@ -179,9 +167,8 @@ class DecodePlan(PagedCall):
 def write_kv_cpu(key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  slot_mapping: torch.Tensor, key_scales: torch.Tensor | None = None,
                  value_scales: torch.Tensor | None = None) -> bool:
-    """``cache_ops.write_kv`` in one C call (no index ops, no views; int8 caches quantized as
-    ``cache_ops.quantize_int8`` does); False, with nothing written, where it does not apply (not CPU, dtypes
-    differ, a non-contiguous cache or head dim, no kernel)."""
+    """``cache_ops.write_kv`` in one C call (int8 caches quantized as ``cache_ops.quantize_int8`` does); False, with
+    nothing written, where it does not apply (not CPU, dtypes differ, non-contiguous, no kernel)."""
     quantized = key_scales is not None
     if quantized:
         caches_ok = (key_cache.dtype == value_cache.dtype == torch.int8 and key.dtype in _DTYPES

@@ -1,13 +1,9 @@
-"""The small ops of a Llama-style decoder layer as one C call each (``csrc/fused_layer_ops.c``), with the
-PyTorch code they stand for beside each (transformers' eager code: the reference the tests compare with).
-
-Eager, a decode step spends more time in these ops' dispatch than in their arithmetic: an RMSNorm is 8 torch
-ops, a rotary embedding of q and k 14, SiLU(gate) * up 2, on a few dozen rows. ``add_rms_norm`` is a decoder
-layer's residual add and the norm after it; ``argmax_rows`` is greedy sampling's argmax. The C versions compute
-the same values (rounding to bf16 where the torch ops round; see the C file for what is bit-exact) in one call.
-
-Each function takes CPU tensors in fp32 or bf16 and returns None where its kernel does not apply (another
-device or dtype, a strided last dim, no kernel library), so the caller runs the reference instead.
+"""The small ops of a Llama-style decoder layer as one C call each (``csrc/fused_layer_ops.c``), beside the
+transformers code each stands for (the reference the tests compare with): RMSNorm, rotary embedding, and greedy
+sampling's argmax; eager, these ops cost more in dispatch than in arithmetic. The fused layers call the residual
+add + norm and SiLU(gate) * up kernels directly. Each function takes CPU tensors in fp32 or bf16 and returns None
+where its kernel does not apply (another device or dtype, a strided last dim, no library): the caller then runs
+the reference.
 """
 
 from __future__ import annotations
@@ -50,25 +46,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     return out
 
 
-def add_rms_norm_reference(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor,
-                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """A decoder layer's ``residual = x + a`` and the RMSNorm of it: (residual, normed)."""
-    residual = x + a
-    return residual, rms_norm_reference(residual, weight, eps)
-
-
-def add_rms_norm(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``add_rms_norm_reference`` for contiguous ``x`` and ``a`` of one shape."""
-    if not (_usable(x, a, weight) and x.shape == a.shape and x.is_contiguous() and a.is_contiguous()
-            and weight.dim() == 1 and weight.shape[0] == x.shape[-1] and weight.is_contiguous()):
-        return None
-    residual, out = torch.empty_like(x), torch.empty_like(x)
-    _call("hf_add_rms_norm", x.data_ptr(), a.data_ptr(), weight.data_ptr(), residual.data_ptr(), out.data_ptr(),
-          x.numel() // max(x.shape[-1], 1), x.shape[-1], float(eps), int(x.dtype == torch.bfloat16))
-    return residual, out
-
-
 def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                    sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' ``apply_rotary_pos_emb`` for q ``[T, Hq, hd]``, k ``[T, Hk, hd]``, cos/sin ``[T, hd]``."""
@@ -91,24 +68,6 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
           k.shape[1], q_out.data_ptr(), k_out.data_ptr(), cos.data_ptr(), sin.data_ptr(), q.shape[0], q.shape[2],
           int(q.dtype == torch.bfloat16))
     return q_out, k_out
-
-
-def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` with ``gate_up = cat(gate, up)`` on the last dim (transformers' ``LlamaMLP``)."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return torch.nn.functional.silu(gate) * up
-
-
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
-    """``silu_mul_reference``."""
-    if not (_usable(gate_up) and gate_up.shape[-1] % 2 == 0):
-        return None
-    rows = gate_up.reshape(-1, gate_up.shape[-1])
-    inter = gate_up.shape[-1] // 2
-    out = torch.empty((*gate_up.shape[:-1], inter), dtype=gate_up.dtype)
-    _call("hf_silu_mul", rows.data_ptr(), rows.stride(0), out.data_ptr(), inter, rows.shape[0], inter,
-          int(gate_up.dtype == torch.bfloat16))
-    return out
 
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor | None:

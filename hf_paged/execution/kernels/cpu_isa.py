@@ -1,37 +1,11 @@
-"""Which instruction-set tier the CPU kernels are built for and the plan may use, and what this CPU and this torch
-can actually run: each fast path's capability is probed once per process, never assumed.
+"""CPU instruction-set tiers: which one the C kernels are built for and the plan is capped at, and what this CPU and
+torch can run (each fast path probed once per process, never assumed); see "CPU tiers" in docs/architecture.md.
 
-x86-64 tiers, lowest first (each includes the ones before it):
-
-=============  ===================================================  ==========================================
-tier           the CPU has                                          the C library is built with
-=============  ===================================================  ==========================================
-``generic``    x86-64 without AVX2                                  ``-march=x86-64-v2``
-``avx2``       AVX2, FMA, F16C, BMI1/2 (x86-64-v3)                  ``-march=x86-64-v3``
-``avx512``     AVX-512 F, BW, CD, DQ, VL (x86-64-v4)                ``-march=x86-64-v4``
-``avx512_bf16``  + AVX512_BF16, AVX512_VNNI                         ``-march=x86-64-v4 -mavx512bf16 -mavx512vnni``
-``amx``        + AMX tiles with bf16                                the above ``-mamx-tile -mamx-bf16 -mamx-int8``
-=============  ===================================================  ==========================================
-
-``HF_PAGED_CPU_ISA`` (read once per process): ``native`` (the default: the library built with ``-march=native``,
-the plan free to use whatever this CPU has) or one of the tiers above, which builds the library for that tier and
-caps the plan at it: no AMX below ``amx``, no AVX-512 kernels below ``avx512``, and no oneDNN bf16 packing below
-``avx512`` (a CPU without AVX-512 has no bf16 GEMM in oneDNN unless it has AVX-NE-CONVERT). So the AVX2 path
-can be built and tested on an AVX-512 machine. A tier above what the CPU has is lowered to the CPU's (its
-instructions would not run). ``HF_PAGED_CFLAGS`` still replaces the library's target flags. On other
-architectures there is one tier, ``native`` (AArch64: NEON, and BF16 / SVE where the CPU has them).
-
-What the variable cannot reach is torch's own code: its vectorized ops, MKL's and oneDNN's GEMMs pick their
-instructions from the CPU when they first run. To make a whole process behave like a lower tier (the tests of
-the AVX2 tier, an AVX2-only benchmark on an AVX-512 machine), start it with :func:`emulation_env` added to its
-environment (``ATEN_CPU_CAPABILITY``, ``MKL_ENABLE_INSTRUCTIONS``, ``ONEDNN_MAX_CPU_ISA``, and an inductor cache of
-the tier's own); under ``ONEDNN_MAX_CPU_ISA=AVX2`` torch refuses to pack bf16 weights exactly as it does on an
-AVX2-only CPU. hf_paged does not set these itself: they must be there before torch starts.
-
-The probes (each run once, cached for the process): the CPU's feature flags (``/proc/cpuinfo``), a real oneDNN
-pack and product of a tiny weight per dtype (:func:`onednn_packs`), torch's own dispatch level
-(``torch.backends.cpu.get_cpu_capability()``); the C library's own probes (``hf_small_linear_available``,
-``hf_amx_available``) are asked by ``patches/linear.py`` and capped here by :func:`allows`.
+x86-64 tiers, lowest first: ``generic``, ``avx2`` (x86-64-v3), ``avx512`` (x86-64-v4), ``avx512_bf16``, ``amx`` (their
+compiler flags: :data:`TARGET_FLAGS`). ``HF_PAGED_CPU_ISA`` (read once) is ``native`` (``-march=native``, the plan free
+to use what this CPU has) or a tier, lowered to the CPU's own where it is above it; ``HF_PAGED_CFLAGS`` still replaces
+the flags; other architectures have one tier, ``native``. The variable cannot reach torch's own kernels, MKL or oneDNN,
+which pick their instructions at first use: :func:`emulation_env` gives a new process the variables that cap them too.
 """
 
 from __future__ import annotations
@@ -120,8 +94,7 @@ def requested() -> str:
 
 @functools.lru_cache(maxsize=None)
 def tier() -> str:
-    """The tier the kernels are built for and the plan is capped at: the requested one, lowered to what the CPU
-    has; ``native`` means this CPU's own (:func:`detected`)."""
+    """The tier the kernels are built for and the plan is capped at: the requested one, lowered to what the CPU has."""
     want = requested()
     if want == "native":
         return detected()
@@ -156,9 +129,8 @@ def library_label() -> str:
 
 
 def emulation_env(name: str) -> dict[str, str]:
-    """Environment variables that make a new process behave like a CPU of tier ``name``: hf_paged's kernels and plan
-    (``HF_PAGED_CPU_ISA``) and torch's own code (its kernels' dispatch, MKL, oneDNN). Only for processes not yet
-    started: torch reads them when it first runs."""
+    """Environment variables that make a new process behave like a CPU of tier ``name``, for hf_paged
+    (``HF_PAGED_CPU_ISA``) and torch's own code (dispatch, MKL, oneDNN); torch reads them when it first runs."""
     if name not in TIERS:
         raise ValueError(f"{name}: not one of {', '.join(TIERS)}")
     aten, mkl, onednn = _EMULATION[name]

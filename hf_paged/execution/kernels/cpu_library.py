@@ -1,27 +1,13 @@
-"""Builds and loads the CPU kernels' C library (``csrc/*.c``): paged decode attention and the cache write, on
-fp32/bf16 or int8 K/V (``cpu_decode_attention``), paged prefill attention (``cpu_prefill_attention``), the small
-per-layer ops (``cpu_fused_ops``).
+"""Builds and loads the CPU kernels' C library (``csrc/*.c``: paged decode and prefill attention, the cache write, fused
+layer ops, linears); see "CPU C kernels" in docs/architecture.md.
 
-The sources are plain C (no torch headers), compiled on first use with the system C compiler (``$CC``, else
-``gcc``, else ``cc``; clang works too) into one shared library in ``$HF_PAGED_CACHE`` (default
-``~/.cache/hf_paged``). The target flags are the CPU tier's (``cpu_isa``: ``-march=native`` by default,
-``-march=x86-64-v3`` under ``HF_PAGED_CPU_ISA=avx2``, ...); ``HF_PAGED_CFLAGS`` replaces them (e.g.
-``-march=x86-64-v3`` for a library that runs on other machines). The file name carries the tier
-(``hf_paged_cpu_avx2_<hash>.so``) and a hash of the sources, the flags, the compiler's version and the CPU's model and
-full feature set (x86-64 ``flags``, AArch64 ``Features``), so a library built for one CPU or tier is never loaded for
-another; it is built under a temporary name and renamed into place, so processes that race build it twice at
-worst.
-
-ctypes rather than a torch extension: the kernels need no torch headers, so the library builds in a second with
-any C compiler and is the same for every torch version. Every exported function and argument struct is declared
-once, in ``csrc/hf_paged_kernels.h``; :func:`parse_header` reads the ctypes declarations from it (:data:`SIGNATURES`,
-:data:`STRUCTS`; the tests check them against the compiler's layouts and the library's exported symbols), so a call
-with a wrong argument type raises ``ctypes.ArgumentError`` instead of passing garbage; the Python wrappers check
-shapes and dtypes before calling.
-
-If no compiler is there or the build fails, :func:`available` is False (one warning is logged, :func:`failure`
-says why) and the callers keep their PyTorch paths; nothing here raises at import. ``HF_PAGED_CPU_KERNEL=0``
-turns the kernels off for engines built afterwards.
+Built on first use with ``$CC`` (else ``gcc``, ``cc``) into ``$HF_PAGED_CACHE`` (default ``~/.cache/hf_paged``), named
+by the tier and a hash of the sources, flags (:func:`compiler_flags`), compiler version and the CPU's model and
+features, so a library is never loaded for another CPU or tier; written under a temporary name and renamed, so racing
+processes at worst build it twice. ctypes, not a torch extension: no torch headers, so it builds with any C compiler,
+the same for every torch. Every exported function and struct is declared once, in ``csrc/hf_paged_kernels.h``, which
+:func:`parse_header` reads, so a wrong argument type raises ``ctypes.ArgumentError``. Without a compiler or on a failed
+build :func:`available` is False (:func:`failure` says why) and callers keep PyTorch; nothing raises at import.
 """
 
 from __future__ import annotations
@@ -52,9 +38,8 @@ SOURCES = [CSRC / "paged_decode_attention.c", CSRC / "paged_prefill_attention.c"
            CSRC / "amx_linear.c", CSRC / "llama_decode_layer.c", CSRC / "small_linear.c"]
 HEADER = CSRC / "hf_paged_kernels.h"  # every exported function and argument struct (see parse_header)
 HEADERS = [HEADER, CSRC / "cpu_vec.h"]
-# No -ffast-math: the reductions are vectorized through `omp simd reduction` and exp is a polynomial in
-# the source, so the results stay within ~1e-6 of fp32 PyTorch without it. Missing prototypes are errors: an
-# exported function not in the header would have no ctypes declaration.
+# No -ffast-math: reductions are vectorized by `omp simd reduction` and exp is a polynomial in the source. Missing
+# prototypes are errors: an exported function not in the header would have no ctypes declaration.
 CFLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-fno-strict-aliasing", "-std=gnu11", "-Werror=missing-prototypes"]
 
 
@@ -97,8 +82,6 @@ def parse_header(text: str) -> tuple[dict, dict, dict]:
     return structs, functions, enums
 
 
-# The ctypes side of the header: every function is declared with its argument types, so a call with a wrong
-# argument type raises ctypes.ArgumentError instead of passing garbage.
 STRUCTS, SIGNATURES, CONSTANTS = parse_header(HEADER.read_text())
 
 _profiler_enabled = torch._C._autograd._profiler_enabled

@@ -1,18 +1,11 @@
-"""Paged prefill attention on the CPU as a C kernel (``csrc/paged_prefill_attention.c``): flash attention that
-reads K/V straight from the blocks.
+"""Paged prefill attention on the CPU as a C kernel (``csrc/paged_prefill_attention.c``): flash attention reading K/V
+straight from the blocks, all of a step's prefill sequences in one call; see "CPU C kernels" in docs/architecture.md.
 
-The PyTorch CPU path gathers each prefill sequence's blocks into dense K/V and calls torch's CPU flash attention
-once per sequence (twice for a later chunk of a prompt, merged by log-sum-exp). The C kernel takes all of a step's
-prefill sequences in one call: work units of (sequence, KV head, query tile) with the query heads sharing the KV
-head as extra rows, keys packed transposed per tile so that the scores are broadcast-FMAs, balanced over the OpenMP
-threads largest first; in bf16 with AVX512-BF16 the products are ``vdpbf16ps`` (the probabilities rounded to bf16
-for P.V, as the C decode kernel does). :class:`PrefillPlan` is that call with the per-step arguments converted once
-and shared by all layers.
-
-It serves fp32 and bf16 queries with caches of the query's dtype or int8 caches with their scales (dequantized as
-each key tile is packed; the V scales applied to the probabilities), head dims that are a multiple of four vectors
-(64 with AVX-512); no sliding window, no soft-capping: ``PrefillPlan.for_step`` returns None for those and the
-caller keeps the PyTorch path.
+:class:`PrefillPlan` is that call with the step's arguments converted once and shared by all layers. In bf16 with
+AVX512-BF16 the probabilities are rounded to bf16 for P.V, as in the C decode kernel. It takes fp32 or bf16 queries with
+caches of their dtype or int8 with scales (dequantized as each key tile is packed; V scales applied to the
+probabilities) and head dims that are a multiple of four vectors (64 with AVX-512); windows and soft-capping keep the
+PyTorch path (``PrefillPlan.for_step`` returns None).
 """
 
 from __future__ import annotations

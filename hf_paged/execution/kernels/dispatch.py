@@ -1,20 +1,11 @@
-"""The one dispatch point for the hot-path kernels: ``write_kv``, ``copy_blocks`` and ``paged_attention``
-with the PyTorch signatures (``cache_ops`` / ``paged_attention``).
+"""The one dispatch point for the hot-path kernels ``write_kv``, ``copy_blocks`` and ``paged_attention``, with the
+PyTorch signatures (``cache_ops`` / ``paged_attention``); see "Kernels" in docs/architecture.md.
 
-Which one runs is the caller's :class:`~hf_paged.execution.plan.ExecutionPlan` (an engine's, decided once; in the
-attention metadata for ``paged_attention``):
-
-* Triton kernels (``triton_cache_ops`` / ``triton_paged_attention``): CUDA tensors, or CPU tensors when forced
-  (``HF_PAGED_FORCE_TRITON=1`` with ``TRITON_INTERPRET=1``: how the kernels are tested);
-* otherwise the PyTorch implementations, except where the C kernels of ``cpu_decode_attention`` apply (the cache
-  write; decode attention, chosen inside the PyTorch ``paged_attention``).
-
-Int8 caches (``kv_cache_dtype="int8"``) travel with their scales (``key_scales`` / ``value_scales``, ``scales`` for
-the whole pool); every path quantizes on write and dequantizes on read (see ``cache_ops``).
-
-Every call names its plan; kernels never build one (outside an engine: ``plan.default_plan``). triton is imported
-lazily, on the first call that takes the Triton path, so importing ``hf_paged``
-never needs triton or a GPU. On a GPU without an importable triton the PyTorch path is used (with one warning).
+The caller's :class:`~hf_paged.execution.plan.ExecutionPlan` decides (in the attention metadata for ``paged_attention``;
+kernels never build one, outside an engine: ``plan.default_plan``): Triton for CUDA tensors, or CPU ones under
+``HF_PAGED_FORCE_TRITON=1`` with ``TRITON_INTERPRET=1`` (how the kernels are tested); else PyTorch, with the C kernels
+of ``cpu_decode_attention`` where they apply. Int8 caches travel with their scales. triton is imported on the first
+Triton call, so importing ``hf_paged`` never needs it; on a GPU without triton PyTorch runs (one warning).
 """
 
 from __future__ import annotations

@@ -1,21 +1,11 @@
-"""Paged attention over a ragged batch, PyTorch implementation (the CPU path and the Triton kernels' oracle).
+"""Paged attention over a ragged batch, PyTorch implementation (the CPU path and the Triton kernels' oracle), and the
+step metadata every path reads; see "Kernels" in docs/architecture.md.
 
-A step's tokens are flattened into one row. The first ``num_decodes`` sequences have exactly one query
-token each (decodes); they are handled together: their blocks are gathered with one index op per layer
-and attended with one ``scaled_dot_product_attention`` call, the query heads that share a KV head folded
-into the query-length axis (so GQA needs no repeat of K/V). The remaining sequences (prefill chunks)
-are attended one by one against their cached prefix plus their own new tokens, causally (a whole prompt
-with no cached prefix through SDPA's causal kernel, no mask).
-
-On the CPU, where the step's plan says so (``attention="c"``), fp32 and bf16 decodes take the C kernel of
-``cpu_decode_attention`` instead (K/V read straight from the blocks, once), and the prefill chunks, all in one call,
-the C flash-attention kernel of ``cpu_prefill_attention`` (no window, no soft-capping).
-
-Int8 caches (``key_scales`` / ``value_scales`` given, see ``cache_ops``) are dequantized to the query's dtype
-as their blocks are gathered; the C decode kernel reads them as stored.
-
-Masks depend only on the step and on the layer's sliding window, so they are built once per step and
-window and shared by all layers.
+The first ``num_decodes`` sequences have one query token each: their blocks are gathered with one index op per layer and
+attended in one SDPA call, the query heads sharing a KV head folded into the query axis (no K/V repeat for GQA). The
+other sequences (prefill chunks) attend one by one to their cached prefix and, causally, their new tokens. Where the
+plan has the C kernels, decodes take ``cpu_decode_attention`` and all prefill chunks one ``cpu_prefill_attention`` call
+(no window or soft-capping). Int8 caches are dequantized as gathered. Masks are built once per step and window.
 """
 
 from __future__ import annotations
@@ -47,14 +37,12 @@ except ImportError:  # an older torch: eager engines work the same; compile=True
 
 @dataclass(eq=False)
 class PagedAttentionMetadata(OpaqueBase):
-    """Everything attention needs about one engine step, built once and shared by all layers.
+    """Everything attention needs about one engine step, built once and shared by all layers. A torch opaque reference
+    type: a compiled forward takes it as a graph input and hands it, untouched, to the ``hf_paged::paged_attention`` op,
+    so one graph serves every step.
 
-    It is a torch "opaque reference" type: a compiled model forward takes it as a graph input and hands it,
-    untouched, to the ``hf_paged::paged_attention`` custom op, so one compiled graph serves every step.
-
-    Token layout: sequence i owns query tokens ``cu_seqlens_q[i]:cu_seqlens_q[i+1]``; after this step's
-    write it has ``kv_lens[i]`` tokens in its blocks ``block_tables[i]``; its new tokens are the last
-    ``q_len`` of those. Sequences ``0..num_decodes-1`` have one query token each.
+    Sequence i owns query tokens ``cu_seqlens_q[i]:cu_seqlens_q[i+1]``; after this step's write it has ``kv_lens[i]``
+    tokens in its blocks ``block_tables[i]``, the new ones last. Sequences ``0..num_decodes-1`` are decodes (one token).
     """
 
     slot_mapping: torch.Tensor  # [T] long: slot of each new token
@@ -67,9 +55,8 @@ class PagedAttentionMetadata(OpaqueBase):
     block_size: int
     kv_cache: Any = field(default=None, repr=False)  # the KVCache the attention layers read and write
     plan: Any = field(default=None, repr=False)  # the ExecutionPlan whose kernels run (required)
-    # A bound on the decode lengths that the Triton decode kernel sizes its split-K from instead of
-    # ``max(kv_lens_list)``: a CUDA graph's metadata (hf_paged/execution/cuda_graphs.py), whose host lists are not
-    # the step's.
+    # A bound on the decode lengths the Triton decode kernel sizes its split-K from instead of ``max(kv_lens_list)``:
+    # a CUDA graph's metadata (cuda_graphs.py), whose host lists are not the step's.
     max_decode_len: int | None = None
     # The layers expected to run paged attention, with the window each must use (None: unchecked), and how many
     # times each did in this forward (see ``mark_layer`` / ``check_layer_calls``).
@@ -94,8 +81,7 @@ class PagedAttentionMetadata(OpaqueBase):
 
     def check_layer_calls(self) -> None:
         """After a forward: every expected layer ran paged attention exactly once and no other did; else raise
-        ``UnsupportedModel`` (a layer computed attention some other way, e.g. without the step's metadata, and its
-        output would be wrong)."""
+        ``UnsupportedModel`` (a layer computed attention some other way)."""
         if self.layer_windows is None:
             return
         calls = self.layer_calls + [0] * max(0, self.kv_cache.num_layers - len(self.layer_calls))
@@ -161,8 +147,7 @@ class PagedAttentionMetadata(OpaqueBase):
                          key_scales: torch.Tensor | None = None,
                          value_scales: torch.Tensor | None = None) -> "_cpu_prefill.PrefillPlan | None":
         """The C prefill kernel's call for this step's prefill sequences (built by the first layer, reused by the
-        others); None where the kernel does not apply (no C kernels in the plan, a window, soft-capping, a dtype or
-        head dim it does not take)."""
+        others); None where the kernel does not apply."""
         if sliding_window or softcap or self.num_decodes == self.num_seqs:
             return None
         if not self.plan.cpu_kernels:

@@ -1,36 +1,23 @@
-"""Paged attention over a ragged batch, Triton kernels (the CUDA path; reached through ``dispatch``, which
-imports this module lazily so that importing ``hf_paged`` never needs triton).
+"""Paged attention over a ragged batch as Triton kernels (the CUDA path; ``dispatch`` imports this module lazily, so
+importing ``hf_paged`` never needs triton). Semantics as ``paged_attention.paged_attention``: sequence i's query tokens
+are the last ``q_len`` of its ``kv_len`` (K/V already in the cache); causal; GQA (query head h reads KV head
+``h // group``); a sliding window W lets position p see keys ``p - W < j <= p``; soft-capping ``tanh(s / cap) * cap``
+after scaling, before masking; softmax and accumulators in fp32.
 
-Same semantics as ``paged_attention.paged_attention``: sequence i's query tokens are the last ``q_len`` of
-its ``kv_len`` tokens (K/V already written to the cache); causal; GQA (query head h reads KV head
-``h // group``); a sliding window W lets position p see keys j with ``p - W < j <= p``; soft-capping
-``tanh(s / cap) * cap`` after scaling and before masking; softmax and accumulation in fp32.
+* ``_decode_kernel``: one program per (sequence, KV head, split) with the KV head's query heads as tile rows (padded to
+  16 for ``tl.dot``); K/V read tile by tile through the block table (each key's block looked up on its own, so the tile
+  size does not depend on the block size), online softmax. With several splits (flash-decoding) each program covers a
+  contiguous share of the tiles and writes an unnormalised partial (acc, m, l); ``_decode_reduce_kernel`` combines them.
+* ``_prefill_kernel``: tiles of ``BLOCK_Q`` tokens x ``group`` heads (``BLOCK_M`` rows) of the ragged ``cu_seqlens_q``;
+  a program finds its sequence by binary search (no host-side work list) and attends causally to the cached prefix and
+  its own new tokens: chunked prefill and prefix-cache hits alike.
 
-Kernels:
-
-* ``_decode_kernel``: one query token per sequence; one program per (sequence, KV head, split) handles all
-  query heads of the KV head (the group is the rows of the tiles, padded to 16 for ``tl.dot``), reads
-  K/V tile by tile through the block table (each key's block is looked up on its own, so the tile size
-  does not depend on the block size), online softmax. With more than one split (flash-decoding) each
-  program covers a contiguous share of the sequence's tiles and writes an unnormalised partial result
-  (acc, running max m, running sum l); ``_decode_reduce_kernel`` combines the splits.
-* ``_prefill_kernel``: the query tokens of each remaining sequence (ragged, ``cu_seqlens_q``) in tiles of
-  ``BLOCK_Q`` tokens x ``group`` heads (``BLOCK_M`` rows); a program finds its sequence by a binary search
-  over ``cu_seqlens_q`` (no host-side work list) and attends causally to the cached prefix and its own
-  new tokens, all read through the block table. Serves chunked prefill and prefix-cache hits alike.
-
-Int8 caches (``KV_INT8``): K/V tiles are loaded as int8 and widened to fp32 (exact), the key scales multiply the
-scores and the value scales the probabilities before ``P.V`` (the running sum ``l`` stays on the unscaled ones).
-
-``tl.dot``: the prefill kernel casts every operand to fp32 first (the Triton interpreter's ``tl.dot`` gives
-garbage on bf16 operands, and this keeps the interpreter-tested code the code the GPU runs). On the GPU the dot
-then runs as ``input_precision="tf32"`` for fp16/bf16 inputs (lossless for Q.K^T: tf32 holds every
-fp16/bf16 value exactly; P is rounded to tf32 for P.V, finer than the fp16/bf16 P of flash-attention)
-and as ``"ieee"`` (true fp32) for fp32 inputs. The decode kernel, bandwidth-bound, does the same under the
-interpreter, but on the GPU it feeds fp16/bf16 K/V to ``tl.dot`` as they are (``NATIVE_DOT``: Q.K^T exact
-products, P rounded to the cache dtype for P.V, as flash-attention does): the fp32 copies of each tile cost
-registers and pipelining stages. Its launch settings (tile, warps, stages) come from a sweep on an H200
-(docs/benchmarks.md). The accumulators are fp32 throughout.
+Int8 caches (``KV_INT8``): tiles widened to fp32 (exact); key scales multiply the scores, value scales the probabilities
+before ``P.V`` (``l`` sums the unscaled ones). ``tl.dot``: the prefill kernel casts operands to fp32 (the interpreter's
+``tl.dot`` is wrong on bf16, and this keeps the tested code the GPU's), run as ``tf32`` for fp16/bf16 inputs (exact for
+Q.K^T; P rounded to tf32 for P.V) and ``ieee`` for fp32. The decode kernel, bandwidth-bound, does the same under the
+interpreter but on the GPU feeds fp16/bf16 K/V to ``tl.dot`` as stored (``NATIVE_DOT``: P rounded to the cache dtype, as
+flash-attention does; fp32 tile copies cost registers and pipelining stages). Launch settings: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -325,9 +312,8 @@ def paged_decode_attention(out: torch.Tensor, query: torch.Tensor, key_cache: to
                            softcap: float | None = None, num_splits: int | None = None,
                            tile_n: int | None = None, key_scales: torch.Tensor | None = None,
                            value_scales: torch.Tensor | None = None) -> None:
-    """Rows ``0..num_decodes-1`` of ``query``/``out`` ``[T, H, D]`` are decode tokens of sequences
-    ``0..num_decodes-1`` (``block_tables``/``kv_lens`` rows). ``num_splits`` None picks by heuristic. Int8 caches
-    come with their scales."""
+    """Rows ``0..num_decodes-1`` of ``query``/``out`` ``[T, H, D]`` are decode tokens of sequences ``0..num_decodes-1``.
+    ``num_splits`` None picks by heuristic. Int8 caches come with their scales."""
     if num_decodes == 0:
         return
     _, num_heads, head_dim = query.shape
@@ -405,10 +391,9 @@ def paged_attention_triton(query: torch.Tensor, key_cache: torch.Tensor, value_c
                            scale: float, sliding_window: int | None = None, softcap: float | None = None, *,
                            num_splits: int | None = None, key_scales: torch.Tensor | None = None,
                            value_scales: torch.Tensor | None = None) -> torch.Tensor:
-    """query ``[T, H, D]`` (the step's new tokens, K/V already written to the caches) -> ``[T, H, D]``; the
-    first ``meta.num_decodes`` sequences go to the decode kernel, the rest to the prefill kernel.
-    ``num_splits`` overrides the decode kernel's split-K heuristic (tests). Int8 caches come with their scales
-    ``[num_blocks, KVH, block_size]``."""
+    """query ``[T, H, D]`` (the step's new tokens, K/V already in the caches) -> ``[T, H, D]``; the first
+    ``meta.num_decodes`` sequences go to the decode kernel, the rest to the prefill kernel. ``num_splits`` overrides the
+    split-K heuristic (tests). Int8 caches come with their scales ``[num_blocks, KVH, block_size]``."""
     num_tokens, num_heads, head_dim = query.shape
     out = torch.empty((num_tokens, num_heads, head_dim), dtype=query.dtype, device=query.device)
     if num_tokens == 0:

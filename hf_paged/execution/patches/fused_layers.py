@@ -1,25 +1,17 @@
-"""Fused forwards for Llama-style attention, MLP and RMSNorm modules, used only inside engine forwards (CPU).
+"""Fused forwards for Llama-style attention, MLP, RMSNorm and decoder-layer modules, used only inside engine forwards
+(CPU): the same arithmetic in fewer ops (an eager decode step spends much of its time in small ops and their dispatch);
+see "The CPU speed paths" in docs/architecture.md.
 
-Eager, a decode step spends a large part of its time outside the GEMMs and the attention kernel: ~40 small torch
-ops a layer and their dispatch. Inside :func:`~hf_paged.execution.patches.linear.packed_linears`
-(the engine's forward), modules recognised here run a shorter path with the same arithmetic:
+* attention: q/k/v from one packed GEMM (:class:`~hf_paged.execution.patches.linear.PackedGroup`), the rotary embedding
+  and the cache write of k and v in one C call, paged attention, ``o_proj``;
+* MLP: gate/up from one packed GEMM, ``silu(gate) * up`` in one C call, ``down_proj``; RMSNorm: one C call;
+* decoder layer (its four parts all fused): their fused paths called directly, the residual add and the norm after it in
+  one C call; a decode-only step with every GEMM on hf_paged's linear kernels runs the whole layer as one C call
+  (``kernels/csrc/llama_decode_layer.c``).
 
-* **attention**: q, k and v from one packed GEMM (:class:`~hf_paged.execution.patches.linear.PackedGroup`), the rotary
-  embedding of q and k and the cache write of k and v in one C call, paged attention, then ``o_proj``;
-* **MLP**: gate and up from one packed GEMM, ``silu(gate) * up`` in one C call, then ``down_proj``;
-* **RMSNorm**: one C call;
-* **decoder layer** (its four parts all fused): their fused paths called directly, the residual add and the
-  norm after it in one C call; for a decode-only step with every GEMM on hf_paged's linear kernels (AMX tiles, the
-  small-row kernel), the whole layer in one C call (``kernels/csrc/llama_decode_layer.c``) that takes the layer's
-  argument struct (built once) and the step's (built once per step, kept on its metadata).
-
-A module is recognised by its exact class (:data:`LLAMA_EQUIVALENT`: the transformers classes that compute what
-Llama's module computes, e.g. Mistral / Qwen2 / Qwen3 MLPs and norms, Granite's attention; not Granite's decoder
-layer, whose residual multiplier the fused layer does not apply) and, for attention, a layer without a sliding
-window. Everything else, and every call outside an engine forward, runs the class's own ``forward``: a plain
-``model(...)`` computes exactly what it did before. :func:`build_fused` only builds the fused forwards; the
-engine's model runner installs them on their modules for the length of its own forwards. The fused kernels and
-what they compute are in ``kernels/cpu_fused_ops.py``.
+A module is recognised by its exact class (:data:`LLAMA_EQUIVALENT`) and, for attention, a layer without a sliding
+window; everything else, and every call outside an engine forward, runs the class's own ``forward``. :func:`build_fused`
+only builds the forwards; the runner installs them for its own forwards. Kernels: ``kernels/cpu_fused_ops.py``.
 """
 
 from __future__ import annotations
@@ -36,12 +28,10 @@ from .attention import ATTN_IMPLEMENTATION, paged_attention_layer
 from .linear import AMX_MAX_ROWS, SMALL_MAX_ROWS, AmxWeight, PackedGroup, SmallRowsWeight, in_packed_call
 
 
-# The transformers classes whose forward computes exactly what each fused path computes: Llama's attention (q/k/v
-# projections, Llama's rotary embedding of the whole head, causal attention at ``module.scaling``, o_proj), MLP
-# (``down(silu(gate(x)) * up(x))``), RMSNorm (fp32 variance, ``weight * x``) and decoder layer (pre-norm residual
-# blocks, no multipliers or extra norms). Exact classes only: a subclass, or a class of another module with the same
-# name, runs its own forward. tests/test_fused_layers.py checks each against modeling_llama's code, so a transformers
-# release that changes one of them is caught.
+# The transformers classes whose forward computes exactly what each fused path does: Llama's attention (q/k/v, rotary
+# embedding of the whole head, causal attention at ``module.scaling``, o_proj), MLP (``down(silu(gate(x)) * up(x))``),
+# RMSNorm (fp32 variance, ``weight * x``) and decoder layer (pre-norm residual blocks, no multipliers or extra norms).
+# Exact classes only; tests/test_fused_layers.py checks each against modeling_llama's code.
 LLAMA_EQUIVALENT = {
     "attention": ("llama.LlamaAttention", "arcee.ArceeAttention", "gemma.GemmaAttention", "granite.GraniteAttention",
                   "granitemoe.GraniteMoeAttention", "granitemoeshared.GraniteMoeSharedAttention",
@@ -233,11 +223,10 @@ class _OneCallStep:
 
 
 class _FusedDecoderLayer(_Fused):
-    """A Llama decoder layer whose four parts are all fused: it calls their fused paths directly (none of
-    ``nn.Module.__call__``'s work for them) and does the residual add with the post-attention norm in one C call.
-    A decode-only step whose linears run on hf_paged's kernels (AMX, AVX-512, AVX2) runs the whole layer as one C
-    call (``one_call``) with two argument structs: the layer's, built on its first such call, and the step's, built by
-    the step's first layer."""
+    """A Llama decoder layer whose four parts are all fused: it calls their fused paths directly and does the residual
+    add with the post-attention norm in one C call. A decode-only step whose linears run on hf_paged's kernels runs the
+    whole layer as one C call (``one_call``) on two argument structs: the layer's, built on its first such call, and the
+    step's, built by the step's first layer."""
 
     PARTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
 
@@ -287,9 +276,8 @@ class _FusedDecoderLayer(_Fused):
         return residual.add_(self.mlp.fast(normed))
 
     def _one_call_layer(self, meta: Any, dtype: torch.dtype) -> Any:
-        """This layer's ``hf_llama_layer_t`` (weights as the four GEMMs were packed, biases, norms, geometry, its
-        caches in the step's KV cache) with what checks it, worked out once per cache and dtype (an engine's runner
-        builds new layer forwards when weights change); None where the layer cannot run as one call."""
+        """This layer's ``hf_llama_layer_t`` (packed weights, biases, norms, geometry, its caches) and what checks it,
+        worked out once per KV cache and dtype; None where the layer cannot run as one call."""
         m = self.module
         attn, mlp, pre, post = m.self_attn, m.mlp, m.input_layernorm, m.post_attention_layernorm
         qkv, gate_up = self.attention.group, self.mlp.group
@@ -323,8 +311,7 @@ class _FusedDecoderLayer(_Fused):
             attn=attention, norm1_w=pre.weight.data_ptr(), norm2_w=post.weight.data_ptr(), eps1=pre.variance_epsilon,
             eps2=post.variance_epsilon, D=dim, I=inter, linear_kind=kind, **weights)
         per_token = self.lib.hf_llama_decode_layer_workspace(struct, 1)  # linear in T
-        # What a step's arguments must have been built for: the activations' dtype and shape, the query's, the
-        # workspace, the rows the linear kernel takes.
+        # What a step's arguments must be built for: activations' dtype and shape, query, workspace, kernel rows.
         key = (dtype, dim, heads, hd, per_token, max_rows)
         return struct, key, layer, (caches[0], caches[1], key_scales, value_scales, float(attn.scaling))
 
@@ -356,9 +343,8 @@ class _FusedDecoderLayer(_Fused):
 
     def _decode_in_one_call(self, hidden_states: torch.Tensor, position_embeddings: tuple,
                             meta: Any) -> torch.Tensor | None:
-        """The whole layer as one C call (``csrc/llama_decode_layer.c``: the same kernels in the same order, without
-        the Python between them) for a decode-only step whose four GEMMs all run on hf_paged's kernels (AMX tiles,
-        or the small-row kernel); None where that does not apply."""
+        """The whole layer as one C call (``csrc/llama_decode_layer.c``: the same kernels in the same order, without the
+        Python between them); None where that does not apply."""
         cache, dtype, layer = self._layer
         if cache is not meta.kv_cache or dtype != hidden_states.dtype:
             layer = self._one_call_layer(meta, hidden_states.dtype)
@@ -383,11 +369,9 @@ _KINDS = (_FusedAttention, _FusedMLP, _FusedRMSNorm)
 
 def build_fused(model: torch.nn.Module, linears: str, previous: dict | None = None
                 ) -> tuple[dict[torch.nn.Module, _Fused], list[torch.nn.Linear]]:
-    """A fused forward for every recognised CPU attention, MLP, RMSNorm and decoder-layer module of ``model``
-    (keeping the packed groups of ``previous`` that still hold the current weights), and the linears now computed
-    through packed groups (they need no packed weight of their own). Empty where the C kernels or oneDNN are not
-    available. Modules with a ``forward`` of their own (hooks that replace it) are left alone. Nothing is installed on
-    the model."""
+    """A fused forward for every recognised CPU attention, MLP, RMSNorm and decoder-layer module of ``model`` (keeping
+    ``previous``'s packed groups that still hold the weights), and the linears now computed through packed groups. Empty
+    without the C kernels or oneDNN. Modules with a ``forward`` of their own are left alone; installs nothing."""
     if not (cpu_library.loaded() and torch.backends.mkldnn.is_available()):
         return {}, []
     previous = previous or {}
@@ -411,9 +395,8 @@ def build_fused(model: torch.nn.Module, linears: str, previous: dict | None = No
 
 
 def fuse_decoder_layers(model: torch.nn.Module, parts: dict, one_call: bool) -> dict[torch.nn.Module, _Fused]:
-    """Fused forwards for the decoder layers whose four parts all have theirs in ``parts`` (fused modules and
-    packed linears by module). ``one_call``: decode-only steps on hf_paged's linear kernels run each such layer as
-    one C call."""
+    """Fused forwards for the decoder layers whose four parts all have theirs in ``parts`` (fused modules and packed
+    linears by module); ``one_call``: see :class:`_FusedDecoderLayer`."""
     layers = {}
     for module in model.modules():
         if "forward" not in module.__dict__ and _FusedDecoderLayer.matches(module, parts):

@@ -1,29 +1,15 @@
-"""Pre-packed weights for the model's ``nn.Linear`` layers, used only inside engine forwards (CPU).
+"""Pre-packed weights for the model's plain ``nn.Linear`` layers, used only inside engine forwards (CPU): for hf_paged's
+AMX kernel (:class:`AmxWeight`), its small-row kernel (:class:`SmallRowsWeight`) or oneDNN (whose per-call re-layout of
+the weight ``F.linear`` would otherwise pay), each only where its probe passed (``kernels/cpu_isa.py``), so packing
+cannot fail for a CPU feature; see "The CPU speed paths" in docs/architecture.md.
 
-``F.linear`` on the CPU re-lays out the weight for the GEMM kernel on every call; for decode steps (a few
-dozen rows against a 576 x 1536 weight) that costs as much as the product. oneDNN can keep a weight in its
-kernel's layout (``mkldnn._reorder_linear_weight``) and multiply with it directly
-(``mkldnn._linear_pointwise``, AMX on CPUs that have it), greedy tokens unchanged. (MKL's packed fp32 sgemm,
-``mkl._mkl_linear``, is only faster for the one row count it was packed for.) On CPUs with AMX, bf16 weights
-are packed for hf_paged's own AMX kernel instead (:class:`AmxWeight`): oneDNN's fixed cost per call, before any
-arithmetic, is felt by a decode step's ~120 small products; elsewhere (AVX-512, AVX2) decode-sized products run on
-hf_paged's small-row kernel (:class:`SmallRowsWeight`). oneDNN's packing is used only for a dtype whose probe passed
-(``kernels/cpu_isa.py``: a CPU without AVX-512 cannot pack bf16 weights), so building the packed copies cannot fail
-for a CPU feature.
-
-Paging stays a property of the call: an engine owns its packed weights (:func:`build_packers`) and its model
-runner installs each packed layer's ``forward`` only for the length of its own forwards; that ``forward`` uses the
-packed weight only while the calling thread is inside :func:`packed_linears` (the engine's forward) and otherwise
-runs ``nn.Linear.forward`` itself, so a plain ``model(...)``, even from another thread meanwhile, computes exactly
-what it did before. A weight changed later (an optimizer step, ``load_state_dict``) is re-packed by the engine
-before its next forward (``is_current``). It costs one more copy of the linear weights (two for the q/k/v and
-gate/up weights of bf16 :class:`PackedGroup`s on AMX, which keep their concatenated weight for products too large
-for the AMX kernel).
-
-Compiled decoder layers (``compiled_layers``) cannot call a layer's own ``forward`` object (the compiler
-would specialise the graph on it, one graph a layer); their linears become the ``hf_paged::packed_linear``
-op instead, which finds the packed weight from the weight tensor it is given among the calling engine's packers
-(falling back to ``F.linear`` for a weight that has none or has changed since it was packed).
+An engine owns its packed weights (:func:`build_packers`) and its runner installs each packed layer's ``forward`` only
+for its own forwards; that ``forward`` uses the packed weight only inside :func:`packed_linears` and otherwise runs
+``nn.Linear.forward``, so a plain ``model(...)``, even from another thread meanwhile, is unchanged. A changed weight is
+re-packed before the next forward (``is_current``). Cost: one more copy of the linear weights (two for AMX
+:class:`PackedGroup`s, which keep their concatenated weight for products too large for the kernel). Compiled layers call
+the ``hf_paged::packed_linear`` op instead (a layer's own ``forward`` object would specialise the graph), which finds
+the packer from the weight tensor (``F.linear`` for a weight with none, or changed since it was packed).
 """
 
 from __future__ import annotations
@@ -41,9 +27,8 @@ _active = threading.local()  # .on: inside an engine forward; .packers: that eng
 
 
 class AmxWeight:
-    """A bf16 weight ``[N, K]`` in AMX tile layout (``kernels/csrc/amx_linear.c``), for products with up to
-    ``AMX_MAX_ROWS`` rows: a decode step's, where it is faster than oneDNN's packed GEMM (no fixed cost per call).
-    For more rows (prefill) oneDNN's blocking wins, and the unpacked ``F.linear`` wins over the packed one."""
+    """A bf16 weight ``[N, K]`` in AMX tile layout (``kernels/csrc/amx_linear.c``), for products of up to
+    ``AMX_MAX_ROWS`` rows (decode steps: no fixed cost per call, unlike oneDNN); more take ``F.linear``."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         self.out_features, self.in_features = weight.shape
@@ -80,13 +65,9 @@ _amx: bool | None = None
 
 class SmallRowsWeight:
     """An fp32 or bf16 weight ``[N, K]`` packed for hf_paged's small-row kernel (``kernels/csrc/small_linear.c``,
-    no AMX needed: on AVX-512 fp32 FMAs and bf16 through AVX512_BF16 dot products; on AVX2 + FMA fp32 FMAs, bf16
-    widened to fp32), for products of up to ``SMALL_MAX_ROWS`` rows: a decode step's, where the weights stream from
-    memory and oneDNN's blocking reaches well under the bandwidth. Larger products (prefill) go to oneDNN's packed
-    copy, kept beside it; for bf16 on a CPU without bf16 arithmetic (AVX2: oneDNN cannot pack bf16; AVX-512 without
-    AVX512_BF16: oneDNN emulates it) the kernel, widening bf16 to fp32, takes every row count (about as fast as
-    oneDNN's fp32 GEMM on a widened copy of the weight, without the copy; oneDNN's or torch's own bf16 GEMM there is
-    several times slower: docs/benchmarks.md)."""
+    AVX-512 or AVX2 + FMA, no AMX) for products of up to ``SMALL_MAX_ROWS`` rows (decode steps, bandwidth-bound); larger
+    ones go to oneDNN's packed copy kept beside it, except bf16 on a CPU without bf16 arithmetic, where oneDNN's bf16 is
+    missing or emulated and the kernel, widening bf16 to fp32, takes every row count."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         self.out_features, self.in_features = weight.shape
@@ -97,8 +78,7 @@ class SmallRowsWeight:
         pack = self._lib.hf_small_linear_pack_bf16 if self.bf16 else self._lib.hf_small_linear_pack_f32
         pack(weight.data_ptr(), weight.stride(0), self.out_features, self.in_features, self.packed.data_ptr())
         self._linear = self._lib.hf_small_linear_bf16 if self.bf16 else self._lib.hf_small_linear_f32
-        # Widened bf16 (no bf16 arithmetic in this CPU): oneDNN's bf16 GEMM is missing (AVX2) or emulated, slower
-        # than the kernel at any row count.
+        # No bf16 arithmetic here: oneDNN's bf16 is missing (AVX2) or emulated, slower than the kernel at any row count.
         widened = self.bf16 and small_rows_bf16() == _BF16_WIDENED
         self.large = torch.ops.mkldnn._reorder_linear_weight(weight, None) \
             if cpu_isa.onednn_packs(self.dtype) and not widened else None
@@ -165,14 +145,12 @@ _BF16_WIDENED, _BF16_DOT = 1, 2  # hf_small_linear_bf16_available(): bf16 widene
 
 
 def small_rows_bf16() -> int:
-    """How the small-row kernel multiplies bf16: 2 as bf16 (AVX512_BF16 dot products), 1 widened to fp32 (AVX2,
-    AVX-512 without AVX512_BF16), 0 not at all."""
+    """How the small-row kernel multiplies bf16: 2 by AVX512_BF16 dot products, 1 widened to fp32, 0 not at all."""
     return int(cpu_library.load().hf_small_linear_bf16_available()) if small_rows_isa() else 0
 
 
 def amx_available() -> bool:
-    """Whether the AMX linear kernel runs here (the CPU kernels built with AMX, AMX in this CPU and allowed by Linux
-    and by the CPU tier)."""
+    """Whether the AMX linear kernel runs here (built with AMX, in this CPU, allowed by Linux and the CPU tier)."""
     global _amx
     if _amx is None:
         _amx = cpu_library.available() and cpu_isa.allows("amx") and bool(cpu_library.load().hf_amx_available())
@@ -183,9 +161,8 @@ Packed = "AmxWeight | SmallRowsWeight | torch.Tensor"
 
 
 def _pack(weight: torch.Tensor, kind: str) -> Packed | None:
-    """``kind`` is the plan's ``linears``: ``amx``, ``avx512`` / ``avx2`` (the small-row kernel) or ``onednn``; a
-    weight that does not fit the kernel gets oneDNN's packed copy where oneDNN packs its dtype here, else nothing
-    (None: ``F.linear``)."""
+    """``kind`` is the plan's ``linears`` (``amx``, ``avx512`` / ``avx2`` or ``onednn``); a weight the kernel does not
+    take gets oneDNN's packed copy where oneDNN packs its dtype, else None (``F.linear``)."""
     if kind == "amx" and AmxWeight.supports(weight):
         return AmxWeight(weight)
     if kind in ("avx512", "avx2") and SmallRowsWeight.supports(weight):
@@ -212,9 +189,8 @@ def weight_state(weight: torch.Tensor) -> tuple[int, int, torch.dtype]:
 
 
 class _PackedLinearForward:
-    """One ``nn.Linear``'s packed weight and the ``forward`` that uses it (installed on the module by the engine's
-    runner for its forwards; compiled layers reach it through ``hf_paged::packed_linear`` instead). ``kind``: the
-    plan's ``linears`` (see :func:`_pack`)."""
+    """One ``nn.Linear``'s packed weight and the ``forward`` that uses it (installed by the engine's runner for its
+    forwards). ``kind``: the plan's ``linears`` (see :func:`_pack`)."""
 
     def __init__(self, module: torch.nn.Linear, kind: str) -> None:
         self.module = module
@@ -238,9 +214,8 @@ class _PackedLinearForward:
 
 
 class PackedGroup:
-    """Several ``nn.Linear`` of one input (q/k/v, gate/up) as one packed weight: one GEMM instead of several,
-    its output their outputs side by side. Fewer, larger GEMMs stream the weights faster. With AMX the
-    concatenated weight is kept too, for products too large for the AMX kernel."""
+    """Several ``nn.Linear`` of one input (q/k/v, gate/up) as one packed weight: one GEMM, its output theirs side by
+    side. With AMX the concatenated weight is kept too, for products too large for the kernel."""
 
     def __init__(self, linears: list[torch.nn.Linear], kind: str) -> None:
         self.sources = [weight_state(m.weight) for m in linears]
@@ -268,7 +243,7 @@ def _packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return F.linear(x, weight, bias)
 
 
-# A plain library op (not torch.library.custom_op): half the per-call overhead, and it is called 7 times a layer.
+# A plain library op, not torch.library.custom_op: less overhead per call, and it runs for every linear of a layer.
 _lib = torch.library.Library("hf_paged", "FRAGMENT")
 _lib.define("packed_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 _lib.impl("packed_linear", _packed_linear, "CompositeExplicitAutograd")
@@ -288,9 +263,8 @@ def _packable(module: torch.nn.Module) -> bool:
 def build_packers(model: torch.nn.Module, kind: str, skip: Iterable[torch.nn.Module] = (),
                   previous: dict[torch.nn.Module, _PackedLinearForward] | None = None
                   ) -> dict[torch.nn.Module, _PackedLinearForward]:
-    """A packed weight for every plain CPU ``nn.Linear`` of ``model`` but those in ``skip`` (computed through a
-    :class:`PackedGroup`), reusing those of ``previous`` that still hold their layer's weight. Empty where this
-    torch has no oneDNN. Nothing is installed on the model."""
+    """A packed weight for every plain CPU ``nn.Linear`` of ``model`` but those in ``skip``, reusing those of
+    ``previous`` that still hold their layer's weight; empty without oneDNN. Installs nothing."""
     if not torch.backends.mkldnn.is_available():
         return {}
     previous = previous or {}
