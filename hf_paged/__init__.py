@@ -22,6 +22,7 @@ from .admission import UnsupportedModel
 from .api import astream_text, fallback_reason, get_engine, stream_text, unwrap, wrap
 from .execution.plan import ExecutionPlan
 from .core.sequence import FinishReason, RequestOutput, SamplingParams, StreamDelta
+from .core.structured_output import StructuredOutputs
 from .integrations import pipeline as _pipeline_patch
 from .integrations.auto_model import disable, enable
 from .integrations.pipeline import PagedTextGenerationPipeline
@@ -29,7 +30,6 @@ from .integrations.pipeline import PagedTextGenerationPipeline
 _pipeline_patch.install()  # pipeline(..., backend="hf_paged"); calls without the flag are untouched
 
 __all__ = ["ATTN_IMPLEMENTATION", "BlockPool", "BlockTable", "EngineConfig", "ExecutionPlan", "FinishReason", "KVCache",
-           "LLMEngine",
-           "PagedCache", "PagedTextGenerationPipeline", "RequestOutput", "SamplingParams", "StreamDelta",
-           "UnsupportedModel", "astream_text", "disable", "enable", "fallback_reason", "get_engine", "stream_text",
-           "unwrap", "wrap"]
+           "LLMEngine", "PagedCache", "PagedTextGenerationPipeline", "RequestOutput", "SamplingParams", "StreamDelta",
+           "StructuredOutputs", "UnsupportedModel", "astream_text", "disable", "enable", "fallback_reason",
+           "get_engine", "stream_text", "unwrap", "wrap"]

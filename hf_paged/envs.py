@@ -17,6 +17,7 @@ group is joined, the package is imported), never on a hot path: a change takes e
 ``TRITON_INTERPRET``        ``1``: Triton kernels run in its interpreter
 ``HF_PAGED_ENGINE_OPTIONS`` a JSON object of engine options for ``import hf_paged.auto``
 ``HF_PAGED_TP_TIMEOUT``     seconds a tensor-parallel collective may wait before its requests fail (600)
+``HF_PAGED_API_KEY``         ``hf-paged serve``'s API key when ``--api-key`` / ``--api-key-file`` give none
 ``WORLD_SIZE``/``LOCAL_RANK`` as torchrun sets them
 =========================== ========================================================================================
 """
@@ -95,3 +96,7 @@ def world_size() -> int:
 
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def api_key() -> str | None:
+    return os.environ.get("HF_PAGED_API_KEY") or None

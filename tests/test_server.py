@@ -249,9 +249,10 @@ BAD = [
     ("/v1/chat/completions", {"messages": QUESTION, "top_logprobs": 3}, 400, "top_logprobs"),
     ("/v1/chat/completions", {"messages": QUESTION, "logprobs": True, "top_logprobs": 30}, 400, "top_logprobs"),
     ("/v1/chat/completions", {"messages": QUESTION, "max_completion_tokens": -1}, 400, "max_completion_tokens"),
-    ("/v1/chat/completions", {"messages": QUESTION, "tools": [{"type": "function"}]}, 422, "tools"),
-    ("/v1/chat/completions", {"messages": QUESTION, "response_format": {"type": "json_object"}}, 422,
-     "response_format"),
+    ("/v1/chat/completions", {"messages": QUESTION, "tools": [{"type": "function"}]}, 400, "tools[0].function"),
+    ("/v1/chat/completions", {"messages": QUESTION, "response_format": {"type": "xml"}}, 400,
+     "response_format.type"),
+    ("/v1/chat/completions", {"messages": QUESTION, "functions": [{"name": "f"}]}, 422, "functions"),
     ("/v1/chat/completions", {"messages": QUESTION, "model": "nope"}, 404, "model"),
     ("/v1/chat/completions", {"messages": QUESTION, "stream": True, "n": 0}, 400, "n"),
     ("/tokenize", {}, 400, "prompt"),
@@ -279,8 +280,7 @@ def test_bad_requests_through_the_client_and_server_stays_healthy(url, client):
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="hi")
     with pytest.raises(openai.UnprocessableEntityError):
-        client.chat.completions.create(model=MODEL, messages=QUESTION, tools=[{"type": "function", "function": {
-            "name": "f", "parameters": {}}}])
+        client.chat.completions.create(model=MODEL, messages=QUESTION, functions=[{"name": "f", "parameters": {}}])
     r = httpx.get(url + "/v1/completions")
     assert r.status_code == 405 and "error" in r.json()
     big = b'{"prompt": "' + b"a" * (5 << 20) + b'"}'  # over the default 4 MiB
@@ -323,6 +323,7 @@ class _StubEngine:
     """Just what create_app reads from an engine before any request."""
 
     max_model_len, vocab_size = 2048, 100
+    pool = __import__("types").SimpleNamespace(num_blocks=10, block_size=16)
 
     def __init__(self, running: int) -> None:
         self.running = running

@@ -139,6 +139,11 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
+    def drop_from_step(self, seqs: list[Sequence]) -> None:
+        """Take ``seqs`` out of the last step (their forward failed): nothing of it is counted or cached for them."""
+        keep = [(s, n) for s, n in zip(self.step_seqs, self.step_counts) if all(s is not d for d in seqs)]
+        self.step_seqs, self.step_counts = [s for s, _ in keep], [n for _, n in keep]
+
     def postprocess(self) -> None:
         """After the step's forward: its tokens are computed, and the full blocks they filled are cached."""
         for seq, n in zip(self.step_seqs, self.step_counts):
@@ -164,7 +169,13 @@ class Scheduler:
             if seq.first_token_time is None:
                 seq.first_token_time = now
             n_out, p = seq.num_output_tokens, seq.params
-            if token in seq.stop_ids and n_out >= p.min_new_tokens:
+            if seq.matcher is not None and not seq.matcher.consume_token(token):
+                seq.error = ValueError(f"structured_outputs: no token fits the grammar here "
+                                       f"({seq.matcher.get_error() or 'every token was masked'})")
+                reasons.append(FinishReason.ERROR)
+            elif token in seq.stop_ids and n_out >= p.min_new_tokens:
+                reasons.append(FinishReason.STOP)
+            elif seq.matcher is not None and seq.matcher.is_stopped():  # the grammar is complete
                 reasons.append(FinishReason.STOP)
             elif n_out >= p.max_new_tokens or seq.num_tokens >= self.config.max_model_len:
                 reasons.append(FinishReason.LENGTH)

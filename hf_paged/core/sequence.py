@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import itertools
+import math
 import queue
 import threading
 import time
@@ -19,6 +20,7 @@ from typing import Any, Callable, Sequence as Seq
 import torch
 
 from .block_pool import BlockTable
+from .structured_output import StructuredOutputs
 
 
 @dataclass
@@ -48,11 +50,16 @@ class SamplingParams:
     length_penalty: float = 1.0
     early_stopping: bool | str = False
     num_return_sequences: int = 1  # beam search: how many of the best hypotheses to return
+    structured_outputs: StructuredOutputs | None = None  # the text must match this (a JSON schema, regex, ...)
 
     def validate(self) -> None:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"{name}: {why} (got {getattr(self, name)!r})")
 
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+                     "length_penalty"):
+            if not isinstance(getattr(self, name), (int, float)) or not math.isfinite(getattr(self, name)):
+                raise bad(name, "must be a finite number")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
             raise bad("max_new_tokens", "must be a positive integer")
         if not isinstance(self.min_new_tokens, int) or self.min_new_tokens < 0:
@@ -96,6 +103,12 @@ class SamplingParams:
                 raise bad("early_stopping", "must be True, False or 'never'")
         if not isinstance(self.num_return_sequences, int) or not 1 <= self.num_return_sequences <= self.num_beams:
             raise bad("num_return_sequences", "must be between 1 and num_beams")
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputs):
+                raise bad("structured_outputs", "must be a StructuredOutputs")
+            if self.num_beams > 1:
+                raise bad("structured_outputs", "beam search does not take a constraint")
+            self.structured_outputs.validate()
 
     @property
     def greedy(self) -> bool:
@@ -169,6 +182,7 @@ class Sequence:
         self.scores: list[torch.Tensor] = []
         self.finish_reason: FinishReason | None = None
         self.error: BaseException | None = None
+        self.matcher: Any = None  # structured output: the grammar's state after this sequence's tokens
         self.text: str | None = None
         self.generator: torch.Generator | None = None
         if params.seed is not None:
@@ -203,6 +217,7 @@ class Sequence:
         child.arrival_time, child.first_token_time = self.arrival_time, self.first_token_time
         child.first_scheduled_time = self.first_scheduled_time
         child.group = self.group
+        child.matcher = self.matcher.deep_copy() if self.matcher is not None else None
         return child
 
     @property

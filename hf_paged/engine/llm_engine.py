@@ -28,8 +28,9 @@ from ..core.beam_search import BeamSearchState
 from ..core.block_pool import BlockPool, BlockTable
 from ..core.kv_cache_manager import KVCacheManager
 from ..core.kv_cache_spec import attention_groups
-from ..core.scheduler import Scheduler, SchedulerConfig
+from ..core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from ..core.sequence import RequestOutput, SamplingParams, Sequence, SequenceGroup, StreamDelta
+from ..core.structured_output import GrammarCompiler
 from ..cpu_runtime import release_openmp_pool, tune_malloc
 from ..distributed import executor_class, is_tensor_parallel
 from ..execution.cuda_graphs import DecodeGraphs
@@ -153,6 +154,7 @@ class LLMEngine:
         self._stopping = False
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._grammar_lock = threading.Lock()
         _engines.add(self)
 
     def _start_runner(self) -> None:
@@ -208,6 +210,8 @@ class LLMEngine:
             raise ValueError("prompt: must not be empty")
         if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in ids):
             raise ValueError(f"prompt: token ids must be integers in [0, {self.vocab_size})")
+        if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids: token ids must be integers in [0, {self.vocab_size})")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt: {len(ids)} tokens do not fit the model's context of {self.max_model_len}")
         total = min(len(ids) + params.max_new_tokens, self.max_model_len)
@@ -218,6 +222,8 @@ class LLMEngine:
         if request_id is not None and request_id in self.outputs.requests:
             raise ValueError(f"request_id: {request_id!r} is already in use")
         seq = Sequence(ids, params, BlockTable(self.pool), request_id, self.eos_token_ids)
+        if params.structured_outputs is not None:
+            seq.matcher = self._grammars().matcher(params.structured_outputs)
         if params.num_beams > 1:
             if params.logits_processors or params.repetition_penalty != 1 or params.stop \
                     or params.presence_penalty or params.frequency_penalty:
@@ -320,6 +326,13 @@ class LLMEngine:
             elif kind == "abort":
                 self.outputs.abort(item)
 
+    def _grammars(self) -> GrammarCompiler:
+        """The engine's grammar compiler, built with the first constrained request (it reads the whole vocabulary)."""
+        with self._grammar_lock:
+            if self.sampler.grammars is None:
+                self.sampler.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
+            return self.sampler.grammars
+
     def _sync_weights(self, was_idle: bool) -> None:
         """Before new requests run: if the model's weights changed since the last step (an optimizer step, a
         ``load_state_dict``, a merged adapter), cached prefixes hold stale K/V and packed copies stale weights."""
@@ -337,19 +350,51 @@ class LLMEngine:
         if not step.seqs:
             return []
         started = time.perf_counter()
+        try:
+            logits, rows, failed = self._execute(step, self.scheduler.step_seqs)
+        except Exception as exc:  # a model-wide failure: this step's requests fail, the engine goes on
+            logger.exception("engine step failed; failing its %d requests", len(step.seqs))
+            return self.outputs.fail(self.scheduler.step_seqs, exc)
         scheduled = self.scheduler.step_seqs
         try:
-            logits, rows = self.executor.execute(step)
             self.scheduler.postprocess()
             seqs, logits = self.outputs.rows_to_sample(scheduled, logits, rows)
             # In place: the step's logits are ours (beam rows were taken out above by indexing, a copy).
             sampled = self.sampler(logits, seqs, inplace=True) if seqs else ([], None, None)
             self.outputs.advance_beams(scheduled)
-        except Exception as exc:  # a failed forward fails only this step's requests
-            logger.exception("engine step failed; failing its %d requests", len(scheduled))
+        except Exception as exc:
+            logger.exception("sampling failed; failing the step's %d requests", len(scheduled))
             return self.outputs.fail(scheduled, exc)
         self.metrics.record_step(step.num_tokens, time.perf_counter() - started, self.pool, self.scheduler)
-        return self.outputs.process(seqs, self.scheduler.append_tokens(seqs, *sampled))
+        finished = self.outputs.process(seqs, self.scheduler.append_tokens(seqs, *sampled))
+        for seq, exc in failed:
+            finished += self.outputs.fail([seq], exc)
+        return finished
+
+    def _execute(self, step: SchedulerOutput,
+                 scheduled: list[Sequence]) -> tuple[torch.Tensor, list[int], list[tuple[Sequence, Exception]]]:
+        """The step's forward: (logits, their rows' indices in ``scheduled``, the sequences that failed). If the
+        batch fails, each sequence runs alone, so that a failure is only its own request's (a sequence writes the
+        same K/V however its step is batched); the failed ones leave the step."""
+        try:
+            return (*self.executor.execute(step), [])
+        except Exception:
+            if len(step.seqs) == 1:
+                raise
+            logger.exception("engine step failed; running its %d sequences one by one", len(step.seqs))
+        parts, rows, failed = [], [], []
+        for i, (seq, one) in enumerate(zip(scheduled, step.seqs)):
+            try:
+                logits, own = self.executor.execute(SchedulerOutput([one], step.block_copies if i == 0 else []))
+            except Exception as exc:
+                failed.append((seq, exc))
+                continue
+            parts.append(logits)
+            rows += [i] * len(own)
+        self.scheduler.drop_from_step([seq for seq, _ in failed])
+        index = {id(seq): j for j, seq in enumerate(self.scheduler.step_seqs)}
+        rows = [index[id(scheduled[i])] for i in rows]
+        return (torch.cat(parts) if parts else torch.empty(0)), rows, failed
 
     # ---- convenience APIs ----------------------------------------------------------------------
     def generate(self, prompts: str | Seq[int] | Iterable[str | Seq[int]],

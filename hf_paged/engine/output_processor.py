@@ -116,7 +116,10 @@ class OutputProcessor:
         finished = []
         self.metrics.generation_tokens += len(seqs)
         for seq, reason in zip(seqs, reasons):
-            if seq.detokenizer is not None and reason in (None, FinishReason.LENGTH):  # a stop token's text is not shown
+            # A stop token's text is not shown; the last token of a completed grammar is.
+            shown = reason in (None, FinishReason.LENGTH) or (reason == FinishReason.STOP
+                                                              and seq.token_ids[-1] not in seq.stop_ids)
+            if seq.detokenizer is not None and shown:
                 new_text = seq.detokenizer.add(seq.token_ids[-1])
                 if seq.params.stop and new_text and self._find_stop_string(seq, len(new_text)):
                     reason = FinishReason.STOP

@@ -1,7 +1,7 @@
 """Next-token selection for a batch of sequences, vectorised over the batch.
 
 Order, as in HF: per-request logits processors, repetition / presence / frequency penalties, the
-min-new-tokens ban on stop tokens; then greedy rows take the argmax and sampled rows go through
+min-new-tokens ban on stop tokens, the structured-output masks (constrained rows only); then greedy rows take the argmax and sampled rows go through
 temperature, top-k, top-p and min-p and draw from the result. A request with a seed draws from its own
 generator, so its tokens do not depend on what else is in the batch. Logprobs are those of the model's
 raw distribution (as vLLM reports them), with the ``top_logprobs`` most likely alternatives where asked.
@@ -13,6 +13,7 @@ import torch
 
 from .kernels.cpu_fused_ops import argmax_rows
 from ..core.sequence import Sequence
+from ..core.structured_output import GrammarCompiler
 
 TopLogprobs = list[list[tuple[int, float]]]
 
@@ -23,7 +24,9 @@ def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
         if p.repetition_penalty != 1.0:
             ids = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long, device=logits.device)
             vals = logits[row, ids]
-            logits[row, ids] = torch.where(vals < 0, vals * p.repetition_penalty, vals / p.repetition_penalty)
+            penalized = torch.where(vals < 0, vals * p.repetition_penalty, vals / p.repetition_penalty)
+            big = torch.finfo(logits.dtype).max  # an extreme penalty saturates instead of making inf - inf = NaN
+            logits[row, ids] = penalized.clamp(-big, big)
         if (p.presence_penalty or p.frequency_penalty) and seq.num_output_tokens:
             out = torch.tensor(seq.output_token_ids, dtype=torch.long, device=logits.device)
             counts = torch.zeros(logits.shape[1], dtype=logits.dtype, device=logits.device)
@@ -35,9 +38,9 @@ def _warp(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """Temperature, top-k, top-p, min-p on the rows that sample; returns the warped logits."""
     dev = logits.device
     temps = torch.tensor([s.params.temperature for s in seqs], dtype=logits.dtype, device=dev)
-    logits = logits / temps.unsqueeze(1)
+    logits = (logits / temps.unsqueeze(1)).nan_to_num(float("-inf"), torch.finfo(logits.dtype).max, float("-inf"))
     vocab = logits.shape[1]
-    top_k = [s.params.top_k if s.params.top_k > 0 else vocab for s in seqs]
+    top_k = [min(s.params.top_k, vocab) if s.params.top_k > 0 else vocab for s in seqs]
     top_p = [s.params.top_p for s in seqs]
     min_p = [s.params.min_p for s in seqs]
     if all(k >= vocab for k in top_k) and all(p >= 1 for p in top_p) and not any(min_p):
@@ -67,6 +70,7 @@ def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 class Sampler:
     def __init__(self, c_argmax: bool = True) -> None:
         self.c_argmax = c_argmax  # greedy rows' argmax in one C call (CPU kernels on)
+        self.grammars: GrammarCompiler | None = None  # set with the first constrained request
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence],
                  inplace: bool = False) -> tuple[list[int], list[float] | None, TopLogprobs | None]:
@@ -99,6 +103,9 @@ class Sampler:
             index = torch.tensor(banned, dtype=torch.long, pin_memory=logits.is_cuda)
             index = index.to(logits.device, non_blocking=True)
             logits[index[:, 0], index[:, 1]] = float("-inf")
+        constrained = [row for row, seq in enumerate(seqs) if seq.matcher is not None]
+        if constrained:
+            self.grammars.mask_rows(logits, constrained, [seqs[row].matcher for row in constrained])
 
         tokens = argmax_rows(logits) if self.c_argmax else None  # one C call on the CPU
         if tokens is None:
@@ -111,7 +118,10 @@ class Sampler:
             for j, i in enumerate(sampled):
                 if seqs[i].generator is not None:
                     uniforms[j] = torch.rand(1, generator=seqs[i].generator)[0]
-            tokens[idx] = _inverse_cdf(warped.softmax(-1), uniforms.to(logits.device))
+            drawn = _inverse_cdf(warped.softmax(-1), uniforms.to(logits.device))
+            for j in (drawn >= logits.shape[1]).nonzero().flatten().tolist():  # not one token left to draw
+                seqs[sampled[j]].error = ValueError("sampling: no token has a probability under these parameters")
+            tokens[idx] = drawn.clamp(max=logits.shape[1] - 1)
             for j, i in enumerate(sampled):
                 if seqs[i].params.keep_scores:
                     logits[i] = warped[j]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -42,12 +43,20 @@ class EngineAdapter:
 
     def __init__(self, engine: Any, config: ServeConfig) -> None:
         self.engine = engine
-        self.limits = Limits(config, int(engine.max_model_len), engine.vocab_size)
+        self.limits = Limits(config, int(engine.max_model_len), engine.vocab_size,
+                             engine.pool.num_blocks * engine.pool.block_size)
         self.metrics = ServerMetrics(engine.stats, config.model_name, self.limits.max_model_len)
         self.in_flight = 0  # admitted API requests
         self.live_request_ids: set[str] = set()  # engine requests not finished yet
         self.draining = False
         self.created = int(time.time())
+        # One thread: requests are parsed, templated and tokenized in turn, never in the event loop (which keeps
+        # answering /health and streaming) and never two at once on the tokenizer.
+        self._prepare = ThreadPoolExecutor(1, thread_name_prefix="hf_paged-prepare")
+
+    async def off_loop(self, work: Callable[[], Any]) -> Any:
+        """``work()`` on the request-preparing thread; its exceptions (``APIError``) reach the caller."""
+        return await asyncio.get_running_loop().run_in_executor(self._prepare, work)
 
     # ---- admission and shutdown ----------------------------------------------------------------------------
     def start(self, request: EngineInput, request_id: str) -> Job:

@@ -13,6 +13,7 @@ from importlib import resources
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from .adapter import EngineAdapter, Job
@@ -32,7 +33,10 @@ def create_app(engine: Any, tokenizer: Any, config: ServeConfig | None = None) -
     app = FastAPI(title="hf_paged", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.adapter = adapter
     app.add_middleware(Guard, api_key=config.api_key, max_body_bytes=config.max_body_bytes,
-                       draining=lambda: adapter.draining)
+                       draining=lambda: adapter.draining, allowed_origins=config.allowed_origins)
+    if config.allowed_origins:  # outside the guard: a browser's preflight carries no API key
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"])
     install_error_handlers(app)
     _plain_routes(app, adapter, tokenizer)
     _generation_routes(app, adapter, tokenizer)
@@ -56,18 +60,29 @@ def _plain_routes(app: FastAPI, adapter: EngineAdapter, tokenizer: Any) -> None:
     async def metrics() -> Response:
         return Response(adapter.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    model_card = {"id": config.model_name, "object": "model", "created": adapter.created, "owned_by": "hf_paged",
+                  "root": config.model_name, "parent": None, "max_model_len": limits.max_model_len, "permission": []}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{
-            "id": config.model_name, "object": "model", "created": adapter.created, "owned_by": "hf_paged",
-            "root": config.model_name, "parent": None, "max_model_len": limits.max_model_len, "permission": []}]}
+        return {"object": "list", "data": [model_card]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict[str, Any]:
+        check_model(model, limits)
+        return model_card
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict[str, Any]:
-        req = parse_body(await read_body(request, config.max_body_bytes), TokenizeRequest)
-        ids = tokenize_input(req, tokenizer, limits)
-        return {"count": len(ids), "max_model_len": limits.max_model_len, "tokens": ids,
-                "token_strs": tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None}
+        raw = await read_body(request, config.max_body_bytes)
+
+        def work() -> dict[str, Any]:
+            req = parse_body(raw, TokenizeRequest)
+            ids = tokenize_input(req, tokenizer, limits)
+            return {"count": len(ids), "max_model_len": limits.max_model_len, "tokens": ids,
+                    "token_strs": tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None}
+
+        return await adapter.off_loop(work)
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> dict[str, Any]:
@@ -81,17 +96,23 @@ def _generation_routes(app: FastAPI, adapter: EngineAdapter, tokenizer: Any) -> 
     limits = adapter.limits
     config = limits.config
 
+    async def prepare(request: Request, body: type, to_input: Callable, answer: type) -> Response:
+        raw = await read_body(request, config.max_body_bytes)
+
+        def work() -> CompletionFormat | ChatFormat:  # parsing, templating, tokenizing: off the event loop
+            req = parse_body(raw, body)
+            return answer(config.model_name, tokenizer, req, to_input(req, tokenizer, limits))
+
+        prepared = await adapter.off_loop(work)
+        return await _answer(adapter, request, prepared.stream, prepared)
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        req = parse_body(await read_body(request, config.max_body_bytes), CompletionRequest)
-        answer = CompletionFormat(config.model_name, tokenizer, req, completion_input(req, tokenizer, limits))
-        return await _answer(adapter, request, req.stream, answer)
+        return await prepare(request, CompletionRequest, completion_input, CompletionFormat)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        req = parse_body(await read_body(request, config.max_body_bytes), ChatCompletionRequest)
-        answer = ChatFormat(config.model_name, tokenizer, req, chat_input(req, tokenizer, limits))
-        return await _answer(adapter, request, req.stream, answer)
+        return await prepare(request, ChatCompletionRequest, chat_input, ChatFormat)
 
 
 async def _answer(adapter: EngineAdapter, request: Request, stream: bool, answer: CompletionFormat | ChatFormat

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import sys
 from typing import Any
 
+from .. import envs
 from ..loading import add_engine_arguments, build_engine, parse_size
 from .config import ServeConfig
 
@@ -31,7 +33,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="the model name clients send and see (default: the folder's or file's name)")
     group.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     group.add_argument("--port", type=int, default=8000)
-    group.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health")
+    group.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health "
+                       "(visible to other users in the process list: prefer --api-key-file or HF_PAGED_API_KEY)")
+    group.add_argument("--api-key-file", default=None, help="read the API key from this file (its first line)")
+    group.add_argument("--allowed-origins", default="",
+                       help="comma-separated origins whose web pages may call the server (CORS; '*': any). Default: "
+                            "none, so no other site's page can drive a server on this machine")
+    group.add_argument("--header-timeout", type=float, default=10.0,
+                       help="seconds a new connection may take to send its request head before it is closed")
+    group.add_argument("--trust-request-chat-template", action="store_true",
+                       help="render a chat template a request sends in chat_template_kwargs (it runs here)")
     group.add_argument("--max-body-bytes", type=parse_size, default=limits.max_body_bytes,
                        help="larger request bodies get 413")
     group.add_argument("--max-prompt-tokens", type=int, default=None,
@@ -81,13 +92,16 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     engine, default_name = build_engine(args)
-    config = ServeConfig(model_name=args.served_model_name or default_name, api_key=args.api_key,
+    config = ServeConfig(model_name=args.served_model_name or default_name, api_key=_api_key(args),
                          max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
                          max_tokens=args.max_tokens, max_n=args.max_n,
-                         max_concurrent_requests=args.max_concurrent_requests, shutdown_grace_s=args.shutdown_grace)
+                         max_concurrent_requests=args.max_concurrent_requests, shutdown_grace_s=args.shutdown_grace,
+                         allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
+                         trust_request_chat_template=args.trust_request_chat_template)
     app = create_app(engine, engine.tokenizer, config)
+    _raise_open_file_limit()
     uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                               access_log=not args.disable_access_log,
+                               access_log=not args.disable_access_log, http=_header_timeout_protocol(args.header_timeout),
                                timeout_graceful_shutdown=int(args.shutdown_grace) + 5, lifespan="off")
     server = _graceful_server(uv_config, app.state.adapter)
     # uvicorn re-raises the signal that stopped it once it is done; with these handlers in place that is a no-op,
@@ -100,6 +114,42 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
         engine.close()
     return 0 if server.started else 1
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    if args.api_key_file:
+        with open(args.api_key_file, encoding="utf-8") as f:
+            return f.readline().strip() or None
+    return args.api_key or envs.api_key()
+
+
+def _raise_open_file_limit() -> None:
+    """Each client connection holds a file: a soft limit of a few hundred would let idle connections lock every
+    other client, /health included, out (as vLLM, up to the hard limit)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def _header_timeout_protocol(seconds: float) -> type:
+    """uvicorn's h11 protocol, closing a connection that has not sent a whole request head ``seconds`` after it
+    opened (uvicorn times out idle connections only after a response, so silent ones would stay forever)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.loop.call_later(seconds, self._close_if_silent)
+
+        def _close_if_silent(self) -> None:
+            if self.cycle is None and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderTimeoutProtocol
 
 
 def _graceful_server(config: Any, adapter: Any) -> Any:

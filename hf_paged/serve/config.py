@@ -18,3 +18,5 @@ class ServeConfig:
     max_prompts: int = 64  # 400: prompts in one /v1/completions request
     max_concurrent_requests: int = 512  # 429: generation requests in flight at once
     shutdown_grace_s: float = 30.0  # after SIGTERM: in-flight requests still running then are aborted
+    allowed_origins: tuple[str, ...] = ()  # 403: browsers' cross-site requests from other origins ("*": any)
+    trust_request_chat_template: bool = False  # 400: a chat template sent in a request (it runs on the server)

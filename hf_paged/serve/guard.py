@@ -1,11 +1,11 @@
 """What the app does to raw HTTP requests before and around its routes, so that no request can make it answer
 anything but OpenAI's JSON error shape with a 4xx (5xx only for its own faults).
 
-In order: the API key (``Authorization: Bearer KEY`` on every route but ``/health``; the chat page at ``/`` also
-takes HTTP Basic auth with the key as password, so a browser can open it), shutdown (503 while draining), the
-declared body size (413; a bad ``Content-Length`` is a 400), then, while a route reads it, the body's actual size
-(``read_body``: 413 however it is sent). ``install_error_handlers`` answers everything that goes wrong in a route
-in the same shape.
+In order: a browser's cross-site request (403 unless its origin is allowed), the API key (one
+``Authorization: Bearer KEY`` header on every route but ``/health``; the chat page at ``/`` also takes HTTP Basic auth
+with the key as password, so a browser can open it), shutdown (503 while draining), the declared body size (413; a
+bad ``Content-Length`` is a 400), then, while a route reads it, the body's actual size (``read_body``: 413 however it
+is sent). ``install_error_handlers`` answers everything that goes wrong in a route in the same shape.
 """
 
 from __future__ import annotations
@@ -30,11 +30,13 @@ class Guard:
     """ASGI middleware: API key, shutdown, declared body size. Streams pass through untouched (no buffering,
     disconnects seen at once)."""
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int, draining: Callable[[], bool]) -> None:
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, draining: Callable[[], bool],
+                 allowed_origins: tuple[str, ...] = ()) -> None:
         self.app = app
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
         self.draining = draining
+        self.allowed_origins = allowed_origins
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http":
@@ -46,7 +48,14 @@ class Guard:
 
     def _refusal(self, scope) -> tuple[APIError | None, dict[str, str] | None]:
         path = scope.get("path", "")
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        raw = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope.get("headers", [])]
+        headers = dict(raw)
+        origin = headers.get("origin")
+        if origin is not None and not self._origin_allowed(origin, headers.get("host", "")):
+            return APIError(403, f"cross-origin requests from {origin!r} are refused (hf-paged serve "
+                                 "--allowed-origins lets origins in)", code="forbidden_origin"), None
+        if sum(k == "authorization" for k, _ in raw) > 1:
+            return APIError(401, "more than one Authorization header", code="invalid_api_key"), None
         if self.api_key and path != "/health" and not _authorized(headers.get("authorization", ""), self.api_key):
             challenge = 'Basic realm="hf-paged", charset="UTF-8"' if path == "/" else "Bearer"
             return (APIError(401, "missing or wrong API key (Authorization: Bearer KEY)", code="invalid_api_key"),
@@ -59,6 +68,15 @@ class Guard:
         if length is not None and int(length) > self.max_body_bytes:
             return _too_large(self.max_body_bytes), {"connection": "close"}
         return None, None
+
+    def _origin_allowed(self, origin: str, host: str) -> bool:
+        """A browser's page may call the server from the server's own pages, or from an origin it was told to
+        trust: any other site's page could otherwise drive a server on localhost (a simple POST needs no CORS
+        preflight)."""
+        if "*" in self.allowed_origins or origin in self.allowed_origins:
+            return True
+        scheme, _, rest = origin.partition("://")
+        return scheme in ("http", "https") and bool(host) and rest == host
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:

@@ -9,9 +9,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core.sequence import SamplingParams
+from ..core.structured_output import StructuredOutputs
+from . import tools
 from .config import ServeConfig
-from .protocol import (APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, TokenizeRequest,
-                       unsupported)
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest, TokenizeRequest, unsupported
+
+MAX_TEMPLATE_CHARS = 64 << 10  # a trusted request's own chat template
 
 # Engine field names in ValueErrors -> the OpenAI parameter they come from.
 _ENGINE_TO_API_PARAM = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "top_logprobs": "logprobs"}
@@ -24,10 +27,17 @@ class Limits:
     config: ServeConfig
     max_model_len: int
     vocab_size: int
+    kv_tokens: int  # what the KV pool holds: one sequence's most tokens
 
     @property
     def max_prompt_tokens(self) -> int:
         return min(self.config.max_prompt_tokens or self.max_model_len - 1, self.max_model_len - 1)
+
+    @property
+    def max_prompt_chars(self) -> int:
+        """Longer text is refused before it is tokenized: no tokenizer makes a token of more characters than this
+        allows on average."""
+        return 32 * self.max_prompt_tokens
 
 
 @dataclass
@@ -82,24 +92,31 @@ def completion_input(req: CompletionRequest, tokenizer: Any, limits: Limits) -> 
 
 def chat_input(req: ChatCompletionRequest, tokenizer: Any, limits: Limits) -> EngineInput:
     check_model(req.model, limits)
-    if req.tools or req.functions:
-        raise unsupported("tools", "tool calling is not supported by this server")
-    if req.tool_choice not in (None, "none"):
-        raise unsupported("tool_choice", "tool calling is not supported by this server")
-    if req.response_format is not None and req.response_format.type != "text":
-        raise unsupported("response_format", "only the text format is supported")
+    if req.functions:
+        raise unsupported("functions", "deprecated by OpenAI; use tools")
     if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
         raise APIError(400, f"top_logprobs: must be between 0 and 20 (got {req.top_logprobs})", param="top_logprobs",
                        code="invalid_value")
     if req.top_logprobs and not req.logprobs:
         raise APIError(400, "top_logprobs: needs logprobs=true", param="top_logprobs", code="invalid_value")
-    ids = chat_prompt(tokenizer, req.messages, req.add_generation_prompt, req.continue_final_message,
-                      req.chat_template_kwargs)
+    kwargs = req.chat_template_kwargs or {}
+    template = kwargs.get("chat_template")
+    if template is not None and not limits.config.trust_request_chat_template:
+        raise APIError(400, "chat_template_kwargs: a chat template of the request's own runs only on a server "
+                            "started with --trust-request-chat-template", param="chat_template_kwargs",
+                       code="invalid_value")
+    if template is not None and not (isinstance(template, str) and len(template) <= MAX_TEMPLATE_CHARS):
+        raise APIError(400, f"chat_template_kwargs: chat_template must be a string of at most {MAX_TEMPLATE_CHARS} "
+                            "characters", param="chat_template_kwargs", code="invalid_value")
+    messages, tool_kwargs = tools.conversation(req, getattr(tokenizer, "chat_template", None) or "")
+    ids = chat_prompt(tokenizer, messages, req.add_generation_prompt, req.continue_final_message,
+                      {**kwargs, **tool_kwargs}, limits)
     _check_prompt(ids, limits, "messages")
     asked, param = ((req.max_completion_tokens, "max_completion_tokens") if req.max_completion_tokens is not None
                     else (req.max_tokens, "max_tokens"))
     max_new = _max_new_tokens(asked, len(ids), limits, param)
-    return EngineInput([ids], _sampling_params(req, max_new, req.logprobs, req.top_logprobs or 0, limits))
+    return EngineInput([ids], _sampling_params(req, max_new, req.logprobs, req.top_logprobs or 0, limits,
+                                               tools.constraint(req)))
 
 
 def tokenize_input(req: TokenizeRequest, tokenizer: Any, limits: Limits) -> list[int]:
@@ -108,19 +125,21 @@ def tokenize_input(req: TokenizeRequest, tokenizer: Any, limits: Limits) -> list
     if (req.prompt is None) == (req.messages is None):
         raise APIError(400, "give either prompt or messages", param="prompt", code="invalid_value")
     if req.messages is not None:
-        return chat_prompt(tokenizer, req.messages, req.add_generation_prompt, req.continue_final_message, None)
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        return chat_prompt(tokenizer, messages, req.add_generation_prompt, req.continue_final_message, None, limits)
+    _check_chars(req.prompt, limits, "prompt")
     return list(tokenizer(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"])
 
 
-def chat_prompt(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool,
-                continue_final_message: bool, template_kwargs: dict[str, Any] | None) -> list[int]:
+def chat_prompt(tokenizer: Any, conversation: list[dict[str, Any]], add_generation_prompt: bool,
+                continue_final_message: bool, template_kwargs: dict[str, Any] | None, limits: Limits) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "messages: the model has no chat template; use /v1/completions", param="messages",
                        code="invalid_value")
     if continue_final_message and add_generation_prompt:
         raise APIError(400, "continue_final_message: cannot be combined with add_generation_prompt",
                        param="continue_final_message", code="invalid_value")
-    conversation = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in messages]
+    _check_chars("".join(m["content"] for m in conversation), limits, "messages")
     try:
         text = tokenizer.apply_chat_template(
             conversation, add_generation_prompt=add_generation_prompt,
@@ -128,6 +147,7 @@ def chat_prompt(tokenizer: Any, messages: list[ChatMessage], add_generation_prom
     except Exception as exc:  # the template's own checks (jinja raise_exception), bad kwargs
         raise APIError(400, f"messages: the chat template refused them: {exc}", param="messages",
                        code="invalid_value") from None
+    _check_chars(text, limits, "messages")
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -145,7 +165,16 @@ def _completion_prompts(prompt: Any, tokenizer: Any, limits: Limits) -> list[lis
     if len(prompts) > limits.config.max_prompts:
         raise APIError(400, f"prompt: at most {limits.config.max_prompts} prompts per request", param="prompt",
                        code="invalid_value")
+    for p in prompts:
+        if isinstance(p, str):
+            _check_chars(p, limits, "prompt")
     return [list(tokenizer(p)["input_ids"]) if isinstance(p, str) else list(p) for p in prompts]
+
+
+def _check_chars(text: str, limits: Limits, param: str) -> None:
+    if len(text) > limits.max_prompt_chars:
+        raise APIError(400, f"{param}: {len(text)} characters; this server takes prompts of at most "
+                            f"{limits.max_prompt_tokens} tokens", param=param, code="context_length_exceeded")
 
 
 def _check_prompt(ids: list[int], limits: Limits, param: str) -> None:
@@ -159,8 +188,8 @@ def _check_prompt(ids: list[int], limits: Limits, param: str) -> None:
 
 def _max_new_tokens(asked: int | None, prompt_len: int, limits: Limits, param: str) -> int:
     most = limits.config.max_tokens
-    if asked is None:
-        return max(1, min(most, limits.max_model_len - prompt_len))
+    if asked is None:  # up to the context and the pool, as vLLM
+        return max(1, min(most, limits.max_model_len - prompt_len, limits.kv_tokens - prompt_len))
     if asked < 1:
         raise APIError(400, f"{param}: must be at least 1 (got {asked})", param=param, code="invalid_value")
     if asked > most:
@@ -169,8 +198,39 @@ def _max_new_tokens(asked: int | None, prompt_len: int, limits: Limits, param: s
     return asked
 
 
+def _structured_outputs(req: CompletionRequest | ChatCompletionRequest,
+                        tool_constraint: StructuredOutputs | None) -> StructuredOutputs | None:
+    """The one constraint a request asks for, under any of its names (400 for two)."""
+    given: list[tuple[str, StructuredOutputs]] = []
+    response_format = getattr(req, "response_format", None)
+    if response_format is not None and response_format.type == "json_object":
+        given.append(("response_format", StructuredOutputs(json_object=True)))
+    elif response_format is not None and response_format.type == "json_schema":
+        if response_format.json_schema is None or not response_format.json_schema.json_schema:
+            raise APIError(400, "response_format: json_schema needs a schema", param="response_format",
+                           code="invalid_value")
+        given.append(("response_format", StructuredOutputs(json=response_format.json_schema.json_schema)))
+    if req.structured_outputs is not None:
+        known = {"json", "json_object", "regex", "choice", "grammar"}
+        if not set(req.structured_outputs) <= known:
+            raise APIError(400, f"structured_outputs: takes {', '.join(sorted(known))}", param="structured_outputs",
+                           code="invalid_value")
+        given.append(("structured_outputs", StructuredOutputs(**req.structured_outputs)))
+    for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                      ("guided_grammar", "grammar")):
+        if getattr(req, name) is not None:
+            given.append((name, StructuredOutputs(**{key: getattr(req, name)})))
+    if tool_constraint is not None:
+        given.append(("tool_choice", tool_constraint))
+    if len(given) > 1:
+        raise APIError(400, f"{given[1][0]}: one output constraint at most (also given: {given[0][0]})",
+                       param=given[1][0], code="invalid_value")
+    return given[0][1] if given else None
+
+
 def _sampling_params(req: CompletionRequest | ChatCompletionRequest, max_new_tokens: int, logprobs: bool,
-                     top_logprobs: int, limits: Limits) -> SamplingParams:
+                     top_logprobs: int, limits: Limits, tool_constraint: StructuredOutputs | None = None
+                     ) -> SamplingParams:
     """The request's sampling parameters, its ``n`` samples one engine group (sample ``i`` seeded ``seed + i``);
     validated by the engine's rules, whose ValueError becomes a 400."""
     max_n = limits.config.max_n
@@ -191,7 +251,7 @@ def _sampling_params(req: CompletionRequest | ChatCompletionRequest, max_new_tok
         presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
         seed=req.seed, stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
         stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, logprobs=logprobs,
-        top_logprobs=top_logprobs, n=req.n)
+        top_logprobs=top_logprobs, n=req.n, structured_outputs=_structured_outputs(req, tool_constraint))
     try:
         params.validate()
     except ValueError as exc:

@@ -13,6 +13,7 @@ import uuid
 from typing import Any
 
 from ..core.sequence import FinishReason, StreamDelta
+from . import tools
 from .inputs import EngineInput
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest
 
@@ -52,6 +53,8 @@ def _reason(reason: Any) -> str:
 
 
 def _engine_failure(error: BaseException | None) -> APIError:
+    if isinstance(error, ValueError):  # the request's own parameters left nothing to generate (sampling, grammar)
+        return APIError(400, str(error), code="invalid_value")
     return APIError(500, f"the engine failed on this request: {error!r}", type_="server_error", code="engine_error")
 
 
@@ -69,6 +72,7 @@ class _Format:
         self.base = {"id": f"{prefix}-{uuid.uuid4().hex}", "object": self.object, "created": int(time.time()),
                      "model": model_name}
         self.tokenizer, self.request, self.params = tokenizer, request, request.params
+        self.stream = body.stream
         self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
         self.extra = {"usage": None} if self.include_usage else {}
 
@@ -155,6 +159,19 @@ class ChatFormat(_Format):
     def __init__(self, model_name: str, tokenizer: Any, body: ChatCompletionRequest, request: EngineInput) -> None:
         super().__init__(model_name, tokenizer, body, request)
         self.started: set[int] = set()
+        self.body = body
+        self.tool_calls = bool(body.tools) and body.tool_choice != "none"
+        self.held: dict[int, str] = {}  # streamed text held back while it may be tool calls
+        self.plain: set[int] = set()  # samples whose text is known to be content: streamed as it comes
+
+    def _message(self, text: str, finish: str | None) -> tuple[dict[str, Any], str | None]:
+        if not self.tool_calls:
+            return {"content": text}, finish
+        content, calls = tools.parse(text, self.body)
+        if not calls:
+            return {"content": content}, finish
+        named = not isinstance(self.body.tool_choice, str) and self.body.tool_choice is not None
+        return {"content": content, "tool_calls": calls}, (finish if named or finish != "stop" else "tool_calls")
 
     def logprobs(self, token_ids: list[int], logprobs: list[float],
                  tops: list[list[tuple[int, float]]]) -> dict[str, Any]:
@@ -171,8 +188,9 @@ class ChatFormat(_Format):
     def choice(self, sample: Sample) -> dict[str, Any]:
         logprobs = (self.logprobs(sample.token_ids, sample.logprobs, sample.top_logprobs)
                     if self.params.logprobs else None)
-        return {"index": sample.index, "message": {"role": "assistant", "content": sample.text}, "logprobs": logprobs,
-                "finish_reason": sample.finish_reason}
+        message, finish = self._message(sample.text, sample.finish_reason)
+        return {"index": sample.index, "message": {"role": "assistant", **message}, "logprobs": logprobs,
+                "finish_reason": finish}
 
     def delta_chunks(self, sample: Sample, delta: StreamDelta, finish: str | None) -> list[dict[str, Any]]:
         out = []
@@ -182,6 +200,20 @@ class ChatFormat(_Format):
                                    "logprobs": None, "finish_reason": None}))
         logprobs = (self.logprobs(delta.token_ids, delta.logprobs or [], delta.top_logprobs or [])
                     if self.params.logprobs else None)
-        out.append(self.chunk({"index": sample.index, "delta": {"content": delta.text} if delta.text else {},
-                               "logprobs": logprobs, "finish_reason": finish}))
+        message: dict[str, Any] = {"content": delta.text} if delta.text else {}
+        if self.tool_calls and sample.index not in self.plain:
+            text = self.held.pop(sample.index, "") + delta.text
+            if finish is not None:  # the whole output is known: calls or content
+                message, finish = self._message(text, finish)
+                for i, call in enumerate(message.get("tool_calls", [])):
+                    call["index"] = i
+                message = {k: v for k, v in message.items() if v}
+            elif self.body.tool_choice not in (None, "auto") or tools.may_be_calls(text):
+                self.held[sample.index] = text
+                message = {}
+            else:
+                self.plain.add(sample.index)
+                message = {"content": text}
+        out.append(self.chunk({"index": sample.index, "delta": message, "logprobs": logprobs,
+                               "finish_reason": finish}))
         return out
