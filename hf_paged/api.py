@@ -17,6 +17,7 @@ Weights changed between calls are seen by the next call (see ``LLMEngine``).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import threading
 from typing import Any, AsyncIterator, Iterator, Sequence as Seq
@@ -43,7 +44,7 @@ _SUPPORTED_FIELDS = {
     "transformers_version", "_from_model_config", "_original_object_hash", "_commit_hash", "early_stopping",
     "length_penalty", "compile_config", "disable_compile", "decoder_start_token_id", "generation_kwargs",
 }
-_FALLBACK_ARGS = ("stopping_criteria", "prefix_allowed_tokens_fn", "assistant_model",
+_FALLBACK_ARGS = ("prefix_allowed_tokens_fn", "assistant_model",
                   "negative_prompt_ids", "negative_prompt_attention_mask", "custom_generate", "synced_gpus")
 
 
@@ -192,6 +193,7 @@ def _paged_generate(self, inputs: torch.Tensor | None = None, generation_config:
         what = f"argument {given[0]}" if given else "a caller-supplied past_key_values / inputs_embeds"
         return _fallback(self, what, inputs, generation_config, logits_processor, kwargs)
     call_kwargs = dict(kwargs)
+    stopping = call_kwargs.pop("stopping_criteria", None)
     input_ids = inputs if inputs is not None else call_kwargs.pop("input_ids", None)
     attention_mask = call_kwargs.pop("attention_mask", None)
     tokenizer = call_kwargs.pop("tokenizer", None)
@@ -217,6 +219,9 @@ def _paged_generate(self, inputs: torch.Tensor | None = None, generation_config:
     if (gen.num_beams or 1) > 1 and logits_processor:
         return _fallback(self, "beam search with a logits_processor", inputs, generation_config, logits_processor,
                          kwargs)
+    if stopping and ((gen.num_beams or 1) > 1 or (gen.num_return_sequences or 1) > 1 or streamer is not None):
+        return _fallback(self, "stopping_criteria with beams, num_return_sequences or a streamer", inputs,
+                         generation_config, logits_processor, kwargs)
     if streamer is not None:
         reason = streaming.streamer_fallback_reason(input_ids, gen.num_return_sequences or 1, gen.num_beams or 1)
         if reason:
@@ -232,15 +237,52 @@ def _paged_generate(self, inputs: torch.Tensor | None = None, generation_config:
     if streamer is not None:
         out = streaming.generate_with_streamer(engine, input_ids[0][mask[0]].tolist(), params, streamer, input_ids)
         return _build_output(input_ids, [out], n, gen, params)
-    return _build_output(input_ids, _run_rows(engine, input_ids, mask, params), n, gen, params)
+    return _build_output(input_ids, _run_rows(engine, input_ids, mask, params, stopping), n, gen, params)
 
 
-def _run_rows(engine: LLMEngine, input_ids: torch.Tensor, mask: torch.Tensor, params: SamplingParams) -> list:
-    """Every row (its unpadded tokens) as one request on the engine; their outputs (``n`` samples each), in order."""
+class _RowStopping:
+    """HF stopping criteria for one row of a wrapped ``generate``, evaluated as HF evaluates them on that row: on the
+    row as HF holds it (its left padding included), with the batch's shape (every row this one), on a copy of the
+    criteria whose mutable state (lists, dicts, tensors: e.g. lm-eval's per-row ``done_tracker``) is the row's own."""
+
+    def __init__(self, criteria: Any, padded_row: torch.Tensor, batch: int) -> None:
+        self.criteria = [self._own_state(c) for c in criteria]
+        self.row = padded_row.cpu()
+        self.batch = batch
+
+    @staticmethod
+    def _own_state(criterion: Any) -> Any:
+        mine = copy.copy(criterion)
+        for name, value in vars(criterion).items():
+            if isinstance(value, (list, dict, set, torch.Tensor)):
+                setattr(mine, name, copy.deepcopy(value))
+        return mine
+
+    def __call__(self, output_ids: list[int]) -> bool:
+        ids = torch.cat([self.row, torch.tensor(output_ids, dtype=self.row.dtype)]).expand(self.batch, -1)
+        for criterion in self.criteria:
+            done = criterion(ids, None)
+            if bool(done[0] if isinstance(done, torch.Tensor) and done.dim() else done):
+                return True
+        return False
+
+
+def _run_rows(engine: LLMEngine, input_ids: torch.Tensor, mask: torch.Tensor, params: SamplingParams,
+              stopping: Any = None) -> list:
+    """Every row (its unpadded tokens) as one request on the engine; their outputs (``n`` samples each), in order.
+    Sampled rows without a seed get one from torch's global generator (``set_seed``), ``base + row``: a seeded batch
+    gives the same outputs whatever the engine's timing."""
     roots = []
+    base = int(torch.randint(0, 1 << 62, (1,))) if params.temperature > 0 and params.seed is None else None
     try:
         for row in range(input_ids.shape[0]):
-            roots.append(engine.submit(input_ids[row][mask[row]].tolist(), params))
+            row_params = params
+            if base is not None:
+                row_params = dataclasses.replace(row_params, seed=base + row * params.n)
+            if stopping:
+                row_params = dataclasses.replace(row_params, stop_check=_RowStopping(stopping, input_ids[row],
+                                                                                     input_ids.shape[0]))
+            roots.append(engine.submit(input_ids[row][mask[row]].tolist(), row_params))
     except ValueError:
         for seq in roots:
             engine.abort(seq.request_id)

@@ -177,11 +177,21 @@ class Scheduler:
                 reasons.append(FinishReason.STOP)
             elif seq.matcher is not None and seq.matcher.is_stopped():  # the grammar is complete
                 reasons.append(FinishReason.STOP)
+            elif p.stop_check is not None and self._stop_check(seq):
+                reasons.append(FinishReason.ERROR if seq.error is not None else FinishReason.STOP)
             elif n_out >= p.max_new_tokens or seq.num_tokens >= self.config.max_model_len:
                 reasons.append(FinishReason.LENGTH)
             else:
                 reasons.append(None)
         return reasons
+
+    @staticmethod
+    def _stop_check(seq: Sequence) -> bool:
+        try:
+            return bool(seq.params.stop_check(seq.output_token_ids))
+        except Exception as exc:  # a request's own check fails that request only
+            seq.error = exc
+            return True
 
     def replace(self, old: list[Sequence], new: list[Sequence]) -> None:
         """Put ``new`` where ``old`` were (a request's root by its samples, beams by the next beams); old

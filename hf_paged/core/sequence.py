@@ -44,6 +44,7 @@ class SamplingParams:
     top_logprobs: int = 0  # also the most likely alternatives at each position (at most 20)
     keep_scores: bool = False  # keep each step's processed logits (HF output_scores)
     logits_processors: Any = None  # an HF LogitsProcessorList (or callables (input_ids, scores) -> scores)
+    stop_check: Callable[[list[int]], bool] | None = None  # after each token, the output so far: True stops (kept)
     cache_salt: str | None = None
     n: int = 1  # parallel samples of one prompt (prefilled once, sharing its blocks)
     num_beams: int = 1  # beam search (HF's semantics) when > 1
@@ -108,6 +109,8 @@ class SamplingParams:
                 raise bad("structured_outputs", "must be a StructuredOutputs")
             if self.num_beams > 1:
                 raise bad("structured_outputs", "beam search does not take a constraint")
+        if self.stop_check is not None and (self.num_beams > 1 or self.n > 1):
+            raise bad("stop_check", "one per sequence: not with n > 1 or beam search")
             self.structured_outputs.validate()
 
     @property

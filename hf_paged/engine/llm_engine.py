@@ -325,6 +325,11 @@ class LLMEngine:
                 added = True
             elif kind == "abort":
                 self.outputs.abort(item)
+            elif kind == "refresh":  # everything derived from the weights, whatever the check says
+                self.weights.changed(full=True)
+                self.executor.rebuild(None)
+            if kind in ("refresh", "reset_prefix_cache"):
+                self.kv.reset_prefix_cache()
 
     def _grammars(self) -> GrammarCompiler:
         """The engine's grammar compiler, built with the first constrained request (it reads the whole vocabulary)."""
@@ -336,9 +341,19 @@ class LLMEngine:
     def _sync_weights(self, was_idle: bool) -> None:
         """Before new requests run: if the model's weights changed since the last step (an optimizer step, a
         ``load_state_dict``, a merged adapter), cached prefixes hold stale K/V and packed copies stale weights."""
-        if self.weights.changed(full=was_idle):
+        changed = self.weights.changed(full=was_idle)
+        if changed is not None:
             self.kv.reset_prefix_cache()
-            self.executor.rebuild()
+            self.executor.rebuild(changed)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget the cached prefixes at the next step (vLLM's name; requests running keep their blocks)."""
+        self._post("reset_prefix_cache", None)
+
+    def refresh_weights(self) -> None:
+        """Say that the model's weights changed, for writes the engine's check may not see (a few elements written
+        through ``.data``): the next step drops the prefix cache and re-derives every packed weight."""
+        self._post("refresh", None)
 
     def step(self) -> list[Sequence]:
         """One iteration (schedule -> execute -> sample -> process); returns the sequences that finished in it."""

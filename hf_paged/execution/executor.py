@@ -6,7 +6,7 @@ the KV tensors. ``hf_paged.distributed.TensorParallelExecutor`` runs the same ru
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Collection, Protocol
 
 import torch
 
@@ -25,7 +25,7 @@ class Executor(Protocol):
 
     def execute(self, step: SchedulerOutput) -> tuple[torch.Tensor, list[int]]: ...
 
-    def rebuild(self) -> None: ...
+    def rebuild(self, changed: Collection[torch.Tensor] | None = None) -> None: ...
 
     def close(self) -> None: ...
 
@@ -45,9 +45,9 @@ class UniProcExecutor:
         """The step's logits ``[num_sampling, vocab]`` (fp32) and the indices of the sequences they belong to."""
         return self.runner.execute(step)
 
-    def rebuild(self) -> None:
-        """The model's weights changed: rebuild what the plan derived from them."""
-        self.runner.build()
+    def rebuild(self, changed: Collection[torch.Tensor] | None = None) -> None:
+        """The model's weights changed (``changed``; None: any of them): rebuild what the plan derived from them."""
+        self.runner.build(changed)
 
     def close(self) -> None:
         self.runner.close()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 import weakref
 from contextlib import ExitStack, contextmanager
-from typing import Callable, Iterator
+from typing import Callable, Collection, Iterator
 
 import torch
 
@@ -46,9 +46,14 @@ def model_lock(model: torch.nn.Module) -> threading.Lock:
 
 
 class WeightWatcher:
-    """Tells whether a model's weights changed since the last look: cheaply (each parameter's storage and version
-    counter, which in-place updates such as optimizer steps and ``load_state_dict`` bump), or fully (also a walk
-    over the modules, for parameters replaced or added and PEFT adapters merged through ``.data``)."""
+    """Tells which of a model's parameters changed since the last look. Cheaply: each parameter's storage and version
+    counter (bumped by in-place updates through the parameter: foreach optimizers, ``load_state_dict``, ``copy_``).
+    Fully, also a sampled fingerprint of each parameter's values (fused optimizers and writes through ``.data`` bump
+    no version counter; every element-wise update changes the sampled elements too) and a walk over the modules (a
+    parameter replaced or added, PEFT adapters merged). A write through ``.data`` to a few elements only may fall
+    between the samples: ``LLMEngine.refresh_weights`` says it explicitly."""
+
+    SAMPLES = 512  # elements per parameter in the fingerprint
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
@@ -63,19 +68,41 @@ class WeightWatcher:
                 out.append(tuple(merged))
         return out
 
+    @classmethod
+    @torch.no_grad()
+    def _fingerprint(cls, p: torch.Tensor) -> int:
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // cls.SAMPLES)]
+        bits = sample.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[sample.element_size()])
+        weights = torch.arange(1, bits.numel() + 1, dtype=torch.int64, device=bits.device)
+        return int((bits.to(torch.int64) * weights).sum())
+
+    def _states(self, full: bool) -> list[tuple]:
+        return [(p.data_ptr(), p._version, self._fingerprint(p) if full else None) for p in self.params]
+
     def _take(self, structure: list | None = None) -> None:
         self.params = list(self.model.parameters())
-        self.state = [(p.data_ptr(), p._version) for p in self.params]
+        self.state = self._states(full=True)
         self.structure = structure if structure is not None else self._structure()
 
-    def changed(self, full: bool) -> bool:
-        """Whether anything changed since the last call (and remember the current state)."""
-        state = [(p.data_ptr(), p._version) for p in self.params]
+    def changed(self, full: bool) -> list[torch.Tensor] | None:
+        """The parameters that changed since the last call (all of them if the model's structure did), or None if
+        nothing did; remembers the current state."""
         structure = self._structure() if full else None
-        if state != self.state or (structure is not None and structure != self.structure):
+        if structure is not None and structure != self.structure:
             self._take(structure)
-            return True
-        return False
+            return self.params
+        state = self._states(full)
+        changed = [p for p, now, then in zip(self.params, state, self.state)
+                   if now[:2] != then[:2] or (full and now[2] != then[2])]
+        if not changed:
+            return None
+        self.state = [now if full else (*now[:2], then[2]) for now, then in zip(state, self.state)]
+        if not full:  # the fingerprints of what changed are not known: take them now
+            for i, p in enumerate(self.params):
+                if any(p is c for c in changed):
+                    self.state[i] = (*self.state[i][:2], self._fingerprint(p))
+        return changed
 
 
 class ModelRunner:
@@ -108,11 +135,16 @@ class ModelRunner:
     def packed(self) -> bool:
         return bool(self._packers)
 
-    def build(self) -> None:
-        """(Re)build the plan's forwards for the model as it is now, keeping packed copies of unchanged weights."""
+    def build(self, changed: Collection[torch.Tensor] | None = None) -> None:
+        """(Re)build the plan's forwards for the model as it is now, keeping packed copies of the weights that did not
+        change (``changed``: those that did, beyond what their storage and version counter tell; None: all)."""
         plan, model = self.plan, self.model
-        fused, grouped = build_fused(model, plan.linears, self._fused) if plan.fused_layers else ({}, [])
-        packers = build_packers(model, plan.linears, skip=grouped, previous=self._packers) \
+        stale = {id(p) for p in changed} if changed is not None else None
+        previous_fused = {m: f for m, f in self._fused.items()
+                          if stale is not None and not any(id(linear.weight) in stale for linear in f.linears)}
+        previous_packers = {m: p for m, p in self._packers.items() if stale is not None and id(m.weight) not in stale}
+        fused, grouped = build_fused(model, plan.linears, previous_fused) if plan.fused_layers else ({}, [])
+        packers = build_packers(model, plan.linears, skip=grouped, previous=previous_packers) \
             if plan.linears != "torch" else {}
         compiled = build_compiled(model) if plan.compiled else None
         forwards: dict[torch.nn.Module, Callable] = {}
