@@ -1,10 +1,12 @@
 """Third-party clients on a wrapped model against the same model plain, side by side in one run: lm-evaluation-harness
 ``generate_until`` (``HFLM(pretrained=model)``, the same ``batch_size``) on a local 48-item task, short answers and a
-chain-of-thought style task generating at least 128 tokens per item.
+chain-of-thought style task generating at least 128 tokens per item; and TRL's ``GRPOTrainer`` (``use_vllm=False``):
+the time of its generation phase (``_generate_single_turn``) over a few steps, plain ``generate``, wrapped, and
+transformers' own continuous batching (``use_transformers_paged=True``).
 
-    benchmarks/clients.py [--batch-size 8] [--items 48] [--dtype float32] [--tasks short,cot]
+    benchmarks/clients.py [--batch-size 8] [--items 48] [--dtype float32] [--tasks short,cot,grpo] [--grpo-steps 3]
 
-Prints each task's wall time plain and wrapped (the engine started before the clock: a process pays that once), the
+Prints each lm-eval task's wall time plain and wrapped (the engine started before the clock: a process pays that once), the
 ratio, whether the answers are identical, and the tokens the engine generated per item.
 """
 
@@ -53,12 +55,54 @@ def evaluate(model, tokenizer, task: str, folder: str, batch_size: int) -> tuple
     return seconds, [s["resps"][0][0] for s in samples]
 
 
+def grpo_generation_seconds(model, tokenizer, mode: str, steps: int) -> tuple[float, float]:
+    """(seconds in GRPO's generation phase, seconds of the whole training) for ``steps`` steps."""
+    import tempfile as tmp
+
+    import datasets
+    import trl
+
+    import hf_paged
+
+    spent = [0.0]
+    original = trl.GRPOTrainer._generate_single_turn
+
+    def timed(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - start
+
+    prompts = [f"Write a short poem about the number {i}." for i in range(64)]
+    args = trl.GRPOConfig(output_dir=tmp.mkdtemp(), per_device_train_batch_size=16, num_generations=8,
+                          max_completion_length=64, max_steps=steps, learning_rate=1e-6, report_to=[], use_cpu=True,
+                          save_strategy="no", bf16=False, disable_tqdm=True,
+                          use_transformers_paged=mode == "transformers_paged")
+    if mode == "wrapped":
+        hf_paged.wrap(model, tokenizer)
+        model.generate(**tokenizer(["Warm up"], return_tensors="pt"), max_new_tokens=2)  # the engine starts
+    trl.GRPOTrainer._generate_single_turn = timed
+    try:
+        trainer = trl.GRPOTrainer(model=model, args=args, processing_class=tokenizer,
+                                  reward_funcs=lambda completions, **_: [float(len(c)) for c in completions],
+                                  train_dataset=datasets.Dataset.from_dict({"prompt": prompts}))
+        start = time.perf_counter()
+        trainer.train()
+        return spent[0], time.perf_counter() - start
+    finally:
+        trl.GRPOTrainer._generate_single_turn = original
+        if mode == "wrapped":
+            hf_paged.unwrap(model)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--items", type=int, default=48)
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--tasks", default=",".join([*TASKS, "grpo"]))
+    ap.add_argument("--grpo-steps", type=int, default=3)
     args = ap.parse_args()
 
     import torch
@@ -70,8 +114,17 @@ def main() -> None:
     model, tokenizer = load_default_model(dtype=getattr(torch, args.dtype))
     tokenizer.padding_side = "left"
     folder = Path(tempfile.mkdtemp(prefix="hf-paged-clients-"))
-    rows = []
-    for task in args.tasks.split(","):
+    rows, grpo = [], []
+    tasks = args.tasks.split(",")
+    if "grpo" in tasks:
+        tasks.remove("grpo")
+        for mode in ("plain", "wrapped", "transformers_paged"):
+            fresh, _ = load_default_model(dtype=getattr(torch, args.dtype))
+            try:
+                grpo.append((mode, *grpo_generation_seconds(fresh, tokenizer, mode, args.grpo_steps)))
+            except Exception as exc:  # a peer that cannot run here is reported, not fatal
+                grpo.append((mode, None, f"{type(exc).__name__}: {exc}"[:120]))
+    for task in tasks:
         write_task(folder, task, args.items)
         plain_s, plain = evaluate(model, tokenizer, task, str(folder), args.batch_size)
         hf_paged.wrap(model, tokenizer)
@@ -85,6 +138,17 @@ def main() -> None:
             hf_paged.unwrap(model)
         same = sum(a == b for a, b in zip(plain, paged))
         rows.append((task, plain_s, paged_s, same, len(plain), tokens / len(plain)))
+    if grpo:
+        print(f"\nTRL GRPOTrainer, {args.grpo_steps} steps of 16 completions x 64 tokens, {args.dtype}")
+        print("| generation | generation phase (s) | training (s) | generation vs plain |\n|---|---:|---:|---:|")
+        plain_gen = grpo[0][1]
+        for mode, gen_s, total in grpo:
+            if gen_s is None:
+                print(f"| {mode} | failed: {total} | | |")
+            else:
+                print(f"| {mode} | {gen_s:.1f} | {total:.1f} | {plain_gen / gen_s:.2f}x |")
+    if not rows:
+        return
     print(f"\nlm-eval generate_until, {args.items} items, batch_size {args.batch_size}, {args.dtype}")
     print("| task | plain HF (s) | wrapped (s) | speed-up | same answers | tokens per item (engine) |\n"
           "|---|---:|---:|---:|---:|---:|")

@@ -256,6 +256,8 @@ class TensorParallelExecutor(UniProcExecutor):
     """Rank 0's executor: before each forward it sends the step (the scheduler's plain ``SchedulerOutput``) to the
     other ranks, which run it on the same ``ModelRunner`` over their own KV tensors."""
 
+    retries_alone = False  # a failed collective leaves the ranks out of step: the step's requests fail
+
     def __init__(self, model: torch.nn.Module, config: EngineConfig, plan: ExecutionPlan) -> None:
         if rank() != 0:
             raise ValueError("model: the engine of a tensor-parallel model runs on rank 0; the other ranks run "

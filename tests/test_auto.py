@@ -92,6 +92,28 @@ def test_enable_wraps_loaded_models_and_disable_undoes_it(tiny_model_dir):
     assert not api.is_wrapped(AutoModelForCausalLM.from_pretrained(tiny_model_dir / "llama"))
 
 
+def test_enable_wraps_concrete_classes_too(tiny_model_dir):
+    """TRL and many scripts load through the concrete class (``LlamaForCausalLM.from_pretrained``); a base model
+    (no LM head) is left alone."""
+    from transformers import LlamaForCausalLM, LlamaModel, PreTrainedModel
+
+    build_tiny_model("llama", tiny_model_dir)
+    original = PreTrainedModel.__dict__["from_pretrained"]
+    hf_paged.enable(num_blocks=64)
+    try:
+        model = LlamaForCausalLM.from_pretrained(tiny_model_dir / "llama", dtype=torch.float32)
+        base = LlamaModel.from_pretrained(tiny_model_dir / "llama", dtype=torch.float32)
+        assert api.is_wrapped(model) and not api.is_wrapped(base)
+        model.generate(torch.tensor([tiny_prompts(1, seed=4)[0]]), max_new_tokens=4, do_sample=False)
+        assert hf_paged.get_engine(model).metrics.steps > 0
+    finally:
+        hf_paged.disable()
+        from hf_paged.integrations import pipeline as pipeline_patch
+
+        pipeline_patch.install()
+    assert PreTrainedModel.__dict__["from_pretrained"] is original and not api.is_wrapped(model)
+
+
 def test_enable_rejects_bad_options(monkeypatch):
     with pytest.raises(ValueError, match="num_blocks"):
         hf_paged.enable(num_blocks=-1)

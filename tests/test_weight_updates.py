@@ -94,3 +94,54 @@ def test_refresh_weights_and_reset_prefix_cache(tiny_model_dir):
         assert [o.token_ids for o in engine.generate(prompts, GREEDY, use_tqdm=False)] == refs
         stats = engine.stats()
         assert stats["num_free_blocks"] == stats["num_blocks"]
+
+
+def test_sleep_frees_the_pool_and_the_next_request_wakes_it(tiny_model_dir):
+    """vLLM's sleep / wake_up for RL loops: the KV memory and packed weights are freed while training runs; the next
+    request brings them back, with the weights as they are then."""
+    model = build_tiny_model("llama", tiny_model_dir)
+    prompts = tiny_prompts(3, seed=44)
+    with LLMEngine(model, None, num_blocks=64, enable_prefix_caching=True) as engine:
+        engine.generate(prompts, GREEDY, use_tqdm=False)
+        engine.sleep()
+        assert engine.kv_cache.kv.numel() == 0 and not engine.runner.forwards
+        UPDATES["adamw_fused"](model)
+        refs = hf_greedy(model, prompts, 10, 0, set(), batch=3)
+        assert [o.token_ids for o in engine.generate(prompts, GREEDY, use_tqdm=False)] == refs
+        assert engine.kv_cache.kv.numel() > 0
+        engine.sleep()
+        engine.wake_up()
+        assert [o.token_ids for o in engine.generate(prompts, GREEDY, use_tqdm=False)] == refs
+
+
+def test_load_weights_names_and_copies(tiny_model_dir):
+    model = build_tiny_model("llama", tiny_model_dir)
+    prompts = tiny_prompts(2, seed=45)
+    with LLMEngine(model, None, num_blocks=64) as engine:
+        engine.generate(prompts, GREEDY, use_tqdm=False)
+        new = [(name, p.detach() * 1.1) for name, p in model.named_parameters()]
+        engine.load_weights(new)
+        refs = hf_greedy(model, prompts, 10, 0, set(), batch=2)
+        assert [o.token_ids for o in engine.generate(prompts, GREEDY, use_tqdm=False)] == refs
+        with pytest.raises(ValueError, match="^weights: no parameter named 'nope'"):
+            engine.load_weights([("nope", torch.zeros(1))])
+
+
+def test_peft_merge_adapter_is_seen(tiny_model_dir):
+    """PEFT's ``merge_adapter`` writes the merged weights through ``.data``: the engine serves them after it."""
+    from peft import LoraConfig, get_peft_model
+
+    model = build_tiny_model("llama", tiny_model_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                  init_lora_weights=False))
+    base = peft_model.get_base_model()
+    prompts = tiny_prompts(3, seed=46)
+    with peft_model.disable_adapter():
+        plain = hf_greedy(base, prompts, 10, 0, set(), batch=3)
+    with LLMEngine(base, None, num_blocks=64) as engine:
+        with peft_model.disable_adapter():
+            assert [o.token_ids for o in engine.generate(prompts, GREEDY, use_tqdm=False)] == plain
+        peft_model.merge_adapter()
+        merged = hf_greedy(base, prompts, 10, 0, set(), batch=3)
+        assert merged != plain
+        assert [o.token_ids for o in engine.generate(prompts, GREEDY, use_tqdm=False)] == merged

@@ -36,7 +36,7 @@ from ..distributed import executor_class, is_tensor_parallel
 from ..execution.cuda_graphs import DecodeGraphs
 from ..execution.executor import Executor
 from ..execution.kv_cache import KVCache
-from ..execution.model_runner import ModelRunner, WeightWatcher
+from ..execution.model_runner import ModelRunner, WeightWatcher, model_lock
 from ..execution.plan import build_plan
 from ..execution.probe import probe_engine
 from ..execution.sampler import Sampler
@@ -155,6 +155,7 @@ class LLMEngine:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._grammar_lock = threading.Lock()
+        self._asleep = False
         _engines.add(self)
 
     def _start_runner(self) -> None:
@@ -270,6 +271,8 @@ class LLMEngine:
         with self._wake:
             if self._closed:
                 raise RuntimeError("this LLMEngine is closed")
+            if kind == "add":
+                self._wake_up()
             self._inbox.put((kind, item))
             self._pending += 1
             self._pending_adds += kind == "add"
@@ -346,6 +349,41 @@ class LLMEngine:
             self.kv.reset_prefix_cache()
             self.executor.rebuild(changed)
 
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """vLLM's route for RL frameworks: copy ``(name, tensor)`` pairs into the model's parameters (between two of
+        the engine's forwards), then re-derive what the engine built from them and drop the prefix cache."""
+        params = dict(self.model.named_parameters())
+        weights = list(weights)
+        unknown = [name for name, _ in weights if name not in params]
+        if unknown:
+            raise ValueError(f"weights: no parameter named {unknown[0]!r}")
+        with model_lock(self.model), torch.no_grad():
+            for name, tensor in weights:
+                params[name].copy_(tensor)
+        self.refresh_weights()
+
+    def sleep(self) -> None:
+        """Free the KV pool's memory and the packed weights while the engine is idle (vLLM's ``sleep``: an RL loop
+        trains meanwhile); the next request, or :meth:`wake_up`, brings them back (cached prefixes do not survive)."""
+        with self._wake:
+            if self._pending or self.scheduler.has_work():
+                raise RuntimeError("sleep: requests are queued or running")
+            if not self._asleep:
+                self.kv.reset_prefix_cache()
+                self.executor.sleep()
+                self._asleep = True
+
+    def wake_up(self) -> None:
+        """Allocate the KV pool again and re-derive the packed weights from the weights as they are now."""
+        with self._wake:
+            self._wake_up()
+
+    def _wake_up(self) -> None:
+        if self._asleep:
+            self.executor.wake_up()
+            self.weights.changed(full=True)  # what was re-derived is current
+            self._asleep = False
+
     def reset_prefix_cache(self) -> None:
         """Forget the cached prefixes at the next step (vLLM's name; requests running keep their blocks)."""
         self._post("reset_prefix_cache", None)
@@ -394,7 +432,7 @@ class LLMEngine:
         try:
             return (*self.executor.execute(step), [])
         except Exception:
-            if len(step.seqs) == 1:
+            if len(step.seqs) == 1 or not self.executor.retries_alone:
                 raise
             logger.exception("engine step failed; running its %d sequences one by one", len(step.seqs))
         parts, rows, failed = [], [], []

@@ -25,13 +25,21 @@ class Executor(Protocol):
 
     def execute(self, step: SchedulerOutput) -> tuple[torch.Tensor, list[int]]: ...
 
+    retries_alone: bool  # whether a failed batch may be run again one sequence at a time
+
     def rebuild(self, changed: Collection[torch.Tensor] | None = None) -> None: ...
+
+    def sleep(self) -> None: ...
+
+    def wake_up(self) -> None: ...
 
     def close(self) -> None: ...
 
 
 class UniProcExecutor:
     """One runner in this process."""
+
+    retries_alone = True  # a failed step can be run again sequence by sequence (nothing else saw it)
 
     def __init__(self, model: torch.nn.Module, config: EngineConfig, plan: ExecutionPlan,
                  num_kv_heads: int | None = None) -> None:
@@ -48,6 +56,12 @@ class UniProcExecutor:
     def rebuild(self, changed: Collection[torch.Tensor] | None = None) -> None:
         """The model's weights changed (``changed``; None: any of them): rebuild what the plan derived from them."""
         self.runner.build(changed)
+
+    def sleep(self) -> None:
+        self.runner.sleep()
+
+    def wake_up(self) -> None:
+        self.runner.wake_up()
 
     def close(self) -> None:
         self.runner.close()

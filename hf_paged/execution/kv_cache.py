@@ -114,6 +114,15 @@ class KVCache:
         pairs = torch.tensor(copies, dtype=torch.long, pin_memory=self.kv.is_cuda).to(self.device, non_blocking=True)
         copy_blocks(self.kv, pairs, plan, scales=self.kv_scales)
 
+    def restore(self) -> None:
+        """Storage again after :meth:`release` (zeros: nothing that was cached survives)."""
+        if self.kv.shape[2] == 0:
+            self.kv = _zeros((*self.kv.shape[:2], self.num_blocks + 1, *self.kv.shape[3:]), self.kv.dtype,
+                             self.kv.device)
+            if self.kv_scales is not None:
+                self.kv_scales = _zeros((*self.kv_scales.shape[:2], self.num_blocks + 1, *self.kv_scales.shape[3:]),
+                                        torch.float32, self.kv.device)
+
     def release(self) -> None:
         """Give the storage back (its owner is closing)."""
         self.kv = self.kv.new_empty((*self.kv.shape[:2], 0, *self.kv.shape[3:]))

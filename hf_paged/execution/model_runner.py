@@ -71,7 +71,10 @@ class WeightWatcher:
     @classmethod
     @torch.no_grad()
     def _fingerprint(cls, p: torch.Tensor) -> int:
-        flat = p.detach().reshape(-1)
+        local = p.detach()
+        if hasattr(local, "to_local"):  # a tensor-parallel shard (DTensor): this rank's part, no collective
+            local = local.to_local()
+        flat = local.reshape(-1)
         sample = flat[:: max(1, flat.numel() // cls.SAMPLES)]
         bits = sample.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[sample.element_size()])
         weights = torch.arange(1, bits.numel() + 1, dtype=torch.int64, device=bits.device)
@@ -161,6 +164,15 @@ class ModelRunner:
         self.forwards = forwards
         if getattr(self, "decode_graphs", None) is not None:  # captured with the old weights and forwards
             self.decode_graphs.reset()
+
+    def sleep(self) -> None:
+        """Free the KV tensors and packed weights until :meth:`wake_up` (training holds the memory meanwhile)."""
+        self.forwards, self._packers, self._fused, self._packers_by_weight = {}, {}, {}, {}
+        self.kv_cache.release()
+
+    def wake_up(self) -> None:
+        self.kv_cache.restore()
+        self.build()
 
     def close(self) -> None:
         """Drop everything this runner built (nothing is installed between forwards) and its KV tensors."""
