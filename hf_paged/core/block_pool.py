@@ -139,14 +139,24 @@ def hash_block_tokens(parent: bytes | None, token_ids: Sequence[int], salt: str 
 
 
 class BlockTable:
-    """The blocks of one sequence, in order, and how many token slots of them are filled."""
+    """The blocks of one sequence, in order, and how many token slots of them are filled. The first ``dropped``
+    entries may be the null block: blocks given back because no query attends to them again (sliding window)."""
 
-    __slots__ = ("pool", "blocks", "num_tokens")
+    __slots__ = ("pool", "blocks", "num_tokens", "dropped")
 
-    def __init__(self, pool: BlockPool, blocks: list[int] | None = None, num_tokens: int = 0) -> None:
+    def __init__(self, pool: BlockPool, blocks: list[int] | None = None, num_tokens: int = 0, dropped: int = 0) -> None:
         self.pool = pool
         self.blocks: list[int] = blocks if blocks is not None else []
         self.num_tokens = num_tokens
+        self.dropped = dropped
+
+    def drop_before(self, index: int) -> None:
+        """Give back the blocks before ``index`` (their entries become the null block; positions stay as they were)."""
+        null = self.pool.null_block
+        for b in range(self.dropped, min(index, len(self.blocks) - 1)):  # the last block is always kept
+            self.pool.decref(self.blocks[b])
+            self.blocks[b] = null
+            self.dropped = b + 1
 
     def blocks_needed(self, num_new_tokens: int) -> int:
         """Fresh blocks that ``append_slots(num_new_tokens)`` would take (copy-on-write included)."""
@@ -179,20 +189,20 @@ class BlockTable:
 
     def fork(self) -> "BlockTable":
         """A second table sharing every block of this one."""
-        for block in self.blocks:
+        for block in self.blocks[self.dropped:]:
             self.pool.incref(block)
-        return BlockTable(self.pool, list(self.blocks), self.num_tokens)
+        return BlockTable(self.pool, list(self.blocks), self.num_tokens, self.dropped)
 
     def copy(self) -> "BlockTable":
         """A second table with private copies of every block (what sharing saves; for measurements)."""
         if len(self.blocks) > self.pool.num_free_blocks:
             raise MemoryError("the KV block pool is exhausted")
-        blocks = []
-        for block in self.blocks:
+        blocks = self.blocks[: self.dropped]
+        for block in self.blocks[self.dropped:]:
             fresh = self.pool.allocate()
             self.pool.queue_copy(block, fresh)
             blocks.append(fresh)
-        return BlockTable(self.pool, blocks, self.num_tokens)
+        return BlockTable(self.pool, blocks, self.num_tokens, self.dropped)
 
     def adopt_cached_blocks(self, blocks: Iterable[int]) -> None:
         """Start an empty table with full blocks found in the prefix cache (already increfed)."""
@@ -201,10 +211,10 @@ class BlockTable:
         self.num_tokens = len(self.blocks) * self.pool.block_size
 
     def free(self) -> None:
-        for block in reversed(self.blocks):
+        for block in reversed(self.blocks[self.dropped:]):
             self.pool.decref(block)
         self.blocks = []
-        self.num_tokens = 0
+        self.num_tokens = self.dropped = 0
 
     def slots(self, start: int, end: int) -> list[int]:
         return slot_ids(self.blocks, start, end, self.pool.block_size)

@@ -10,7 +10,7 @@ full blocks a step filled so later prompts can find them, and returns a sequence
 from __future__ import annotations
 
 from .block_pool import BlockPool, hash_block_tokens
-from .kv_cache_spec import KVCacheGroup
+from .kv_cache_spec import KVCacheGroup, SlidingWindowSpec
 from .sequence import Sequence
 
 
@@ -25,6 +25,9 @@ class KVCacheManager:
                              "KV-cache manager does not keep")
         self.groups = list(groups or [])
         self.pool = pool
+        # Every paged layer attends within a window: blocks behind the smallest one go back to the pool.
+        sliding = [g.spec.window for g in self.groups if isinstance(g.spec, SlidingWindowSpec)]
+        self.window = min(sliding) if sliding and len(sliding) == len(self.groups) else None
         self.enable_prefix_caching = enable_prefix_caching
         self.num_prefix_cached_tokens = 0  # prompt tokens served from the prefix cache
 
@@ -34,6 +37,12 @@ class KVCacheManager:
 
     def free(self, seq: Sequence) -> None:
         seq.block_table.free()
+
+    def free_out_of_window(self, seq: Sequence) -> None:
+        """After a step: give back the blocks of the sequence that no later query attends to (the next one, at
+        position ``num_computed_tokens``, sees keys from ``num_computed_tokens - window + 1`` on)."""
+        if self.window is not None:
+            seq.block_table.drop_before((seq.num_computed_tokens - self.window + 1) // self.pool.block_size)
 
     # ---- prefix cache --------------------------------------------------------------------------
     def take_cached_prefix(self, seq: Sequence) -> None:

@@ -3,8 +3,9 @@
 A layer's state is one of: paged K/V over the whole prefix (``FullAttentionSpec``), paged K/V of which attention reads
 only the last ``window`` positions (``SlidingWindowSpec``), or a fixed-size recurrent state per sequence
 (``RecurrentStateSpec``: Mamba-style layers, not paged). Layers with equal specs form one ``KVCacheGroup``; the
-``KVCacheManager`` keeps the block tables of the paged groups (today one table per sequence serves every paged
-group: a sliding-window group keeps its whole prefix, which attention masks) and refuses groups it cannot keep yet.
+``KVCacheManager`` keeps the block tables of the paged groups (one table per sequence serves every paged group: where
+every group is sliding, the blocks behind the smallest window go back to the pool as the sequence advances; a model
+that mixes full and sliding layers keeps its whole prefix, which attention masks) and refuses groups it cannot keep.
 """
 
 from __future__ import annotations

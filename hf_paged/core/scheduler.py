@@ -150,6 +150,7 @@ class Scheduler:
             old = seq.num_computed_tokens
             seq.num_computed_tokens = old + n
             self.kv.register_computed_blocks(seq, old)
+            self.kv.free_out_of_window(seq)
 
     def append_tokens(self, seqs: list[Sequence], tokens: list[int], logprobs: list[float] | None,
                       top_logprobs: list | None) -> list[FinishReason | None]:

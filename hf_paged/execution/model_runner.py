@@ -96,16 +96,13 @@ class WeightWatcher:
             self._take(structure)
             return self.params
         state = self._states(full)
-        changed = [p for p, now, then in zip(self.params, state, self.state)
-                   if now[:2] != then[:2] or (full and now[2] != then[2])]
-        if not changed:
+        moved = [now[:2] != then[:2] or (full and now[2] != then[2]) for now, then in zip(state, self.state)]
+        if not any(moved):
             return None
-        self.state = [now if full else (*now[:2], then[2]) for now, then in zip(state, self.state)]
-        if not full:  # the fingerprints of what changed are not known: take them now
-            for i, p in enumerate(self.params):
-                if any(p is c for c in changed):
-                    self.state[i] = (*self.state[i][:2], self._fingerprint(p))
-        return changed
+        # A cheap look did not take fingerprints: those of what changed are taken now, the others kept.
+        self.state = [now if full else (*now[:2], self._fingerprint(p) if m else then[2])
+                      for p, now, then, m in zip(self.params, state, self.state, moved)]
+        return [p for p, m in zip(self.params, moved) if m]
 
 
 class ModelRunner:
