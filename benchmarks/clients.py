@@ -47,9 +47,10 @@ def evaluate(model, tokenizer, task: str, folder: str, batch_size: int) -> tuple
     from lm_eval.tasks import TaskManager
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    tasks = TaskManager(include_path=folder, include_defaults=False)
     start = time.perf_counter()
-    out = lm_eval.simple_evaluate(model=lm, tasks=[f"clients_{task}"], task_manager=TaskManager(include_path=folder),
-                                  log_samples=True, verbosity="ERROR")
+    out = lm_eval.simple_evaluate(model=lm, tasks=[f"clients_{task}"], task_manager=tasks, log_samples=True,
+                                  verbosity="ERROR")
     seconds = time.perf_counter() - start
     samples = sorted(out["samples"][f"clients_{task}"], key=lambda s: s["doc_id"])
     return seconds, [s["resps"][0][0] for s in samples]

@@ -28,7 +28,7 @@ doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
 doc_to_target: "{{{{answer}}}}"
 generation_kwargs:
   until: ["\\n", "Question:"]
-  max_gen_toks: 24
+  max_gen_toks: 16
   do_sample: false
 metric_list:
   - metric: exact_match
@@ -41,8 +41,9 @@ def _answers(model, tokenizer, task_dir: str) -> list[str]:
     from lm_eval.tasks import TaskManager
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=8)
-    out = lm_eval.simple_evaluate(model=lm, tasks=["local_sums"], task_manager=TaskManager(include_path=task_dir),
-                                  log_samples=True, verbosity="ERROR")
+    tasks = TaskManager(include_path=task_dir, include_defaults=False)
+    out = lm_eval.simple_evaluate(model=lm, tasks=["local_sums"], task_manager=tasks, log_samples=True,
+                                  verbosity="ERROR")
     samples = sorted(out["samples"]["local_sums"], key=lambda s: s["doc_id"])
     return [s["resps"][0][0] for s in samples]
 
