@@ -43,24 +43,17 @@ def main() -> None:
     full_blocks = args.seqs * -(-(args.prompt + new) // args.block_size)
     with torch.inference_mode(), LLMEngine(model, None, num_blocks=full_blocks + 16, block_size=args.block_size,
                                            enable_prefix_caching=False) as engine:
-        peak = [0]
-        record = engine.metrics.record_step
-
-        def watching(num_tokens, seconds, pool, scheduler):
-            peak[0] = max(peak[0], pool.num_used_blocks)
-            record(num_tokens, seconds, pool, scheduler)
-
-        engine.metrics.record_step = watching
         start = time.perf_counter()
         engine.generate(prompts, SamplingParams(max_new_tokens=new, temperature=0, ignore_eos=True), use_tqdm=False)
         seconds = time.perf_counter() - start
         block_bytes = engine.kv_cache.bytes_per_block
+        peak = engine.metrics.peak_blocks_in_use
     print(f"\n{args.seqs} sequences x ({args.prompt} prompt + {new} new) tokens, window {args.window}, "
           f"block size {args.block_size}")
     print("| KV | peak blocks | peak MiB |\n|---|---:|---:|")
     print(f"| full length (what every token kept would need) | {full_blocks} | {full_blocks * block_bytes / 2**20:.1f} |")
-    print(f"| hf_paged, blocks behind the window freed | {peak[0]} | {peak[0] * block_bytes / 2**20:.1f} |")
-    print(f"saving: {full_blocks / peak[0]:.2f}x less KV memory; {args.seqs * new / seconds:.1f} output tok/s")
+    print(f"| hf_paged, blocks behind the window freed | {peak} | {peak * block_bytes / 2**20:.1f} |")
+    print(f"saving: {full_blocks / peak:.2f}x less KV memory; {args.seqs * new / seconds:.1f} output tok/s")
 
 
 if __name__ == "__main__":

@@ -20,30 +20,17 @@ def mistral(tiny_model_dir):
     return model
 
 
-def _peak_blocks(engine):
-    peak = [0]
-    record = engine.metrics.record_step
-
-    def watching(num_tokens, seconds, pool, scheduler):
-        peak[0] = max(peak[0], pool.num_used_blocks)
-        record(num_tokens, seconds, pool, scheduler)
-
-    engine.metrics.record_step = watching
-    return peak
-
-
 def test_a_long_generation_holds_only_the_window(mistral):
     prompt = tiny_prompts(1, seed=61, low=5, high=6)[0]
     new = 4 * WINDOW
     ref = hf_greedy(mistral, [prompt], new, 0, set(), batch=1)
     with LLMEngine(mistral, None, num_blocks=64, block_size=BLOCK, enable_prefix_caching=False) as engine:
         assert engine.kv.window == WINDOW
-        peak = _peak_blocks(engine)
         out = engine.generate([prompt], SamplingParams(max_new_tokens=new, temperature=0, ignore_eos=True),
                               use_tqdm=False)
         assert out[0].token_ids == ref[0]
         full_length = -(-(len(prompt) + new) // BLOCK)
-        assert peak[0] <= WINDOW // BLOCK + 1 < full_length
+        assert engine.metrics.peak_blocks_in_use <= WINDOW // BLOCK + 1 < full_length
         assert engine.pool.num_free_blocks == engine.pool.num_blocks
 
 

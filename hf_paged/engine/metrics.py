@@ -47,11 +47,12 @@ class EngineMetrics:
         filled = 0
         bs = pool.block_size
         for seq in scheduler.running:
-            blocks = seq.block_table.blocks
-            for i, block in enumerate(blocks):
-                if block not in seen:
-                    seen.add(block)
-                    filled += bs if i < len(blocks) - 1 else seq.block_table.num_tokens - i * bs
+            table = seq.block_table
+            blocks = table.blocks
+            for i in range(table.dropped, len(blocks)):  # entries before `dropped` are the null block
+                if blocks[i] not in seen:
+                    seen.add(blocks[i])
+                    filled += bs if i < len(blocks) - 1 else table.num_tokens - i * bs
         self.kv_slot_utilization = filled / (len(seen) * bs) if seen else 1.0
         if used >= self.peak_blocks_in_use:
             self.peak_blocks_in_use = used

@@ -1,10 +1,10 @@
 """Next-token selection for a batch of sequences, vectorised over the batch.
 
-Order, as in HF: per-request logits processors, repetition / presence / frequency penalties, the
-min-new-tokens ban on stop tokens, the structured-output masks (constrained rows only); then greedy rows take the argmax and sampled rows go through
-temperature, top-k, top-p and min-p and draw from the result. A request with a seed draws from its own
-generator, so its tokens do not depend on what else is in the batch. Logprobs are those of the model's
-raw distribution (as vLLM reports them), with the ``top_logprobs`` most likely alternatives where asked.
+Order, as in HF: per-request logits processors, repetition / presence / frequency penalties, the min-new-tokens ban
+on stop tokens, the structured-output masks (constrained rows only); then greedy rows take the argmax and sampled rows
+go through temperature, top-k, top-p and min-p and draw from the result. A request with a seed draws from its own
+generator, so its tokens do not depend on what else is in the batch. Logprobs are those of the model's raw
+distribution (as vLLM reports them), with the ``top_logprobs`` most likely alternatives where asked.
 """
 
 from __future__ import annotations

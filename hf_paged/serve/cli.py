@@ -101,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(engine, engine.tokenizer, config)
     _raise_open_file_limit()
     uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                               access_log=not args.disable_access_log, http=_header_timeout_protocol(args.header_timeout),
+                               access_log=not args.disable_access_log,
+                               http=_header_timeout_protocol(args.header_timeout),
                                timeout_graceful_shutdown=int(args.shutdown_grace) + 5, lifespan="off")
     server = _graceful_server(uv_config, app.state.adapter)
     # uvicorn re-raises the signal that stopped it once it is done; with these handlers in place that is a no-op,

@@ -160,7 +160,7 @@ class ChatFormat(_Format):
         super().__init__(model_name, tokenizer, body, request)
         self.started: set[int] = set()
         self.body = body
-        self.tool_calls = bool(body.tools) and body.tool_choice != "none"
+        self.tool_calls = tools.offered(body)
         self.held: dict[int, str] = {}  # streamed text held back while it may be tool calls
         self.plain: set[int] = set()  # samples whose text is known to be content: streamed as it comes
 

@@ -39,6 +39,11 @@ def _call_text(message: ChatMessage) -> str:
     return "\n".join(part for part in (message.text(), calls) if part)
 
 
+def offered(req: ChatCompletionRequest) -> bool:
+    """Whether the request offers the model tools (some, and ``tool_choice`` not ``none``)."""
+    return bool(req.tools) and req.tool_choice != "none"
+
+
 def conversation(req: ChatCompletionRequest, template: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The messages as the chat template takes them, and the template's extra arguments (``tools`` where the
     template renders them itself)."""
@@ -56,12 +61,11 @@ def conversation(req: ChatCompletionRequest, template: str) -> tuple[list[dict[s
         if m.tool_call_id:
             entry["tool_call_id"] = m.tool_call_id
         messages.append(entry)
-    offered = req.tools if req.tools and req.tool_choice != "none" else None
-    if not offered:
+    if not offered(req):
         return messages, {}
     if native:
-        return messages, {"tools": [t.model_dump(exclude_none=True) for t in offered]}
-    prompt = _system_prompt(offered)
+        return messages, {"tools": [t.model_dump(exclude_none=True) for t in req.tools]}
+    prompt = _system_prompt(req.tools)
     if messages and messages[0]["role"] in ("system", "developer"):
         messages[0] = {**messages[0], "content": messages[0]["content"] + "\n\n" + prompt}
     else:
@@ -122,7 +126,7 @@ def _json_calls(text: str, names: set[str]) -> list[dict[str, Any]] | None:
 
 def parse(text: str, req: ChatCompletionRequest) -> tuple[str | None, list[dict[str, Any]]]:
     """The answer's content and its tool calls (content None when the whole output is calls)."""
-    if not req.tools or req.tool_choice == "none":
+    if not offered(req):
         return text, []
     named = _named(req)
     if named is not None:
