@@ -35,6 +35,10 @@ _LAYER_TYPE_FEATURES = {
 }
 # Layer types a PagedCache holds: it returns the whole K/V and HF's own mask does the rest.
 _CACHE_LAYER_TYPES = PAGED_LAYER_TYPES + ("chunked_attention",)
+# Layer types whose state the engine keeps per sequence when their mixers use the Cache's state API
+# (:func:`recurrent_mixers`); the hybrid ones also have K/V.
+_RECURRENT_LAYER_TYPES = ("linear_attention", "conv", "hybrid", "hybrid_sliding")
+_RECURRENT_ONLY_LAYER_TYPES = ("linear_attention", "conv")
 
 # Attention-call arguments: handled by the paged kernels, or neutral when None / False / 0.
 _HANDLED_ARGS = {"sliding_window", "softcap", "paged_metadata"}
@@ -50,9 +54,10 @@ class UnsupportedModel(ValueError):
     """The model holds state or computes attention that hf_paged's engine (or ``PagedCache``) does not reproduce;
     ``feature`` names it."""
 
-    def __init__(self, feature: str) -> None:
+    def __init__(self, feature: str, phase: str | None = None) -> None:
         super().__init__(f"model: hf_paged cannot run this model exactly ({feature}); use HF generate")
         self.feature = feature
+        self.phase = phase  # the engine probe's step that found it, if any
 
 
 def text_config(model: torch.nn.Module) -> Any:
@@ -81,14 +86,49 @@ def layer_windows(model: torch.nn.Module) -> dict[int, int | None]:
     its layer type, which is what HF's attention computes whatever the layer passes to the attention function."""
     config = text_config(model)
     window = getattr(config, "sliding_window", None)
-    return {i: (window if t == "sliding_attention" else None) for i, t in enumerate(layer_types(config))
-            if t not in _NO_KV_LAYER_TYPES}
+    return {i: (window if t in ("sliding_attention", "hybrid_sliding") else None)
+            for i, t in enumerate(layer_types(config)) if t not in _NO_KV_LAYER_TYPES + _RECURRENT_ONLY_LAYER_TYPES}
+
+
+_keeps_cache_state: dict[type, bool] = {}
+
+
+def recurrent_mixers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    """The decoder's modules that keep a per-sequence state through transformers' linear-attention Cache API
+    (``update_conv_state`` / ``update_recurrent_state``: Mamba, Mamba-2, gated DeltaNet, short convolutions), by
+    layer index. Each is called as ``forward(hidden_states, <cache>, attention_mask, **kwargs)``, the cache being
+    its ``cache_params`` or ``past_key_values`` argument (:func:`mixer_cache_argument`)."""
+    found = {}
+    for module in _decoder_layers(model).modules():
+        cls = type(module)
+        if cls not in _keeps_cache_state:
+            sources = []
+            for c in cls.__mro__:
+                if c.__module__.startswith("torch."):
+                    break
+                try:
+                    sources.append(inspect.getsource(c))
+                except (OSError, TypeError):
+                    pass
+            _keeps_cache_state[cls] = any(call in src for src in sources
+                                          for call in ("update_conv_state(", "update_recurrent_state("))
+        if _keeps_cache_state[cls] and isinstance(getattr(module, "layer_idx", None), int) \
+                and mixer_cache_argument(module) is not None:
+            found[module.layer_idx] = module
+    return found
+
+
+def mixer_cache_argument(module: torch.nn.Module) -> str | None:
+    parameters = inspect.signature(module.forward).parameters
+    return next((name for name in ("cache_params", "past_key_values") if name in parameters), None)
 
 
 def kv_geometry(config: Any) -> tuple[int, int, int]:
     """(num_layers, num_kv_heads, head_dim) of a model config; raises where the config gives no single answer (a
     head dim per layer type, say)."""
     config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    if not getattr(config, "num_attention_heads", None):  # no attention at all (a state-space model): no K/V
+        return config.num_hidden_layers, 1, 1
     heads = config.num_attention_heads
     kv_heads = 1 if getattr(config, "multi_query", False) else (getattr(config, "num_key_value_heads", None) or heads)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -107,17 +147,23 @@ def cache_layer_windows(model: torch.nn.Module) -> list[int | None]:
     return [kwargs.get("sliding_window") for kwargs in per_layer]
 
 
-def _state_refusal(model: torch.nn.Module, allowed: tuple[str, ...]) -> str | None:
-    """The first thing the model keeps that is not per-token K/V of one shape (or a layer kind not in ``allowed``)."""
+def _state_refusal(model: torch.nn.Module, allowed: tuple[str, ...], recurrent: bool = False) -> str | None:
+    """The first thing the model keeps that is not per-token K/V of one shape (or a layer kind not in ``allowed``;
+    with ``recurrent``, layers whose state its mixers keep through the Cache API are allowed too)."""
     config = text_config(model)
     if getattr(model.config, "is_encoder_decoder", False):
         return "encoder-decoder model"
-    for kind in layer_types(config):
+    mixers = recurrent_mixers(model) if recurrent else {}
+    kinds = layer_types(config)
+    for i, kind in enumerate(kinds):
+        if kind in _RECURRENT_LAYER_TYPES and i in mixers:
+            continue
         if kind not in allowed and kind not in _NO_KV_LAYER_TYPES:
             return _LAYER_TYPE_FEATURES.get(kind, f"layers of type {kind!r}")
-    if getattr(model, "_is_stateful", False):
+    if getattr(model, "_is_stateful", False) and not (mixers and any(k in _RECURRENT_LAYER_TYPES for k in kinds)):
         return f"recurrent state ({type(model).__name__} keeps state other than K/V)"
-    if not getattr(config, "num_attention_heads", None) or not getattr(config, "num_hidden_layers", None):
+    if not getattr(config, "num_hidden_layers", None) or not (
+            getattr(config, "num_attention_heads", None) or len(mixers) == config.num_hidden_layers):
         return "no attention layers"
     try:
         kv_geometry(config)
@@ -172,9 +218,10 @@ def _attention_class_without_interface(model: torch.nn.Module) -> str | None:
     """The name of an ``*Attention*`` module class of ``model`` whose ``forward`` does not look up the
     AttentionInterface, or None. transformers' own check is cached on the model class, so a ``trust_remote_code``
     subclass of a Llama model that swaps in its own attention would inherit a pass."""
+    mixers = {type(m) for m in recurrent_mixers(model).values()}
     for module in model.modules():
         cls = type(module)
-        if "Attention" not in cls.__name__:
+        if "Attention" not in cls.__name__ or cls in mixers or cls.__name__.endswith("DecoderLayer"):
             continue
         if cls not in _routes_through_interface:
             forward = next((c.__dict__["forward"] for c in cls.__mro__ if "forward" in c.__dict__), None)
@@ -202,7 +249,7 @@ def _attention_feature(model: torch.nn.Module) -> str | None:
 
 def engine_refusal(model: torch.nn.Module) -> str | None:
     """Why the engine cannot run this model exactly (None: admitted; the engine's probe step may still refuse it)."""
-    return (_uses_attention_interface(model) or _state_refusal(model, PAGED_LAYER_TYPES)
+    return (_uses_attention_interface(model) or _state_refusal(model, PAGED_LAYER_TYPES, recurrent=True)
             or _attention_feature(model))
 
 
@@ -219,7 +266,7 @@ def check_attention_call(module: torch.nn.Module, key: torch.Tensor, value: torc
             raise UnsupportedModel("non-causal attention")
         raise UnsupportedModel(_ARG_FEATURES.get(name, f"attention argument {name!r}"))
     layer = getattr(module, "layer_idx", None)
-    if not isinstance(layer, int) or not 0 <= layer < kv_cache.num_layers:
+    if not isinstance(layer, int) or layer not in kv_cache.rows:
         raise UnsupportedModel(f"an attention module without a valid layer_idx ({type(module).__name__})")
     if key.shape[-1] != value.shape[-1]:
         raise UnsupportedModel("MLA: K and V widths differ")

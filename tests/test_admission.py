@@ -148,7 +148,10 @@ def test_window_from_the_layer_type_when_the_call_passes_none():
 
 
 @pytest.mark.parametrize("model_type, overrides, feature", [
-    ("mamba", dict(num_hidden_layers=2, hidden_size=64, state_size=8, vocab_size=128), "recurrent state"),
+    # Its recurrent blocks keep their state outside transformers' Cache API (Mamba-style mixers that use it run).
+    ("recurrent_gemma", dict(num_hidden_layers=2, hidden_size=64, lru_width=64, num_attention_heads=4,
+                             num_key_value_heads=1, head_dim=16, intermediate_size=64, vocab_size=128,
+                             block_types=["recurrent", "attention"]), "recurrent state"),
     ("deepseek_v2", dict(kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
                          num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                          first_k_dense_replace=1, n_group=1, topk_group=1), "MLA: K and V widths differ"),

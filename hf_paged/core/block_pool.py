@@ -8,6 +8,10 @@ and handed to the runner with the step that needs them (``take_copies``), which 
 
 A sequence never holds more than one partially filled block, so waste is under one block per sequence.
 
+A model with recurrent layers (state-space, linear-attention, short-convolution) also keeps one fixed-size state per
+sequence: ``StateSlots`` counts those slots (``BlockPool.states``); a table takes one with its first slots, a fork takes
+a fresh one with a queued copy of its parent's, and ``free`` gives it back.
+
 Block ``num_blocks`` is the null block (``null_block``), never allocated: block tables padded to a common width point
 their padding at it, so a kernel that reads or writes past a sequence's own blocks touches no block a sequence owns.
 """
@@ -36,6 +40,7 @@ class BlockPool:
         self._hash_of_block: dict[int, bytes] = {}
         self._block_of_hash: dict[bytes, int] = {}
         self._pending_copies: list[tuple[int, int]] = []
+        self.states: StateSlots | None = None  # per-sequence recurrent-state slots, where the model has such layers
         self.prefix_queries = 0
         self.prefix_hits = 0
 
@@ -112,17 +117,58 @@ class BlockPool:
 
     # ---- copies --------------------------------------------------------------------------------
     def queue_copy(self, src: int, dst: int) -> None:
-        # All queued copies read their sources at once, before any is written: a source that is itself the
-        # destination of a queued copy must read that copy's source instead (the latest one: queued sources are
-        # already resolved, and a block may have been a source, been freed, then a destination).
-        for pending_src, pending_dst in reversed(self._pending_copies):
-            if pending_dst == src:
-                src = pending_src
-                break
-        self._pending_copies.append((src, dst))
+        _queue_copy(self._pending_copies, src, dst)
 
     def take_copies(self) -> list[tuple[int, int]]:
         """The queued copy-on-write copies ``(src, dst)``, for the step that needs them (the queue is emptied)."""
+        copies, self._pending_copies = self._pending_copies, []
+        return copies
+
+
+def _queue_copy(pending: list[tuple[int, int]], src: int, dst: int) -> None:
+    # All queued copies read their sources at once, before any is written: a source that is itself the destination
+    # of a queued copy must read that copy's source instead (the latest one: queued sources are already resolved,
+    # and a slot may have been a source, been freed, then a destination).
+    for pending_src, pending_dst in reversed(pending):
+        if pending_dst == src:
+            src = pending_src
+            break
+    pending.append((src, dst))
+
+
+class StateSlots:
+    """Which recurrent-state slots are in use (the state tensors live with the runner, one row per slot, grown as
+    slots are taken); copies of forked sequences' states are queued like block copies."""
+
+    def __init__(self) -> None:
+        self._free: list[int] = []
+        self.num_slots = 0  # slots ever handed out: the rows the runner's state tensors need
+        self._pending_copies: list[tuple[int, int]] = []
+
+    @property
+    def num_used(self) -> int:
+        return self.num_slots - len(self._free)
+
+    def allocate(self) -> int:
+        if self._free:
+            return self._free.pop()
+        self.num_slots += 1
+        return self.num_slots - 1
+
+    def free(self, slot: int) -> None:
+        if slot in self._free:
+            raise RuntimeError(f"double free of recurrent-state slot {slot}")
+        self._free.append(slot)
+
+    def fork(self, slot: int | None) -> int | None:
+        """A fresh slot holding (once the queued copy is done) the state of ``slot``."""
+        if slot is None:
+            return None
+        fresh = self.allocate()
+        _queue_copy(self._pending_copies, slot, fresh)
+        return fresh
+
+    def take_copies(self) -> list[tuple[int, int]]:
         copies, self._pending_copies = self._pending_copies, []
         return copies
 
@@ -140,15 +186,18 @@ def hash_block_tokens(parent: bytes | None, token_ids: Sequence[int], salt: str 
 
 class BlockTable:
     """The blocks of one sequence, in order, and how many token slots of them are filled. The first ``dropped``
-    entries may be the null block: blocks given back because no query attends to them again (sliding window)."""
+    entries may be the null block: blocks given back because no query attends to them again (sliding window).
+    ``state`` is its recurrent-state slot where the pool keeps them (taken with the first slots)."""
 
-    __slots__ = ("pool", "blocks", "num_tokens", "dropped")
+    __slots__ = ("pool", "blocks", "num_tokens", "dropped", "state")
 
-    def __init__(self, pool: BlockPool, blocks: list[int] | None = None, num_tokens: int = 0, dropped: int = 0) -> None:
+    def __init__(self, pool: BlockPool, blocks: list[int] | None = None, num_tokens: int = 0, dropped: int = 0,
+                 state: int | None = None) -> None:
         self.pool = pool
         self.blocks: list[int] = blocks if blocks is not None else []
         self.num_tokens = num_tokens
         self.dropped = dropped
+        self.state = state
 
     def drop_before(self, index: int) -> None:
         """Give back the blocks before ``index`` (their entries become the null block; positions stay as they were)."""
@@ -180,6 +229,8 @@ class BlockTable:
                 pool.queue_copy(last, fresh)
                 pool.decref(last)
                 self.blocks[-1] = fresh
+        if self.state is None and pool.states is not None:
+            self.state = pool.states.allocate()
         start = self.num_tokens
         end = start + num_new_tokens
         while len(self.blocks) * bs < end:
@@ -191,7 +242,10 @@ class BlockTable:
         """A second table sharing every block of this one."""
         for block in self.blocks[self.dropped:]:
             self.pool.incref(block)
-        return BlockTable(self.pool, list(self.blocks), self.num_tokens, self.dropped)
+        return BlockTable(self.pool, list(self.blocks), self.num_tokens, self.dropped, self._forked_state())
+
+    def _forked_state(self) -> int | None:
+        return self.pool.states.fork(self.state) if self.pool.states is not None else None
 
     def copy(self) -> "BlockTable":
         """A second table with private copies of every block (what sharing saves; for measurements)."""
@@ -202,7 +256,7 @@ class BlockTable:
             fresh = self.pool.allocate()
             self.pool.queue_copy(block, fresh)
             blocks.append(fresh)
-        return BlockTable(self.pool, blocks, self.num_tokens, self.dropped)
+        return BlockTable(self.pool, blocks, self.num_tokens, self.dropped, self._forked_state())
 
     def adopt_cached_blocks(self, blocks: Iterable[int]) -> None:
         """Start an empty table with full blocks found in the prefix cache (already increfed)."""
@@ -213,6 +267,9 @@ class BlockTable:
     def free(self) -> None:
         for block in reversed(self.blocks[self.dropped:]):
             self.pool.decref(block)
+        if self.state is not None:
+            self.pool.states.free(self.state)
+            self.state = None
         self.blocks = []
         self.num_tokens = self.dropped = 0
 

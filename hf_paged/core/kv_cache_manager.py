@@ -4,12 +4,14 @@ The ``BlockPool`` only keeps blocks (free list, reference counts, hash index, co
 what a sequence's blocks are: it reserves the slots of the tokens a step computes (``allocate_slots``, None
 when the pool is out of blocks), lets a new sequence adopt the cached full blocks of its prompt
 (``take_cached_prefix``: chained block hashes, memoised on the sequence, salted per tenant), registers the
-full blocks a step filled so later prompts can find them, and returns a sequence's blocks when it leaves.
+full blocks a step filled so later prompts can find them, and returns a sequence's blocks when it leaves. A model
+with recurrent layers also takes one state slot per sequence (``BlockPool.states``); its prefix cache is off: a
+recurrent state is only known at the end of the tokens that made it, so a cached block could not resume it.
 """
 
 from __future__ import annotations
 
-from .block_pool import BlockPool, hash_block_tokens
+from .block_pool import BlockPool, StateSlots, hash_block_tokens
 from .kv_cache_spec import KVCacheGroup, SlidingWindowSpec
 from .sequence import Sequence
 
@@ -19,16 +21,16 @@ class KVCacheManager:
 
     def __init__(self, pool: BlockPool, enable_prefix_caching: bool = True,
                  groups: list[KVCacheGroup] | None = None) -> None:
-        unkept = [g for g in groups or [] if not g.paged]
-        if unkept:
-            raise ValueError(f"model: layers {list(unkept[0].layers)} keep {type(unkept[0].spec).__name__}, which the "
-                             "KV-cache manager does not keep")
         self.groups = list(groups or [])
         self.pool = pool
+        paged = [g for g in self.groups if g.paged]
         # Every paged layer attends within a window: blocks behind the smallest one go back to the pool.
-        sliding = [g.spec.window for g in self.groups if isinstance(g.spec, SlidingWindowSpec)]
-        self.window = min(sliding) if sliding and len(sliding) == len(self.groups) else None
-        self.enable_prefix_caching = enable_prefix_caching
+        sliding = [g.spec.window for g in paged if isinstance(g.spec, SlidingWindowSpec)]
+        self.window = min(sliding) if sliding and len(sliding) == len(paged) else None
+        recurrent = len(paged) < len(self.groups)
+        if recurrent and pool.states is None:
+            pool.states = StateSlots()
+        self.enable_prefix_caching = enable_prefix_caching and not recurrent
         self.num_prefix_cached_tokens = 0  # prompt tokens served from the prefix cache
 
     def allocate_slots(self, seq: Sequence, num_new_tokens: int) -> list[int] | None:

@@ -34,22 +34,25 @@ class SchedulerConfig:
 @dataclass
 class ScheduledSequence:
     """What the runner needs of one sequence in a step: the tokens it computes, the position of the first, its whole
-    block table (block ids), and whether its last token's logits are sampled."""
+    block table (block ids), whether its last token's logits are sampled, and its recurrent-state slot (if any)."""
 
     request_id: str
     token_ids: list[int]
     first_position: int
     block_ids: list[int]
     samples: bool
+    state_slot: int | None = None
 
 
 @dataclass
 class SchedulerOutput:
     """One step as plain data (picklable: tensor-parallel ranks receive it as it is): the scheduled sequences
-    (decodes first) and the copy-on-write block copies ``(src, dst)`` to do before the forward."""
+    (decodes first), the copy-on-write block copies and forked recurrent-state copies ``(src, dst)`` to do before
+    the forward."""
 
     seqs: list[ScheduledSequence]
     block_copies: list[tuple[int, int]] = field(default_factory=list)
+    state_copies: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -69,7 +72,7 @@ def scheduled_seq(seq: Sequence, num_new_tokens: int) -> ScheduledSequence:
     start = seq.num_computed_tokens
     end = start + num_new_tokens
     return ScheduledSequence(seq.request_id, seq.token_ids[start:end], start, list(seq.block_table.blocks),
-                             end == seq.num_tokens)
+                             end == seq.num_tokens, seq.block_table.state)
 
 
 class Scheduler:
@@ -130,7 +133,9 @@ class Scheduler:
                 budget -= n
         scheduled.sort(key=lambda item: item[1] != 1)  # decodes (one token) first, stable
         self.step_seqs, self.step_counts, self.preempted = [s for s, _ in scheduled], [n for _, n in scheduled], preempted
-        return SchedulerOutput([scheduled_seq(s, n) for s, n in scheduled], self.kv.pool.take_copies())
+        states = self.kv.pool.states
+        return SchedulerOutput([scheduled_seq(s, n) for s, n in scheduled], self.kv.pool.take_copies(),
+                               states.take_copies() if states is not None else [])
 
     def _preempt(self, seq: Sequence) -> None:
         self.kv.free(seq)

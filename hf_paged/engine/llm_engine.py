@@ -27,7 +27,7 @@ from ..config import EngineConfig
 from ..core.beam_search import BeamSearchState
 from ..core.block_pool import BlockPool, BlockTable
 from ..core.kv_cache_manager import KVCacheManager
-from ..core.kv_cache_spec import attention_groups
+from ..core.kv_cache_spec import cache_groups
 from ..core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from ..core.sequence import RequestOutput, SamplingParams, Sequence, SequenceGroup, StreamDelta
 from ..core.structured_output import GrammarCompiler
@@ -138,7 +138,8 @@ class LLMEngine:
         self.pool = BlockPool(self.executor.num_blocks, config.block_size)
         kv = self.kv_cache
         self.kv = KVCacheManager(self.pool, config.enable_prefix_caching,
-                                 attention_groups(self.runner.layer_windows, kv.num_kv_heads, kv.head_dim))
+                                 cache_groups(self.runner.layer_windows, kv.num_kv_heads, kv.head_dim,
+                                              self.runner.recurrent.layers if self.runner.recurrent else ()))
         self.scheduler = Scheduler(self.kv, SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                              self.max_model_len))
         self.weights = WeightWatcher(model)
@@ -163,10 +164,20 @@ class LLMEngine:
         needs every rank)."""
         if self._on_cpu:
             tune_malloc()
-        if self.plan.cuda_graphs:
+        if self.plan.cuda_graphs and self.runner.recurrent is None:
             self.runner.decode_graphs = DecodeGraphs(self.runner, self.config.max_num_seqs, self.max_model_len)
         if not is_tensor_parallel(self.model):
-            probe_engine(self.runner, self.vocab_size)
+            try:
+                probe_engine(self.runner, self.vocab_size)
+            except UnsupportedModel as exc:
+                # A mixer whose multi-token path restarts its state (Mamba-1, Jamba) is exact one token at a time.
+                recurrent = self.runner.recurrent
+                if recurrent is None or recurrent.stepwise or exc.phase != "continued prefill":
+                    raise
+                recurrent.stepwise = True
+                probe_engine(self.runner, self.vocab_size)
+                logger.info("hf_paged engine for %s: recurrent states continued one token at a time",
+                            type(self.model).__name__)
 
     @property
     def runner(self) -> ModelRunner:

@@ -1,7 +1,8 @@
 """The KV tensors the block ids address: one buffer for every layer's K and V, owned by a runner or a ``PagedCache``.
 
-``kv[layer, 0|1, block, slot_in_block, kv_head, head_dim]`` with one more block than the pool counts, the null block
-(the last). ``kv_cache_dtype="int8"`` stores K and V as int8 with one fp32 scale per (token, KV head) (symmetric:
+``kv[row, 0|1, block, slot_in_block, kv_head, head_dim]`` with one more block than the pool counts, the null block
+(the last); one row per layer that keeps K/V (``layers``: a model's state-space / linear-attention layers and its
+layers without attention have none). ``kv_cache_dtype="int8"`` stores K and V as int8 with one fp32 scale per (token, KV head) (symmetric:
 ``scale = max|x| / 127`` of that head's vector) in ``kv_scales[layer, 0|1, block, kv_head, slot_in_block]``: a block's
 scales of one KV head are contiguous, so a kernel walking a block reads them as one short vector. Copies and growth
 treat the scales as part of their block.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..admission import kv_geometry
+from ..admission import kv_geometry, layer_windows
 from ..config import KV_CACHE_DTYPES
 from ..cpu_runtime import zeros_on_huge_pages
 from .kernels.dispatch import copy_blocks
@@ -24,12 +25,16 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | st
 
 
 class KVCache:
-    """K/V storage for ``num_blocks`` blocks (plus the null block) of every layer; sized by ``num_blocks`` or by
-    ``memory_bytes``."""
+    """K/V storage for ``num_blocks`` blocks (plus the null block) of the ``layers`` of a model of ``num_layers``
+    (default: every layer); sized by ``num_blocks`` or by ``memory_bytes``."""
+
+    # Blocks when no layer keeps K/V (they then only count positions, and cost nothing).
+    BLOCKS_WITHOUT_KV = 1 << 16
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, block_size: int = 16,
                  num_blocks: int | None = None, memory_bytes: int | None = None, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", kv_cache_dtype: str = "auto") -> None:
+                 device: torch.device | str = "cpu", kv_cache_dtype: str = "auto",
+                 layers: list[int] | None = None) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         if kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -40,19 +45,22 @@ class KVCache:
         if quantized:
             dtype = torch.int8
         # Per token and KV head: head_dim elements (plus one fp32 scale when quantized), for K and V, every layer.
+        layers = list(range(num_layers)) if layers is None else sorted(layers)
+        self.rows = {layer: row for row, layer in enumerate(layers)}
         row_bytes = head_dim * dtype.itemsize + (4 if quantized else 0)
-        self.bytes_per_block = 2 * num_layers * block_size * num_kv_heads * row_bytes
+        self.bytes_per_block = 2 * len(layers) * block_size * num_kv_heads * row_bytes
         if num_blocks is None:
             if memory_bytes is None:
                 raise ValueError("give num_blocks or memory_bytes to size the block pool")
-            num_blocks = int(memory_bytes) // self.bytes_per_block - 1  # one block is the null block
+            num_blocks = (int(memory_bytes) // self.bytes_per_block - 1 if self.bytes_per_block  # one is the null block
+                          else self.BLOCKS_WITHOUT_KV)
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive (memory_bytes too small?), got {num_blocks}")
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.block_size, self.num_blocks = block_size, num_blocks
-        self.kv = _zeros((num_layers, 2, num_blocks + 1, block_size, num_kv_heads, head_dim), dtype, device)
+        self.kv = _zeros((len(layers), 2, num_blocks + 1, block_size, num_kv_heads, head_dim), dtype, device)
         self.kv_scales: torch.Tensor | None = (
-            _zeros((num_layers, 2, num_blocks + 1, num_kv_heads, block_size), torch.float32, device) if quantized
+            _zeros((len(layers), 2, num_blocks + 1, num_kv_heads, block_size), torch.float32, device) if quantized
             else None)
 
     @property
@@ -80,17 +88,17 @@ class KVCache:
 
     def key_cache(self, layer: int) -> torch.Tensor:
         """``[num_blocks, block_size, kv_heads, head_dim]`` keys of one layer (a view)."""
-        return self.kv[layer, 0]
+        return self.kv[self.rows[layer], 0]
 
     def value_cache(self, layer: int) -> torch.Tensor:
-        return self.kv[layer, 1]
+        return self.kv[self.rows[layer], 1]
 
     def key_scales(self, layer: int) -> torch.Tensor | None:
         """``[num_blocks, kv_heads, block_size]`` fp32 scales of one layer's int8 keys (a view); None unless int8."""
-        return None if self.kv_scales is None else self.kv_scales[layer, 0]
+        return None if self.kv_scales is None else self.kv_scales[self.rows[layer], 0]
 
     def value_scales(self, layer: int) -> torch.Tensor | None:
-        return None if self.kv_scales is None else self.kv_scales[layer, 1]
+        return None if self.kv_scales is None else self.kv_scales[self.rows[layer], 1]
 
     def grow(self, num_new_blocks: int) -> None:
         """Room for ``num_new_blocks`` more blocks (reallocated and copied; block ids stay valid, the null block moves
@@ -133,10 +141,10 @@ class KVCache:
 def model_kv_cache(model: torch.nn.Module, *, block_size: int = 16, num_blocks: int | None = None,
                    memory_bytes: int | None = None, dtype: torch.dtype | None = None, kv_cache_dtype: str = "auto",
                    num_kv_heads: int | None = None) -> KVCache:
-    """A KV cache shaped for ``model``'s layers and KV heads (``num_kv_heads``: this rank's, for a tensor-parallel
+    """A KV cache shaped for ``model``'s K/V layers and KV heads (``num_kv_heads``: this rank's, for a tensor-parallel
     model), storing K/V in ``dtype`` (default: the model's) or, with ``kv_cache_dtype="int8"``, as int8 with scales."""
     layers, kv_heads, head_dim = kv_geometry(model.config)
     param = next(model.parameters())
     return KVCache(layers, num_kv_heads or kv_heads, head_dim, block_size=block_size, num_blocks=num_blocks,
                    memory_bytes=memory_bytes, dtype=dtype or param.dtype, device=param.device,
-                   kv_cache_dtype=kv_cache_dtype)
+                   kv_cache_dtype=kv_cache_dtype, layers=list(layer_windows(model)))

@@ -9,7 +9,9 @@ the sequences that sample this step (``logits_to_keep``).
 The runner owns what its engine's plan adds to the model's forwards (packed weights, fused or compiled layer
 forwards, the ``hf_paged`` attention selection) and installs it only for the length of each forward, under a
 lock per model (engines on one model take turns): between steps, and for every other caller, the model is exactly
-as it was. A ``WeightWatcher`` notices weights changed between calls; ``build`` then re-packs what changed.
+as it was. A ``WeightWatcher`` notices weights changed between calls; ``build`` then re-packs what changed. A model
+with recurrent layers has their per-sequence states here too (``recurrent_state``), its mixers' forwards installed
+like the rest.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Callable, Collection, Iterator
 
 import torch
 
-from ..admission import layer_windows
+from ..admission import layer_windows, recurrent_mixers
 from .kernels.paged_attention import step_running
 from .kv_cache import KVCache
 from .patches.attention import attention_configs, paged_attention_selected
@@ -29,6 +31,7 @@ from .patches.compiled_layers import build_compiled, compile_settings
 from .patches.fused_layers import build_fused, fuse_decoder_layers
 from .patches.linear import build_packers, packed_linears
 from .plan import ExecutionPlan
+from .recurrent_state import RecurrentStates
 from .step_inputs import build_step_inputs
 from ..core.scheduler import SchedulerOutput
 
@@ -122,6 +125,7 @@ class ModelRunner:
         self._packers_by_weight: dict = {}
         self.compiled = False
         self.decode_graphs = None  # a cuda_graphs.DecodeGraphs where the plan has cuda_graphs (set by the engine)
+        self.recurrent = RecurrentStates(model, self.device) if recurrent_mixers(model) else None
         self.build()
         # transformers returns a 4-D mask unchanged, so no causal mask is built; hf_paged ignores it.
         self._mask_placeholder = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
@@ -154,6 +158,8 @@ class ModelRunner:
             fused.update(fuse_decoder_layers(model, {**fused, **packers}, plan.one_call_layers))
             forwards.update(packers)
             forwards.update(fused)
+        if self.recurrent is not None:
+            forwards.update(self.recurrent.forwards())
         self._fused = fused
         self._packers = packers
         self._packers_by_weight = {p.source[0]: p for p in packers.values()}
@@ -166,6 +172,8 @@ class ModelRunner:
         """Free the KV tensors and packed weights until :meth:`wake_up` (training holds the memory meanwhile)."""
         self.forwards, self._packers, self._fused, self._packers_by_weight = {}, {}, {}, {}
         self.kv_cache.release()
+        if self.recurrent is not None:
+            self.recurrent.release()
 
     def wake_up(self) -> None:
         self.kv_cache.restore()
@@ -177,6 +185,8 @@ class ModelRunner:
         if self.decode_graphs is not None:
             self.decode_graphs.reset()
         self.kv_cache.release()
+        if self.recurrent is not None:
+            self.recurrent.release()
 
     @contextmanager
     def _installed(self) -> Iterator[None]:
@@ -201,6 +211,8 @@ class ModelRunner:
             return self.decode_graphs.execute(step)
         inputs = build_step_inputs(step, self.kv_cache, self.plan, self.layer_windows)
         meta = inputs.meta
+        if self.recurrent is not None:
+            self.recurrent.begin(step)
         with self._lock, self._installed(), step_running(meta), ExitStack() as scope:
             if self.compiled:
                 scope.enter_context(compile_settings())
@@ -208,5 +220,7 @@ class ModelRunner:
                              attention_mask=self._mask_placeholder, paged_metadata=meta,
                              logits_to_keep=inputs.logits_rows, use_cache=False)
         meta.check_layer_calls()
+        if self.recurrent is not None:
+            self.recurrent.commit()
         self.num_forward_tokens += inputs.input_ids.shape[1]
         return out.logits[0].float(), inputs.sample_rows

@@ -168,7 +168,7 @@ class PagedCache(Cache):
         """Before anything is stored, the cache's own storage re-shaped to the K/V the model gives (a config whose
         head counts do not say, e.g. multi-query attention, or one rank's heads of a sharded model), as many blocks."""
         old = self.kv_cache
-        self.kv_cache = KVCache(old.num_layers, kv_heads, head_dim, block_size=old.block_size,
+        self.kv_cache = KVCache(old.num_layers, kv_heads, head_dim, layers=list(old.rows), block_size=old.block_size,
                                 num_blocks=old.num_blocks, device=old.device, kv_cache_dtype=old.kv_cache_dtype,
                                 dtype=old.dtype if old.kv_cache_dtype == "auto" else torch.float32)
         old.release()

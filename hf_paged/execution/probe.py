@@ -1,7 +1,7 @@
 """The engine's admission probe: one small ragged step through the engine's own forward before any request.
 
-Two short prompts (the first longer than a short sliding window) are prefilled together in one step, then one token
-is decoded for each in a second step, through the runner exactly as requests run (the plan's kernels, fused layers, the per-layer call check); each step's logits
+Two short prompts (the first longer than a short sliding window) are prefilled together in one step (two, for a model
+with recurrent layers: the second continues the first's state), then one token is decoded for each in a further step, through the runner exactly as requests run (the plan's kernels, fused layers, the per-layer call check); each step's logits
 are compared with the model's own forward over the same tokens (no cache, its own attention). A model whose state
 or attention none of ``hf_paged.admission``'s checks foresaw — a layer computing attention around hf_paged's, state
 kept outside the K/V, positions taken from the flattened batch — gives different logits here, and the engine is
@@ -53,16 +53,22 @@ def probe_engine(runner: Any, vocab_size: int) -> None:
         seqs.append((_probe_tokens(length, vocab_size, salt), list(range(first_block, first_block + blocks))))
         first_block += blocks
     forward_tokens = runner.num_forward_tokens  # the probe's tokens are not requests' work
+    # Recurrent layers: the prompts are prefilled in two chunks, the second continuing the first's state (a mixer
+    # that restarts its state on a multi-token input would pass a one-step prefill).
+    phases = ["first chunk", "continued prefill"] if runner.recurrent is not None else ["prefill"]
+    done = [0] * len(seqs)
     try:
-        for phase in ("prefill", "decode"):
+        for phase in phases + ["decode"]:
             if phase == "decode":
                 for tokens, _ in seqs:
                     tokens.append((tokens[-1] * 13 + 5) % vocab_size)
-                step = [ScheduledSequence("probe", t[-1:], len(t) - 1, b, True) for t, b in seqs]
-            else:
-                step = [ScheduledSequence("probe", list(t), 0, b, True) for t, b in seqs]
+            ends = [len(t) // 2 if phase == "first chunk" else len(t) for t, _ in seqs]
+            step = [ScheduledSequence("probe", t[start:end], start, b, True, i)
+                    for i, ((t, b), start, end) in enumerate(zip(seqs, done, ends))]
             if step:
-                _check_step(runner, SchedulerOutput(step), [t for t, _ in seqs], tolerance, phase)
+                _check_step(runner, SchedulerOutput(step), [t[:end] for (t, _), end in zip(seqs, ends)], tolerance,
+                            phase)
+            done = ends
     finally:
         runner.num_forward_tokens = forward_tokens
 
@@ -79,7 +85,7 @@ def _check_step(runner: Any, step: SchedulerOutput, tokens: list[list[int]], tol
         if not distance <= tolerance:
             raise UnsupportedModel(
                 f"the engine's logits differ from the model's own forward in a {phase} step (relative "
-                f"distance {distance:.3g}): some state or attention feature it does not reproduce")
+                f"distance {distance:.3g}): some state or attention feature it does not reproduce", phase)
 
 
 @torch.inference_mode()
