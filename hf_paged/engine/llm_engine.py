@@ -546,9 +546,10 @@ class LLMEngine:
 
     def stats(self) -> dict[str, float]:
         """A snapshot for monitoring (safe from any thread): requests running and waiting, KV blocks, prefix-cache
-        queries and hits (in tokens), preemptions, prompt and generated tokens so far."""
+        queries and hits (in tokens), preemptions, prompt and generated tokens so far; recurrent-state slots in use
+        where the model has recurrent layers."""
         pool, bs = self.pool, self.pool.block_size
-        return {
+        stats = {
             "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting) + self._pending_adds,
             "num_blocks": pool.num_blocks, "num_free_blocks": pool.num_free_blocks,
             "kv_cache_usage": pool.num_used_blocks / pool.num_blocks,
@@ -556,3 +557,6 @@ class LLMEngine:
             "preemptions": self.metrics.preemptions, "prompt_tokens": self.metrics.prompt_tokens,
             "generation_tokens": self.metrics.generation_tokens,
         }
+        if pool.states is not None:
+            stats["state_slots_in_use"] = pool.states.num_used
+        return stats

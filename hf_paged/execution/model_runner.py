@@ -150,7 +150,8 @@ class ModelRunner:
         fused, grouped = build_fused(model, plan.linears, previous_fused) if plan.fused_layers else ({}, [])
         packers = build_packers(model, plan.linears, skip=grouped, previous=previous_packers) \
             if plan.linears != "torch" else {}
-        compiled = build_compiled(model) if plan.compiled else None
+        # Recurrent mixers run per group of sequences, which one traced graph per layer cannot.
+        compiled = build_compiled(model) if plan.compiled and self.recurrent is None else None
         forwards: dict[torch.nn.Module, Callable] = {}
         if compiled is not None:  # the graphs call packed_linear; the linears get no forward of their own
             forwards.update(compiled)

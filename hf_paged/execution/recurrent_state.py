@@ -103,7 +103,7 @@ class RecurrentStates:
     def _grow(self, rows: int) -> None:
         if rows <= self.capacity:
             return
-        self.capacity = max(rows, 2 * self.capacity, 8)
+        self.capacity = max(rows, self.capacity + self.capacity // 4, 4)
         for key, tensor in self.tensors.items():
             grown = tensor.new_zeros((self.capacity, *tensor.shape[1:]))
             grown[: tensor.shape[0]] = tensor
