@@ -202,10 +202,10 @@ def _decoder_layers(model: torch.nn.Module) -> torch.nn.Module:
     return layers if isinstance(layers, torch.nn.ModuleList) else model
 
 
-def _uses_attention_interface(model: torch.nn.Module) -> str | None:
+def _uses_attention_interface(model: torch.nn.Module, engine: bool = False) -> str | None:
     if not getattr(model, "_can_set_attn_implementation", lambda: False)():
         return f"{type(model).__name__} does not use transformers' AttentionInterface"
-    own = _attention_class_without_interface(_decoder_layers(model))
+    own = _attention_class_without_interface(_decoder_layers(model), engine)
     if own is not None:
         return f"its {own} modules do not use transformers' AttentionInterface"
     return None
@@ -214,14 +214,16 @@ def _uses_attention_interface(model: torch.nn.Module) -> str | None:
 _routes_through_interface: dict[type, bool] = {}
 
 
-def _attention_class_without_interface(model: torch.nn.Module) -> str | None:
+def _attention_class_without_interface(model: torch.nn.Module, engine: bool) -> str | None:
     """The name of an ``*Attention*`` module class of ``model`` whose ``forward`` does not look up the
     AttentionInterface, or None. transformers' own check is cached on the model class, so a ``trust_remote_code``
-    subclass of a Llama model that swaps in its own attention would inherit a pass."""
-    mixers = {type(m) for m in recurrent_mixers(model).values()}
+    subclass of a Llama model that swaps in its own attention would inherit a pass. For the engine, recurrent mixers
+    and decoder-layer classes (``JambaAttentionDecoderLayer``) are not attention: its probe and per-layer check see
+    what they compute; a ``PagedCache`` has no such check."""
+    mixers = {type(m) for m in recurrent_mixers(model).values()} if engine else set()
     for module in model.modules():
         cls = type(module)
-        if "Attention" not in cls.__name__ or cls in mixers or cls.__name__.endswith("DecoderLayer"):
+        if "Attention" not in cls.__name__ or cls in mixers or (engine and cls.__name__.endswith("DecoderLayer")):
             continue
         if cls not in _routes_through_interface:
             forward = next((c.__dict__["forward"] for c in cls.__mro__ if "forward" in c.__dict__), None)
@@ -249,7 +251,8 @@ def _attention_feature(model: torch.nn.Module) -> str | None:
 
 def engine_refusal(model: torch.nn.Module) -> str | None:
     """Why the engine cannot run this model exactly (None: admitted; the engine's probe step may still refuse it)."""
-    return (_uses_attention_interface(model) or _state_refusal(model, PAGED_LAYER_TYPES, recurrent=True)
+    return (_uses_attention_interface(model, engine=True)
+            or _state_refusal(model, PAGED_LAYER_TYPES, recurrent=True)
             or _attention_feature(model))
 
 

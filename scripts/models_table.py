@@ -55,9 +55,15 @@ def render(results, command: str, seconds: float) -> str:
         "engine; **fallback** = it runs plain HF `generate`, for the reason given; **skipped** = the zoo cannot "
         "build or run it here. Checks: `reference` (HF greedy and beams, each run twice, agree), `greedy` / "
         "`beams` (wrapped, same tokens as HF), `prefix_cache` (a second prompt sharing two blocks with the first), "
-        "`chunked_prefill` (step budget of 8 tokens), `unwrap` (HF's generate restored), `paged_cache` "
+        "`chunked_prefill` (step budget of 8 tokens), `preemption` (a pool holding the longest sequence but not "
+        "the batch: sequences preempted and recomputed), `unwrap` (HF's generate restored), `paged_cache` "
         "(`past_key_values=PagedCache(model)` in HF generate; *refused* = `PagedCache(...)` raised `ValueError` "
-        "before generating). *n/a*: HF itself refuses the call.",
+        "before generating). *n/a*: HF itself refuses the call. Models with recurrent layers (state-space, "
+        "linear attention, short convolutions) run with a state slot per sequence and no prefix caching (their "
+        "`prefix_cache` check gives HF's tokens, computed without a hit). Models whose attention does not go "
+        "through transformers' AttentionInterface (GPT-J, Falcon, BLOOM, GPT-Neo, ...) keep HF's generate: "
+        "serving them would mean re-implementing each family's attention in hf_paged (a fork of its modelling "
+        "code, which hf_paged does not keep), and their current successors use the interface.",
         "",
         f"**{len(results)} architectures: {counts['engine']} engine, {counts['fallback']} fallback, "
         f"{counts['skipped']} skipped; {len(failing)} with a failing check.**",

@@ -8,7 +8,9 @@
 * through ``hf_paged.wrap(model, None, block_size=8, ...)``: ``greedy`` and ``beams`` (the same calls, the same
   tokens), ``prefix_cache`` (a prompt, then a second one sharing its first two blocks: the second's tokens equal HF's;
   the detail says how many prompt tokens came from the prefix cache), ``chunked_prefill`` (an engine with
-  ``max_num_batched_tokens=8``, smaller than every prompt: the batch's tokens equal HF's);
+  ``max_num_batched_tokens=8``, smaller than every prompt: the batch's tokens equal HF's), ``preemption`` (a pool
+  that holds the longest sequence but not the whole batch: sequences are preempted and recomputed, the tokens equal
+  HF's; the detail says how many preemptions);
 * ``unwrap``: ``hf_paged.unwrap`` gives back HF's own ``generate`` (and its tokens);
 * ``paged_cache``: ``past_key_values=hf_paged.PagedCache(model)`` in plain HF ``generate`` on a fresh copy of the
   model: HF's tokens, or a ``ValueError`` from ``PagedCache(...)`` itself before generating (a clean refusal, kept
@@ -50,7 +52,7 @@ NUM_BLOCKS = 256
 CHUNK_TOKENS = 8  # chunked prefill: the step budget is smaller than every prompt
 CALL_TIMEOUT_S = 120.0  # one generate call; past it the check is an error (a hung engine must not hang the zoo)
 
-CHECKS = ("reference", "greedy", "beams", "prefix_cache", "chunked_prefill", "unwrap", "paged_cache")
+CHECKS = ("reference", "greedy", "beams", "prefix_cache", "chunked_prefill", "preemption", "unwrap", "paged_cache")
 # Checks that pass with these statuses: "n/a" where HF itself refuses the call (beam search on some recurrent
 # models); a PagedCache may also refuse a model cleanly, before generating.
 PASSING = {"ok", "n/a"}
@@ -265,7 +267,7 @@ def _run(model_type: str, result: Result) -> None:
     try:
         hf_paged.wrap(model, None, num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, max_num_batched_tokens=512)
     except Exception as exc:
-        for name in ("greedy", "beams", "prefix_cache", "chunked_prefill", "unwrap"):
+        for name in ("greedy", "beams", "prefix_cache", "chunked_prefill", "preemption", "unwrap"):
             checks.setdefault(name, _error(exc))
     else:
         try:
@@ -307,6 +309,20 @@ def _run(model_type: str, result: Result) -> None:
                 _unwrap(model)
         except Exception as exc:
             checks["chunked_prefill"] = _error(exc)
+        # ---- preemption: a pool that holds the longest sequence but not the batch ----
+        try:
+            need = max(-(-(len(p) + MAX_NEW_TOKENS) // BLOCK_SIZE) for p in zoo.PROMPTS)
+            hf_paged.wrap(model, None, num_blocks=need + 1, block_size=BLOCK_SIZE, max_num_batched_tokens=512)
+            try:
+                check = _compare(_greedy(model, ids, mask), ref_greedy)
+                engine = hf_paged.get_engine(model) if result.status == "engine" else None
+                if check.status == "ok" and engine is not None:
+                    check.detail = f"{engine.scheduler.num_preemptions} preemptions"
+                checks["preemption"] = check
+            finally:
+                _unwrap(model)
+        except Exception as exc:
+            checks["preemption"] = _error(exc)
         # ---- unwrap restores HF's generate ----
         try:
             leftovers = [k for k in ("generate", "_hf_paged") if k in model.__dict__]
