@@ -83,7 +83,9 @@ class Speculator:
                     caps.append(cap)
         if not seqs:
             return
-        ks = self.controller.plan(seqs, caps, min(base_tokens, budget), base_yield, [s.spec.adaptive for s in seqs])
+        # A seeded sampled request drafts its cap: its draws then depend on its own tokens only, not on the batch.
+        adaptive = [s.spec.adaptive and (s.generator is None or s.params.greedy) for s in seqs]
+        ks = self.controller.plan(seqs, caps, min(base_tokens, budget), base_yield, adaptive)
         self.controller.forget(seqs)
         groups: dict[int, tuple[Drafter, list[Sequence], list[int]]] = {}
         for seq, k in zip(seqs, ks):
