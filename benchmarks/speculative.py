@@ -86,7 +86,7 @@ def prompts(tok, workload: str, n: int) -> list[list[int]]:
 
 def run_engine(model, tok, ids, batch, max_new, speculative=None) -> dict:
     params = SamplingParams(max_new_tokens=max_new, temperature=0)
-    with LLMEngine(model, tok, num_blocks=4096, max_num_seqs=batch, enable_prefix_caching=False,
+    with LLMEngine(model, tok, num_blocks=1024, max_num_seqs=batch, enable_prefix_caching=False,
                    speculative=speculative) as engine:
         engine.generate([ids[0][:32]], SamplingParams(max_new_tokens=4, temperature=0), use_tqdm=False)  # warm-up
         start = time.perf_counter()

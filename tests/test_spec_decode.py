@@ -414,3 +414,14 @@ def test_speculative_config_round_trips():
     config = SpeculativeConfig.of({"method": "ngram", "num_tokens": 3})
     assert config == SpeculativeConfig("ngram", 3) and SpeculativeConfig.of(config) is config
     assert EngineConfig.from_options({"speculative": {"num_tokens": 2}}).speculative.num_tokens == 2
+
+
+def test_seeded_sampling_with_speculation_does_not_depend_on_the_batch(tiny_llama):
+    """A seeded request drafts its cap whatever the controller would choose for the batch: its draws depend on its
+    own tokens only."""
+    prompts = _repetitive(5, seed=9)
+    params = SamplingParams(max_new_tokens=24, temperature=0.7, seed=11, ignore_eos=True)
+    alone, _ = _outputs(tiny_llama, None, prompts[:1], params, num_blocks=256, speculative=NGRAM)
+    crowd, stats = _outputs(tiny_llama, None, prompts, params, num_blocks=256, speculative=NGRAM)
+    assert alone[0].token_ids == crowd[0].token_ids
+    assert stats["spec_decode_num_drafts"] > 0

@@ -569,7 +569,9 @@ class LLMEngine:
 
     def stats(self) -> dict[str, float]:
         """A snapshot for monitoring (safe from any thread): requests running and waiting, KV blocks, prefix-cache
-        queries and hits (in tokens), preemptions, prompt and generated tokens so far."""
+        queries and hits (in tokens), preemptions, prompt and generated tokens so far; with speculative decoding,
+        vLLM's counters (drafts, drafted and accepted tokens, accepted per draft position), the acceptance rate and
+        the last step's mean k."""
         pool, bs = self.pool, self.pool.block_size
         return {
             "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting) + self._pending_adds,
