@@ -148,31 +148,35 @@ def main() -> None:
     for workload in args.workloads.split(","):
         for batch in [int(b) for b in args.batches.split(",")]:
             ids = prompts(tok, workload, max(batch, 4))
-            results = {}
-            for method in methods:
-                if method == "plain":
-                    results[method] = run_engine(model, tok, ids, batch, args.max_new)
-                elif method == "ngram":
-                    results[method] = run_engine(model, tok, ids, batch, args.max_new,
-                                                 {"method": "ngram", "num_tokens": args.k})
-                elif method == "draft":
-                    results[method] = run_engine(model, tok, ids, batch, args.max_new,
-                                                 {"method": "draft", "num_tokens": args.k, "draft_model": draft})
-                elif method == "hf-ngram" and batch == 1:
-                    results["hf-plain"] = run_hf(model, tok, ids, args.max_new)
-                    results[method] = run_hf(model, tok, ids, args.max_new, args.k)
-            base = results["plain"]["tok_s"] if "plain" in results else None
-            for method, r in results.items():
-                same = r["outputs"] == results["plain"]["outputs"] if "plain" in results else None
-                ratio = f"{r['tok_s'] / base:8.2f}" if base else f"{'-':>8}"
+            results: dict[str, dict] = {}
+
+            def report(method: str, r: dict) -> None:
+                results[method] = r
+                plain = results.get("plain")
+                same = r["outputs"] == plain["outputs"] if plain else None
+                ratio = f"{r['tok_s'] / plain['tok_s']:8.2f}" if plain else f"{'-':>8}"
                 accept = f"{r['acceptance']:7.2f}" if "acceptance" in r else f"{'-':>7}"
                 drafted = f"{r['drafted_per_token']:11.2f}" if "drafted_per_token" in r else f"{'-':>11}"
                 print(f"{workload:9} {batch:5d} {method:9} {r['tok_s']:8.1f} {ratio} {accept} {drafted}"
-                      + ("" if same or same is None else "  (outputs differ from plain)"), flush=True)
+                      + ("" if same is not False else "  (outputs differ from plain)"), flush=True)
                 rows.append({"workload": workload, "batch": batch, "method": method, "same_as_plain": same,
                              **{k: v for k, v in r.items() if k != "outputs"}})
+
+            for method in methods:
+                if method == "plain":
+                    report(method, run_engine(model, tok, ids, batch, args.max_new))
+                elif method == "ngram":
+                    report(method, run_engine(model, tok, ids, batch, args.max_new,
+                                              {"method": "ngram", "num_tokens": args.k}))
+                elif method == "draft":
+                    report(method, run_engine(model, tok, ids, batch, args.max_new,
+                                              {"method": "draft", "num_tokens": args.k, "draft_model": draft}))
+                elif method == "hf-ngram" and batch == 1:
+                    report("hf-plain", run_hf(model, tok, ids, args.max_new))
+                    report(method, run_hf(model, tok, ids, args.max_new, args.k))
             if "ngram" in results and "hf-ngram" in results:
-                print(f"{'':15} ngram / hf-ngram: {results['ngram']['tok_s'] / results['hf-ngram']['tok_s']:.2f}")
+                print(f"{'':15} ngram / hf-ngram: {results['ngram']['tok_s'] / results['hf-ngram']['tok_s']:.2f}",
+                      flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
