@@ -3,9 +3,12 @@
 A padded batch of ``input_ids`` + ``attention_mask`` becomes one request per row (times
 ``num_return_sequences``); the rows join whatever else the engine is running, from any thread, and the
 result is built with exactly the shape and padding of HF's output (``GenerateDecoderOnlyOutput`` with
-``sequences`` and ``scores`` under ``return_dict_in_generate=True``). Anything the engine does not do
-(assisted decoding, constraints, a streamer on more than one sequence, ...) is handed to HF's own ``generate``
-on a ``PagedCache``, with one logged line saying why. ``unwrap`` restores the model.
+``sequences`` and ``scores`` under ``return_dict_in_generate=True``). Assisted decoding runs on the engine as
+speculative decoding, for any batch size: ``prompt_lookup_num_tokens=k`` (n-gram drafts from each row's own tokens,
+up to ``max_matching_ngram_size`` long) and ``assistant_model=draft`` (a smaller model with the same tokenizer,
+``num_assistant_tokens`` drafted at most). Anything the engine does not do (constraints, a streamer on more than
+one sequence, an assistant with its own tokenizer, ...) is handed to HF's own ``generate`` on a ``PagedCache``, with
+one logged line saying why. ``unwrap`` restores the model.
 
 One engine per model: the first ``generate`` builds it (under a lock, so concurrent first callers share it) and
 every later call, from any thread, joins its running batch. The engine installs nothing on the model between its
@@ -27,7 +30,7 @@ from transformers import GenerationConfig
 
 from . import distributed, streaming
 from .execution.paged_cache import PagedCache
-from .config import EngineConfig
+from .config import EngineConfig, SpeculativeConfig
 from .engine.llm_engine import LLMEngine
 from .admission import UnsupportedModel, cache_refusal, engine_refusal
 from .core.sequence import SamplingParams, StreamDelta
@@ -43,9 +46,10 @@ _SUPPORTED_FIELDS = {
     "stop_strings", "output_scores", "return_dict_in_generate", "use_cache", "num_beams", "cache_implementation",
     "transformers_version", "_from_model_config", "_original_object_hash", "_commit_hash", "early_stopping",
     "length_penalty", "compile_config", "disable_compile", "decoder_start_token_id", "generation_kwargs",
+    "prompt_lookup_num_tokens", "max_matching_ngram_size",
 }
-_FALLBACK_ARGS = ("prefix_allowed_tokens_fn", "assistant_model",
-                  "negative_prompt_ids", "negative_prompt_attention_mask", "custom_generate", "synced_gpus")
+_FALLBACK_ARGS = ("prefix_allowed_tokens_fn", "assistant_tokenizer", "negative_prompt_ids",
+                  "negative_prompt_attention_mask", "custom_generate", "synced_gpus")
 
 
 class _Wrapping:
@@ -193,6 +197,7 @@ def _paged_generate(self, inputs: torch.Tensor | None = None, generation_config:
         what = f"argument {given[0]}" if given else "a caller-supplied past_key_values / inputs_embeds"
         return _fallback(self, what, inputs, generation_config, logits_processor, kwargs)
     call_kwargs = dict(kwargs)
+    assistant = call_kwargs.pop("assistant_model", None)
     stopping = call_kwargs.pop("stopping_criteria", None)
     input_ids = inputs if inputs is not None else call_kwargs.pop("input_ids", None)
     attention_mask = call_kwargs.pop("attention_mask", None)
@@ -232,7 +237,7 @@ def _paged_generate(self, inputs: torch.Tensor | None = None, generation_config:
         engine = get_engine(self)
     except UnsupportedModel as exc:
         return _fallback(self, exc.feature, inputs, generation_config, logits_processor, kwargs)
-    params = _sampling_params(gen, input_ids.shape[1], logits_processor, tokenizer, engine)
+    params = _sampling_params(gen, input_ids.shape[1], logits_processor, tokenizer, engine, assistant)
     n = gen.num_return_sequences or 1
     if streamer is not None:
         out = streaming.generate_with_streamer(engine, input_ids[0][mask[0]].tolist(), params, streamer, input_ids)
@@ -300,7 +305,7 @@ def _run_rows(engine: LLMEngine, input_ids: torch.Tensor, mask: torch.Tensor, pa
 
 
 def _sampling_params(gen: GenerationConfig, input_len: int, logits_processor: Any, tokenizer: Any,
-                     engine: LLMEngine) -> SamplingParams:
+                     engine: LLMEngine, assistant: torch.nn.Module | None = None) -> SamplingParams:
     if gen.max_new_tokens is not None:
         max_new = gen.max_new_tokens
     else:
@@ -325,10 +330,20 @@ def _sampling_params(gen: GenerationConfig, input_len: int, logits_processor: An
         min_p=(gen.min_p or 0.0) if sample else 0.0, repetition_penalty=gen.repetition_penalty or 1.0,
         stop_token_ids=eos_ids, ignore_eos=True, stop=[stop] if isinstance(stop, str) else list(stop),
         keep_scores=bool(gen.output_scores and gen.return_dict_in_generate),
-        logits_processors=logits_processor or None,
+        logits_processors=logits_processor or None, speculative=_speculative(gen, assistant),
     )
     params.validate()
     return params
+
+
+def _speculative(gen: GenerationConfig, assistant: torch.nn.Module | None) -> SpeculativeConfig | None:
+    """HF's assisted-decoding options as the engine's speculative decoding (None: the engine's default)."""
+    if assistant is not None:
+        return SpeculativeConfig("draft", gen.num_assistant_tokens or 5, draft_model=assistant)
+    if gen.prompt_lookup_num_tokens:
+        return SpeculativeConfig("ngram", gen.prompt_lookup_num_tokens,
+                                 prompt_lookup_max=gen.max_matching_ngram_size or 2)
+    return None
 
 
 def _build_output(input_ids: torch.Tensor, outputs: list, n: int, gen: GenerationConfig, params: SamplingParams):

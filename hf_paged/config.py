@@ -12,6 +12,56 @@ from dataclasses import dataclass
 from typing import Any
 
 KV_CACHE_DTYPES = ("auto", "int8")
+SPECULATIVE_METHODS = ("ngram", "draft")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding: per step, a drafter proposes up to ``num_tokens`` tokens a sequence, one forward
+    verifies them. ``method``: ``"ngram"`` (prompt lookup: the continuation of the latest earlier occurrence of the
+    sequence's last ``prompt_lookup_max`` .. ``prompt_lookup_min`` tokens in its own prompt and output) or
+    ``"draft"`` (``draft_model``: a smaller causal LM with the target's vocabulary, run on its own paged KV).
+    ``adaptive``: each step speculates only as far as a drafted token's chance of acceptance pays for verifying it
+    (per request acceptance, the step's measured cost per token); else always ``num_tokens``."""
+
+    method: str = "ngram"
+    num_tokens: int = 4
+    draft_model: Any = None
+    prompt_lookup_min: int = 1
+    prompt_lookup_max: int = 3
+    adaptive: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative.method: must be one of {', '.join(map(repr, SPECULATIVE_METHODS))} "
+                             f"(got {self.method!r})")
+        for name in ("num_tokens", "prompt_lookup_min", "prompt_lookup_max"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "num_tokens" else 1):
+                raise ValueError(f"speculative.{name}: must be a {'non-negative' if name == 'num_tokens' else 'positive'}"
+                                 f" integer (got {value!r})")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(f"speculative.prompt_lookup_min: must be <= prompt_lookup_max "
+                             f"(got {self.prompt_lookup_min!r} > {self.prompt_lookup_max!r})")
+        if (self.method == "draft") != (self.draft_model is not None):
+            raise ValueError("speculative.draft_model: " + ("required by method 'draft'" if self.method == "draft"
+                                                            else "only with method 'draft'"))
+        if not isinstance(self.adaptive, bool):
+            raise ValueError(f"speculative.adaptive: must be True or False (got {self.adaptive!r})")
+
+    @classmethod
+    def of(cls, value: "SpeculativeConfig | dict | None") -> "SpeculativeConfig | None":
+        """A config from a dict of its fields (unknown keys: ValueError naming them), or as given."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative: must be a dict or a SpeculativeConfig (got {type(value).__name__})")
+        known = [f.name for f in dataclasses.fields(cls)]
+        for name in value:
+            if name not in known:
+                raise ValueError(f"speculative.{name}: not a speculative option (known: {', '.join(known)})")
+        return cls(**value)
+
 DEFAULT_KV_MEMORY_BYTES = 2 << 30
 
 
@@ -25,7 +75,8 @@ class EngineConfig:
     :mod:`hf_paged.execution.plan`): ``compile`` (decoder layers through ``torch.compile``), ``pack_weights``
     (pre-packed CPU linears; on for CPU models), ``fuse_layers`` (fused Llama-style layers; as ``pack_weights``),
     ``cpu_kernels`` / ``amx`` / ``triton`` (those kernels on or off), ``cuda_graphs`` (decode-only steps replayed
-    from CUDA graphs; on for CUDA with Triton)."""
+    from CUDA graphs; on for CUDA with Triton). ``speculative``: a :class:`SpeculativeConfig` (or a dict of its
+    fields) for every request that does not set its own (``SamplingParams.speculative``)."""
 
     block_size: int = 16
     num_blocks: int | None = None
@@ -43,8 +94,10 @@ class EngineConfig:
     triton: bool | None = None
     cuda_graphs: bool | None = None
     kv_cache_dtype: str = "auto"
+    speculative: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "speculative", SpeculativeConfig.of(self.speculative))
         for f in dataclasses.fields(self):
             _check(f.name, getattr(self, f.name))
 
@@ -79,6 +132,8 @@ def _check(name: str, value: Any) -> None:
     elif name in ("enable_prefix_caching", "share_blocks", "compile"):
         if not isinstance(value, bool):
             raise ValueError(f"{name}: must be True or False (got {value!r})")
+    elif name == "speculative":
+        pass  # validated by SpeculativeConfig
     elif name == "kv_cache_dtype":
         if not isinstance(value, str) or value not in KV_CACHE_DTYPES:
             raise ValueError(f"{name}: must be one of {', '.join(map(repr, KV_CACHE_DTYPES))} (got {value!r})")

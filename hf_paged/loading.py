@@ -45,6 +45,23 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one engine step")
     group.add_argument("--max-num-batched-tokens", type=int, default=2048, help="most tokens in one engine step")
     group.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    group.add_argument("--speculative", type=_speculative_json, default=None,
+                       help='speculative decoding, as JSON: {"method": "ngram", "num_tokens": 4} (prompt lookup) or '
+                            '{"method": "draft", "num_tokens": 4, "draft_model": "PATH"} (a smaller model with the '
+                            'same tokenizer: a folder or a .gguf file, loaded in --dtype); also "adaptive", '
+                            '"prompt_lookup_min", "prompt_lookup_max"')
+
+
+def _speculative_json(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
 
 
 def load_model(path: str | None, dtype: str) -> tuple[Any, Any, str]:
@@ -84,5 +101,11 @@ def build_engine(args: argparse.Namespace) -> tuple[Any, str]:
         options["memory_bytes"] = args.kv_memory
     if args.max_model_len is not None:
         options["max_model_len"] = args.max_model_len
+    speculative = getattr(args, "speculative", None)
+    if speculative is not None:
+        speculative = dict(speculative)
+        if isinstance(speculative.get("draft_model"), str):
+            speculative["draft_model"] = load_model(speculative["draft_model"], args.dtype)[0]
+        options["speculative"] = speculative
     model, tokenizer, name = load_model(args.model, args.dtype)
     return LLMEngine(model, tokenizer, **options), name

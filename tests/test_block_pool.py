@@ -234,6 +234,34 @@ class BlockPoolMachine(RuleBasedStateMachine):
         refs = self._refs()
         self.free_order.extend(b for b in reversed(blocks) if refs[b] == 0)
 
+    @precondition(lambda self: any(s.table.num_tokens for s in self.seqs))
+    @rule(i=st.integers(0, MAX_TABLES - 1), drafted=st.integers(1, 6), accepted=st.integers(0, 6),
+          write_now=st.booleans())
+    def speculate(self, i, drafted, accepted, write_now):
+        """A speculative step: the last token and ``drafted`` tokens get slots (and are written), the first
+        ``accepted`` drafted ones are kept and the slots of the others are rolled back (``truncate``): blocks that
+        held only rejected tokens are freed, shared and cached blocks are untouched."""
+        seq = self._pick(i)
+        if not self._append(seq, [i % 3] * drafted, write_now):
+            return
+        table, bs = seq.table, self.bs
+        keep = table.num_tokens - drafted + min(accepted, drafted)
+        kept_blocks = -(-keep // bs)
+        if keep % bs and table.blocks[kept_blocks - 1] in self.hash_of_block:
+            with pytest.raises(RuntimeError, match="prefix cache"):  # never done by the engine: refused
+                table.truncate(keep)
+            return
+        blocks, refs_before = list(table.blocks), list(self.pool.ref_counts)
+        table.truncate(keep)
+        assert table.num_tokens == keep and table.blocks == blocks[:kept_blocks]
+        del seq.tokens[keep:], seq.markers[keep:]
+        seq.pending = {p for p in seq.pending if p < keep}
+        seq.awaiting_copy = {p for p in seq.awaiting_copy if p < keep}
+        for b in reversed(blocks[kept_blocks:]):
+            assert self.pool.ref_counts[b] == refs_before[b] - 1
+            if self.pool.ref_counts[b] == 0:
+                self.free_order.append(b)
+
     @precondition(lambda self: self.seqs)
     @rule(i=st.integers(0, MAX_TABLES - 1))
     def register(self, i):

@@ -238,6 +238,21 @@ class BlockTable:
         self.num_tokens = end
         return self.slots(start, end)
 
+    def truncate(self, num_tokens: int) -> None:
+        """Roll the table back to its first ``num_tokens`` slots (speculative tokens that were rejected): blocks past
+        them are released. The kept last block must not be in the prefix cache (its freed slots are written again);
+        a shared one is copied on the next write, as ever."""
+        if num_tokens >= self.num_tokens:
+            return
+        bs, pool = self.pool.block_size, self.pool
+        keep = -(-num_tokens // bs)
+        if num_tokens % bs and self.blocks[keep - 1] in pool._hash_of_block:
+            raise RuntimeError(f"truncate: block {self.blocks[keep - 1]} is in the prefix cache")
+        for block in reversed(self.blocks[max(keep, self.dropped):]):
+            pool.decref(block)
+        del self.blocks[keep:]
+        self.num_tokens = num_tokens
+
     def fork(self) -> "BlockTable":
         """A second table sharing every block of this one."""
         for block in self.blocks[self.dropped:]:

@@ -39,6 +39,9 @@ class KVCacheManager:
 
     def free(self, seq: Sequence) -> None:
         seq.block_table.free()
+        if seq.draft is not None:  # the draft model's blocks for it (speculative decoding)
+            seq.draft.block_table.free()
+            seq.draft = None
 
     def free_out_of_window(self, seq: Sequence) -> None:
         """After a step: give back the blocks of the sequence that no later query attends to (the next one, at

@@ -11,6 +11,11 @@ tokens later, so its output is unchanged).
 With prefix caching on, an admitted sequence first takes the cached full blocks of its prompt and
 computes only the rest (at least its last token, whose logits it needs); the ``KVCacheManager`` keeps that
 bookkeeping. After the forward, ``postprocess`` records what the step computed.
+
+A decode sequence with drafted tokens (speculative decoding, ``seq.spec_token_ids``) computes them too, trimmed to
+the budget; where their slots do not fit, it drops them and decodes one token. Drafted tokens count as computed only
+once verified (``accept_draft``): the prefix cache never registers a block holding an unverified token, and the
+slots of rejected ones are given back.
 """
 
 from __future__ import annotations
@@ -34,7 +39,9 @@ class SchedulerConfig:
 @dataclass
 class ScheduledSequence:
     """What the runner needs of one sequence in a step: the tokens it computes, the position of the first, its whole
-    block table (block ids), whether its last token's logits are sampled, and its recurrent-state slot (if any)."""
+    block table (block ids), whether its last token's logits are sampled (``num_draft`` > 0: the last
+    ``1 + num_draft`` tokens' logits, to verify the drafted tokens that end ``token_ids``), and its recurrent-state
+    slot (if any)."""
 
     request_id: str
     token_ids: list[int]
@@ -42,6 +49,7 @@ class ScheduledSequence:
     block_ids: list[int]
     samples: bool
     state_slot: int | None = None
+    num_draft: int = 0
 
 
 @dataclass
@@ -70,6 +78,10 @@ class SchedulerOutput:
 def scheduled_seq(seq: Sequence, num_new_tokens: int) -> ScheduledSequence:
     """``seq``'s next ``num_new_tokens`` tokens as a step computes them."""
     start = seq.num_computed_tokens
+    draft = seq.spec_token_ids
+    if draft:
+        return ScheduledSequence(seq.request_id, seq.token_ids[start:] + draft, start, list(seq.block_table.blocks),
+                                 True, seq.block_table.state, len(draft))
     end = start + num_new_tokens
     return ScheduledSequence(seq.request_id, seq.token_ids[start:end], start, list(seq.block_table.blocks),
                              end == seq.num_tokens, seq.block_table.state)
@@ -105,6 +117,14 @@ class Scheduler:
         while i < len(running) and budget > 0:
             seq = running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if seq.spec_token_ids:  # a decode with a draft: 1 + k tokens while they fit, else a plain decode
+                del seq.spec_token_ids[budget - 1:]
+                if seq.spec_token_ids and self.kv.allocate_slots(seq, 1 + len(seq.spec_token_ids)) is not None:
+                    scheduled.append((seq, 1 + len(seq.spec_token_ids)))
+                    budget -= 1 + len(seq.spec_token_ids)
+                    i += 1
+                    continue
+                seq.spec_token_ids = []
             while self.kv.allocate_slots(seq, n) is None:
                 victim = running.pop()  # the newest running sequence
                 self._preempt(victim)
@@ -139,6 +159,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.kv.free(seq)
+        seq.spec_token_ids = []
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -153,9 +174,18 @@ class Scheduler:
         """After the step's forward: its tokens are computed, and the full blocks they filled are cached."""
         for seq, n in zip(self.step_seqs, self.step_counts):
             old = seq.num_computed_tokens
-            seq.num_computed_tokens = old + n
+            seq.num_computed_tokens = old + n - len(seq.spec_token_ids)  # drafted tokens: once verified
             self.kv.register_computed_blocks(seq, old)
             self.kv.free_out_of_window(seq)
+
+    def accept_draft(self, seq: Sequence, num_accepted: int) -> int:
+        """After verification: the first ``num_accepted`` drafted tokens are computed, the slots of the others are
+        given back; returns the computed count before (for ``register_computed_blocks`` once they are appended)."""
+        old = seq.num_computed_tokens
+        seq.num_computed_tokens = old + num_accepted
+        seq.block_table.truncate(seq.num_computed_tokens)
+        seq.spec_token_ids, seq.spec_probs = [], None
+        return old
 
     def append_tokens(self, seqs: list[Sequence], tokens: list[int], logprobs: list[float] | None,
                       top_logprobs: list | None) -> list[FinishReason | None]:

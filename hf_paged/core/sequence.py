@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence as Seq
 
 import torch
 
+from ..config import SpeculativeConfig
 from .block_pool import BlockTable
 from .structured_output import StructuredOutputs
 
@@ -52,6 +53,9 @@ class SamplingParams:
     early_stopping: bool | str = False
     num_return_sequences: int = 1  # beam search: how many of the best hypotheses to return
     structured_outputs: StructuredOutputs | None = None  # the text must match this (a JSON schema, regex, ...)
+    # Speculative decoding for this request (None: the engine's; a dict of SpeculativeConfig's fields works too;
+    # num_tokens=0: off). Requests with processors, penalties, grammars, kept scores or beams do not speculate.
+    speculative: SpeculativeConfig | None = None
 
     def validate(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -109,6 +113,9 @@ class SamplingParams:
                 raise bad("structured_outputs", "must be a StructuredOutputs")
             if self.num_beams > 1:
                 raise bad("structured_outputs", "beam search does not take a constraint")
+        self.speculative = SpeculativeConfig.of(self.speculative)
+        if self.speculative is not None and self.speculative.num_tokens and self.num_beams > 1:
+            raise bad("speculative", "beam search does not speculate")
         if self.stop_check is not None and (self.num_beams > 1 or self.n > 1):
             raise bad("stop_check", "one per sequence: not with n > 1 or beam search")
             self.structured_outputs.validate()
@@ -205,6 +212,15 @@ class Sequence:
         self.done = threading.Event()
         self.group: SequenceGroup | None = None
         self.pending_logits: torch.Tensor | None = None  # beam search: this beam's logits, waiting for its group
+        # Speculative decoding: how (None: not), this step's drafted tokens (and their draft distributions, if
+        # sampled), the decayed counts its acceptance rate is estimated from, the draft model's sequence (its own
+        # block table on the drafter's pool), and the request's counters.
+        self.spec: SpeculativeConfig | None = None
+        self.spec_token_ids: list[int] = []
+        self.spec_probs: torch.Tensor | None = None
+        self.spec_hits = self.spec_trials = 0.0
+        self.draft: Sequence | None = None
+        self.spec_drafted = self.spec_accepted = 0
 
     def fork_child(self, index: int, share_blocks: bool = True) -> "Sequence":
         """A sequence continuing this one: same tokens and K/V, blocks shared (or copied if not share_blocks)."""
@@ -221,6 +237,7 @@ class Sequence:
         child.first_scheduled_time = self.first_scheduled_time
         child.group = self.group
         child.matcher = self.matcher.deep_copy() if self.matcher is not None else None
+        child.spec = self.spec
         return child
 
     @property
@@ -265,6 +282,9 @@ class Sequence:
             out["ttft_s"] = self.first_token_time - self.arrival_time
             if self.finish_time is not None and self.num_output_tokens > 1:
                 out["tpot_s"] = (self.finish_time - self.first_token_time) / (self.num_output_tokens - 1)
+        if self.spec_drafted:
+            out["spec_decode_num_draft_tokens"] = self.spec_drafted
+            out["spec_decode_num_accepted_tokens"] = self.spec_accepted
         return out
 
 

@@ -42,6 +42,7 @@ from ..execution.probe import probe_engine
 from ..execution.sampler import Sampler
 from .metrics import EngineMetrics
 from .output_processor import OutputProcessor
+from .speculator import Speculator
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +158,17 @@ class LLMEngine:
         self._thread: threading.Thread | None = None
         self._grammar_lock = threading.Lock()
         self._asleep = False
+        # Speculative decoding: built with the engine's config, or with the first request asking for it.
+        self.speculator: Speculator | None = None
+        if config.speculative is not None:  # its drafter now: a bad draft model is refused before any request
+            try:
+                if self.runner.recurrent is not None:
+                    raise ValueError("speculative: not for a model with recurrent layers (their state cannot be "
+                                     "rolled back past rejected tokens)")
+                self._speculator().drafter(config.speculative)
+            except Exception:
+                self.executor.close()
+                raise
         _engines.add(self)
 
     def _start_runner(self) -> None:
@@ -250,7 +262,16 @@ class LLMEngine:
             group.decode = self._decode
         elif params.n > 1:
             SequenceGroup(seq)
+        # A model with recurrent layers decodes without speculation (a state cannot be rolled back).
+        if (params.speculative is not None or self.config.speculative is not None) and self.runner.recurrent is None:
+            self._speculator().resolve(seq)
         return seq
+
+    def _speculator(self) -> Speculator:
+        with self._grammar_lock:
+            if self.speculator is None:
+                self.speculator = Speculator(self.config, self.pool.num_blocks, self.vocab_size, self.max_model_len)
+            return self.speculator
 
     def _decode(self, ids: list[int]) -> str | None:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else None
@@ -316,6 +337,8 @@ class LLMEngine:
         self._drain_inbox()
         for request_id in list(self.outputs.requests):
             self.outputs.abort(request_id)
+        if self.speculator is not None:
+            self.speculator.close()
         self.executor.close()
         _engines.discard(self)
 
@@ -409,6 +432,9 @@ class LLMEngine:
         was_idle = not self.scheduler.has_work()
         if self._drain_inbox():
             self._sync_weights(was_idle)
+        spec = self.speculator
+        if spec is not None:
+            spec.propose(self.scheduler.running, self.config.max_num_batched_tokens)
         step = self.scheduler.schedule()
         self.metrics.preemptions += len(self.scheduler.preempted)
         if not step.seqs:
@@ -420,17 +446,29 @@ class LLMEngine:
             logger.exception("engine step failed; failing its %d requests", len(step.seqs))
             return self.outputs.fail(self.scheduler.step_seqs, exc)
         scheduled = self.scheduler.step_seqs
+        verified: list = []
         try:
             self.scheduler.postprocess()
+            if spec is not None:
+                logits, rows, drafted, draft_logits = spec.take_rows(scheduled, logits, rows)
+                if drafted:
+                    verified = spec.verify(self.sampler, drafted, draft_logits)
             seqs, logits = self.outputs.rows_to_sample(scheduled, logits, rows)
             # In place: the step's logits are ours (beam rows were taken out above by indexing, a copy).
             sampled = self.sampler(logits, seqs, inplace=True) if seqs else ([], None, None)
             self.outputs.advance_beams(scheduled)
         except Exception as exc:
             logger.exception("sampling failed; failing the step's %d requests", len(scheduled))
+            for seq in scheduled:
+                seq.spec_token_ids, seq.spec_probs = [], None
             return self.outputs.fail(scheduled, exc)
-        self.metrics.record_step(step.num_tokens, time.perf_counter() - started, self.pool, self.scheduler)
+        seconds = time.perf_counter() - started
+        self.metrics.record_step(step.num_tokens, seconds, self.pool, self.scheduler)
         finished = self.outputs.process(seqs, self.scheduler.append_tokens(seqs, *sampled))
+        if spec is not None:
+            spec.controller.record_step(step.num_tokens, seconds)
+            if verified:
+                finished += spec.append(verified, self.scheduler, self.outputs)
         for seq, exc in failed:
             finished += self.outputs.fail([seq], exc)
         return finished
@@ -547,7 +585,8 @@ class LLMEngine:
     def stats(self) -> dict[str, float]:
         """A snapshot for monitoring (safe from any thread): requests running and waiting, KV blocks, prefix-cache
         queries and hits (in tokens), preemptions, prompt and generated tokens so far; recurrent-state slots in use
-        where the model has recurrent layers."""
+        where the model has recurrent layers; with speculative decoding, vLLM's counters (drafts, drafted and accepted
+        tokens, accepted per draft position), the acceptance rate and the last step's mean k."""
         pool, bs = self.pool, self.pool.block_size
         stats = {
             "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting) + self._pending_adds,
@@ -556,6 +595,7 @@ class LLMEngine:
             "prefix_cache_queries": pool.prefix_queries * bs, "prefix_cache_hits": pool.prefix_hits * bs,
             "preemptions": self.metrics.preemptions, "prompt_tokens": self.metrics.prompt_tokens,
             "generation_tokens": self.metrics.generation_tokens,
+            **(self.speculator.summary() if self.speculator is not None else {}),
         }
         if pool.states is not None:
             stats["state_slots_in_use"] = pool.states.num_used

@@ -5,6 +5,12 @@ on stop tokens, the structured-output masks (constrained rows only); then greedy
 go through temperature, top-k, top-p and min-p and draw from the result. A request with a seed draws from its own
 generator, so its tokens do not depend on what else is in the batch. Logprobs are those of the model's raw
 distribution (as vLLM reports them), with the ``top_logprobs`` most likely alternatives where asked.
+
+``verify`` checks drafted tokens (speculative decoding) against the logits at each of their positions: greedy rows
+accept while the argmax equals the draft, then take the argmax; sampled rows use the rejection rule (draft ``x``
+kept with probability ``min(1, p(x) / q(x))``, else a token drawn from ``max(0, p - q)`` renormalised; after a fully
+accepted draft one more from ``p``), ``q`` one-hot for drafts without a distribution, so each token's distribution is
+``p``'s as without speculation.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from ..core.sequence import Sequence
 from ..core.structured_output import GrammarCompiler
 
 TopLogprobs = list[list[tuple[int, float]]]
+Verified = tuple[list[int], list[float] | None, TopLogprobs | None]
 
 
 def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
@@ -140,3 +147,84 @@ class Sampler:
                 top = [list(zip(ids[r][:s.params.top_logprobs], values[r][:s.params.top_logprobs]))
                        for r, s in enumerate(seqs)]
         return token_list, logprobs, top
+
+    def verify(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[Verified]:
+        """logits ``[sum(1 + k_i), vocab]`` fp32: for each sequence, in order, the rows of its last token and of its
+        ``k_i`` drafted tokens (``seq.spec_token_ids``; sampled drafts' distributions in ``seq.spec_probs``) -> per
+        sequence (the accepted drafted tokens then one more, their logprobs or None, top logprobs or None)."""
+        counts = [1 + len(s.spec_token_ids) for s in seqs]
+        starts = [0]
+        for c in counts:
+            starts.append(starts[-1] + c)
+        row_seqs = [s for s, c in zip(seqs, counts) for _ in range(c)]
+        raw = logits
+        if any(s.params.logprobs for s in seqs) or any(s.num_output_tokens < s.params.min_new_tokens for s in seqs):
+            logits = logits.clone()
+        banned = [(starts[i] + j, token) for i, s in enumerate(seqs) for j in range(counts[i])
+                  if s.num_output_tokens + j < s.params.min_new_tokens for token in s.stop_ids]
+        if banned:
+            index = torch.tensor(banned, dtype=torch.long, device=logits.device)
+            logits[index[:, 0], index[:, 1]] = float("-inf")
+        greedy_ids = (argmax_rows(logits) if self.c_argmax else None)
+        if greedy_ids is None:
+            greedy_ids = logits.max(dim=-1).indices
+        greedy_ids = greedy_ids.tolist()
+        sampled = [r for r, s in enumerate(row_seqs) if not s.params.greedy]
+        probs = {}
+        if sampled:
+            warped = _warp(logits[sampled], [row_seqs[r] for r in sampled]).softmax(-1)
+            probs = {r: warped[j] for j, r in enumerate(sampled)}
+        out_tokens = []
+        for i, seq in enumerate(seqs):
+            draft, base = seq.spec_token_ids, starts[i]
+            tokens = []
+            if seq.params.greedy:
+                for j, x in enumerate(draft):
+                    if greedy_ids[base + j] != x:
+                        break
+                    tokens.append(x)
+                tokens.append(greedy_ids[base + len(tokens)])
+            else:
+                tokens = self._rejection(seq, draft, [probs[base + j] for j in range(counts[i])])
+            out_tokens.append(tokens)
+        logprobs: list = [None] * len(seqs)
+        tops: list = [None] * len(seqs)
+        for i, seq in enumerate(seqs):
+            if seq.params.logprobs:
+                rows = torch.log_softmax(raw[starts[i]:starts[i] + len(out_tokens[i])], dim=-1)
+                ids = torch.tensor(out_tokens[i], device=rows.device)
+                logprobs[i] = rows.gather(1, ids.unsqueeze(1)).squeeze(1).tolist()
+                if seq.params.top_logprobs:
+                    values, top_ids = rows.topk(seq.params.top_logprobs, dim=-1)
+                    tops[i] = [list(zip(a, b)) for a, b in zip(top_ids.tolist(), values.tolist())]
+        return list(zip(out_tokens, logprobs, tops))
+
+    @staticmethod
+    def _rejection(seq: Sequence, draft: list[int], p: list[torch.Tensor]) -> list[int]:
+        """Rejection sampling of one sequence's draft against its target distributions ``p`` (one per draft token
+        and one after the last)."""
+        q = seq.spec_probs
+
+        def uniform() -> float:
+            return float(torch.rand(1, generator=seq.generator)[0])
+
+        def draw(dist: torch.Tensor) -> int:
+            token = int(_inverse_cdf(dist.unsqueeze(0), torch.tensor([uniform()], device=dist.device))[0])
+            return min(token, dist.shape[0] - 1)
+
+        tokens = []
+        for j, x in enumerate(draft):
+            px = float(p[j][x])
+            qx = float(q[j][x]) if q is not None else 1.0
+            if qx > 0 and uniform() * qx < px:  # accept with probability min(1, p(x) / q(x))
+                tokens.append(x)
+                continue
+            residual = p[j].clone()
+            if q is None:
+                residual[x] = 0.0
+            else:
+                residual = (residual - q[j].to(residual.dtype)).clamp_min_(0.0)
+            tokens.append(draw(residual if float(residual.sum()) > 0 else p[j]))
+            return tokens
+        tokens.append(draw(p[len(draft)]))
+        return tokens

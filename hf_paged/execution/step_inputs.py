@@ -22,7 +22,7 @@ class StepInputs:
     positions: torch.Tensor  # [1, T]
     meta: PagedAttentionMetadata
     logits_rows: torch.Tensor  # the flattened rows whose logits are kept (the sampling sequences' last tokens)
-    sample_rows: list[int]  # which scheduled sequences sample, in order
+    sample_rows: list[int]  # the scheduled sequence of each kept row (1 + num_draft rows for a drafted one)
 
 
 def to_device(values: list[int], device: torch.device) -> torch.Tensor:
@@ -42,6 +42,7 @@ def build_step_inputs(step: SchedulerOutput, kv_cache, plan, layer_windows) -> S
     kv_lens: list[int] = []
     cu = [0]
     sample_rows: list[int] = []
+    keep: list[int] = []
     for i, seq in enumerate(step.seqs):
         start, n = seq.first_position, len(seq.token_ids)
         input_ids.extend(seq.token_ids)
@@ -50,13 +51,14 @@ def build_step_inputs(step: SchedulerOutput, kv_cache, plan, layer_windows) -> S
         kv_lens.append(start + n)
         cu.append(cu[-1] + n)
         if seq.samples:
-            sample_rows.append(i)
+            rows = 1 + seq.num_draft  # a draft is verified at each of its positions and after its last
+            sample_rows.extend([i] * rows)
+            keep.extend(range(cu[-1] - rows, cu[-1]))
     width = max(len(s.block_ids) for s in step.seqs)
     null = kv_cache.null_block
     # Everything in one host buffer (pinned on CUDA), copied to the device once per step, without waiting:
     # ids | positions | slots | cu_seqlens_q | kv_lens | logits rows to keep | block tables (padded).
     t, s = len(input_ids), len(step.seqs)
-    keep = [cu[i + 1] - 1 for i in sample_rows]
     flat = input_ids + positions + slot_mapping + cu + kv_lens + keep
     for seq in step.seqs:
         flat += seq.block_ids

@@ -7,6 +7,10 @@ requests by reason, time to first token, time per output token, end-to-end laten
 recorded by the server as each engine request ends. Everything lives in one ``CollectorRegistry`` per app: two apps
 in one process do not share or clash.
 
+Speculative decoding (where the engine speculates): vLLM's ``spec_decode_num_drafts``,
+``spec_decode_num_draft_tokens``, ``spec_decode_num_accepted_tokens`` and
+``spec_decode_num_accepted_tokens_per_pos`` (label ``position``) counters.
+
 Besides vLLM's names: ``hf_paged:kv_cache_total_blocks`` and ``hf_paged:kv_cache_free_blocks`` (gauges).
 """
 
@@ -80,6 +84,18 @@ class _EngineCollector:
         yield counter("num_preemptions", "Cumulative number of preemptions from the engine.", s["preemptions"])
         yield counter("prompt_tokens", "Number of prefill tokens processed.", s["prompt_tokens"])
         yield counter("generation_tokens", "Number of generation tokens processed.", s["generation_tokens"])
+        if "spec_decode_num_drafts" in s:
+            yield counter("spec_decode_num_drafts", "Number of spec decoding drafts.", s["spec_decode_num_drafts"])
+            yield counter("spec_decode_num_draft_tokens", "Number of draft tokens.", s["spec_decode_num_draft_tokens"])
+            yield counter("spec_decode_num_accepted_tokens", "Number of accepted tokens.",
+                          s["spec_decode_num_accepted_tokens"])
+            per_pos = CounterMetricFamily(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+                                          "Accepted tokens per draft position.", labels=LABELS + ("position",))
+            pos = 0
+            while f"spec_decode_num_accepted_tokens_per_pos_{pos}" in s:
+                per_pos.add_metric(self.labels + [str(pos)], s[f"spec_decode_num_accepted_tokens_per_pos_{pos}"])
+                pos += 1
+            yield per_pos
 
 
 class ServerMetrics:
