@@ -377,7 +377,7 @@ static void test_write_kv(int bf16, int KVH, int hd, long T) {
     for (long i = 0; i < cache_elems; i++) put(kc, bf16, i, SENTINEL), put(vc, bf16, i, SENTINEL);
     int64_t *slots = random_slots(T, num_slots);
     long *owner = slot_owner(slots, T, num_slots);
-    paged_write_kv(k, k_s0, k_s1, v, v_s0, v_s1, slots, T, kc, vc, KVH, hd, (int)esz);
+    paged_write_kv(k, k_s0, k_s1, v, v_s0, v_s1, slots, T, kc, vc, KVH, hd, hd, (int)esz);
     long bad = 0;
     for (long i = 0; i < cache_elems; i++) {
         const long slot = i / ((long)KVH * hd), h = i / hd % KVH, d = i % hd, t = owner[slot];
@@ -422,7 +422,7 @@ static void test_write_kv_i8(int bf16, int KVH, int hd, int bs, long T) {
     for (long i = 0; i < nsc; i++) ks[i] = vs[i] = SENTINEL;
     int64_t *slots = random_slots(T, num_slots);
     long *owner = slot_owner(slots, T, num_slots);
-    paged_write_kv_i8(k, k_s0, k_s1, v, v_s0, v_s1, slots, T, kc, vc, ks, vs, KVH, hd, bs, bf16);
+    paged_write_kv_i8(k, k_s0, k_s1, v, v_s0, v_s1, slots, T, kc, vc, ks, vs, KVH, hd, hd, bs, bf16);
     long bad = 0;
     float xr[256];
     int8_t qr[256];
