@@ -2,11 +2,12 @@
 in docs/architecture.md.
 
 hf_paged keeps one key and one value vector per layer, token and KV head (keys of one width, values of one width, the
-two may differ), read by causal attention (optionally windowed, chunked, soft-capped, with per-head attention sinks);
-a model is admitted only where that is all its state and all its attention computes. :func:`cache_refusal` (what a ``PagedCache`` cannot hold) and :func:`engine_refusal` (that, and what the
-engine's attention does not compute) are static checks of the model's classes, config and parameters;
-:func:`check_attention_call` refuses, at run time, a paged attention call the kernels would not compute exactly. A layer
-attends with the window transformers masks its layer type with (:func:`layer_windows`), whatever it passes.
+two may differ), read by causal attention (optionally windowed, chunked, soft-capped, with per-head attention sinks); a
+model is admitted only where that is all its state and all its attention computes. :func:`cache_refusal` (what a
+``PagedCache`` cannot hold) and :func:`engine_refusal` (that, and what the engine's attention does not compute) are
+static checks of the model's classes, config and parameters; :func:`check_attention_call` refuses, at run time, a paged
+attention call the kernels would not compute exactly. A layer attends with the window transformers masks its layer type
+with (:func:`layer_windows`), whatever it passes.
 """
 
 from __future__ import annotations
@@ -148,8 +149,9 @@ def _state_refusal(model: torch.nn.Module, allowed: tuple[str, ...]) -> str | No
         kv_geometry(config)
     except Exception as exc:  # e.g. a head dim that differs between layer types
         return f"K/V shapes that differ between layers ({type(exc).__name__})"
-    heads = {m.k_proj.out_features // m.head_dim for m in model.modules() if getattr(m, "layer_idx", None) is not None
-             and isinstance(getattr(m, "k_proj", None), torch.nn.Linear) and isinstance(getattr(m, "head_dim", None), int)}
+    heads = {m.k_proj.out_features // m.head_dim for m in model.modules()
+             if getattr(m, "layer_idx", None) is not None and isinstance(getattr(m, "k_proj", None), torch.nn.Linear)
+             and isinstance(getattr(m, "head_dim", None), int)}
     if len(heads) > 1:  # e.g. MiMo-V2-Flash: twice the KV heads in its sliding layers
         return f"K/V head counts that differ between layers ({sorted(heads)})"
     return None

@@ -162,8 +162,9 @@ def _compare(got: torch.Tensor, want: torch.Tensor, what: str = "rows") -> Check
 def _compare_unpadded(got: torch.Tensor, want: torch.Tensor, model: torch.nn.Module, ids: torch.Tensor,
                       mask: torch.Tensor, notes: list[str]) -> Check:
     """``_compare`` of a wrapped greedy batch with HF's (``model``: an unwrapped copy); a row that differs passes where
-    HF's own generate of that row alone (unpadded, which is what the engine runs) differs from its padded row and equals the wrapped one: a model
-    whose HF computation depends on the padding (Llama 4's NoPE temperature tuning counts pad positions)."""
+    HF's own generate of that row alone (unpadded, which is what the engine runs) differs from its padded row and equals
+    the wrapped one: a model whose HF computation depends on the padding (Llama 4's NoPE temperature tuning counts pad
+    positions)."""
     check = _compare(got, want)
     if check.status != "mismatch" or got.shape != want.shape:
         return check

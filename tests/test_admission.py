@@ -220,6 +220,14 @@ def test_mla_kv_cache_holds_each_width():
         assert kv.bytes_per_block == 2 * 8 * 4 * (24 + 12) * 4 and kv.nbytes == 33 * kv.bytes_per_block
     finally:
         engine.close()
+    engine = hf_paged.LLMEngine(model, num_blocks=32, block_size=8, kv_cache_dtype="int8")  # the probe passes
+    try:
+        kv = engine.kv_cache
+        assert kv.quantized and kv.kv_v.dtype == torch.int8 and kv.value_cache(0).shape == (33, 8, 4, 12)
+        assert len(engine.generate([[5, 9, 17, 3, 40, 2, 7, 11, 30]], hf_paged.SamplingParams(max_new_tokens=4),
+                                   use_tqdm=False)[0].token_ids) == 4
+    finally:
+        engine.close()
     want = _greedy(model)
     cache = hf_paged.PagedCache(model)
     assert torch.equal(_greedy(model, past_key_values=cache), want)

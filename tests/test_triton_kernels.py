@@ -61,9 +61,9 @@ MANTISSA_BITS = {torch.bfloat16: 8, torch.float16: 11}  # significand precision,
 
 def make_batch(kv_lens, q_lens, num_decodes, *, block_size, kv_heads, group, head_dim, dtype, seed=0,
                spare_blocks=3, head_dim_v=None):
-    """A step's query, caches (values ``head_dim_v`` wide, default the keys' width) and metadata. Block tables are drawn without replacement from the pool;
-    every slot of the cache starts as large garbage and each sequence's ``kv_len`` positions get random
-    K/V, so a kernel that reads a slot it should not shows up as a large error."""
+    """A step's query, caches (values ``head_dim_v`` wide, default the keys' width) and metadata. Block tables are drawn
+    without replacement from the pool; every slot of the cache starts as large garbage and each sequence's ``kv_len``
+    positions get random K/V, so a kernel that reads a slot it should not shows up as a large error."""
     assert all(q == 1 for q in q_lens[:num_decodes]) and all(q <= k for q, k in zip(q_lens, kv_lens))
     g = torch.Generator().manual_seed(seed)
     nblocks = [-(-k // block_size) for k in kv_lens]
@@ -408,23 +408,26 @@ def compile_for_sm90(fn, pointer_types, constexprs):
     triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32))
 
 meta = {"block_tables_ptr": "*i64", "kv_lens_ptr": "*i32", "cu_q_ptr": "*i64", "part_acc_ptr": "*fp32",
-        "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"}
+        "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32",
+        "sinks_ptr": "*fp32"}
 int8_kv = {"k_cache_ptr": "*i8", "v_cache_ptr": "*i8"}
 for dt, prec, splits, group, kv8 in (("*bf16", "tf32", 4, 4, False), ("*fp32", "ieee", 1, 1, False),
                                      ("*fp16", "tf32", 1, 8, False), ("*bf16", "tf32", 2, 3, True)):
-    c = dict(GROUP=group, BLOCK_D=128, BLOCK_SIZE=16, TILE_N=64, USE_SOFTCAP=splits > 1, DOT_PRECISION=prec,
-             KV_INT8=kv8)
+    c = dict(GROUP=group, BLOCK_D=128, BLOCK_DV=128 if group != 1 else 64, BLOCK_SIZE=16, TILE_N=64,
+             USE_SOFTCAP=splits > 1, DOT_PRECISION=prec, KV_INT8=kv8, HAS_SINKS=group in (1, 3))
     types = dict(meta, default=dt, **(int8_kv if kv8 else {}))
     compile_for_sm90(tpa._decode_kernel, types, dict(c, BLOCK_G=16, NUM_SPLITS=splits, NATIVE_DOT=False))
     if dt != "*fp32" and not kv8:
         compile_for_sm90(tpa._decode_kernel, types, dict(c, BLOCK_G=16, NUM_SPLITS=splits, NATIVE_DOT=True))
     compile_for_sm90(tpa._prefill_kernel, types, dict(c, BLOCK_M=64, BLOCK_Q=64 // group))
-compile_for_sm90(tpa._decode_reduce_kernel, dict(meta, default="*bf16"), dict(NUM_SPLITS=5, BLOCK_S=8, BLOCK_D=128))
+for sinks in (False, True):
+    compile_for_sm90(tpa._decode_reduce_kernel, dict(meta, default="*bf16"),
+                     dict(NUM_SPLITS=5, BLOCK_S=8, BLOCK_D=128, HAS_SINKS=sinks))
 for kv8 in (False, True):
     compile_for_sm90(tco._write_kv_kernel, {"default": "*bf16", "slot_ptr": "*i64", "key_ptr": "*fp32",
                                             "key_scale_ptr": "*fp32", "value_scale_ptr": "*fp32",
                                             **({"key_cache_ptr": "*i8", "value_cache_ptr": "*i8"} if kv8 else {})},
-                     dict(BLOCK_H=8, BLOCK_D=128, KV_INT8=kv8))
+                     dict(BLOCK_H=8, BLOCK_D=128, BLOCK_DV=64 if kv8 else 128, KV_INT8=kv8))
 compile_for_sm90(tco._copy_blocks_kernel, {"default": "*bf16", "pairs_ptr": "*i64"}, dict(BLOCK=4096))
 """
 

@@ -3,10 +3,10 @@
 ``kv[layer, 0|1, block, slot_in_block, kv_head, head_dim]`` with one more block than the pool counts, the null block
 (the last). Values narrower or wider than the keys (``head_dim_v``: MLA and similar) are stored at their own width:
 ``kv`` then holds the keys only (``kv[layer, 0, ...]``) and ``kv_v[layer, 0, block, slot, kv_head, head_dim_v]`` the
-values, so no byte is padding. ``kv_cache_dtype="int8"`` stores K and V as int8 with one fp32 scale per (token, KV head) (symmetric:
-``scale = max|x| / 127`` of that head's vector) in ``kv_scales[layer, 0|1, block, kv_head, slot_in_block]``: a block's
-scales of one KV head are contiguous, so a kernel walking a block reads them as one short vector. Copies and growth
-treat the scales as part of their block.
+values, so no byte is padding. ``kv_cache_dtype="int8"`` stores K and V as int8 with one fp32 scale per (token, KV head)
+(symmetric: ``scale = max|x| / 127`` of that head's vector) in ``kv_scales[layer, 0|1, block, kv_head, slot_in_block]``:
+a block's scales of one KV head are contiguous, so a kernel walking a block reads them as one short vector. Copies and
+growth treat the scales as part of their block.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ class KVCache:
             num_blocks = int(memory_bytes) // self.bytes_per_block - 1  # one block is the null block
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive (memory_bytes too small?), got {num_blocks}")
-        self.num_layers, self.num_kv_heads, self.head_dim, self.head_dim_v = num_layers, num_kv_heads, head_dim, head_dim_v
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.head_dim_v = head_dim_v
         self.block_size, self.num_blocks = block_size, num_blocks
         split = head_dim_v != head_dim
         self.kv = _zeros((num_layers, 1 if split else 2, num_blocks + 1, block_size, num_kv_heads, head_dim), dtype,

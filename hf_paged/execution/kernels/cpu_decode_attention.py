@@ -4,10 +4,11 @@ kernels" in docs/architecture.md.
 The kernel reads K/V once, straight from the blocks (one OpenMP task per sequence and KV head), where the PyTorch path
 gathers them first. :class:`DecodePlan` is its call with the step's arguments converted once and shared by all layers
 (:class:`PagedCall`, shared with the prefill kernel); :func:`write_kv_cpu` writes a step's new K/V rows in one call.
-Values may be of another width than the keys (the output has theirs); chunked attention and attention sinks (fp32
-logits ``[H]``, given per call since every layer has its own) are arguments. Int8 caches (fp32 scales
-``[num_blocks, KVH, block_size]``, see ``cache_ops``) are quantized on write and read as stored, the scales applied to the scores and the probabilities; with AVX512-VNNI the dot products are integer (the
-scaled query and the probabilities rounded to int16, relative 2**-16), elsewhere rows are widened to fp32 in registers.
+Values may be of another width than the keys (the output has theirs); chunked attention and attention sinks (fp32 logits
+``[H]``, given per call since every layer has its own) are arguments. Int8 caches (fp32 scales ``[num_blocks, KVH,
+block_size]``, see ``cache_ops``) are quantized on write and read as stored, the scales applied to the scores and the
+probabilities; with AVX512-VNNI the dot products are integer (the scaled query and the probabilities rounded to int16,
+relative 2**-16), elsewhere rows are widened to fp32 in registers.
 Calls pass raw ``data_ptr()``s (ctypes drops the GIL); the engine's plan decides whether they are used.
 """
 

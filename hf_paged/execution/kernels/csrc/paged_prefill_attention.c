@@ -13,8 +13,9 @@
  *                q_lens[s] of its kv_lens[s] cached tokens (query token t sits at position kv_len - q_len + t)
  *   out          [T, H, hd_v]     row strides o_s0, o_s1 (hd_v: the values' width, hd unless it differs)
  * GQA: query head h reads KV head h / (H / KVH). No sliding window, no chunking, no soft-capping (the caller keeps its
- * PyTorch path for those). Attention sinks (one fp32 logit per query head): exp(sink - max) joins each row's sum. int8 K/V (caches with scales [num_blocks, KVH, block_size] beside them): the keys are
- * dequantized as the tile is packed, each V row's scale multiplies its probabilities; fp32 products.
+ * PyTorch path for those). Attention sinks (one fp32 logit per query head): exp(sink - max) joins each row's sum. int8
+ * K/V (caches with scales [num_blocks, KVH, block_size] beside them): the keys are dequantized as the tile is packed,
+ * each V row's scale multiplies its probabilities; fp32 products.
  *
  * A unit of work is (sequence, KV head, qt query tokens; qt = 512 / G, 8 to 128): its rows are the qt tokens x
  * G = H / KVH query heads sharing the KV head, token-major, so one K/V tile serves all of them. For each tile of KT

@@ -5,13 +5,13 @@
  *   cc -O3 -fopenmp -fno-strict-aliasing -std=gnu11 -march=... -Wall -Wextra test_kernels.c ../[a-z]*.c -o t -lm
  *   OMP_NUM_THREADS=2 ./t [substring...]    (only the cases whose name contains one of the substrings)
  *
- * Every exported kernel family on random data: paged decode attention (fp32, bf16, int8 K/V with fp32 or bf16
- * queries; GQA groups 1 and 4; head dims 34 (the scalar path on every target), 40 (a run-time vector count where
- * the vector width divides it), 64, 128; block sizes 8 and 16; sequence lengths 0, 1, 2 and lengths that are and
- * are not multiples of the block; sliding window; chunked attention; softcap; attention sinks; values of another
- * width than the keys), the cache writes (fp32, bf16, int8; values of another width), paged prefill attention (chunks
- * after a cached prefix, query rows with gaps between sequences; sinks; values of another width), the fused ops (rms_norm,
- * add_rms_norm, rope, rope_write_kv, silu_mul, argmax_rows), the small linear and AMX kernels where the target has
+ * Every exported kernel family on random data: paged decode attention (fp32, bf16, int8 K/V with fp32 or bf16 queries;
+ * GQA groups 1 and 4; head dims 34 (the scalar path on every target), 40 (a run-time vector count where the vector
+ * width divides it), 64, 128; block sizes 8 and 16; sequence lengths 0, 1, 2 and lengths that are and are not multiples
+ * of the block; sliding window; chunked attention; softcap; attention sinks; values of another width than the keys),
+ * the cache writes (fp32, bf16, int8; values of another width), paged prefill attention (chunks after a cached prefix,
+ * query rows with gaps between sequences; sinks; values of another width), the fused ops (rms_norm, add_rms_norm, rope,
+ * rope_write_kv, silu_mul, argmax_rows), the small linear and AMX kernels where the target has
  * them (their probes must report 0 elsewhere), and the argument checks; of hf_llama_decode_layer, which chains the
  * others through the linear kernels, only the workspace size. The prototypes and argument structs are the library's
  * header's (hf_paged_kernels.h), as cpu_library reads them. Caches hold NaN (or NaN scales) everywhere no
