@@ -107,7 +107,7 @@ def hf_paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     if isinstance(flag, EngineDisabled) and flag.value:
         query = _temperature_tuned(module, query, meta.positions)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    sinks = next((kwargs[name] for name in SINK_ARGS if kwargs.get(name) is not None), None)
+    sinks = kwargs.get(SINK_ARGS[0], kwargs.get(SINK_ARGS[1]))
     args = (query, key, value, meta, module.layer_idx, float(scale), kwargs.get("sliding_window"),
             kwargs.get("softcap"), sinks)
     # Eager calls skip the custom-op dispatcher (tens of microseconds a layer); compiled graphs need the op.
