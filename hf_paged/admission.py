@@ -1,12 +1,13 @@
 """Which models hf_paged runs exactly, and the one reason why not for the others; see "Which models run on the engine"
 in docs/architecture.md.
 
-hf_paged keeps one key and one value vector per layer, token and KV head, all of one shape, read by causal attention
-(optionally windowed and soft-capped); a model is admitted only where that is all its state and all its attention
-computes. :func:`cache_refusal` (what a ``PagedCache`` cannot hold) and :func:`engine_refusal` (that, and what the
-engine's attention does not compute) are static checks of the model's classes, config and parameters;
-:func:`check_attention_call` refuses, at run time, a paged attention call the kernels would not compute exactly. A layer
-attends with the window transformers masks its layer type with (:func:`layer_windows`), whatever it passes.
+hf_paged keeps one key and one value vector per layer, token and KV head (keys of one width, values of one width, the
+two may differ), read by causal attention (optionally windowed, chunked, soft-capped, with per-head attention sinks); a
+model is admitted only where that is all its state and all its attention computes. :func:`cache_refusal` (what a
+``PagedCache`` cannot hold) and :func:`engine_refusal` (that, and what the engine's attention does not compute) are
+static checks of the model's classes, config and parameters; :func:`check_attention_call` refuses, at run time, a paged
+attention call the kernels would not compute exactly. A layer attends with the window transformers masks its layer type
+with (:func:`layer_windows`), whatever it passes.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ from typing import Any
 import torch
 
 # Per-layer kinds from transformers' ``layer_types`` that the engine runs, and what the others are.
-PAGED_LAYER_TYPES = ("full_attention", "sliding_attention")
+PAGED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 _NO_KV_LAYER_TYPES = ("moe", "mlp", "dense", "sparse")  # layers without attention: nothing cached
 _LAYER_TYPE_FEATURES = {
-    "chunked_attention": "chunked attention",
     "linear_attention": "recurrent state (state-space / linear-attention layers)",
     "mamba": "recurrent state (state-space / linear-attention layers)",
     "conv": "recurrent state (short-convolution layers)",
@@ -34,7 +34,7 @@ _LAYER_TYPE_FEATURES = {
     "reference_sliding_attention": "sliding attention over generated tokens only",
 }
 # Layer types a PagedCache holds: it returns the whole K/V and HF's own mask does the rest.
-_CACHE_LAYER_TYPES = PAGED_LAYER_TYPES + ("chunked_attention",)
+_CACHE_LAYER_TYPES = PAGED_LAYER_TYPES
 # Layer types whose state the engine keeps per sequence when their mixers use the Cache's state API
 # (:func:`recurrent_mixers`); the hybrid ones also have K/V.
 _RECURRENT_LAYER_TYPES = ("linear_attention", "conv", "hybrid", "hybrid_sliding")
@@ -42,10 +42,11 @@ _RECURRENT_ONLY_LAYER_TYPES = ("linear_attention", "conv")
 
 # Attention-call arguments: handled by the paged kernels, or neutral when None / False / 0.
 _HANDLED_ARGS = {"sliding_window", "softcap", "paged_metadata"}
+SINK_ARGS = ("s_aux", "sinks")  # per-query-head logits added to the softmax's denominator
 _NEUTRAL_ARGS = {"dropout", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
                  "output_attentions", "use_cache", "cache_position", "attention_mask", "head_mask", "layer_idx",
                  "position_embeddings", "past_key_values", "past_key_value", "deterministic"}
-_ARG_FEATURES = {"s_aux": "attention sinks", "sinks": "attention sinks", "position_bias": "relative position bias",
+_ARG_FEATURES = {"position_bias": "relative position bias",
                  "indices": "sparse attention (keys chosen by an indexer)",
                  "block_indices": "sparse attention (keys chosen by an indexer)"}
 
@@ -81,13 +82,30 @@ def layer_types(config: Any) -> list[str]:
     return [legacy.get(t, t) for t in types]
 
 
+class ChunkedWindow(int):
+    """A chunked-attention layer's entry in :func:`layer_windows`: the chunk size C (position p attends to keys
+    ``p // C * C .. p``). As a window it bounds what the layer reads (every key it attends to is among the last C), so
+    the block bookkeeping treats it as a sliding window of C; the attention kernels take it as a chunk."""
+
+    def __repr__(self) -> str:
+        return f"ChunkedWindow({int(self)})"
+
+
 def layer_windows(model: torch.nn.Module) -> dict[int, int | None]:
-    """The sliding window each K/V layer attends with (None: the whole prefix): the one transformers' masks apply to
-    its layer type, which is what HF's attention computes whatever the layer passes to the attention function."""
+    """The sliding window each K/V layer attends with (None: the whole prefix; a :class:`ChunkedWindow` for chunked
+    attention): the one transformers' masks apply to its layer type, which is what HF's attention computes whatever
+    the layer passes to the attention function."""
     config = text_config(model)
-    window = getattr(config, "sliding_window", None)
-    return {i: (window if t in ("sliding_attention", "hybrid_sliding") else None)
-            for i, t in enumerate(layer_types(config)) if t not in _NO_KV_LAYER_TYPES + _RECURRENT_ONLY_LAYER_TYPES}
+    window, chunk = getattr(config, "sliding_window", None), getattr(config, "attention_chunk_size", None)
+    kinds = {"sliding_attention": window, "hybrid_sliding": window,
+             "chunked_attention": ChunkedWindow(chunk) if chunk else None}
+    return {i: kinds.get(t) for i, t in enumerate(layer_types(config))
+            if t not in _NO_KV_LAYER_TYPES + _RECURRENT_ONLY_LAYER_TYPES}
+
+
+def split_window(window: int | None) -> tuple[int | None, int | None]:
+    """(sliding window, chunk size) of a :func:`layer_windows` entry."""
+    return (None, int(window)) if isinstance(window, ChunkedWindow) else (window, None)
 
 
 _keeps_cache_state: dict[type, bool] = {}
@@ -123,16 +141,27 @@ def mixer_cache_argument(module: torch.nn.Module) -> str | None:
     return next((name for name in ("cache_params", "past_key_values") if name in parameters), None)
 
 
+
 def kv_geometry(config: Any) -> tuple[int, int, int]:
-    """(num_layers, num_kv_heads, head_dim) of a model config; raises where the config gives no single answer (a
-    head dim per layer type, say)."""
+    """(num_layers, num_kv_heads, key head_dim) of a model config as the attention calls see it (MLA: the keys
+    expanded per query head); raises where the config gives no single answer (a head dim per layer type, say)."""
     config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     if not getattr(config, "num_attention_heads", None):  # no attention at all (a state-space model): no K/V
         return config.num_hidden_layers, 1, 1
     heads = config.num_attention_heads
     kv_heads = 1 if getattr(config, "multi_query", False) else (getattr(config, "num_key_value_heads", None) or heads)
+    if getattr(config, "kv_lora_rank", None) is not None:  # MLA: K/V expanded from the latent, one per query head
+        kv_heads = heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return config.num_hidden_layers, kv_heads, head_dim
+    if getattr(config, "qk_nope_head_dim", None) is not None:
+        head_dim = config.qk_nope_head_dim + (getattr(config, "qk_rope_head_dim", None) or 0)
+    return config.num_hidden_layers, kv_heads, getattr(config, "qk_head_dim", None) or head_dim
+
+
+def value_head_dim(config: Any) -> int:
+    """The width of a model's value vectors (``v_head_dim`` where the config has one, else the keys')."""
+    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return getattr(config, "v_head_dim", None) or kv_geometry(config)[2]
 
 
 def cache_layer_windows(model: torch.nn.Module) -> list[int | None]:
@@ -169,14 +198,11 @@ def _state_refusal(model: torch.nn.Module, allowed: tuple[str, ...], recurrent: 
         kv_geometry(config)
     except Exception as exc:  # e.g. a head dim that differs between layer types
         return f"K/V shapes that differ between layers ({type(exc).__name__})"
-    if getattr(config, "kv_lora_rank", None) is not None:
-        return "MLA: K and V widths differ"
-    qk = getattr(config, "qk_head_dim", None)
-    if qk is None and getattr(config, "qk_nope_head_dim", None) is not None:
-        qk = config.qk_nope_head_dim + (getattr(config, "qk_rope_head_dim", None) or 0)
-    v = getattr(config, "v_head_dim", None)
-    if v is not None and v != (qk or kv_geometry(config)[2]):
-        return "K and V widths differ"
+    heads = {m.k_proj.out_features // m.head_dim for m in model.modules()
+             if getattr(m, "layer_idx", None) is not None and isinstance(getattr(m, "k_proj", None), torch.nn.Linear)
+             and isinstance(getattr(m, "head_dim", None), int)}
+    if len(heads) > 1:  # e.g. MiMo-V2-Flash: twice the KV heads in its sliding layers
+        return f"K/V head counts that differ between layers ({sorted(heads)})"
     return None
 
 
@@ -236,13 +262,16 @@ def _attention_class_without_interface(model: torch.nn.Module, engine: bool) -> 
     return None
 
 
+def temperature_tuned(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is a NoPE attention layer that scales its queries by their positions (Llama 4's temperature
+    tuning), computing the positions from its cache's length rather than from ``position_ids``."""
+    return bool(getattr(module, "attn_temperature_tuning", False)) and not getattr(module, "use_rope", True) \
+        and hasattr(module, "floor_scale") and hasattr(module, "attn_scale")
+
+
 def _attention_feature(model: torch.nn.Module) -> str | None:
     """An attention feature of the model's modules that the paged kernels do not compute."""
     for module in model.modules():
-        if isinstance(getattr(module, "sinks", None), torch.Tensor):
-            return "attention sinks"
-        if getattr(module, "attn_temperature_tuning", False) and getattr(module, "use_rope", True) is False:
-            return "NoPE attention temperature tuning"
         if getattr(module, "layer_idx", None) is not None and getattr(module, "is_causal", True) is False \
                 and "Attention" in type(module).__name__:
             return "non-causal attention"
@@ -256,12 +285,15 @@ def engine_refusal(model: torch.nn.Module) -> str | None:
             or _attention_feature(model))
 
 
-def check_attention_call(module: torch.nn.Module, key: torch.Tensor, value: torch.Tensor, kv_cache: Any,
-                         kwargs: dict[str, Any]) -> None:
+def check_attention_call(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         kv_cache: Any, kwargs: dict[str, Any]) -> None:
     """Raise :class:`UnsupportedModel` unless this attention call is one the paged kernels compute exactly: every
-    argument handled or neutral, K/V of the KV cache's shape (the window: :func:`attention_window`)."""
+    argument handled or neutral, sinks one logit per query head, K/V of the KV cache's shape (the window:
+    :func:`attention_window`)."""
     for name, value_ in kwargs.items():
         if name in _HANDLED_ARGS or name in _NEUTRAL_ARGS or value_ is None or value_ is False:
+            continue
+        if name in SINK_ARGS and isinstance(value_, torch.Tensor) and value_.shape == query.shape[1:2]:
             continue
         if name == "is_causal" and value_ is True:
             continue
@@ -271,11 +303,11 @@ def check_attention_call(module: torch.nn.Module, key: torch.Tensor, value: torc
     layer = getattr(module, "layer_idx", None)
     if not isinstance(layer, int) or layer not in kv_cache.rows:
         raise UnsupportedModel(f"an attention module without a valid layer_idx ({type(module).__name__})")
-    if key.shape[-1] != value.shape[-1]:
-        raise UnsupportedModel("MLA: K and V widths differ")
-    if key.shape[1] != kv_cache.num_kv_heads or key.shape[-1] != kv_cache.head_dim:
-        raise UnsupportedModel(f"layer {layer} has K/V of {key.shape[1]} heads x {key.shape[-1]}, not the "
-                               f"{kv_cache.num_kv_heads} x {kv_cache.head_dim} of the other layers")
+    if (key.shape[1], key.shape[-1], value.shape[1], value.shape[-1]) != (
+            kv_cache.num_kv_heads, kv_cache.head_dim, kv_cache.num_kv_heads, kv_cache.head_dim_v):
+        raise UnsupportedModel(f"layer {layer} has K of {key.shape[1]} heads x {key.shape[-1]} and V of "
+                               f"{value.shape[1]} x {value.shape[-1]}, not the {kv_cache.num_kv_heads} x "
+                               f"{kv_cache.head_dim} / {kv_cache.head_dim_v} of the KV cache")
 
 
 def attention_window(windows: dict[int, int | None] | None, layer: int, passed: int | None) -> int | None:

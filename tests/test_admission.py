@@ -101,18 +101,56 @@ def test_running_engine_fails_requests_instead_of_returning_wrong_tokens():
         assert seq.output().token_ids == []
 
 
-def test_unknown_attention_argument_is_refused(monkeypatch):
-    """An attention argument the kernels do not implement (here gpt-oss's ``s_aux`` sinks) is not ignored."""
+@pytest.mark.parametrize("name, value, feature", [
+    ("s_aux", torch.zeros(2), "attention argument 's_aux'"),  # sinks, but not one per query head (4)
+    ("position_bias", torch.zeros(1), "relative position bias"),
+    ("block_indices", torch.zeros(1), "sparse attention"),
+])
+def test_unknown_attention_argument_is_refused(monkeypatch, name, value, feature):
+    """An attention argument the kernels do not implement, or sinks of another shape than one logit per query head,
+    are not ignored."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     paged = ALL_ATTENTION_FUNCTIONS["hf_paged"]
 
-    def with_sinks(module, query, key, value, mask, **kwargs):
-        return paged(module, query, key, value, mask, s_aux=torch.zeros(4), **kwargs)
+    def with_argument(module, query, key, value_, mask, **kwargs):
+        return paged(module, query, key, value_, mask, **{name: value}, **kwargs)
 
-    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "hf_paged", with_sinks)
-    with pytest.raises(hf_paged.UnsupportedModel, match="attention sinks"):
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "hf_paged", with_argument)
+    with pytest.raises(hf_paged.UnsupportedModel, match=feature):
         hf_paged.LLMEngine(_tiny("llama"), num_blocks=64, block_size=8, fuse_layers=False)
+
+
+def test_sinks_passed_by_a_llama_layer_are_computed(monkeypatch):
+    """Sinks of one logit per query head change the output (the engine does not ignore them) and give what the
+    eager attention with sinks computes: gpt-oss's ``eager_attention_forward`` as the reference (Llama's layers
+    unfused: the fused ones call the paged attention without the interface, and sinks are not Llama's)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.gpt_oss import modeling_gpt_oss
+    from transformers.models.llama import modeling_llama
+
+    model = _tiny("llama")
+    sinks = torch.tensor([2.0, -1.0, 0.5, 3.0])
+    for layer in model.model.layers:
+        layer.self_attn.sinks = sinks
+    paged = ALL_ATTENTION_FUNCTIONS["hf_paged"]
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "hf_paged",
+                        lambda m, q, k, v, mask, **kw: paged(m, q, k, v, mask, s_aux=m.sinks, **kw))
+    monkeypatch.setattr(modeling_llama, "eager_attention_forward", modeling_gpt_oss.eager_attention_forward)
+    model.set_attn_implementation("eager")
+    want = _greedy(model)
+    hf_paged.wrap(model, None, num_blocks=64, block_size=8, fuse_layers=False)
+    try:
+        assert hf_paged.fallback_reason(model) is None
+        assert torch.equal(_greedy(model), want)
+    finally:
+        hf_paged.unwrap(model)
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "hf_paged", paged)  # sinks dropped: the probe sees other logits
+    hf_paged.wrap(model, None, num_blocks=64, block_size=8, fuse_layers=False)
+    try:
+        assert "logits differ" in hf_paged.fallback_reason(model) and torch.equal(_greedy(model), want)
+    finally:
+        hf_paged.unwrap(model)
 
 
 def test_window_other_than_the_layers_is_refused(monkeypatch):
@@ -152,11 +190,12 @@ def test_window_from_the_layer_type_when_the_call_passes_none():
     ("recurrent_gemma", dict(num_hidden_layers=2, hidden_size=64, lru_width=64, num_attention_heads=4,
                              num_key_value_heads=1, head_dim=16, intermediate_size=64, vocab_size=128,
                              block_types=["recurrent", "attention"]), "recurrent state"),
-    ("deepseek_v2", dict(kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
-                         num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                         first_k_dense_replace=1, n_group=1, topk_group=1), "MLA: K and V widths differ"),
-    ("llama4_text", dict(attention_chunk_size=8, head_dim=16, num_local_experts=2, num_experts_per_tok=1,
-                         intermediate_size_mlp=128), "chunked attention"),
+    ("deepseek_v32", dict(kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+                          num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                          first_k_dense_replace=1, n_group=1, topk_group=1, index_head_dim=16, index_n_heads=2,
+                          index_topk=4), "sparse attention"),
+    ("mimo_v2_flash", dict(head_dim=16, v_head_dim=8, sliding_window=8, n_routed_experts=4, num_experts_per_tok=2,
+                           moe_intermediate_size=32), "K/V head counts that differ between layers"),
 ])
 def test_static_refusals_name_the_feature(model_type, overrides, feature, caplog):
     model = _tiny(model_type, **overrides)
@@ -165,9 +204,60 @@ def test_static_refusals_name_the_feature(model_type, overrides, feature, caplog
         assert hf_paged.wrap(model, None, num_blocks=64) is model
     assert not hf_paged.api.is_wrapped(model)
     assert any(feature in r.getMessage() for r in caplog.records)
-    if feature != "chunked attention":  # a PagedCache holds chunked layers: HF's mask does the chunking
-        with pytest.raises(ValueError, match=feature.split(":")[0]):
-            hf_paged.PagedCache(model)
+    with pytest.raises(ValueError, match=feature.split(":")[0].split("(")[0]):
+        hf_paged.PagedCache(model)
+
+
+def test_mla_kv_cache_holds_each_width():
+    """MLA on the engine: keys (nope + rope) and values at their own widths, one per query head, no padding; a
+    PagedCache holds what transformers caches for MLA (the compressed latent and the rotary key, one head)."""
+    model = _tiny("deepseek_v2", kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=16,
+                  v_head_dim=12, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
+                  moe_intermediate_size=32, first_k_dense_replace=1, n_group=1, topk_group=1)
+    assert hf_paged.admission.engine_refusal(model) is None
+    engine = hf_paged.LLMEngine(model, num_blocks=32, block_size=8)
+    try:
+        kv = engine.kv_cache
+        assert (kv.num_kv_heads, kv.head_dim, kv.head_dim_v) == (4, 24, 12) and kv.split
+        assert kv.key_cache(0).shape == (33, 8, 4, 24) and kv.value_cache(1).shape == (33, 8, 4, 12)
+        assert kv.bytes_per_block == 2 * 8 * 4 * (24 + 12) * 4 and kv.nbytes == 33 * kv.bytes_per_block
+    finally:
+        engine.close()
+    engine = hf_paged.LLMEngine(model, num_blocks=32, block_size=8, kv_cache_dtype="int8")  # the probe passes
+    try:
+        kv = engine.kv_cache
+        assert kv.quantized and kv.kv_v.dtype == torch.int8 and kv.value_cache(0).shape == (33, 8, 4, 12)
+        assert len(engine.generate([[5, 9, 17, 3, 40, 2, 7, 11, 30]], hf_paged.SamplingParams(max_new_tokens=4),
+                                   use_tqdm=False)[0].token_ids) == 4
+    finally:
+        engine.close()
+    want = _greedy(model)
+    cache = hf_paged.PagedCache(model)
+    assert torch.equal(_greedy(model, past_key_values=cache), want)
+    assert (cache.kv_cache.num_kv_heads, cache.kv_cache.head_dim, cache.kv_cache.head_dim_v) == (1, 16, 8)
+    cache.free()
+
+
+def test_nope_temperature_tuning_from_the_steps_positions():
+    """Llama 4's NoPE layers scale their queries by position, which HF computes from its cache's length (the
+    flattened engine batch would give every sequence positions from 0): the engine computes it from each token's own
+    position, and only in its own forwards; a plain forward meanwhile keeps the model's flag."""
+    model = _tiny("llama4_text", attention_chunk_size=8, head_dim=16, num_local_experts=2, num_experts_per_tok=1,
+                  intermediate_size_mlp=128, no_rope_layer_interval=2, floor_scale=2, layer_types=None)
+    tuned = [m for m in model.modules() if hf_paged.admission.temperature_tuned(m)]
+    assert tuned and hf_paged.admission.layer_windows(model) == {0: 8, 1: None}
+    assert repr(hf_paged.admission.layer_windows(model)[0]) == "ChunkedWindow(8)"
+    ids = torch.tensor([[t % 128 for t in tiny_prompts(1, seed=5, low=20, high=21)[0]]])
+    want = [model.generate(ids[:, : n], attention_mask=torch.ones_like(ids[:, : n]), max_new_tokens=6,
+                           do_sample=False, pad_token_id=0)[0, n:].tolist() for n in (12, 20)]
+    engine = hf_paged.LLMEngine(model, num_blocks=64, block_size=8)
+    try:
+        outs = engine.generate([ids[0, :12].tolist(), ids[0, :20].tolist()],
+                               hf_paged.SamplingParams(max_new_tokens=6, temperature=0), use_tqdm=False)
+        assert [o.token_ids for o in outs] == want
+    finally:
+        engine.close()
+    assert all(m.__dict__["attn_temperature_tuning"] is True for m in tuned)  # the model's flag is back
 
 
 def test_paged_cache_refuses_mismatched_kv_from_a_given_kv_cache():

@@ -36,15 +36,15 @@ def _lengths(block_size: int, n: int, seed: int) -> list[int]:
     return (fixed + rand)[:n]
 
 
-def _make(lengths, num_heads, kv_heads, head_dim, block_size, dtype, seed=0, q_lens=None):
+def _make(lengths, num_heads, kv_heads, head_dim, block_size, dtype, seed=0, q_lens=None, head_dim_v=None):
     """Random caches, shuffled block tables and a query; ``q_lens`` (default all 1) > 1 makes prefill chunks
-    (after the decodes)."""
+    (after the decodes); values ``head_dim_v`` wide (default: the keys' width)."""
     g = torch.Generator().manual_seed(seed)
     q_lens = q_lens or [1] * len(lengths)
     blocks = [-(-n // block_size) for n in lengths]
     num_blocks = sum(blocks) + 3
     key_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
-    value_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
+    value_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim_v or head_dim, generator=g).to(dtype)
     perm = torch.randperm(num_blocks, generator=g).tolist()
     width = max(blocks)
     tables, at = [], 0
@@ -217,6 +217,41 @@ def test_paged_attention_mixed_step_kernel_vs_fallback(dtype, monkeypatch):
             torch.testing.assert_close(off, ref, atol=1e-5, rtol=0)
         else:
             _bf16_close(on, ref)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim,head_dim_v,sinks,chunk,window", [
+    (64, 64, True, None, None),  # sinks: the vector (and AVX512-BF16) paths, decode and prefill
+    (34, 34, True, None, 9),  # sinks on the scalar path, with a window
+    (128, 64, False, None, None),  # values narrower than the keys: decode's scalar path, the prefill kernel
+    (64, 128, True, None, None),  # values wider, with sinks
+    (24, 40, True, 16, None),  # chunked attention, values wider, sinks
+    (64, 64, False, 24, None),  # chunked attention on the vector path
+])
+def test_sinks_value_width_chunks_mixed_step(dtype, head_dim, head_dim_v, sinks, chunk, window, monkeypatch):
+    """A step of decodes and prefill chunks (GQA 3) through ``paged_attention`` with attention sinks, values of
+    another width than the keys and chunked attention: the C kernels (taken where they apply: decode always, prefill
+    without windows or chunks) and the PyTorch path against the token-by-token oracle."""
+    lengths, q_lens = [5, 16, 17, 1, 33, 40, 70], [1, 1, 1, 1, 1, 7, 70]
+    q, kc, vc, meta = _make(lengths, 6, 2, head_dim, 16, dtype, q_lens=q_lens, head_dim_v=head_dim_v)
+    logits = (torch.randn(6, generator=torch.Generator().manual_seed(4)) * 2 + 1) if sinks else None
+    without_kernels = dataclasses.replace(meta, plan=build_plan("cpu", dtype, cpu_kernels=False, pack_weights=False),
+                                          _masks={}, _decode_tables={})
+    calls = []
+    for cls in (cpu_kernel.DecodePlan, cpu_prefill.PrefillPlan):
+        real = cls.__call__
+        monkeypatch.setattr(cls, "__call__", lambda *a, _r=real, _c=cls, **k: calls.append(_c) or _r(*a, **k))
+    on = paged_attention(q, kc, vc, meta, SCALE, window, None, sinks=logits, chunk=chunk)
+    prefill_kernel = window is None and chunk is None and head_dim % 64 == 0 and head_dim_v % 64 == 0
+    assert cpu_kernel.DecodePlan in calls and (cpu_prefill.PrefillPlan in calls) == prefill_kernel
+    calls.clear()
+    off = paged_attention(q, kc, vc, without_kernels, SCALE, window, None, sinks=logits, chunk=chunk)
+    assert not calls and on.shape == off.shape == (q.shape[0], 6, head_dim_v)
+    ref = paged_attention_naive(q.float(), kc.float(), vc.float(), meta.block_tables, meta.kv_lens_list,
+                                meta.cu_seqlens_q.tolist(), SCALE, window, None, logits, chunk)
+    _close(on, ref)
+    _close(off, ref)
 
 
 def _prefill_kernel(query, key_cache, value_cache, meta):

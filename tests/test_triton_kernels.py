@@ -60,10 +60,10 @@ MANTISSA_BITS = {torch.bfloat16: 8, torch.float16: 11}  # significand precision,
 
 
 def make_batch(kv_lens, q_lens, num_decodes, *, block_size, kv_heads, group, head_dim, dtype, seed=0,
-               spare_blocks=3):
-    """A step's query, caches and metadata. Block tables are drawn without replacement from the pool;
-    every slot of the cache starts as large garbage and each sequence's ``kv_len`` positions get random
-    K/V, so a kernel that reads a slot it should not shows up as a large error."""
+               spare_blocks=3, head_dim_v=None):
+    """A step's query, caches (values ``head_dim_v`` wide, default the keys' width) and metadata. Block tables are drawn
+    without replacement from the pool; every slot of the cache starts as large garbage and each sequence's ``kv_len``
+    positions get random K/V, so a kernel that reads a slot it should not shows up as a large error."""
     assert all(q == 1 for q in q_lens[:num_decodes]) and all(q <= k for q, k in zip(q_lens, kv_lens))
     g = torch.Generator().manual_seed(seed)
     nblocks = [-(-k // block_size) for k in kv_lens]
@@ -75,14 +75,15 @@ def make_batch(kv_lens, q_lens, num_decodes, *, block_size, kv_heads, group, hea
         block_tables[s, :n] = perm[used : used + n]
         used += n
     shape = (num_blocks, block_size, kv_heads, head_dim)
+    head_dim_v = head_dim_v or head_dim
     key_cache = (torch.randn(shape, generator=g) * 1000).to(dtype)
-    value_cache = (torch.randn(shape, generator=g) * 1000).to(dtype)
-    flat_k, flat_v = key_cache.view(-1, kv_heads, head_dim), value_cache.view(-1, kv_heads, head_dim)
+    value_cache = (torch.randn(*shape[:3], head_dim_v, generator=g) * 1000).to(dtype)
+    flat_k, flat_v = key_cache.view(-1, kv_heads, head_dim), value_cache.view(-1, kv_heads, head_dim_v)
     slot_mapping, cu = [], [0]
     for s, (kv_len, q_len) in enumerate(zip(kv_lens, q_lens)):
         slots = [int(block_tables[s, p // block_size]) * block_size + p % block_size for p in range(kv_len)]
         flat_k[slots] = torch.randn(kv_len, kv_heads, head_dim, generator=g).to(dtype)
-        flat_v[slots] = torch.randn(kv_len, kv_heads, head_dim, generator=g).to(dtype)
+        flat_v[slots] = torch.randn(kv_len, kv_heads, head_dim_v, generator=g).to(dtype)
         slot_mapping += slots[kv_len - q_len :]
         cu.append(cu[-1] + q_len)
     meta = PagedAttentionMetadata(
@@ -153,6 +154,30 @@ def test_write_kv(block_size, kv_heads, head_dim, dtype, src_dtype):
 
 
 @interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_values_of_another_width(dtype):
+    g = torch.Generator().manual_seed(5)
+    kc, vc = torch.randn(4, 8, 2, 48, generator=g).to(dtype), torch.randn(4, 8, 2, 32, generator=g).to(dtype)
+    want_k, want_v = kc.clone(), vc.clone()
+    key, value = torch.randn(5, 2, 48, generator=g).to(dtype), torch.randn(5, 2, 32, generator=g).to(dtype)
+    slots = torch.tensor([3, 9, 0, 31, 17])
+    write_kv_triton(kc, vc, key, value, slots)
+    write_kv(want_k, want_v, key, value, slots)
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+
+
+@interpreted
+def test_copy_blocks_of_a_keys_or_values_only_tensor():
+    """With values of another width the pool holds keys and values apart, each ``[layer, 1, block, ...]``."""
+    kv = torch.randn(2, 1, 6, 8, 2, 24, generator=torch.Generator().manual_seed(6))
+    expected = kv.clone()
+    pairs = torch.tensor([[1, 4], [3, 0]])
+    copy_blocks_triton(kv, pairs)
+    copy_blocks(expected, pairs)
+    assert torch.equal(kv, expected)
+
+
+@interpreted
 def test_write_kv_skips_negative_slots():
     kv = torch.zeros(1, 2, 2, 4, 1, 16)
     key, value = torch.ones(3, 1, 16), torch.full((3, 1, 16), 2.0)
@@ -176,12 +201,18 @@ def test_copy_blocks(dtype):
 
 
 # ---- the PyTorch reference against the token-by-token oracle -----------------------------------------
+SINKS = torch.tensor([1.5, -0.5, 3.0, 0.0, 2.0, -2.0])  # one logit per query head (6 heads below)
+
+
 @not_in_child
-@pytest.mark.parametrize("kw", [{}, dict(sliding_window=5, softcap=4.0)])
-def test_torch_reference_matches_naive(kw):
+@pytest.mark.parametrize("kw,head_dim_v", [({}, 16), (dict(sliding_window=5, softcap=4.0), 16),
+                                           (dict(sinks=SINKS, chunk=8), 16), (dict(sinks=SINKS), 24),
+                                           (dict(chunk=4, softcap=4.0), 8)])
+def test_torch_reference_matches_naive(kw, head_dim_v):
     query, kc, vc, meta = make_batch([16, 17, 1, 30, 9], [1, 1, 1, 12, 9], 3, block_size=8, kv_heads=2,
-                                     group=3, head_dim=16, dtype=torch.float32)
+                                     group=3, head_dim=16, dtype=torch.float32, head_dim_v=head_dim_v)
     out = paged_attention(query, kc, vc, meta, 0.25, **kw)
+    assert out.shape == (query.shape[0], query.shape[1], head_dim_v)
     naive = paged_attention_naive(query, kc, vc, meta.block_tables, meta.kv_lens_list, meta.cu_seqlens_q.tolist(),
                                   0.25, **kw)
     torch.testing.assert_close(out, naive, atol=1e-5, rtol=1e-5)
@@ -275,6 +306,33 @@ def test_mixed_batch(monkeypatch, small_tiles, group, head_dim, block_size, dtyp
     check(out, reference(query, kc, vc, meta, scale, **kw), dtype)
 
 
+# ---- attention sinks, values of another width, chunked attention --------------------------------------------
+@interpreted
+@pytest.mark.parametrize("group,head_dim,head_dim_v,dtype,sinks,chunk,num_splits", [
+    (3, 64, 64, torch.float32, True, None, 3),  # sinks through split-K decode and its reduction
+    (3, 64, 32, torch.float32, False, 16, 1),  # narrower values, chunks
+    (1, 32, 64, torch.bfloat16, True, 8, 2),  # wider values, chunks and sinks, split-K
+])
+def test_sinks_value_width_chunks(monkeypatch, small_tiles, group, head_dim, head_dim_v, dtype, sinks, chunk,
+                                  num_splits):
+    """A mixed step (decodes, a whole prompt, chunks after a cached prefix) through the dispatch point on the Triton
+    kernels, against the token-by-token oracle."""
+    monkeypatch.setenv("HF_PAGED_FORCE_TRITON", "1")
+    monkeypatch.setattr(tpa, "decode_num_splits", lambda *a, **k: num_splits)
+    bs = 8
+    seqs = [(1, 1), (bs + 1, 1), (45, 1), (20, 20), (bs * 3 + 1, bs + 1), (bs * 2, 3)]
+    kv_lens, q_lens = [k for k, _ in seqs], [q for _, q in seqs]
+    query, kc, vc, meta = make_batch(kv_lens, q_lens, 3, block_size=bs, kv_heads=2, group=group, head_dim=head_dim,
+                                     dtype=dtype, seed=11, head_dim_v=head_dim_v)
+    scale = head_dim ** -0.5
+    kw = dict(sinks=SINKS[: 2 * group].float() if sinks else None, chunk=chunk)
+    out = dispatch.paged_attention(query, kc, vc, meta, scale, **kw)
+    assert out.shape == (query.shape[0], 2 * group, head_dim_v)
+    oracle = paged_attention_naive(query, kc, vc, meta.block_tables, meta.kv_lens_list, meta.cu_seqlens_q.tolist(),
+                                   scale, **kw)
+    check(out, oracle, dtype)
+
+
 # ---- dispatch ----------------------------------------------------------------------------------------
 @not_in_child
 def test_dispatch_selects_path(monkeypatch):
@@ -350,23 +408,26 @@ def compile_for_sm90(fn, pointer_types, constexprs):
     triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32))
 
 meta = {"block_tables_ptr": "*i64", "kv_lens_ptr": "*i32", "cu_q_ptr": "*i64", "part_acc_ptr": "*fp32",
-        "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"}
+        "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32",
+        "sinks_ptr": "*fp32"}
 int8_kv = {"k_cache_ptr": "*i8", "v_cache_ptr": "*i8"}
 for dt, prec, splits, group, kv8 in (("*bf16", "tf32", 4, 4, False), ("*fp32", "ieee", 1, 1, False),
                                      ("*fp16", "tf32", 1, 8, False), ("*bf16", "tf32", 2, 3, True)):
-    c = dict(GROUP=group, BLOCK_D=128, BLOCK_SIZE=16, TILE_N=64, USE_SOFTCAP=splits > 1, DOT_PRECISION=prec,
-             KV_INT8=kv8)
+    c = dict(GROUP=group, BLOCK_D=128, BLOCK_DV=128 if group != 1 else 64, BLOCK_SIZE=16, TILE_N=64,
+             USE_SOFTCAP=splits > 1, DOT_PRECISION=prec, KV_INT8=kv8, HAS_SINKS=group in (1, 3))
     types = dict(meta, default=dt, **(int8_kv if kv8 else {}))
     compile_for_sm90(tpa._decode_kernel, types, dict(c, BLOCK_G=16, NUM_SPLITS=splits, NATIVE_DOT=False))
     if dt != "*fp32" and not kv8:
         compile_for_sm90(tpa._decode_kernel, types, dict(c, BLOCK_G=16, NUM_SPLITS=splits, NATIVE_DOT=True))
     compile_for_sm90(tpa._prefill_kernel, types, dict(c, BLOCK_M=64, BLOCK_Q=64 // group))
-compile_for_sm90(tpa._decode_reduce_kernel, dict(meta, default="*bf16"), dict(NUM_SPLITS=5, BLOCK_S=8, BLOCK_D=128))
+for sinks in (False, True):
+    compile_for_sm90(tpa._decode_reduce_kernel, dict(meta, default="*bf16"),
+                     dict(NUM_SPLITS=5, BLOCK_S=8, BLOCK_D=128, HAS_SINKS=sinks))
 for kv8 in (False, True):
     compile_for_sm90(tco._write_kv_kernel, {"default": "*bf16", "slot_ptr": "*i64", "key_ptr": "*fp32",
                                             "key_scale_ptr": "*fp32", "value_scale_ptr": "*fp32",
                                             **({"key_cache_ptr": "*i8", "value_cache_ptr": "*i8"} if kv8 else {})},
-                     dict(BLOCK_H=8, BLOCK_D=128, KV_INT8=kv8))
+                     dict(BLOCK_H=8, BLOCK_D=128, BLOCK_DV=64 if kv8 else 128, KV_INT8=kv8))
 compile_for_sm90(tco._copy_blocks_kernel, {"default": "*bf16", "pairs_ptr": "*i64"}, dict(BLOCK=4096))
 """
 

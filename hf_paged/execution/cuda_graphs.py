@@ -172,7 +172,8 @@ class DecodeGraphs:
             slot_mapping=self.slot_mapping[:size], block_tables=self.block_tables[:size],
             kv_lens=self.kv_lens[:size], cu_seqlens_q=self.cu_seqlens_q[: size + 1], num_decodes=size,
             kv_lens_list=[self.max_len] * size, q_lens_list=[1] * size, block_size=kv.block_size, kv_cache=kv,
-            plan=runner.plan, max_decode_len=self.max_len, layer_windows=runner.layer_windows)
+            plan=runner.plan, max_decode_len=self.max_len, layer_windows=runner.layer_windows,
+            positions=self.positions[0, :size])
         ids, positions = self.input_ids[:, :size], self.positions[:, :size]
         model, mask = runner.model, runner._mask_placeholder
 

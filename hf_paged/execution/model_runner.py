@@ -23,10 +23,10 @@ from typing import Callable, Collection, Iterator
 
 import torch
 
-from ..admission import layer_windows, recurrent_mixers
+from ..admission import layer_windows, recurrent_mixers, temperature_tuned
 from .kernels.paged_attention import step_running
 from .kv_cache import KVCache
-from .patches.attention import attention_configs, paged_attention_selected
+from .patches.attention import EngineDisabled, attention_configs, paged_attention_selected
 from .patches.compiled_layers import build_compiled, compile_settings
 from .patches.fused_layers import build_fused, fuse_decoder_layers
 from .patches.linear import build_packers, packed_linears
@@ -119,6 +119,8 @@ class ModelRunner:
         self._lock = model_lock(model)
         self._configs = attention_configs(model)
         self.layer_windows = layer_windows(model)  # the layers that must run paged attention, and their windows
+        # NoPE layers whose query scaling the paged attention computes from the step's positions (EngineDisabled).
+        self._tuned = [m for m in model.modules() if temperature_tuned(m)]
         self.forwards: dict[torch.nn.Module, Callable] = {}  # installed on their modules during forwards
         self._packers: dict = {}
         self._fused: dict = {}
@@ -196,12 +198,17 @@ class ModelRunner:
             if "forward" not in module.__dict__:  # a forward somebody else put there since wins
                 module.__dict__["forward"] = forward
                 installed.append(module)
+        flags = [(m, m.__dict__.get("attn_temperature_tuning")) for m in self._tuned]
+        for module, flag in flags:
+            module.__dict__["attn_temperature_tuning"] = EngineDisabled(flag)
         try:
             with paged_attention_selected(self._configs), packed_linears(self._packers_by_weight):
                 yield
         finally:
             for module in installed:
                 del module.__dict__["forward"]
+            for module, flag in flags:
+                module.__dict__["attn_temperature_tuning"] = flag
 
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> tuple[torch.Tensor, list[int]]:

@@ -132,14 +132,15 @@ class PagedCache(Cache):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         batch, kv_heads, q_len, head_dim = key_states.shape
-        kv = self.kv_cache
-        if (kv_heads, head_dim) != (kv.num_kv_heads, kv.head_dim) and self._own_storage and not self.rows \
-                and value_states.shape[1:] == key_states.shape[1:]:
-            kv = self._reshape_storage(kv_heads, head_dim)
-        if (kv_heads, head_dim) != (kv.num_kv_heads, kv.head_dim) or value_states.shape[1:] != key_states.shape[1:]:
+        head_dim_v, kv = value_states.shape[-1], self.kv_cache
+        shape = (kv_heads, head_dim, head_dim_v)
+        if shape != (kv.num_kv_heads, kv.head_dim, kv.head_dim_v) and self._own_storage and not self.rows \
+                and value_states.shape[:3] == key_states.shape[:3]:
+            kv = self._reshape_storage(*shape)
+        if shape != (kv.num_kv_heads, kv.head_dim, kv.head_dim_v) or value_states.shape[:3] != key_states.shape[:3]:
             raise ValueError(f"past_key_values: layer {layer_idx} gives K {tuple(key_states.shape[1::2])} and V "
                              f"{tuple(value_states.shape[1::2])} (heads, head_dim); this PagedCache holds "
-                             f"({kv.num_kv_heads}, {kv.head_dim}) for both")
+                             f"({kv.num_kv_heads}, {kv.head_dim}) and ({kv.num_kv_heads}, {kv.head_dim_v})")
         if layer_idx == 0:
             self._begin_step(key_states, value_states, q_len)
         key_cache, value_cache = kv.key_cache(layer_idx), kv.value_cache(layer_idx)
@@ -149,7 +150,7 @@ class PagedCache(Cache):
         v = value_states if writers is None else value_states.index_select(0, writers)
         kvh, hd = k.shape[1], k.shape[3]
         write_kv(key_cache, value_cache, k.transpose(1, 2).reshape(-1, kvh, hd),
-                 v.transpose(1, 2).reshape(-1, kvh, hd), self._slots, self.plan, key_scales=key_scales,
+                 v.transpose(1, 2).reshape(-1, kvh, head_dim_v), self._slots, self.plan, key_scales=key_scales,
                  value_scales=value_scales)
         layer = self.layers[layer_idx]
         start = layer.visible_start(self.lengths[layer_idx])
@@ -164,13 +165,15 @@ class PagedCache(Cache):
                                value_states.dtype)[:, skip:].transpose(1, 2)
         return keys, values
 
-    def _reshape_storage(self, kv_heads: int, head_dim: int) -> KVCache:
+    def _reshape_storage(self, kv_heads: int, head_dim: int, head_dim_v: int) -> KVCache:
         """Before anything is stored, the cache's own storage re-shaped to the K/V the model gives (a config whose
-        head counts do not say, e.g. multi-query attention, or one rank's heads of a sharded model), as many blocks."""
+        head counts do not say, e.g. multi-query attention, one rank's heads of a sharded model, or MLA's compressed
+        latent and rotary key, which transformers caches in place of K and V), as many blocks."""
         old = self.kv_cache
-        self.kv_cache = KVCache(old.num_layers, kv_heads, head_dim, layers=list(old.rows), block_size=old.block_size,
-                                num_blocks=old.num_blocks, device=old.device, kv_cache_dtype=old.kv_cache_dtype,
-                                dtype=old.dtype if old.kv_cache_dtype == "auto" else torch.float32)
+        self.kv_cache = KVCache(old.num_layers, kv_heads, head_dim, layers=list(old.rows),
+                                block_size=old.block_size, num_blocks=old.num_blocks, device=old.device, kv_cache_dtype=old.kv_cache_dtype,
+                                dtype=old.dtype if old.kv_cache_dtype == "auto" else torch.float32,
+                                head_dim_v=head_dim_v)
         old.release()
         return self.kv_cache
 

@@ -68,5 +68,5 @@ def build_step_inputs(step: SchedulerOutput, kv_cache, plan, layer_windows) -> S
     meta = PagedAttentionMetadata(
         slot_mapping=slot_t, block_tables=tables.view(s, width), kv_lens=lens.to(torch.int32), cu_seqlens_q=cu_q,
         num_decodes=step.num_decodes, kv_lens_list=kv_lens, q_lens_list=[len(q.token_ids) for q in step.seqs],
-        block_size=bs, kv_cache=kv_cache, plan=plan, layer_windows=layer_windows)
+        block_size=bs, kv_cache=kv_cache, plan=plan, layer_windows=layer_windows, positions=pos)
     return StepInputs(ids.view(1, t), pos.view(1, t), meta, keep_t, sample_rows)

@@ -28,18 +28,18 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
 def write_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
              slot_mapping: torch.Tensor, key_scales: torch.Tensor | None = None,
              value_scales: torch.Tensor | None = None) -> None:
-    """Scatter ``key``/``value`` ``[tokens, kv_heads, head_dim]`` into the slots ``slot_mapping[tokens]``
-    of one layer's caches ``[num_blocks, block_size, kv_heads, head_dim]``; int8 caches are written quantized,
+    """Scatter ``key``/``value`` ``[tokens, kv_heads, head_dim (_v)]`` into the slots ``slot_mapping[tokens]``
+    of one layer's caches ``[num_blocks, block_size, kv_heads, head_dim (_v)]``; int8 caches are written quantized,
     with their scales ``[num_blocks, kv_heads, block_size]``."""
-    nb, bs, kvh, hd = key_cache.shape
+    nb, bs, kvh, _ = key_cache.shape
     if key_scales is None:
-        key_cache.view(nb * bs, kvh, hd).index_copy_(0, slot_mapping, key.to(key_cache.dtype))
-        value_cache.view(nb * bs, kvh, hd).index_copy_(0, slot_mapping, value.to(value_cache.dtype))
+        key_cache.flatten(0, 1).index_copy_(0, slot_mapping, key.to(key_cache.dtype))
+        value_cache.flatten(0, 1).index_copy_(0, slot_mapping, value.to(value_cache.dtype))
         return
     blocks, offsets = slot_mapping // bs, slot_mapping % bs
     for cache, scales, x in ((key_cache, key_scales, key), (value_cache, value_scales, value)):
         q, s = quantize_int8(x)
-        cache.view(nb * bs, kvh, hd).index_copy_(0, slot_mapping, q)
+        cache.flatten(0, 1).index_copy_(0, slot_mapping, q)
         scales[blocks, :, offsets] = s
 
 

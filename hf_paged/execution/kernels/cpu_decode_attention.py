@@ -4,9 +4,11 @@ kernels" in docs/architecture.md.
 The kernel reads K/V once, straight from the blocks (one OpenMP task per sequence and KV head), where the PyTorch path
 gathers them first. :class:`DecodePlan` is its call with the step's arguments converted once and shared by all layers
 (:class:`PagedCall`, shared with the prefill kernel); :func:`write_kv_cpu` writes a step's new K/V rows in one call.
-Int8 caches (fp32 scales ``[num_blocks, KVH, block_size]``, see ``cache_ops``) are quantized on write and read as
-stored, the scales applied to the scores and the probabilities; with AVX512-VNNI the dot products are integer (the
-scaled query and the probabilities rounded to int16, relative 2**-16), elsewhere rows are widened to fp32 in registers.
+Values may be of another width than the keys (the output has theirs); chunked attention and attention sinks (fp32 logits
+``[H]``, given per call since every layer has its own) are arguments. Int8 caches (fp32 scales ``[num_blocks, KVH,
+block_size]``, see ``cache_ops``) are quantized on write and read as stored, the scales applied to the scores and the
+probabilities; with AVX512-VNNI the dot products are integer (the scaled query and the probabilities rounded to int16,
+relative 2**-16), elsewhere rows are widened to fp32 in registers.
 Calls pass raw ``data_ptr()``s (ctypes drops the GIL); the engine's plan decides whether they are used.
 """
 
@@ -40,7 +42,7 @@ def _scales_fit(cache: torch.Tensor, scales: torch.Tensor | None) -> bool:
 def supports(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
              key_scales: torch.Tensor | None = None, value_scales: torch.Tensor | None = None) -> bool:
     """Whether these tensors can take the kernel (CPU, fp32 or bf16 query, caches of its dtype or int8 with their
-    scales, all contiguous)."""
+    scales, all contiguous; values of any width)."""
     if key_cache.dtype == torch.int8:
         caches_ok = (value_cache.dtype == torch.int8 and _scales_fit(key_cache, key_scales)
                      and _scales_fit(value_cache, value_scales))
@@ -48,7 +50,7 @@ def supports(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
         caches_ok = key_cache.dtype == query.dtype and value_cache.dtype == query.dtype and key_scales is None
     return (query.device.type == "cpu" and key_cache.device.type == "cpu" and query.dtype in _DTYPES and caches_ok
             and key_cache.is_contiguous() and value_cache.is_contiguous()
-            and key_cache.shape == value_cache.shape and query.shape[-1] == key_cache.shape[-1]
+            and key_cache.shape[:3] == value_cache.shape[:3] and query.shape[-1] == key_cache.shape[-1]
             and query.shape[1] % key_cache.shape[2] == 0 and cpu_library.loaded())
 
 
@@ -56,11 +58,13 @@ def decode_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor, value_cac
                          block_tables: torch.Tensor, kv_lens: torch.Tensor, scale: float,
                          sliding_window: int | None = None, softcap: float | None = None,
                          out: torch.Tensor | None = None, key_scales: torch.Tensor | None = None,
-                         value_scales: torch.Tensor | None = None) -> torch.Tensor:
+                         value_scales: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
+                         chunk: int | None = None) -> torch.Tensor:
     """One query token per sequence: query ``[D, H, hd]`` (sequence i at position ``kv_lens[i] - 1``, its K/V already in
-    the caches ``[num_blocks, block_size, KVH, hd]``), block_tables ``[D, >= blocks]``, kv_lens ``[D]`` ->
-    ``[D, H, hd]`` in the query's dtype (into ``out`` when given: any strides, contiguous last dim). fp32 or bf16;
-    caches in the query's dtype or int8 with ``key_scales`` / ``value_scales``; fp32 accumulation."""
+    the caches ``[num_blocks, block_size, KVH, hd]`` / ``[..., hd_v]``), block_tables ``[D, >= blocks]``, kv_lens
+    ``[D]`` -> ``[D, H, hd_v]`` in the query's dtype (into ``out`` when given: any strides, contiguous last dim). fp32
+    or bf16; caches in the query's dtype or int8 with ``key_scales`` / ``value_scales``; fp32 accumulation; ``sinks``
+    ``[H]`` fp32 logits; ``chunk`` a chunk size."""
     if cpu_library.load() is None:
         raise RuntimeError("the C decode-attention kernel is not available")
     quantized = key_cache.dtype == torch.int8
@@ -76,7 +80,7 @@ def decode_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor, value_cac
         raise ValueError("decode_attention_cpu takes CPU tensors only")
     num_seqs, num_heads, head_dim = query.shape
     _, block_size, kv_heads, hd = key_cache.shape
-    if hd != head_dim or num_heads % kv_heads or value_cache.shape != key_cache.shape:
+    if hd != head_dim or num_heads % kv_heads or value_cache.shape[:3] != key_cache.shape[:3]:
         raise ValueError(f"shapes: query {tuple(query.shape)}, caches {tuple(key_cache.shape)}")
     if block_tables.shape[0] < num_seqs or kv_lens.shape[0] < num_seqs:
         raise ValueError("block_tables / kv_lens have fewer rows than the query")
@@ -88,14 +92,15 @@ def decode_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor, value_cac
         block_tables = block_tables.to(torch.int64).contiguous()
     if kv_lens.dtype != torch.int32 or not kv_lens.is_contiguous():
         kv_lens = kv_lens.to(torch.int32).contiguous()
+    shape = (num_seqs, num_heads, value_cache.shape[-1])
     if out is None:
-        out = torch.empty((num_seqs, num_heads, head_dim), dtype=query.dtype)
-    elif out.shape != query.shape or out.dtype != query.dtype or out.stride(2) != 1:
-        raise ValueError("out must be [D, H, hd] in the query's dtype with a contiguous last dim")
+        out = torch.empty(shape, dtype=query.dtype)
+    elif out.shape != shape or out.dtype != query.dtype or out.stride(2) != 1:
+        raise ValueError("out must be [D, H, hd_v] in the query's dtype with a contiguous last dim")
     if num_seqs:
         plan = DecodePlan(block_tables[:num_seqs], kv_lens[:num_seqs], num_heads, kv_heads, head_dim, block_size,
-                          scale, sliding_window, softcap, query.dtype, quantized)
-        plan(query, key_cache, value_cache, out, key_scales, value_scales)
+                          scale, sliding_window, softcap, query.dtype, quantized, value_cache.shape[-1], chunk)
+        plan(query, key_cache, value_cache, out, key_scales, value_scales, sinks)
     return out
 
 
@@ -110,9 +115,14 @@ class PagedCall:
         self._keep = keep  # the tensors the structs point into, kept alive
 
     def _run(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, out: torch.Tensor,
-             key_scales: torch.Tensor | None, value_scales: torch.Tensor | None) -> None:
+             key_scales: torch.Tensor | None, value_scales: torch.Tensor | None,
+             sinks: torch.Tensor | None = None) -> None:
         a = self.attention
         a.key_cache, a.value_cache = key_cache.data_ptr(), value_cache.data_ptr()
+        if sinks is not None and (sinks.dtype != torch.float32 or sinks.shape != (a.H,) or not sinks.is_contiguous()
+                                  or sinks.device.type != "cpu"):
+            raise ValueError(f"sinks must be a contiguous fp32 CPU tensor of {a.H} logits")
+        a.sinks = None if sinks is None else sinks.data_ptr()
         if self.quantized:
             if key_scales is None or value_scales is None:
                 raise ValueError("an int8 cache's plan needs key_scales and value_scales")
@@ -133,35 +143,38 @@ class DecodePlan(PagedCall):
 
     def __init__(self, block_tables: torch.Tensor, kv_lens: torch.Tensor, num_heads: int, kv_heads: int,
                  head_dim: int, block_size: int, scale: float, sliding_window: int | None,
-                 softcap: float | None, dtype: torch.dtype, quantized: bool = False) -> None:
+                 softcap: float | None, dtype: torch.dtype, quantized: bool = False, head_dim_v: int | None = None,
+                 chunk: int | None = None) -> None:
         seqs = cpu_library.STRUCTS["hf_seqs_t"](block_tables=block_tables.data_ptr(), bt_stride=block_tables.stride(0),
                                                 kv_lens=kv_lens.data_ptr(), num_seqs=block_tables.shape[0])
         attention = cpu_library.STRUCTS["hf_attention_t"](
             H=num_heads, KVH=kv_heads, hd=head_dim, block_size=block_size, window=int(sliding_window or 0),
-            scale=float(scale), softcap=float(softcap or 0.0))
+            scale=float(scale), softcap=float(softcap or 0.0), hd_v=head_dim_v or head_dim, chunk=int(chunk or 0))
         super().__init__(cpu_library.load().hf_paged_decode_attention, seqs, attention, dtype, quantized,
                          (block_tables, kv_lens))
-        self.shape = (block_tables.shape[0], num_heads, head_dim)
+        self.in_shape = (block_tables.shape[0], num_heads, head_dim)
+        self.shape = (block_tables.shape[0], num_heads, head_dim_v or head_dim)
 
     @classmethod
     def for_step(cls, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                  block_tables: torch.Tensor, kv_lens: torch.Tensor, scale: float, sliding_window: int | None,
                  softcap: float | None, key_scales: torch.Tensor | None = None,
-                 value_scales: torch.Tensor | None = None) -> "DecodePlan | None":
+                 value_scales: torch.Tensor | None = None, chunk: int | None = None) -> "DecodePlan | None":
         if not supports(query, key_cache, value_cache, key_scales, value_scales):
             return None
         return cls(block_tables.to(torch.int64).contiguous(), kv_lens.to(torch.int32).contiguous(), query.shape[1],
                    key_cache.shape[2], query.shape[2], key_cache.shape[1], scale, sliding_window, softcap,
-                   query.dtype, key_cache.dtype == torch.int8)
+                   query.dtype, key_cache.dtype == torch.int8, value_cache.shape[-1], chunk)
 
     def __call__(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                  out: torch.Tensor, key_scales: torch.Tensor | None = None,
-                 value_scales: torch.Tensor | None = None) -> None:
-        """query / out ``[D, H, hd]`` with a contiguous last dim; caches of the plan's shape and dtype (int8 caches
-        with their scales)."""
-        if query.shape != self.shape or out.shape != self.shape or query.stride(2) != 1 or out.stride(2) != 1:
-            raise ValueError(f"query {tuple(query.shape)} / out {tuple(out.shape)}: the plan is for {self.shape}")
-        self._run(query, key_cache, value_cache, out, key_scales, value_scales)
+                 value_scales: torch.Tensor | None = None, sinks: torch.Tensor | None = None) -> None:
+        """query ``[D, H, hd]`` / out ``[D, H, hd_v]`` with a contiguous last dim; caches of the plan's shape and
+        dtype (int8 caches with their scales); ``sinks`` the layer's ``[H]`` fp32 logits."""
+        if query.shape != self.in_shape or out.shape != self.shape or query.stride(2) != 1 or out.stride(2) != 1:
+            raise ValueError(f"query {tuple(query.shape)} / out {tuple(out.shape)}: the plan is for "
+                             f"{self.in_shape} -> {self.shape}")
+        self._run(query, key_cache, value_cache, out, key_scales, value_scales, sinks)
 
 
 def write_kv_cpu(key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -178,7 +191,8 @@ def write_kv_cpu(key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.
     if not (caches_ok and key.dtype == value.dtype and key.device.type == "cpu"
             and key_cache.is_contiguous() and value_cache.is_contiguous() and key.stride(2) == 1
             and value.stride(2) == 1 and slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous()
-            and key.shape == value.shape and key.shape[1:] == key_cache.shape[2:] and cpu_library.loaded()):
+            and key.shape[:2] == value.shape[:2] and key.shape[1:] == key_cache.shape[2:]
+            and value.shape[1:] == value_cache.shape[2:] and cpu_library.loaded()):
         return False
     cpu_library.call_profiled("hf_paged::write_kv", _write,
                               (key_cache, value_cache, key, value, slot_mapping, key_scales, value_scales))
@@ -191,8 +205,8 @@ def _write(key_cache, value_cache, key, value, slot_mapping, key_scales, value_s
         lib.paged_write_kv_i8(key.data_ptr(), key.stride(0), key.stride(1), value.data_ptr(), value.stride(0),
                               value.stride(1), slot_mapping.data_ptr(), key.shape[0], key_cache.data_ptr(),
                               value_cache.data_ptr(), key_scales.data_ptr(), value_scales.data_ptr(), key.shape[1],
-                              key.shape[2], key_cache.shape[1], int(key.dtype == torch.bfloat16))
+                              key.shape[2], value.shape[2], key_cache.shape[1], int(key.dtype == torch.bfloat16))
         return
     lib.paged_write_kv(key.data_ptr(), key.stride(0), key.stride(1), value.data_ptr(), value.stride(0),
                        value.stride(1), slot_mapping.data_ptr(), key.shape[0], key_cache.data_ptr(),
-                       value_cache.data_ptr(), key.shape[1], key.shape[2], key.element_size())
+                       value_cache.data_ptr(), key.shape[1], key.shape[2], value.shape[2], key.element_size())

@@ -62,12 +62,14 @@ def copy_blocks(kv: torch.Tensor, pairs: torch.Tensor, plan: "ExecutionPlan", *,
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                     meta: PagedAttentionMetadata, scale: float, sliding_window: int | None = None,
                     softcap: float | None = None, *, key_scales: torch.Tensor | None = None,
-                    value_scales: torch.Tensor | None = None) -> torch.Tensor:
-    """query ``[T, H, D]`` (the step's new tokens, K/V already written to the caches) -> ``[T, H, D]``."""
+                    value_scales: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
+                    chunk: int | None = None) -> torch.Tensor:
+    """query ``[T, H, D]`` (the step's new tokens, K/V already written to the caches) -> ``[T, H, Dv]``; ``sinks``
+    ``[H]`` fp32 attention-sink logits, ``chunk`` a chunked-attention chunk size."""
     if meta.plan.triton:
         from .triton_paged_attention import paged_attention_triton
 
         return paged_attention_triton(query, key_cache, value_cache, meta, scale, sliding_window, softcap,
-                                      key_scales=key_scales, value_scales=value_scales)
+                                      key_scales=key_scales, value_scales=value_scales, sinks=sinks, chunk=chunk)
     return _torch_attention.paged_attention(query, key_cache, value_cache, meta, scale, sliding_window, softcap,
-                                            key_scales, value_scales)
+                                            key_scales, value_scales, sinks, chunk)

@@ -5,7 +5,10 @@ The first ``num_decodes`` sequences have one query token each: their blocks are 
 attended in one SDPA call, the query heads sharing a KV head folded into the query axis (no K/V repeat for GQA). The
 other sequences (prefill chunks) attend one by one to their cached prefix and, causally, their new tokens. Where the
 plan has the C kernels, decodes take ``cpu_decode_attention`` and all prefill chunks one ``cpu_prefill_attention`` call
-(no window or soft-capping). Int8 caches are dequantized as gathered. Masks are built once per step and window.
+(no window, chunking or soft-capping). Int8 caches are dequantized as gathered. Masks are built once per step and
+window. Optional per layer: a chunk size C (a token at position p sees keys ``p // C * C .. p``), attention sinks (one
+logit per query head that joins the softmax's denominator and weighs no value) and values of another width than the
+keys (the output has the values' width).
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class PagedAttentionMetadata(OpaqueBase):
     # A bound on the decode lengths the Triton decode kernel sizes its split-K from instead of ``max(kv_lens_list)``:
     # a CUDA graph's metadata (cuda_graphs.py), whose host lists are not the step's.
     max_decode_len: int | None = None
+    positions: torch.Tensor | None = None  # [T] long: each new token's position (NoPE temperature tuning reads it)
     # The layers expected to run paged attention, with the window each must use (None: unchecked), and how many
     # times each did in this forward (see ``mark_layer`` / ``check_layer_calls``).
     layer_windows: dict[int, int | None] | None = field(default=None, repr=False)
@@ -129,30 +133,31 @@ class PagedAttentionMetadata(OpaqueBase):
 
     def cpu_decode_plan(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, scale: float,
                         sliding_window: int | None, softcap: float | None, key_scales: torch.Tensor | None = None,
-                        value_scales: torch.Tensor | None = None) -> "_cpu_kernel.DecodePlan | None":
+                        value_scales: torch.Tensor | None = None,
+                        chunk: int | None = None) -> "_cpu_kernel.DecodePlan | None":
         """The C decode kernel's call for this step's decodes (built by the first layer, reused by the others);
         None where the kernel does not apply."""
         if not self.plan.cpu_kernels:
             return None
-        key = ("cpu", query.dtype, key_cache.dtype, scale, sliding_window, softcap)
+        key = ("cpu", query.dtype, key_cache.dtype, scale, sliding_window, softcap, chunk, value_cache.shape[-1])
         if key not in self._decode_tables:
             d = self.num_decodes
             self._decode_tables[key] = _cpu_kernel.DecodePlan.for_step(
                 query[:d], key_cache, value_cache, self.block_tables[:d], self.kv_lens[:d], scale, sliding_window,
-                softcap, key_scales, value_scales)
+                softcap, key_scales, value_scales, chunk)
         return self._decode_tables[key]
 
     def cpu_prefill_plan(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                          scale: float, sliding_window: int | None, softcap: float | None,
-                         key_scales: torch.Tensor | None = None,
-                         value_scales: torch.Tensor | None = None) -> "_cpu_prefill.PrefillPlan | None":
+                         key_scales: torch.Tensor | None = None, value_scales: torch.Tensor | None = None,
+                         chunk: int | None = None) -> "_cpu_prefill.PrefillPlan | None":
         """The C prefill kernel's call for this step's prefill sequences (built by the first layer, reused by the
         others); None where the kernel does not apply."""
-        if sliding_window or softcap or self.num_decodes == self.num_seqs:
+        if sliding_window or softcap or chunk or self.num_decodes == self.num_seqs:
             return None
         if not self.plan.cpu_kernels:
             return None
-        key = ("cpu-prefill", query.dtype, key_cache.dtype, scale)
+        key = ("cpu-prefill", query.dtype, key_cache.dtype, scale, value_cache.shape[-1])
         if key not in self._decode_tables:
             d, cu = self.num_decodes, self.cu_seqlens_q.tolist()
             self._decode_tables[key] = _cpu_prefill.PrefillPlan.for_step(
@@ -160,9 +165,9 @@ class PagedAttentionMetadata(OpaqueBase):
                 self.kv_lens_list[d:], scale, key_scales, value_scales)
         return self._decode_tables[key]
 
-    def decode_mask(self, group: int, sliding_window: int | None) -> torch.Tensor:
+    def decode_mask(self, group: int, sliding_window: int | None, chunk: int | None = None) -> torch.Tensor:
         """``[G, 1, 1, L]`` additive fp32 mask (0 or -inf) of the gathered key slots of one decode group."""
-        key = ("d", group, sliding_window)
+        key = ("d", group, sliding_window, chunk)
         if key not in self._masks:
             idx, _, max_len = self.decode_groups()[group]
             lens = self.kv_lens[: self.num_decodes].to(torch.long)
@@ -171,13 +176,15 @@ class PagedAttentionMetadata(OpaqueBase):
             visible = pos < lens
             if sliding_window:
                 visible &= pos >= lens - sliding_window
+            if chunk:
+                visible &= pos >= (lens - 1) // chunk * chunk
             mask = torch.zeros(visible.shape, dtype=torch.float32, device=lens.device)
             self._masks[key] = mask.masked_fill_(~visible, float("-inf"))[:, None, None, :]
         return self._masks[key]
 
-    def prefill_mask(self, seq: int, sliding_window: int | None) -> torch.Tensor:
-        """``[q_len, kv_len]`` bool causal (and windowed) mask of one prefill sequence."""
-        key = ("p", seq, sliding_window)
+    def prefill_mask(self, seq: int, sliding_window: int | None, chunk: int | None = None) -> torch.Tensor:
+        """``[q_len, kv_len]`` bool causal (and windowed or chunked) mask of one prefill sequence."""
+        key = ("p", seq, sliding_window, chunk)
         if key not in self._masks:
             q_len, kv_len = self.q_lens_list[seq], self.kv_lens_list[seq]
             q_pos = torch.arange(kv_len - q_len, kv_len, device=self.kv_lens.device).unsqueeze(1)
@@ -185,6 +192,8 @@ class PagedAttentionMetadata(OpaqueBase):
             mask = k_pos <= q_pos
             if sliding_window:
                 mask &= k_pos > q_pos - sliding_window
+            if chunk:
+                mask &= k_pos >= q_pos // chunk * chunk
             self._masks[key] = mask
         return self._masks[key]
 
@@ -217,18 +226,24 @@ def _empty_metadata() -> PagedAttentionMetadata:
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
-            softcap: float | None) -> torch.Tensor:
-    """q ``[B, KVH, M, D]``, k/v ``[B, KVH, L, D]``; mask broadcastable to ``[B, KVH, M, L]``, either bool
-    (True = visible) or additive fp32."""
-    if not softcap:
+            softcap: float | None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """q ``[B, KVH, M, D]``, k ``[B, KVH, L, D]``, v ``[B, KVH, L, Dv]``; mask broadcastable to ``[B, KVH, M, L]``,
+    either bool (True = visible) or additive fp32; sinks (fp32 logits) broadcastable to ``[B, KVH, M, 1]``."""
+    if not softcap and sinks is None:
         if mask.dtype != torch.bool and mask.dtype != q.dtype:
             mask = mask.to(q.dtype)
         return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale)
-    # Soft-capped scores are computed in fp32 whatever the input dtype (tanh of bf16 scores loses too much).
+    # Soft-capped scores and sinks are computed in fp32 whatever the input dtype (tanh of bf16 scores loses too much).
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    scores = torch.tanh(scores / softcap) * softcap
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    return torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(q.dtype)
+    if sinks is None:
+        return torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(q.dtype)
+    top = torch.maximum(scores.amax(-1, keepdim=True), sinks.float())  # the sink joins the max and the denominator
+    weights = torch.exp(scores - top)
+    denominator = weights.sum(-1, keepdim=True) + torch.exp(sinks.float() - top)
+    return (torch.matmul(weights, v.float()) / denominator).to(q.dtype)
 
 
 def _attend_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int, scale: float) -> torch.Tensor:
@@ -244,21 +259,23 @@ def _attend_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                     meta: PagedAttentionMetadata, scale: float, sliding_window: int | None = None,
                     softcap: float | None = None, key_scales: torch.Tensor | None = None,
-                    value_scales: torch.Tensor | None = None) -> torch.Tensor:
-    """query ``[T, H, D]`` (the step's new tokens, K/V already written to the caches) -> ``[T, H, D]``. Int8
-    caches come with their scales ``[num_blocks, KVH, block_size]``."""
+                    value_scales: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
+                    chunk: int | None = None) -> torch.Tensor:
+    """query ``[T, H, D]`` (the step's new tokens, K/V already written to the caches) -> ``[T, H, Dv]`` (Dv: the
+    value cache's width). Int8 caches come with their scales ``[num_blocks, KVH, block_size]``; ``sinks`` ``[H]``
+    (fp32 logits), ``chunk`` a chunk size."""
     num_tokens, num_heads, head_dim = query.shape
-    kv_heads = key_cache.shape[2]
+    kv_heads, head_dim_v = key_cache.shape[2], value_cache.shape[-1]
     group = num_heads // kv_heads
-    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)  # contiguous: [T, H, D]
+    out = torch.empty((num_tokens, num_heads, head_dim_v), dtype=query.dtype, device=query.device)
     d = meta.num_decodes
     plan = meta.cpu_decode_plan(query, key_cache, value_cache, scale, sliding_window, softcap, key_scales,
-                                value_scales) if d else None
+                                value_scales, chunk) if d else None
     if plan is not None:
         # The C kernel reads K/V straight from the blocks: no gather, no grouping.
         whole = d == num_tokens
         plan(query if whole else query[:d], key_cache, value_cache, out if whole else out[:d], key_scales,
-             value_scales)
+             value_scales, sinks)
         groups = []
     else:
         groups = meta.decode_groups()
@@ -268,33 +285,37 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
         q = query[:d] if rows is None else query[rows]
         # The query heads sharing a KV head become that head's query rows: no repeat of K/V for GQA.
         q = q.reshape(-1, kv_heads, group, head_dim)
-        o = _attend(q, k, v, meta.decode_mask(g, sliding_window), scale, softcap).reshape(-1, num_heads, head_dim)
+        o = _attend(q, k, v, meta.decode_mask(g, sliding_window, chunk), scale, softcap,
+                    None if sinks is None else sinks.view(kv_heads, group, 1))
+        o = o.reshape(-1, num_heads, head_dim_v)
         if rows is None:
             out[:d] = o
         else:
             out[rows] = o
     prefill_plan = meta.cpu_prefill_plan(query, key_cache, value_cache, scale, sliding_window, softcap, key_scales,
-                                         value_scales)
+                                         value_scales, chunk)
     if prefill_plan is not None:  # every prefill sequence in one C call, K/V read from the blocks
-        prefill_plan(query, key_cache, value_cache, out, key_scales, value_scales)
+        prefill_plan(query, key_cache, value_cache, out, key_scales, value_scales, sinks)
         return out
     for seq in range(d, meta.num_seqs):
         _prefill_one(query, key_cache, value_cache, meta, seq, scale, sliding_window, softcap, key_scales,
-                     value_scales, out)
+                     value_scales, out, sinks, chunk)
     return out
 
 
 def _prefill_one(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, meta: PagedAttentionMetadata,
                  seq: int, scale: float, sliding_window: int | None, softcap: float | None,
-                 key_scales: torch.Tensor | None, value_scales: torch.Tensor | None, out: torch.Tensor) -> None:
+                 key_scales: torch.Tensor | None, value_scales: torch.Tensor | None, out: torch.Tensor,
+                 sinks: torch.Tensor | None = None, chunk: int | None = None) -> None:
     """One prefill sequence's attention, PyTorch, into its rows of ``out``."""
     num_heads, head_dim, kv_heads = query.shape[1], query.shape[2], key_cache.shape[2]
-    group = num_heads // kv_heads
+    head_dim_v, group = value_cache.shape[-1], num_heads // kv_heads
     start, q_len, kv_len = int(meta.cu_seqlens_q[seq]), meta.q_lens_list[seq], meta.kv_lens_list[seq]
     table = meta.block_tables[seq : seq + 1, : -(-kv_len // meta.block_size)]
     k = gather_blocks(key_cache, table, kv_len, key_scales, query.dtype)[0].transpose(0, 1)  # [KVH, L, hd]
     v = gather_blocks(value_cache, table, kv_len, value_scales, query.dtype)[0].transpose(0, 1)
-    if not sliding_window and not softcap and (q_len == kv_len or query.device.type == "cpu"):
+    plain = not (sliding_window or softcap or chunk) and sinks is None and head_dim_v == head_dim
+    if plain and (q_len == kv_len or query.device.type == "cpu"):
         # Causal attention without a mask, which SDPA's flash kernel does faster than a masked one.
         q = query[start : start + q_len].transpose(0, 1).unsqueeze(0)
         k, v = k.unsqueeze(0).to(q.dtype), v.unsqueeze(0).to(q.dtype)
@@ -307,7 +328,9 @@ def _prefill_one(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
     # [q_len, KVH, g, hd] -> [KVH, g*q_len, hd]: the heads sharing a KV head become extra query rows.
     q = query[start : start + q_len].view(q_len, kv_heads, group, head_dim).permute(1, 2, 0, 3)
     q = q.reshape(kv_heads, group * q_len, head_dim)
-    mask = meta.prefill_mask(seq, sliding_window).repeat(group, 1)
-    o = _attend(q, k, v, mask, scale, softcap)  # [KVH, g*q_len, hd]
-    out[start : start + q_len] = o.view(kv_heads, group, q_len, head_dim).permute(2, 0, 1, 3).reshape(
-        q_len, num_heads, head_dim)
+    mask = meta.prefill_mask(seq, sliding_window, chunk).repeat(group, 1)
+    if sinks is not None:  # [H] -> one per query row: [KVH, g * q_len, 1]
+        sinks = sinks.view(kv_heads, group, 1).expand(kv_heads, group, q_len).reshape(kv_heads, group * q_len, 1)
+    o = _attend(q, k, v, mask, scale, softcap, sinks)  # [KVH, g*q_len, hd_v]
+    out[start : start + q_len] = o.view(kv_heads, group, q_len, head_dim_v).permute(2, 0, 1, 3).reshape(
+        q_len, num_heads, head_dim_v)

@@ -51,8 +51,8 @@ def _write_kv_kernel(
     stride_vcb, stride_vcs, stride_vch, stride_vcd,
     stride_ksb, stride_ksh, stride_kss,
     stride_vsb, stride_vsh, stride_vss,
-    num_kv_heads, head_dim, block_size,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, KV_INT8: tl.constexpr,
+    num_kv_heads, head_dim, head_dim_v, block_size,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, KV_INT8: tl.constexpr,
 ):
     # One program per token: all its KV heads at once.
     t = tl.program_id(0)
@@ -63,9 +63,11 @@ def _write_kv_kernel(
     off = slot % block_size
     h = tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, BLOCK_D)[None, :]
+    dv = tl.arange(0, BLOCK_DV)[None, :]
     mask = (h < num_kv_heads) & (d < head_dim)
+    mask_v = (h < num_kv_heads) & (dv < head_dim_v)
     k = tl.load(key_ptr + t * stride_kt + h * stride_kh + d * stride_kd, mask=mask, other=0.0)
-    v = tl.load(value_ptr + t * stride_vt + h * stride_vh + d * stride_vd, mask=mask, other=0.0)
+    v = tl.load(value_ptr + t * stride_vt + h * stride_vh + dv * stride_vd, mask=mask_v, other=0.0)
     if KV_INT8:
         k, k_scale = _quantize_rows(k)
         v, v_scale = _quantize_rows(v)
@@ -79,20 +81,21 @@ def _write_kv_kernel(
         k = _cast_rtne(k, key_cache_ptr.dtype.element_ty)
         v = _cast_rtne(v, value_cache_ptr.dtype.element_ty)
     tl.store(key_cache_ptr + blk * stride_kcb + off * stride_kcs + h * stride_kch + d * stride_kcd, k, mask=mask)
-    tl.store(value_cache_ptr + blk * stride_vcb + off * stride_vcs + h * stride_vch + d * stride_vcd, v, mask=mask)
+    tl.store(value_cache_ptr + blk * stride_vcb + off * stride_vcs + h * stride_vch + dv * stride_vcd, v, mask=mask_v)
 
 
 def write_kv_triton(key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     slot_mapping: torch.Tensor, key_scales: torch.Tensor | None = None,
                     value_scales: torch.Tensor | None = None) -> None:
-    """Scatter ``key``/``value`` ``[tokens, kv_heads, head_dim]`` into the slots ``slot_mapping[tokens]`` of one
-    layer's caches ``[num_blocks, block_size, kv_heads, head_dim]`` (int8 caches: quantized, their scales into
+    """Scatter ``key``/``value`` ``[tokens, kv_heads, head_dim (_v)]`` into the slots ``slot_mapping[tokens]`` of one
+    layer's caches ``[num_blocks, block_size, kv_heads, head_dim (_v)]`` (int8 caches: quantized, their scales into
     ``key_scales`` / ``value_scales`` ``[num_blocks, kv_heads, block_size]``). A negative slot skips its token."""
     num_tokens = key.shape[0]
     if num_tokens == 0:
         return
     nb, bs, kvh, hd = key_cache.shape
-    assert key.shape == (num_tokens, kvh, hd) and value.shape == key.shape, (key.shape, key_cache.shape)
+    hd_v = value_cache.shape[-1]
+    assert key.shape == (num_tokens, kvh, hd) and value.shape == (num_tokens, kvh, hd_v), (key.shape, value.shape)
     assert slot_mapping.shape[0] == num_tokens
     quantized = key_scales is not None
     assert not quantized or (key_cache.dtype == value_cache.dtype == torch.int8 and value_scales is not None)
@@ -102,8 +105,9 @@ def write_kv_triton(key_cache: torch.Tensor, value_cache: torch.Tensor, key: tor
     _write_kv_kernel[(num_tokens,)](
         key, value, key_cache, value_cache, slot_mapping, *scale_args[:2],
         *key.stride(), *value.stride(), *key_cache.stride(), *value_cache.stride(), *scale_args[2:],
-        kvh, hd, bs,
-        BLOCK_H=triton.next_power_of_2(kvh), BLOCK_D=triton.next_power_of_2(hd), KV_INT8=quantized,
+        kvh, hd, hd_v, bs,
+        BLOCK_H=triton.next_power_of_2(kvh), BLOCK_D=triton.next_power_of_2(hd),
+        BLOCK_DV=triton.next_power_of_2(hd_v), KV_INT8=quantized,
         num_warps=4,
     )
 
@@ -112,16 +116,16 @@ def write_kv_triton(key_cache: torch.Tensor, value_cache: torch.Tensor, key: tor
 def _copy_blocks_kernel(
     kv_ptr, pairs_ptr,
     stride_layer, stride_kv, stride_block, stride_p0, stride_p1,
-    block_numel,
+    block_numel, parts,
     BLOCK: tl.constexpr,
 ):
-    # grid: (pair, layer * 2 + k_or_v, chunk of the block's elements)
+    # grid: (pair, layer * parts + part (K, V; one part in a keys- or values-only tensor), chunk of the block)
     p = tl.program_id(0)
     lk = tl.program_id(1)
     chunk = tl.program_id(2)
     src = tl.load(pairs_ptr + p * stride_p0).to(tl.int64)
     dst = tl.load(pairs_ptr + p * stride_p0 + stride_p1).to(tl.int64)
-    base = (lk // 2).to(tl.int64) * stride_layer + (lk % 2) * stride_kv
+    base = (lk // parts).to(tl.int64) * stride_layer + (lk % parts) * stride_kv
     offs = chunk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < block_numel
     x = tl.load(kv_ptr + base + src * stride_block + offs, mask=mask)
@@ -130,14 +134,15 @@ def _copy_blocks_kernel(
 
 def copy_blocks_triton(kv: torch.Tensor, pairs: torch.Tensor) -> None:
     """For every (src, dst) row of ``pairs`` ``[P, 2]`` copy block src to block dst, in every layer, K and V,
-    of the full pool tensor ``kv[layer, 0|1, block, slot, kv_head, head_dim]``, in one launch.
+    of the full pool tensor ``kv[layer, 0|1, block, slot, kv_head, head_dim]`` (or a keys- or values-only
+    ``[layer, 1, ...]``), in one launch.
 
     Like every copy-on-write, the destinations must be distinct and must not be sources of other pairs
     (the pairs run in parallel)."""
     if pairs.numel() == 0:
         return
-    num_layers, two, nb, bs, kvh, hd = kv.shape
-    if kv.stride()[3:] != (kvh * hd, hd, 1) or two != 2:
+    num_layers, parts, nb, bs, kvh, hd = kv.shape
+    if kv.stride()[3:] != (kvh * hd, hd, 1):
         # The block's slots are not one dense run of memory: take the PyTorch path.
         from .cache_ops import copy_blocks
 
@@ -146,8 +151,8 @@ def copy_blocks_triton(kv: torch.Tensor, pairs: torch.Tensor) -> None:
     pairs = pairs.to(kv.device)
     block_numel = bs * kvh * hd
     block = min(4096, triton.next_power_of_2(block_numel))
-    grid = (pairs.shape[0], num_layers * 2, triton.cdiv(block_numel, block))
+    grid = (pairs.shape[0], num_layers * parts, triton.cdiv(block_numel, block))
     _copy_blocks_kernel[grid](
-        kv, pairs, kv.stride(0), kv.stride(1), kv.stride(2), pairs.stride(0), pairs.stride(1), block_numel,
+        kv, pairs, kv.stride(0), kv.stride(1), kv.stride(2), pairs.stride(0), pairs.stride(1), block_numel, parts,
         BLOCK=block, num_warps=4,
     )

@@ -1,8 +1,10 @@
 """Paged attention over a ragged batch as Triton kernels (the CUDA path; ``dispatch`` imports this module lazily, so
 importing ``hf_paged`` never needs triton). Semantics as ``paged_attention.paged_attention``: sequence i's query tokens
 are the last ``q_len`` of its ``kv_len`` (K/V already in the cache); causal; GQA (query head h reads KV head
-``h // group``); a sliding window W lets position p see keys ``p - W < j <= p``; soft-capping ``tanh(s / cap) * cap``
-after scaling, before masking; softmax and accumulators in fp32.
+``h // group``); a sliding window W lets position p see keys ``p - W < j <= p``, a chunk size C keys
+``p // C * C <= j <= p``; soft-capping ``tanh(s / cap) * cap`` after scaling, before masking; attention sinks (one fp32
+logit per query head) add ``exp(sink - m)`` to each row's final sum; values may be of another width than the keys
+(``BLOCK_DV``; the output has theirs); softmax and accumulators in fp32.
 
 * ``_decode_kernel``: one program per (sequence, KV head, split) with the KV head's query heads as tile rows (padded to
   16 for ``tl.dot``); K/V read tile by tile through the block table (each key's block looked up on its own, so the tile
@@ -52,11 +54,11 @@ def _softcap(s, softcap):
     return tl.where(x < 0, -t, t) * softcap
 
 
-@triton.jit(do_not_specialize=["window"])
+@triton.jit(do_not_specialize=["window", "chunk"])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, kv_lens_ptr,
-    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, k_scale_ptr, v_scale_ptr,
-    scale, softcap, window, num_heads, head_dim,
+    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, k_scale_ptr, v_scale_ptr, sinks_ptr,
+    scale, softcap, window, chunk, num_heads, head_dim, head_dim_v,
     stride_qt, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -64,17 +66,18 @@ def _decode_kernel(
     stride_vsb, stride_vsh, stride_vss,
     stride_bt,
     stride_ot, stride_oh, stride_od,
-    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    KV_INT8: tl.constexpr, NATIVE_DOT: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, KV_INT8: tl.constexpr, NATIVE_DOT: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
 
     kv_len = tl.load(kv_lens_ptr + seq).to(tl.int32)
-    # The live keys are [lo, kv_len): the query sits at kv_len - 1 and sees j > kv_len - 1 - window.
+    # The live keys are [lo, kv_len): the query sits at kv_len - 1 and sees j > kv_len - 1 - window (its chunk's).
     lo = tl.where(window > 0, tl.maximum(kv_len - window, 0), 0)
+    lo = tl.where(chunk > 0, (kv_len - 1) // tl.maximum(chunk, 1) * chunk, lo)
     first_tile = lo // TILE_N
     last_tile = (kv_len + TILE_N - 1) // TILE_N
     tiles_per_split = (last_tile - first_tile + NUM_SPLITS - 1) // NUM_SPLITS
@@ -84,8 +87,10 @@ def _decode_kernel(
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
     head = kvh * GROUP + g
+    dv = tl.arange(0, BLOCK_DV)
     g_mask = g < GROUP
     d_mask = d < head_dim
+    dv_mask = dv < head_dim_v
     q_in = tl.load(q_ptr + seq * stride_qt + head[:, None] * stride_qh + d[None, :] * stride_qd,
                    mask=g_mask[:, None] & d_mask[None, :], other=0.0)
     if NATIVE_DOT:
@@ -95,7 +100,7 @@ def _decode_kernel(
 
     m_i = tl.full([BLOCK_G], _NEG_INF, tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     for tile in range(t_begin, t_end):
         pos = tile * TILE_N + tl.arange(0, TILE_N)
@@ -122,7 +127,7 @@ def _decode_kernel(
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + phys[:, None] * stride_vb + in_blk[:, None] * stride_vs + kvh * stride_vh
-                    + d[None, :] * stride_vd, mask=valid[:, None] & d_mask[None, :], other=0.0)
+                    + dv[None, :] * stride_vd, mask=valid[:, None] & dv_mask[None, :], other=0.0)
         if KV_INT8:
             v_sc = tl.load(v_scale_ptr + phys * stride_vsb + kvh * stride_vsh + in_blk * stride_vss, mask=valid,
                            other=0.0)
@@ -135,22 +140,25 @@ def _decode_kernel(
         m_i = m_new
 
     if NUM_SPLITS == 1:
+        if HAS_SINKS:  # the sink's weight joins the sum
+            sink = tl.load(sinks_ptr + head, mask=g_mask, other=0.0)
+            l_i += tl.exp(sink - tl.where(m_i == _NEG_INF, 0.0, m_i))
         o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        tl.store(out_ptr + seq * stride_ot + head[:, None] * stride_oh + d[None, :] * stride_od,
-                 _cast_rtne(o, out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+        tl.store(out_ptr + seq * stride_ot + head[:, None] * stride_oh + dv[None, :] * stride_od,
+                 _cast_rtne(o, out_ptr.dtype.element_ty), mask=g_mask[:, None] & dv_mask[None, :])
     else:
-        # Partials [num_decodes, num_heads, NUM_SPLITS] (m, l) and [..., BLOCK_D] (unnormalised acc), fp32.
+        # Partials [num_decodes, num_heads, NUM_SPLITS] (m, l) and [..., BLOCK_DV] (unnormalised acc), fp32.
         row = (seq * num_heads + head) * NUM_SPLITS + split
         tl.store(part_m_ptr + row, m_i, mask=g_mask)
         tl.store(part_l_ptr + row, l_i, mask=g_mask)
-        tl.store(part_acc_ptr + row[:, None] * BLOCK_D + d[None, :], acc, mask=g_mask[:, None])
+        tl.store(part_acc_ptr + row[:, None] * BLOCK_DV + dv[None, :], acc, mask=g_mask[:, None])
 
 
 @triton.jit
 def _decode_reduce_kernel(
-    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, num_heads, head_dim,
+    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, sinks_ptr, num_heads, head_dim,
     stride_ot, stride_oh, stride_od,
-    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -164,16 +172,18 @@ def _decode_reduce_kernel(
     m_max = tl.where(m_max == _NEG_INF, 0.0, m_max)
     w = tl.exp(m - m_max)  # an empty split has m = -inf: weight 0
     denom = tl.sum(w * l, 0)
+    if HAS_SINKS:
+        denom += tl.exp(tl.load(sinks_ptr + head) - m_max)
     acc = tl.load(part_acc_ptr + row[:, None] * BLOCK_D + d[None, :], mask=s_mask[:, None], other=0.0)
     o = tl.sum(w[:, None] * acc, 0) / tl.where(denom == 0.0, 1.0, denom)
     tl.store(out_ptr + seq * stride_ot + head * stride_oh + d * stride_od,
              _cast_rtne(o, out_ptr.dtype.element_ty), mask=d < head_dim)
 
 
-@triton.jit(do_not_specialize=["window", "num_seqs"])
+@triton.jit(do_not_specialize=["window", "chunk", "num_seqs"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, kv_lens_ptr, cu_q_ptr, out_ptr, k_scale_ptr, v_scale_ptr,
-    scale, softcap, window, num_seqs, head_dim,
+    sinks_ptr, scale, softcap, window, chunk, num_seqs, head_dim, head_dim_v,
     stride_qt, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -182,8 +192,8 @@ def _prefill_kernel(
     stride_bt,
     stride_ot, stride_oh, stride_od,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, USE_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    KV_INT8: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, KV_INT8: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -217,6 +227,8 @@ def _prefill_kernel(
     head = kvh * GROUP + r % GROUP
     row_mask = (r < BLOCK_Q * GROUP) & (tok < q_len)
     d_mask = d < head_dim
+    dv = tl.arange(0, BLOCK_DV)
+    dv_mask = dv < head_dim_v
     q_pos = ctx_len + tok
     q_rows = (q_start + tok).to(tl.int64)
     q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :] * stride_qd,
@@ -225,10 +237,12 @@ def _prefill_kernel(
     # Keys any row of this tile can see: [lo, hi).
     hi = tl.minimum(ctx_len + (q_tile + 1) * BLOCK_Q, kv_len)
     lo = tl.where(window > 0, tl.maximum(ctx_len + q_tile * BLOCK_Q - window + 1, 0), 0)
+    chunk_1 = tl.maximum(chunk, 1)
+    lo = tl.where(chunk > 0, (ctx_len + q_tile * BLOCK_Q) // chunk_1 * chunk, lo)
 
     m_i = tl.full([BLOCK_M], _NEG_INF, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     for tile in range(lo // TILE_N, (hi + TILE_N - 1) // TILE_N):
         pos = tile * TILE_N + tl.arange(0, TILE_N)
@@ -246,6 +260,7 @@ def _prefill_kernel(
             s = _softcap(s, softcap)
         visible = k_valid[None, :] & (pos[None, :] <= q_pos[:, None])
         visible = visible & ((window <= 0) | (pos[None, :] > q_pos[:, None] - window))
+        visible = visible & ((chunk <= 0) | (pos[None, :] >= q_pos[:, None] // chunk_1 * chunk))
         s = tl.where(visible, s, _NEG_INF)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == _NEG_INF, 0.0, m_new)  # a row that has seen no key yet
@@ -253,7 +268,7 @@ def _prefill_kernel(
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + phys[:, None] * stride_vb + in_blk[:, None] * stride_vs + kvh * stride_vh
-                    + d[None, :] * stride_vd, mask=k_valid[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+                    + dv[None, :] * stride_vd, mask=k_valid[:, None] & dv_mask[None, :], other=0.0).to(tl.float32)
         if KV_INT8:
             v_sc = tl.load(v_scale_ptr + phys * stride_vsb + kvh * stride_vsh + in_blk * stride_vss, mask=k_valid,
                            other=0.0)
@@ -261,9 +276,12 @@ def _prefill_kernel(
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
         m_i = m_new
 
+    if HAS_SINKS:  # the sink's weight joins the sum
+        sink = tl.load(sinks_ptr + head, mask=row_mask, other=0.0)
+        l_i += tl.exp(sink - tl.where(m_i == _NEG_INF, 0.0, m_i))
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    tl.store(out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :] * stride_od,
-             _cast_rtne(o, out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+    tl.store(out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + dv[None, :] * stride_od,
+             _cast_rtne(o, out_ptr.dtype.element_ty), mask=row_mask[:, None] & dv_mask[None, :])
 
 
 # ---- host side ---------------------------------------------------------------------------------------
@@ -282,7 +300,8 @@ def _num_sms(device: torch.device) -> int:
 def decode_num_splits(num_decodes: int, kv_heads: int, max_kv_len: int, sliding_window: int | None,
                       device: torch.device) -> int:
     """How many splits of the sequence axis the decode kernel uses: enough programs to fill the GPU about
-    twice over when the batch alone does not, never under ``MIN_TOKENS_PER_SPLIT`` keys a split."""
+    twice over when the batch alone does not, never under ``MIN_TOKENS_PER_SPLIT`` keys a split (``sliding_window``:
+    the most keys a query sees, its window or chunk)."""
     live = min(max_kv_len, sliding_window) if sliding_window and sliding_window > 0 else max_kv_len
     programs = num_decodes * kv_heads
     target = 2 * _num_sms(device)
@@ -311,44 +330,49 @@ def paged_decode_attention(out: torch.Tensor, query: torch.Tensor, key_cache: to
                            num_decodes: int, max_kv_len: int, scale: float, sliding_window: int | None = None,
                            softcap: float | None = None, num_splits: int | None = None,
                            tile_n: int | None = None, key_scales: torch.Tensor | None = None,
-                           value_scales: torch.Tensor | None = None) -> None:
-    """Rows ``0..num_decodes-1`` of ``query``/``out`` ``[T, H, D]`` are decode tokens of sequences ``0..num_decodes-1``.
-    ``num_splits`` None picks by heuristic. Int8 caches come with their scales."""
+                           value_scales: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
+                           chunk: int | None = None) -> None:
+    """Rows ``0..num_decodes-1`` of ``query`` ``[T, H, D]`` / ``out`` ``[T, H, Dv]`` are decode tokens of sequences
+    ``0..num_decodes-1``. ``num_splits`` None picks by heuristic. Int8 caches come with their scales; ``sinks``
+    ``[H]`` fp32 logits; ``chunk`` a chunk size."""
     if num_decodes == 0:
         return
     _, num_heads, head_dim = query.shape
     _, block_size, kv_heads, _ = key_cache.shape
+    head_dim_v = value_cache.shape[-1]
     group = num_heads // kv_heads
     tile_n = tile_n or DECODE_TILE_N
     if num_splits is None:
-        num_splits = decode_num_splits(num_decodes, kv_heads, max_kv_len, sliding_window, query.device)
+        num_splits = decode_num_splits(num_decodes, kv_heads, max_kv_len, sliding_window or chunk, query.device)
     block_d = max(16, triton.next_power_of_2(head_dim))
+    block_dv = max(16, triton.next_power_of_2(head_dim_v))
     block_g = max(16, triton.next_power_of_2(group))
     window = int(sliding_window) if sliding_window else 0
     cap = float(softcap) if softcap else 0.0
     if num_splits > 1:
-        part_acc = torch.empty(num_decodes, num_heads, num_splits, block_d, dtype=torch.float32, device=query.device)
+        part_acc = torch.empty(num_decodes, num_heads, num_splits, block_dv, dtype=torch.float32, device=query.device)
         part_m = torch.empty(num_decodes, num_heads, num_splits, dtype=torch.float32, device=query.device)
         part_l = torch.empty_like(part_m)
     else:
         part_acc = part_m = part_l = out  # unused
     scale_ptrs, scale_strides = _scale_args(key_cache, value_cache, key_scales, value_scales)
+    sinks_arg = out if sinks is None else sinks  # unused pointer without sinks
     _decode_kernel[(num_decodes, kv_heads, num_splits)](
         query, key_cache, value_cache, block_tables, kv_lens,
-        out, part_acc, part_m, part_l, *scale_ptrs,
-        float(scale), cap, window, num_heads, head_dim,
+        out, part_acc, part_m, part_l, *scale_ptrs, sinks_arg,
+        float(scale), cap, window, int(chunk or 0), num_heads, head_dim, head_dim_v,
         *query.stride(), *key_cache.stride(), *value_cache.stride(), *scale_strides, block_tables.stride(0),
         *out.stride(),
-        GROUP=group, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_SIZE=block_size, TILE_N=tile_n,
+        GROUP=group, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_SIZE=block_size, TILE_N=tile_n,
         NUM_SPLITS=num_splits, USE_SOFTCAP=cap != 0.0, DOT_PRECISION=_dot_precision(query, key_cache),
         KV_INT8=key_scales is not None, NATIVE_DOT=DECODE_NATIVE_DOT and query.dtype == key_cache.dtype != torch.float32,
-        num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES,
+        HAS_SINKS=sinks is not None, num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_decodes, num_heads)](
-            out, part_acc, part_m, part_l, num_heads, head_dim, *out.stride(),
-            NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
-            num_warps=4,
+            out, part_acc, part_m, part_l, sinks_arg, num_heads, head_dim_v, *out.stride(),
+            NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_dv,
+            HAS_SINKS=sinks is not None, num_warps=4,
         )
 
 
@@ -357,7 +381,8 @@ def paged_prefill_attention(out: torch.Tensor, query: torch.Tensor, key_cache: t
                             cu_seqlens_q: torch.Tensor, q_lens: list[int], scale: float,
                             sliding_window: int | None = None, softcap: float | None = None,
                             block_m: int | None = None, tile_n: int | None = None,
-                            key_scales: torch.Tensor | None = None, value_scales: torch.Tensor | None = None) -> None:
+                            key_scales: torch.Tensor | None = None, value_scales: torch.Tensor | None = None,
+                            sinks: torch.Tensor | None = None, chunk: int | None = None) -> None:
     """The sequences of ``block_tables``/``kv_lens``/``q_lens`` (rows), whose query tokens are rows
     ``cu_seqlens_q[i]:cu_seqlens_q[i+1]`` of ``query``/``out`` (``cu_seqlens_q`` has one more entry)."""
     num_seqs = len(q_lens)
@@ -365,6 +390,7 @@ def paged_prefill_attention(out: torch.Tensor, query: torch.Tensor, key_cache: t
         return
     _, num_heads, head_dim = query.shape
     _, block_size, kv_heads, _ = key_cache.shape
+    head_dim_v = value_cache.shape[-1]
     group = num_heads // kv_heads
     tile_n = tile_n or PREFILL_TILE_N
     if block_m is None:
@@ -378,24 +404,27 @@ def paged_prefill_attention(out: torch.Tensor, query: torch.Tensor, key_cache: t
     scale_ptrs, scale_strides = _scale_args(key_cache, value_cache, key_scales, value_scales)
     _prefill_kernel[grid](
         query, key_cache, value_cache, block_tables, kv_lens, cu_seqlens_q, out, *scale_ptrs,
-        float(scale), cap, window, num_seqs, head_dim,
+        out if sinks is None else sinks, float(scale), cap, window, int(chunk or 0), num_seqs, head_dim, head_dim_v,
         *query.stride(), *key_cache.stride(), *value_cache.stride(), *scale_strides, block_tables.stride(0),
         *out.stride(),
-        GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_D=block_d, BLOCK_SIZE=block_size, TILE_N=tile_n,
+        GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_D=block_d,
+        BLOCK_DV=max(16, triton.next_power_of_2(head_dim_v)), BLOCK_SIZE=block_size, TILE_N=tile_n,
         USE_SOFTCAP=cap != 0.0, DOT_PRECISION=_dot_precision(query, key_cache),
-        KV_INT8=key_scales is not None, num_warps=4,
+        KV_INT8=key_scales is not None, HAS_SINKS=sinks is not None, num_warps=4,
     )
 
 
 def paged_attention_triton(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, meta,
                            scale: float, sliding_window: int | None = None, softcap: float | None = None, *,
                            num_splits: int | None = None, key_scales: torch.Tensor | None = None,
-                           value_scales: torch.Tensor | None = None) -> torch.Tensor:
-    """query ``[T, H, D]`` (the step's new tokens, K/V already in the caches) -> ``[T, H, D]``; the first
+                           value_scales: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
+                           chunk: int | None = None) -> torch.Tensor:
+    """query ``[T, H, D]`` (the step's new tokens, K/V already in the caches) -> ``[T, H, Dv]``; the first
     ``meta.num_decodes`` sequences go to the decode kernel, the rest to the prefill kernel. ``num_splits`` overrides the
-    split-K heuristic (tests). Int8 caches come with their scales ``[num_blocks, KVH, block_size]``."""
+    split-K heuristic (tests). Int8 caches come with their scales ``[num_blocks, KVH, block_size]``; ``sinks``
+    ``[H]`` fp32 attention-sink logits; ``chunk`` a chunked-attention chunk size."""
     num_tokens, num_heads, head_dim = query.shape
-    out = torch.empty((num_tokens, num_heads, head_dim), dtype=query.dtype, device=query.device)
+    out = torch.empty((num_tokens, num_heads, value_cache.shape[-1]), dtype=query.dtype, device=query.device)
     if num_tokens == 0:
         return out
     d = meta.num_decodes
@@ -403,9 +432,9 @@ def paged_attention_triton(query: torch.Tensor, key_cache: torch.Tensor, value_c
         max_len = meta.max_decode_len or max(meta.kv_lens_list[:d])
         paged_decode_attention(out, query, key_cache, value_cache, meta.block_tables, meta.kv_lens, d,
                                max_len, scale, sliding_window, softcap, num_splits=num_splits,
-                               key_scales=key_scales, value_scales=value_scales)
+                               key_scales=key_scales, value_scales=value_scales, sinks=sinks, chunk=chunk)
     if d < meta.num_seqs:
         paged_prefill_attention(out, query, key_cache, value_cache, meta.block_tables[d:], meta.kv_lens[d:],
                                 meta.cu_seqlens_q[d:], meta.q_lens_list[d:], scale, sliding_window, softcap,
-                                key_scales=key_scales, value_scales=value_scales)
+                                key_scales=key_scales, value_scales=value_scales, sinks=sinks, chunk=chunk)
     return out

@@ -24,7 +24,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..kernels.dispatch import paged_attention, write_kv
-from ...admission import attention_window, check_attention_call, engine_refusal
+from ...admission import SINK_ARGS, attention_window, check_attention_call, engine_refusal, split_window
 from ..kernels.paged_attention import PagedAttentionMetadata, running_step
 
 ATTN_IMPLEMENTATION = "hf_paged"
@@ -43,17 +43,36 @@ def _base_attention_fn(module: torch.nn.Module):
     return ALL_ATTENTION_FUNCTIONS[name]
 
 
+class EngineDisabled:
+    """A module flag that reads False in an engine forward running in this thread and as it was anywhere else: the
+    runner puts it in place of a flag whose work the paged attention does itself (NoPE temperature tuning, which HF
+    computes from its cache's length, from the step's own positions), only for the length of its forwards."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __bool__(self) -> bool:
+        return running_step() is None and bool(self.value)
+
+
+def _temperature_tuned(module: torch.nn.Module, query: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Llama 4's NoPE query scaling (``Llama4TextAttention.forward``) at the step's positions: the same products."""
+    scales = torch.log1p(torch.floor((positions.float() + 1.0) / module.floor_scale)) * module.attn_scale + 1.0
+    return (query * scales.view(1, 1, -1, 1)).to(query.dtype)
+
+
 def paged_attention_layer(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, meta: PagedAttentionMetadata,
-                          layer: int, scale: float, sliding_window: int | None, softcap: float | None) -> torch.Tensor:
-    """One layer's paged attention: write the step's new K/V (``[1, KVH, T, hd]``) into the KV cache, attend the
-    queries ``[1, H, T, hd]`` over the blocks -> ``[1, T, H, hd]``.
+                          layer: int, scale: float, sliding_window: int | None, softcap: float | None,
+                          sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """One layer's paged attention: write the step's new K/V (``[1, KVH, T, hd]``, ``[1, KVH, T, hd_v]``) into the KV
+    cache, attend the queries ``[1, H, T, hd]`` over the blocks -> ``[1, T, H, hd_v]``; ``sinks``: ``[H]`` logits.
 
     A custom op so that a compiled forward keeps it whole (one opaque call per layer, the metadata an opaque
     graph input). The KV cache is written through ``meta`` (hidden from the compiler on purpose: nothing in
     the graph reads it, and the data dependency between layers keeps the calls in order)."""
     kv = meta.kv_cache
     meta.mark_layer(layer)
-    sliding_window = attention_window(meta.layer_windows, layer, sliding_window)
+    sliding_window, chunk = split_window(attention_window(meta.layer_windows, layer, sliding_window))
     key_cache, value_cache = kv.key_cache(layer), kv.value_cache(layer)
     key_scales, value_scales = kv.key_scales(layer), kv.value_scales(layer)  # None unless int8
     # HF hands q/k/v as [1, heads, T, head_dim]; the kernels use [T, heads, head_dim].
@@ -61,7 +80,7 @@ def paged_attention_layer(query: torch.Tensor, key: torch.Tensor, value: torch.T
              key_scales=key_scales, value_scales=value_scales)
     out = paged_attention(query[0].transpose(0, 1), key_cache, value_cache, meta, scale,
                           sliding_window=sliding_window, softcap=softcap, key_scales=key_scales,
-                          value_scales=value_scales)
+                          value_scales=value_scales, sinks=None if sinks is None else sinks.float(), chunk=chunk)
     return out.unsqueeze(0)
 
 
@@ -69,8 +88,8 @@ paged_attention_op = torch.library.custom_op("hf_paged::paged_attention", paged_
 
 
 @paged_attention_op.register_fake
-def _(query, key, value, meta, layer, scale, sliding_window, softcap):
-    return query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
+def _(query, key, value, meta, layer, scale, sliding_window, softcap, sinks=None):
+    return query.new_empty(1, query.shape[2], query.shape[1], value.shape[3])
 
 
 def hf_paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -83,10 +102,14 @@ def hf_paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
         return _base_attention_fn(module)(module, query, key, value, attention_mask, scaling=scaling,
                                           dropout=dropout, **kwargs)
     if not torch.compiler.is_compiling():
-        check_attention_call(module, key, value, meta.kv_cache, kwargs)
+        check_attention_call(module, query, key, value, meta.kv_cache, kwargs)
+    flag = module.__dict__.get("attn_temperature_tuning")
+    if isinstance(flag, EngineDisabled) and flag.value:
+        query = _temperature_tuned(module, query, meta.positions)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    sinks = kwargs.get(SINK_ARGS[0], kwargs.get(SINK_ARGS[1]))
     args = (query, key, value, meta, module.layer_idx, float(scale), kwargs.get("sliding_window"),
-            kwargs.get("softcap"))
+            kwargs.get("softcap"), sinks)
     # Eager calls skip the custom-op dispatcher (tens of microseconds a layer); compiled graphs need the op.
     fn = paged_attention_op if torch.compiler.is_compiling() else paged_attention_layer
     return fn(*args), None

@@ -25,10 +25,10 @@ typedef struct {
 } hf_seqs_t;
 
 /* One layer's paged attention: its caches and how it scores. Built once per layer (for its cache pool).
- * GQA: query head h reads KV head h / (H / KVH). */
+ * GQA: query head h reads KV head h / (H / KVH). The fields after bf16 are optional (0 / NULL: off). */
 typedef struct {
     void *key_cache;     /* [num_blocks, block_size, KVH, hd] contiguous: the query's dtype, or int8 */
-    void *value_cache;   /* likewise */
+    void *value_cache;   /* likewise, [num_blocks, block_size, KVH, hd_v] */
     float *key_scales;   /* int8 caches: fp32 [num_blocks, KVH, block_size] (x = q * s); else NULL */
     float *value_scales; /* likewise */
     int H, KVH, hd, block_size;
@@ -36,6 +36,9 @@ typedef struct {
     float scale;   /* on q.k */
     float softcap; /* > 0 (decode only): scores = tanh(scores / softcap) * softcap before the softmax */
     int bf16;      /* q and out (and non-int8 caches) hold bfloat16 bit patterns, else float32 */
+    int hd_v;      /* > 0: the values' width (and the output's), else hd */
+    int chunk;     /* > 0 (decode only): chunked attention, a query at position p sees keys >= p / chunk * chunk */
+    const float *sinks; /* [H] fp32 attention-sink logits (in the softmax's denominator, no value), or NULL */
 } hf_attention_t;
 
 enum { HF_LINEAR_AMX = 0, HF_LINEAR_SMALL = 1 }; /* hf_llama_layer_t.linear_kind: how its weights were packed */
@@ -74,10 +77,10 @@ typedef struct {
 int hf_paged_decode_attention(const hf_attention_t *attn, const hf_seqs_t *seqs, const void *q, long q_s0, long q_s1,
                               void *out, long o_s0, long o_s1, int num_threads);
 void paged_write_kv(const char *k, long k_s0, long k_s1, const char *v, long v_s0, long v_s1, const int64_t *slots,
-                    long T, char *key_cache, char *value_cache, int KVH, int hd, int esz);
+                    long T, char *key_cache, char *value_cache, int KVH, int hd, int hd_v, int esz);
 void paged_write_kv_i8(const char *k, long k_s0, long k_s1, const char *v, long v_s0, long v_s1,
                        const int64_t *slots, long T, int8_t *key_cache, int8_t *value_cache, float *key_scales,
-                       float *value_scales, int KVH, int hd, int block_size, int bf16);
+                       float *value_scales, int KVH, int hd, int hd_v, int block_size, int bf16);
 int paged_decode_attention_vector_width(void);
 
 /* ---- paged_prefill_attention.c --------------------------------------------------------------------------------- */

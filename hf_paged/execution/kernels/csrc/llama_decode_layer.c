@@ -61,7 +61,7 @@ int hf_llama_decode_layer(const hf_llama_layer_t *l, const hf_decode_step_t *st,
         char *k_rot = down + T * D * es;
         hf_rope(qkv, nqkv, hd, H, qkv + nq * es, nqkv, hd, KVH, q_rot, k_rot, cos, sin, T, hd, bf16);
         paged_write_kv_i8(k_rot, (long)KVH * hd, hd, v, nqkv, hd, st->slots, T, at->key_cache, at->value_cache,
-                          at->key_scales, at->value_scales, KVH, hd, at->block_size, bf16);
+                          at->key_scales, at->value_scales, KVH, hd, hd, at->block_size, bf16);
     } else {
         hf_rope_write_kv(qkv, nqkv, hd, H, qkv + nq * es, nqkv, hd, KVH, v, nqkv, hd, q_rot, cos, sin, st->slots,
                          at->key_cache, at->value_cache, T, hd, bf16);

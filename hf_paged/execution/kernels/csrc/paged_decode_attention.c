@@ -12,7 +12,10 @@
  *   kv_lens      [D] int32: the number of cached tokens of each sequence, the query being the last one
  *   out          [D, H, hd]            row strides o_s0, o_s1; head_dim contiguous
  * window > 0: the query (position kv_len - 1) sees keys j >= kv_len - window only.
+ * chunk > 0: the query sees keys j >= (kv_len - 1) / chunk * chunk only (chunked attention).
  * softcap > 0: scores = tanh(scores / softcap) * softcap before the softmax.
+ * sinks: one fp32 logit per query head that joins the softmax's denominator (exp(sink - max)) and weighs no value.
+ * hd_v != hd (values of another width than the keys, out [D, H, hd_v]): the plain scalar path (unit_scalar).
  * GQA: query head h reads KV head h / (H / KVH).
  *
  * A unit of work is one (sequence, KV head) and the G = H / KVH query heads that read it: two passes over
@@ -114,6 +117,9 @@ typedef struct {
     float scale, softcap;
     int ldsc; /* score row length of the workspace (max visible length rounded up to VL) */
     const float *k_scales, *v_scales; /* int8 K/V: [num_blocks, KVH, block_size] row scales (else NULL) */
+    int hd_v, chunk;   /* the values' width (= hd unless it differs); chunk size or 0 */
+    long row_v;        /* KVH * hd_v */
+    const float *sinks; /* [H] or NULL */
 } params_t;
 
 /* Per-thread workspace for the G query heads of one unit. */
@@ -130,32 +136,40 @@ typedef struct {
     int n_ahead;
     float rs[VL]; /* int8 K/V: the current tile's row scales (0 past its rows) */
     float *hs;    /* [2 G] the int8 VNNI path's per-head scales of q and of a tile's weights */
+    float *sink_w; /* [G] the heads' sink weights exp(sink - max) (0 without sinks) */
 } work_t;
 
 /* The first key a query at the end of `len` keys sees. */
 static inline int first_key(const params_t *p, int len) {
+    if (p->chunk > 0) return len > 0 ? (len - 1) / p->chunk * p->chunk : 0;
     return (p->window > 0 && len > p->window) ? len - p->window : 0;
 }
 
-/* The cache rows (KV head kh's slice) of positions [pos, pos + cnt) of one sequence, through its table. */
-static inline void tile_rows(const params_t *p, const char *cache, const int64_t *bt, int kh, long esz, int pos,
-                             int cnt, const char **rows) {
+/* The rows (KV head kh's slice, hd of row elements a slot) of positions [pos, pos + cnt) of one sequence. */
+static inline void tile_rows_of(const params_t *p, const char *cache, long row, int hd, const int64_t *bt, int kh,
+                                long esz, int pos, int cnt, const char **rows) {
     const int bs = p->block_size;
     int blk = pos / bs, off = pos % bs;
-    const char *base = cache + (bt[blk] * bs * p->row + (long)kh * p->hd) * esz;
+    const char *base = cache + (bt[blk] * bs * row + (long)kh * hd) * esz;
     if (off + cnt <= bs) { /* all in one block (the common case): no per-row test */
-        const long stride = p->row * esz;
+        const long stride = row * esz;
         base += off * stride;
         for (int jj = 0; jj < cnt; jj++) rows[jj] = base + jj * stride;
         return;
     }
     for (int jj = 0; jj < cnt; jj++) {
-        rows[jj] = base + off * p->row * esz;
+        rows[jj] = base + off * row * esz;
         if (++off == bs && jj + 1 < cnt) {
             off = 0;
-            base = cache + (bt[++blk] * bs * p->row + (long)kh * p->hd) * esz;
+            base = cache + (bt[++blk] * bs * row + (long)kh * hd) * esz;
         }
     }
+}
+
+/* The K rows (and V rows where their width is the keys') of positions [pos, pos + cnt). */
+static inline void tile_rows(const params_t *p, const char *cache, const int64_t *bt, int kh, long esz, int pos,
+                             int cnt, const char **rows) {
+    tile_rows_of(p, cache, p->row, p->hd, bt, kh, esz, pos, cnt, rows);
 }
 
 /* The scale of position pos's row (scales [num_blocks, KVH, block_size]). */
@@ -253,8 +267,10 @@ static inline void prefetch_ahead(const work_t *w, int jj, long nbytes) {
         for (long b = 0; b < nbytes; b += 64) prefetch_line(w->ahead[jj] + b);
 }
 
-/* Softmax of each head's scores over [0, n), unnormalized; 1 / sum per head into inv_sum. */
-static inline void softmax_rows(const params_t *p, float *sc, int n, float *inv_sum) {
+/* Softmax of each head's scores over [0, n), unnormalized; 1 / sum per head into inv_sum. With sinks (p->sinks) the
+ * G heads' sink logits of KV head kh join the max and the sum; their weights exp(sink - max) go to sink_w. */
+static inline void softmax_rows(const params_t *p, int kh, float *sc, int n, float *inv_sum, float *sink_w) {
+    const float *sink = p->sinks ? p->sinks + (long)kh * p->G : NULL;
     const int nv = (n + VL - 1) / VL;
     for (int g = 0; g < p->G; g++) {
         float *s = sc + (long)g * p->ldsc;
@@ -269,12 +285,14 @@ static inline void softmax_rows(const params_t *p, float *sc, int n, float *inv_
             vi gt = x > m;
             m = (vf)(((vi)x & gt) | ((vi)m & ~gt));
         }
-        const float mx = hmax(m);
+        float mx = hmax(m);
+        if (sink && sink[g] > mx) mx = sink[g];
         for (int v = 0; v < nv; v++) ((vf *)s)[v] = exp_vec(((vf *)s)[v] - mx);
         for (int i = n; i < nv * VL; i++) s[i] = 0.0f;
         vf sum = splat(0.0f);
         for (int v = 0; v < nv; v++) sum += ((vf *)s)[v];
-        inv_sum[g] = 1.0f / hsum(sum);
+        sink_w[g] = sink ? exp_vec(splat(sink[g] - mx))[0] : 0.0f;
+        inv_sum[g] = 1.0f / (hsum(sum) + sink_w[g]);
     }
 }
 
@@ -293,7 +311,7 @@ static inline int unit_span(const params_t *p, int s, int kh, long esz, unit_spa
     u->bt = p->block_tables + (long)s * p->bt_stride;
     u->o = p->out + ((long)s * p->o_s0 + (long)kh * p->G * p->o_s1) * esz;
     if (u->n > 0) return 1;
-    for (int g = 0; g < p->G; g++) memset(u->o + g * p->o_s1 * esz, 0, (size_t)(p->hd * esz));
+    for (int g = 0; g < p->G; g++) memset(u->o + g * p->o_s1 * esz, 0, (size_t)(p->hd_v * esz));
     return 0;
 }
 
@@ -418,7 +436,7 @@ static inline __attribute__((always_inline)) void unit_vec(const int bf16, const
             *(vf *)(w->sc + (long)g * p->ldsc + (t - start)) = scores;
         }
     }
-    softmax_rows(p, w->sc, n, w->inv_sum);
+    softmax_rows(p, kh, w->sc, n, w->inv_sum, w->sink_w);
     /* Pass 2, weighted sum of V rows: a tile of keys at a time, up to three heads at a time in registers. */
     next_pass_t to_next = {NULL, NULL, 0, 0, 0, NULL};
     if (next_s >= 0) {
@@ -570,7 +588,7 @@ static inline __attribute__((always_inline)) void unit_dp(const int C, const par
         pass_tile(p, w, p->key_cache, NULL, bt, kh, esz, t, len, &to_v);
         dp_k_tile(C, p, w, cnt, w->sc + (t - start), nbytes);
     }
-    softmax_rows(p, w->sc, n, w->inv_sum);
+    softmax_rows(p, kh, w->sc, n, w->inv_sum, w->sink_w);
     /* The probabilities to bf16 pairs (keys 2i, 2i + 1 -> pw[i]; past n they are 0), 1 / their sum. */
     const long ldpw = p->ldsc / 2;
     const int nv = (n + VL - 1) / VL;
@@ -583,7 +601,7 @@ static inline __attribute__((always_inline)) void unit_dp(const int C, const par
             _mm256_storeu_si256((__m256i *)(pg + v * (VL / 2)), (__m256i)b);
             sum = _mm512_add_ps(sum, _mm512_cvtpbh_ps(b));
         }
-        w->inv_sum[g] = 1.0f / _mm512_reduce_add_ps(sum);
+        w->inv_sum[g] = 1.0f / (_mm512_reduce_add_ps(sum) + w->sink_w[g]);
     }
     /* Pass 2, weighted sum of V rows: 128 output dims (4 accumulators) of up to 4 heads at a time, else 64. */
     next_pass_t to_next = {NULL, NULL, 0, 0, 0, NULL};
@@ -758,7 +776,7 @@ static inline __attribute__((always_inline)) void unit_i8_vnni(const int bf16, c
                 (vf)_mm512_cvtepi32_ps(reduce_tile_i32(tile)) * (rs * w->hs[g]);
         }
     }
-    softmax_rows(p, w->sc, n, w->inv_sum);
+    softmax_rows(p, kh, w->sc, n, w->inv_sum, w->sink_w);
     /* Pass 2, weighted sum of V rows, a tile at a time: the tile's weights p_j * s_j to int16 pairs per head. */
     next_pass_t to_next = {NULL, NULL, 0, 0, 0, NULL};
     if (next_s >= 0) {
@@ -811,7 +829,7 @@ static inline __attribute__((always_inline)) void unit_i8_vnni(const int bf16, c
 static inline __attribute__((always_inline)) void unit_scalar(const int bf16, const int kv8, const params_t *p,
                                                              work_t *w, int s, int kh) {
     const long esz = bf16 ? 2 : 4, kesz = kv8 ? 1 : esz;
-    const int G = p->G, hd = p->hd;
+    const int G = p->G, hd = p->hd, hv = p->hd_v;
     unit_span_t u;
     if (!unit_span(p, s, kh, esz, &u)) return;
     const int start = u.start, n = u.n;
@@ -834,22 +852,22 @@ static inline __attribute__((always_inline)) void unit_scalar(const int bf16, co
                 w->sc[(long)g * p->ldsc + t + jj] = kv8 ? dot * w->rs[jj] : dot;
             }
     }
-    softmax_rows(p, w->sc, n, w->inv_sum);
-    for (int i = 0; i < G * hd; i++) acc[i] = 0.0f;
+    softmax_rows(p, kh, w->sc, n, w->inv_sum, w->sink_w);
+    for (int i = 0; i < G * hv; i++) acc[i] = 0.0f;
     for (int t = 0; t < n; t += VL) {
         const int cnt = n - t < VL ? n - t : VL;
-        tile_rows(p, p->value_cache, bt, kh, kesz, start + t, cnt, w->rows);
+        tile_rows_of(p, p->value_cache, p->row_v, hv, bt, kh, kesz, start + t, cnt, w->rows);
         if (kv8) tile_scales(p, p->v_scales, bt, kh, start + t, cnt, w->rs);
         for (int jj = 0; jj < cnt; jj++)
             for (int g = 0; g < G; g++) {
                 const float pr = w->sc[(long)g * p->ldsc + t + jj] * (kv8 ? w->rs[jj] : 1.0f);
-                for (int d = 0; d < hd; d++) acc[g * hd + d] += pr * load_kv_scalar(bf16, kv8, w->rows[jj], d);
+                for (int d = 0; d < hv; d++) acc[g * hv + d] += pr * load_kv_scalar(bf16, kv8, w->rows[jj], d);
             }
     }
     for (int g = 0; g < G; g++) {
         char *og = o + g * p->o_s1 * esz;
-        for (int d = 0; d < hd; d++) {
-            const float x = acc[g * hd + d] * w->inv_sum[g];
+        for (int d = 0; d < hv; d++) {
+            const float x = acc[g * hv + d] * w->inv_sum[g];
             if (bf16)
                 ((uint16_t *)og)[d] = f32_to_bf16(x);
             else
@@ -862,16 +880,17 @@ static inline __attribute__((always_inline)) int paged_decode_attention(
     const int bf16, const int kv8, const hf_attention_t *a, const hf_seqs_t *seqs, const void *q, long q_s0,
     long q_s1, void *out, long o_s0, long o_s1, int num_threads) {
     const int D = seqs->num_seqs, H = a->H, KVH = a->KVH, hd = a->hd, block_size = a->block_size, window = a->window;
+    const int hd_v = a->hd_v > 0 ? a->hd_v : hd, chunk = a->chunk > 0 ? a->chunk : 0;
     const int32_t *kv_lens = seqs->kv_lens;
     if (D <= 0) return 0;
     if (KVH <= 0 || H % KVH != 0 || hd <= 0 || block_size <= 0) return -1;
     params_t p = {(const char *)q, (const char *)a->key_cache, (const char *)a->value_cache, (char *)out,
                   seqs->block_tables, kv_lens, q_s0, q_s1, o_s0, o_s1, seqs->bt_stride, (long)KVH * hd,
-                  H, KVH, H / KVH, hd, block_size, window, a->scale, a->softcap, 0, a->key_scales, a->value_scales};
+                  H, KVH, H / KVH, hd, block_size, window, a->scale, a->softcap, 0, a->key_scales, a->value_scales,
+                  hd_v, chunk, (long)KVH * hd_v, a->sinks};
     int max_len = 1;
     for (int s = 0; s < D; s++) {
-        int n = kv_lens[s];
-        if (window > 0 && n > window) n = window;
+        const int n = kv_lens[s] - first_key(&p, kv_lens[s]);
         if (n > max_len) max_len = n;
     }
     p.ldsc = (max_len + VL - 1) / VL * VL;
@@ -881,11 +900,11 @@ static inline __attribute__((always_inline)) int paged_decode_attention(
     const int per_task = D >= 4 * num_threads ? KVH : 1; /* units per task */
     const long n_tasks = (long)D * KVH / per_task;
     if (num_threads > n_tasks) num_threads = (int)n_tasks;
-    const int C = hd % VL == 0 ? hd / VL : 0;
+    const int C = hd % VL == 0 && hd_v == hd ? hd / VL : 0; /* 0: unit_scalar */
     const int G = p.G;
-    const size_t per_head = (size_t)(hd + VL - 1) / VL; /* vectors per head row */
+    const size_t per_head = (size_t)((hd > hd_v ? hd : hd_v) + VL - 1) / VL; /* vectors per head row */
     const size_t ws_bytes = sizeof(vf) * ((size_t)G * (2 * per_head + VL) + VL / 2 * per_head) +
-                            sizeof(float) * (size_t)G * (p.ldsc + 3) + sizeof(uint32_t) * (size_t)G * (p.ldsc / 2);
+                            sizeof(float) * (size_t)G * (p.ldsc + 4) + sizeof(uint32_t) * (size_t)G * (p.ldsc / 2);
     long counter = 0;
     int err = 0;
 #pragma omp parallel num_threads(num_threads)
@@ -904,6 +923,7 @@ static inline __attribute__((always_inline)) int paged_decode_attention(
             w.inv_sum = w.sc + (size_t)G * p.ldsc;
             w.pw = (uint32_t *)(w.inv_sum + G);
             w.hs = (float *)(w.pw + (size_t)G * (p.ldsc / 2));
+            w.sink_w = w.hs + 2 * G;
             /* Dynamic scheduling by hand: the next task is claimed before the current one runs, so that its
              * first rows can be prefetched while the current one ends. */
             long task, next;
@@ -979,13 +999,14 @@ int hf_paged_decode_attention(const hf_attention_t *attn, const hf_seqs_t *seqs,
  * and k_s1 (head), head_dim contiguous; caches [num_blocks * block_size, KVH, hd] contiguous; esz bytes an
  * element. A few hundred bytes a row: plain copies, no threads. */
 void paged_write_kv(const char *k, long k_s0, long k_s1, const char *v, long v_s0, long v_s1,
-                    const int64_t *slots, long T, char *key_cache, char *value_cache, int KVH, int hd, int esz) {
-    const size_t row = (size_t)hd * esz;
+                    const int64_t *slots, long T, char *key_cache, char *value_cache, int KVH, int hd, int hd_v,
+                    int esz) {
+    const size_t row = (size_t)hd * esz, row_v = (size_t)hd_v * esz;
     for (long t = 0; t < T; t++) {
         const long base = slots[t] * KVH;
         for (int h = 0; h < KVH; h++) {
             memcpy(key_cache + (base + h) * row, k + (t * k_s0 + h * k_s1) * esz, row);
-            memcpy(value_cache + (base + h) * row, v + (t * v_s0 + h * v_s1) * esz, row);
+            memcpy(value_cache + (base + h) * row_v, v + (t * v_s0 + h * v_s1) * esz, row_v);
         }
     }
 }
@@ -1024,23 +1045,24 @@ static inline void quantize_row(const int bf16, const char *x, int hd, int8_t *q
     }
 }
 
-/* paged_write_kv into int8 caches [num_blocks, block_size, KVH, hd] with their scales [num_blocks, KVH,
+/* paged_write_kv into int8 caches [num_blocks, block_size, KVH, hd (hd_v)] with their scales [num_blocks, KVH,
  * block_size]: each (token, head) row of k/v (fp32, or bf16 when bf16) quantized on its own. */
 void paged_write_kv_i8(const char *k, long k_s0, long k_s1, const char *v, long v_s0, long v_s1,
                        const int64_t *slots, long T, int8_t *key_cache, int8_t *value_cache, float *key_scales,
-                       float *value_scales, int KVH, int hd, int block_size, int bf16) {
+                       float *value_scales, int KVH, int hd, int hd_v, int block_size, int bf16) {
     const long esz = bf16 ? 2 : 4;
-#pragma omp parallel for schedule(static) if (T * KVH * hd >= 65536)
+#pragma omp parallel for schedule(static) if (T * KVH * (hd + hd_v) >= 131072)
     for (long t = 0; t < T; t++) {
         const long slot = slots[t], blk = slot / block_size, off = slot % block_size;
         for (int h = 0; h < KVH; h++) {
-            const long row = (slot * KVH + h) * hd, sc = (blk * KVH + h) * block_size + off;
+            const long row = (slot * KVH + h) * hd, row_v = (slot * KVH + h) * hd_v;
+            const long sc = (blk * KVH + h) * block_size + off;
             if (bf16) {
                 quantize_row(1, k + (t * k_s0 + h * k_s1) * esz, hd, key_cache + row, key_scales + sc);
-                quantize_row(1, v + (t * v_s0 + h * v_s1) * esz, hd, value_cache + row, value_scales + sc);
+                quantize_row(1, v + (t * v_s0 + h * v_s1) * esz, hd_v, value_cache + row_v, value_scales + sc);
             } else {
                 quantize_row(0, k + (t * k_s0 + h * k_s1) * esz, hd, key_cache + row, key_scales + sc);
-                quantize_row(0, v + (t * v_s0 + h * v_s1) * esz, hd, value_cache + row, value_scales + sc);
+                quantize_row(0, v + (t * v_s0 + h * v_s1) * esz, hd_v, value_cache + row_v, value_scales + sc);
             }
         }
     }

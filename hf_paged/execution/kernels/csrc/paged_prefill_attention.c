@@ -11,10 +11,11 @@
  *   block_tables [S, >= ceil(kv_len / block_size)] int64, row stride bt_stride
  *   q_starts, q_lens, kv_lens  [S] int32: sequence s owns query rows q_starts[s] .. + q_lens[s]; they are the last
  *                q_lens[s] of its kv_lens[s] cached tokens (query token t sits at position kv_len - q_len + t)
- *   out          [T, H, hd]       row strides o_s0, o_s1
- * GQA: query head h reads KV head h / (H / KVH). No sliding window, no soft-capping (the caller keeps its PyTorch
- * path for those). int8 K/V (caches with scales [num_blocks, KVH, block_size] beside them): the keys are
- * dequantized as the tile is packed, each V row's scale multiplies its probabilities; fp32 products.
+ *   out          [T, H, hd_v]     row strides o_s0, o_s1 (hd_v: the values' width, hd unless it differs)
+ * GQA: query head h reads KV head h / (H / KVH). No sliding window, no chunking, no soft-capping (the caller keeps its
+ * PyTorch path for those). Attention sinks (one fp32 logit per query head): exp(sink - max) joins each row's sum. int8
+ * K/V (caches with scales [num_blocks, KVH, block_size] beside them): the keys are dequantized as the tile is packed,
+ * each V row's scale multiplies its probabilities; fp32 products.
  *
  * A unit of work is (sequence, KV head, qt query tokens; qt = 512 / G, 8 to 128): its rows are the qt tokens x
  * G = H / KVH query heads sharing the KV head, token-major, so one K/V tile serves all of them. For each tile of KT
@@ -62,6 +63,8 @@ typedef struct {
     int H, KVH, G, hd, block_size, bf16;
     float scale;
     const float *k_scales, *v_scales; /* int8 K/V: [num_blocks, KVH, block_size] row scales (else NULL) */
+    int hd_v;
+    const float *sinks; /* [H] or NULL */
 } prefill_t;
 
 typedef struct {
@@ -98,7 +101,7 @@ static int by_keys_desc(const void *a, const void *b) {
 
 typedef struct {
     float *qs;         /* [qt * G, hd] scaled query */
-    float *acc;        /* [qt * G, hd] unnormalised output */
+    float *acc;        /* [qt * G, hd_v] unnormalised output */
     float *m, *l;      /* [qt * G] running max and sum */
     float *kt;         /* [hd, KT] the tile's keys, transposed */
     const char **vrow; /* [KT] the tile's value rows */
@@ -154,20 +157,21 @@ static inline int block_visibility(const prefill_t *a, const unit_t *u, const sp
     return max_vis;
 }
 
-/* out rows = acc / l, in the output's dtype. */
+/* out rows = acc / l (l + exp(sink - m) with sinks), in the output's dtype. */
 static inline void store_rows(const prefill_t *a, const unit_t *u, const work_t *w, int n) {
-    const int esz = a->bf16 ? 2 : 4;
+    const int esz = a->bf16 ? 2 : 4, hv = a->hd_v;
     for (int r = 0; r < n; r++) {
         char *dst = a->out + row_offset(a, u, r, a->o_s0, a->o_s1) * esz;
-        const vf inv = splat(1.0f / w->l[r]);
-        for (int d = 0; d < a->hd; d += VL)
-            store_vec(a->bf16, dst + (long)d * esz, *(const vf *)(w->acc + (long)r * a->hd + d) * inv);
+        const float sink = a->sinks ? exp_vec(splat(a->sinks[u->kvh * a->G + r % a->G] - w->m[r]))[0] : 0.0f;
+        const vf inv = splat(1.0f / (w->l[r] + sink));
+        for (int d = 0; d < hv; d += VL)
+            store_vec(a->bf16, dst + (long)d * esz, *(const vf *)(w->acc + (long)r * hv + d) * inv);
     }
 }
 
 static inline __attribute__((always_inline)) void unit_body(const prefill_t *a, const unit_t *u, work_t *w,
                                                            const int kv8) {
-    const int hd = a->hd, bf16 = a->bf16, esz = bf16 ? 2 : 4;
+    const int hd = a->hd, hv = a->hd_v, bf16 = a->bf16, esz = bf16 ? 2 : 4;
     const int kesz = kv8 ? 1 : esz;
     const span_t sp = unit_span(a, u);
     const int n = sp.n, num_keys = sp.num_keys;
@@ -177,7 +181,7 @@ static inline __attribute__((always_inline)) void unit_body(const prefill_t *a, 
         for (int d = 0; d < hd; d += VL)
             *(vf *)(w->qs + (long)r * hd + d) = load_vec(bf16, src + (long)d * esz) * a->scale;
     }
-    reset_rows(w, n, hd);
+    reset_rows(w, n, hv);
 
     for (int k0 = 0; k0 < num_keys; k0 += KT) {
         const int kn = num_keys - k0 < KT ? num_keys - k0 : KT;
@@ -186,7 +190,7 @@ static inline __attribute__((always_inline)) void unit_body(const prefill_t *a, 
             const int key = k0 + j, bs = a->block_size;
             const long off = key_offset(a, u, &sp, key) * kesz;
             const char *k = a->key_cache + off;
-            w->vrow[j] = a->value_cache + off;
+            w->vrow[j] = a->value_cache + (hv == hd ? off : off / hd * hv);
             if (kv8) {
                 const long sc = (sp.table[key / bs] * a->KVH + u->kvh) * bs + key % bs;
                 const float ks = a->k_scales[sc];
@@ -256,10 +260,10 @@ static inline __attribute__((always_inline)) void unit_body(const prefill_t *a, 
             }
 
             /* acc = acc * alpha + P.V, DC dims at a time. */
-            for (int d0 = 0; d0 < hd; d0 += DC) {
+            for (int d0 = 0; d0 < hv; d0 += DC) {
                 vf o[RB][NV];
                 for (int i = 0; i < RB; i++) {
-                    const float *ar = w->acc + (long)(r0 + (i < nr ? i : nr - 1)) * hd + d0;
+                    const float *ar = w->acc + (long)(r0 + (i < nr ? i : nr - 1)) * hv + d0;
                     for (int c = 0; c < NV; c++) o[i][c] = *(const vf *)(ar + c * VL) * alpha[i];
                 }
                 for (int j = 0; j < max_vis; j++) {
@@ -277,7 +281,7 @@ static inline __attribute__((always_inline)) void unit_body(const prefill_t *a, 
                     }
                 }
                 for (int i = 0; i < nr; i++) {
-                    float *ar = w->acc + (long)(r0 + i) * hd + d0;
+                    float *ar = w->acc + (long)(r0 + i) * hv + d0;
                     for (int c = 0; c < NV; c++) *(vf *)(ar + c * VL) = o[i][c];
                 }
             }
@@ -437,15 +441,16 @@ static void run_unit_dpbf16(const prefill_t *a, const unit_t *u, work_t *w) { ru
 static int paged_prefill_attention(const int bf16, const hf_attention_t *at, const hf_seqs_t *seqs, const void *q,
                                    long q_s0, long q_s1, void *out, long o_s0, long o_s1, int num_threads) {
     const int S = seqs->num_seqs, H = at->H, KVH = at->KVH, hd = at->hd, block_size = at->block_size;
+    const int hd_v = at->hd_v > 0 ? at->hd_v : hd;
     const int32_t *q_lens = seqs->q_lens, *kv_lens = seqs->kv_lens;
     const float *k_scales = at->key_scales;
     if (S <= 0) return 0;
-    if (H <= 0 || KVH <= 0 || H % KVH || hd <= 0 || hd % DC || block_size <= 0) return 1;
-    if (at->window > 0 || at->softcap > 0.0f || !k_scales != !at->value_scales) return 1;
+    if (H <= 0 || KVH <= 0 || H % KVH || hd <= 0 || hd % DC || hd_v % DC || block_size <= 0) return 1;
+    if (at->window > 0 || at->chunk > 0 || at->softcap > 0.0f || !k_scales != !at->value_scales) return 1;
     const prefill_t a = {(const char *)q, (const char *)at->key_cache, (const char *)at->value_cache, (char *)out,
                          seqs->block_tables, seqs->q_starts, q_lens, kv_lens, q_s0, q_s1, o_s0, o_s1,
                          seqs->bt_stride, H, KVH, H / KVH, hd, block_size, bf16, at->scale, k_scales,
-                         at->value_scales};
+                         at->value_scales, hd_v, at->sinks};
     int qt = UNIT_ROWS / a.G; /* tokens per unit: longer units pack each key tile for more rows */
     qt = qt > UNIT_MAX_TOKENS ? UNIT_MAX_TOKENS : (qt < 8 ? 8 : qt);
     long n_units = 0;
@@ -472,7 +477,7 @@ static int paged_prefill_attention(const int bf16, const hf_attention_t *at, con
         const long rows = (long)qt * a.G;
         work_t w = {0}; /* {0}: the unit loop skips its body when an allocation failed, which gcc cannot see */
         const size_t bytes =
-            sizeof(float) * (2 * rows * hd + 2 * rows + (long)hd * KT + RB * KT + (long)hd * KT / 2 + KT);
+            sizeof(float) * (rows * (hd + hd_v) + 2 * rows + (long)hd * KT + RB * KT + (long)hd * KT / 2 + KT);
         float *mem = aligned_alloc(64, (bytes + 63) / 64 * 64);
         const char **vrow = malloc(sizeof(char *) * (KT + rows));
         if (!mem || !vrow) {
@@ -481,7 +486,7 @@ static int paged_prefill_attention(const int bf16, const hf_attention_t *at, con
         } else {
             w.qs = mem;
             w.acc = w.qs + rows * hd;
-            w.kt = w.acc + rows * hd;
+            w.kt = w.acc + rows * hd_v;
             w.p = w.kt + (long)hd * KT;
             w.m = w.p + RB * KT;
             w.l = w.m + rows;
@@ -493,7 +498,7 @@ static int paged_prefill_attention(const int bf16, const hf_attention_t *at, con
 #pragma omp for schedule(dynamic, 1)
         for (long i = 0; i < n_units; i++) {
             if (!mem || !vrow) continue;
-            if (HAVE_DPBF16 && bf16 && !k_scales)
+            if (HAVE_DPBF16 && bf16 && !k_scales && hd_v == hd)
                 run_unit_dpbf16(&a, &units[i], &w);
             else
                 run_unit(&a, &units[i], &w);
@@ -505,7 +510,7 @@ static int paged_prefill_attention(const int bf16, const hf_attention_t *at, con
     return failed ? 3 : 0;
 }
 
-/* Returns 0, or 1 on bad arguments (a head dim that is not a multiple of DC, a window or softcap, a scale table
+/* Returns 0, or 1 on bad arguments (a head dim that is not a multiple of DC, a window, chunk or softcap, a scale table
  * without the other), 2 on bad lengths, 3 without memory. The caches are int8 where they come with scales; q and out
  * fp32 or bf16 as attn->bf16 says. */
 int hf_paged_prefill_attention(const hf_attention_t *attn, const hf_seqs_t *seqs, const void *q, long q_s0,

@@ -5,12 +5,13 @@
  *   cc -O3 -fopenmp -fno-strict-aliasing -std=gnu11 -march=... -Wall -Wextra test_kernels.c ../[a-z]*.c -o t -lm
  *   OMP_NUM_THREADS=2 ./t [substring...]    (only the cases whose name contains one of the substrings)
  *
- * Every exported kernel family on random data: paged decode attention (fp32, bf16, int8 K/V with fp32 or bf16
- * queries; GQA groups 1 and 4; head dims 34 (the scalar path on every target), 40 (a run-time vector count where
- * the vector width divides it), 64, 128; block sizes 8 and 16; sequence lengths 0, 1, 2 and lengths that are and
- * are not multiples of the block; sliding window; softcap), the cache writes (fp32, bf16, int8), paged prefill
- * attention (chunks after a cached prefix, query rows with gaps between sequences), the fused ops (rms_norm,
- * add_rms_norm, rope, rope_write_kv, silu_mul, argmax_rows), the small linear and AMX kernels where the target has
+ * Every exported kernel family on random data: paged decode attention (fp32, bf16, int8 K/V with fp32 or bf16 queries;
+ * GQA groups 1 and 4; head dims 34 (the scalar path on every target), 40 (a run-time vector count where the vector
+ * width divides it), 64, 128; block sizes 8 and 16; sequence lengths 0, 1, 2 and lengths that are and are not multiples
+ * of the block; sliding window; chunked attention; softcap; attention sinks; values of another width than the keys),
+ * the cache writes (fp32, bf16, int8; values of another width), paged prefill attention (chunks after a cached prefix,
+ * query rows with gaps between sequences; sinks; values of another width), the fused ops (rms_norm, add_rms_norm, rope,
+ * rope_write_kv, silu_mul, argmax_rows), the small linear and AMX kernels where the target has
  * them (their probes must report 0 elsewhere), and the argument checks; of hf_llama_decode_layer, which chains the
  * others through the linear kernels, only the workspace size. The prototypes and argument structs are the library's
  * header's (hf_paged_kernels.h), as cpu_library reads them. Caches hold NaN (or NaN scales) everywhere no
@@ -111,8 +112,8 @@ static float mulf(float a, float b) {
 
 /* ---- paged caches shared by decode and prefill ------------------------------------------------------------ */
 typedef struct {
-    int bf16, kv8, KVH, hd, bs, num_blocks;
-    void *k, *v;       /* [num_blocks, bs, KVH, hd]: fp32, bf16 or int8 */
+    int bf16, kv8, KVH, hd, bs, num_blocks, hd_v;
+    void *k, *v;       /* [num_blocks, bs, KVH, hd] ([..., hd_v] for v): fp32, bf16 or int8 */
     float *ks, *vs;    /* int8: [num_blocks, KVH, bs] */
     int64_t *bt;       /* [S, bt_stride] */
     long bt_stride;
@@ -120,8 +121,8 @@ typedef struct {
 
 /* Caches for S sequences of lens[s] keys: NaN (NaN scales for int8) everywhere, then random values at the
  * sequences' positions through shuffled block tables whose unused entries point at a block left NaN. */
-static caches_t make_caches(int bf16, int kv8, int KVH, int hd, int bs, int S, const int *lens) {
-    caches_t c = {bf16, kv8, KVH, hd, bs, 0, NULL, NULL, NULL, NULL, NULL, 0};
+static caches_t make_caches(int bf16, int kv8, int KVH, int hd, int hd_v, int bs, int S, const int *lens) {
+    caches_t c = {bf16, kv8, KVH, hd, bs, 0, hd_v, NULL, NULL, NULL, NULL, NULL, 0};
     int used = 0, max_blocks = 0;
     for (int s = 0; s < S; s++) {
         const int nb = (lens[s] + bs - 1) / bs;
@@ -140,18 +141,16 @@ static caches_t make_caches(int bf16, int kv8, int KVH, int hd, int bs, int S, c
         for (long b = 0; b < c.bt_stride; b++)
             c.bt[s * c.bt_stride + b] = b < (lens[s] + bs - 1) / bs ? perm[next++] : poison;
     free(perm);
-    const long elems = (long)c.num_blocks * bs * KVH * hd, esz = kv8 ? 1 : (bf16 ? 2 : 4);
-    c.k = xmalloc(elems * esz);
-    c.v = xmalloc(elems * esz);
-    for (long i = 0; i < elems; i++) {
-        if (kv8) {
-            ((int8_t *)c.k)[i] = (int8_t)irand(-127, 127);
-            ((int8_t *)c.v)[i] = (int8_t)irand(-127, 127);
-        } else {
-            put(c.k, bf16, i, NAN);
-            put(c.v, bf16, i, NAN);
+    const long slots = (long)c.num_blocks * bs * KVH, esz = kv8 ? 1 : (bf16 ? 2 : 4);
+    c.k = xmalloc(slots * hd * esz);
+    c.v = xmalloc(slots * hd_v * esz);
+    for (int value = 0; value < 2; value++)
+        for (long i = 0; i < slots * (value ? hd_v : hd); i++) {
+            if (kv8)
+                ((int8_t *)(value ? c.v : c.k))[i] = (int8_t)irand(-127, 127);
+            else
+                put(value ? c.v : c.k, bf16, i, NAN);
         }
-    }
     if (kv8) {
         const long n = (long)c.num_blocks * KVH * bs;
         c.ks = xmalloc(sizeof(float) * n);
@@ -162,15 +161,12 @@ static caches_t make_caches(int bf16, int kv8, int KVH, int hd, int bs, int S, c
         for (int pos = 0; pos < lens[s]; pos++) {
             const long blk = c.bt[s * c.bt_stride + pos / bs], slot = blk * bs + pos % bs;
             for (int h = 0; h < KVH; h++) {
-                const long row = (slot * KVH + h) * hd;
                 if (kv8) {
                     c.ks[(blk * KVH + h) * bs + pos % bs] = urand(0.005f, 0.02f);
                     c.vs[(blk * KVH + h) * bs + pos % bs] = urand(0.004f, 0.008f);
                 } else {
-                    for (int d = 0; d < hd; d++) {
-                        put(c.k, bf16, row + d, urand(-2.0f, 2.0f));
-                        put(c.v, bf16, row + d, urand(-1.0f, 1.0f));
-                    }
+                    for (int d = 0; d < hd; d++) put(c.k, bf16, (slot * KVH + h) * hd + d, urand(-2.0f, 2.0f));
+                    for (int d = 0; d < hd_v; d++) put(c.v, bf16, (slot * KVH + h) * hd_v + d, urand(-1.0f, 1.0f));
                 }
             }
         }
@@ -188,7 +184,7 @@ static void free_caches(caches_t *c) {
 /* K or V element d of (sequence s, position pos, KV head h), dequantized. */
 static double cache_at(const caches_t *c, int value, int s, int pos, int h, int d) {
     const long blk = c->bt[s * c->bt_stride + pos / c->bs], slot = blk * c->bs + pos % c->bs;
-    const long i = (slot * c->KVH + h) * c->hd + d;
+    const long i = (slot * c->KVH + h) * (value ? c->hd_v : c->hd) + d;
     const void *buf = value ? c->v : c->k;
     if (c->kv8) {
         const float *sc = value ? c->vs : c->ks;
@@ -197,21 +193,21 @@ static double cache_at(const caches_t *c, int value, int s, int pos, int h, int 
     return get(buf, c->bf16, i);
 }
 
-/* Keys and values [0, n) of sequence s, KV head h, dequantized into dense [n, hd] rows. */
+/* Keys and values [0, n) of sequence s, KV head h, dequantized into dense [n, hd] / [n, hd_v] rows. */
 static void gather(const caches_t *c, int s, int h, int n, double *K, double *V) {
-    for (int j = 0; j < n; j++)
-        for (int d = 0; d < c->hd; d++) {
-            K[(long)j * c->hd + d] = cache_at(c, 0, s, j, h, d);
-            V[(long)j * c->hd + d] = cache_at(c, 1, s, j, h, d);
-        }
+    for (int j = 0; j < n; j++) {
+        for (int d = 0; d < c->hd; d++) K[(long)j * c->hd + d] = cache_at(c, 0, s, j, h, d);
+        for (int d = 0; d < c->hd_v; d++) V[(long)j * c->hd_v + d] = cache_at(c, 1, s, j, h, d);
+    }
 }
 
-/* Attention of one query row q[hd] (already scaled) over dense keys [start, end) -> out[hd]. */
-static void attend(const double *K, const double *V, int hd, const double *q, int start, int end, double softcap,
-                   double *out, double *scores) {
-    for (int d = 0; d < hd; d++) out[d] = 0.0;
+/* Attention of one query row q[hd] (already scaled) over dense keys [start, end) -> out[hd_v]; a sink logit (NAN:
+ * none) joins the softmax's denominator. */
+static void attend(const double *K, const double *V, int hd, int hd_v, const double *q, int start, int end,
+                   double softcap, double sink, double *out, double *scores) {
+    for (int d = 0; d < hd_v; d++) out[d] = 0.0;
     if (end <= start) return;
-    double m = -INFINITY, sum = 0.0;
+    double m = sink == sink ? sink : -INFINITY, sum = 0.0;
     for (int j = start; j < end; j++) {
         double x = 0.0;
         for (int d = 0; d < hd; d++) x += q[d] * K[(long)j * hd + d];
@@ -219,12 +215,21 @@ static void attend(const double *K, const double *V, int hd, const double *q, in
         scores[j - start] = x;
         if (x > m) m = x;
     }
+    if (sink == sink) sum = exp(sink - m);
     for (int j = start; j < end; j++) {
         const double p = exp(scores[j - start] - m);
         sum += p;
-        for (int d = 0; d < hd; d++) out[d] += p * V[(long)j * hd + d];
+        for (int d = 0; d < hd_v; d++) out[d] += p * V[(long)j * hd_v + d];
     }
-    for (int d = 0; d < hd; d++) out[d] /= sum;
+    for (int d = 0; d < hd_v; d++) out[d] /= sum;
+}
+
+/* Sink logits for H heads, large enough to take a share of each row's weight (NULL when off). */
+static float *make_sinks(int on, int H) {
+    if (!on) return NULL;
+    float *sinks = xmalloc(sizeof(float) * H);
+    for (int h = 0; h < H; h++) sinks[h] = urand(-1.0f, 3.0f);
+    return sinks;
 }
 
 static const char *dtype_name(int bf16, int kv8) {
@@ -237,35 +242,42 @@ static const char *dtype_name(int bf16, int kv8) {
 static double attention_tol(int bf16, int kv8) { return bf16 ? 1e-2 : (kv8 ? 5e-4 : 1e-5); }
 
 /* ---- paged decode attention ----------------------------------------------------------------------------- */
-static void test_decode(int bf16, int kv8, int G, int hd, int bs, int window, float softcap, int threads) {
-    char name[200];
-    snprintf(name, sizeof name, "decode %s G=%d hd=%d bs=%d window=%d softcap=%g threads=%d", dtype_name(bf16, kv8),
-             G, hd, bs, window, softcap, threads);
+/* hd_v: the values' width (0: hd); chunk: chunked attention (0: off); sinks: attention sinks on. */
+static void test_decode_x(int bf16, int kv8, int G, int hd, int bs, int window, float softcap, int threads, int hd_v,
+                          int chunk, int sinks_on) {
+    char name[200], extra[80] = "";
+    if (hd_v || chunk || sinks_on) snprintf(extra, sizeof extra, " hd_v=%d chunk=%d sinks=%d", hd_v, chunk, sinks_on);
+    snprintf(name, sizeof name, "decode %s G=%d hd=%d bs=%d window=%d softcap=%g threads=%d%s",
+             dtype_name(bf16, kv8), G, hd, bs, window, softcap, threads, extra);
     if (!selected(name)) return;
     enum { D = 9 };
-    const int KVH = 2, H = KVH * G;
+    const int KVH = 2, H = KVH * G, hv = hd_v ? hd_v : hd, wide = hd > hv ? hd : hv;
     const int lens[D] = {1, 5, bs, bs + 1, 33, 0, 4 * bs, 70, 2};
     int32_t kv_lens[D];
     for (int s = 0; s < D; s++) kv_lens[s] = lens[s];
-    caches_t c = make_caches(bf16, kv8, KVH, hd, bs, D, lens);
-    const long q_s1 = hd + 3, q_s0 = H * q_s1 + 1, o_s1 = hd + 5, o_s0 = H * o_s1 + 2;
+    caches_t c = make_caches(bf16, kv8, KVH, hd, hv, bs, D, lens);
+    float *sinks = make_sinks(sinks_on, H);
+    const long q_s1 = hd + 3, q_s0 = H * q_s1 + 1, o_s1 = hv + 5, o_s0 = H * o_s1 + 2;
     void *q = xmalloc((size_t)D * q_s0 * 4), *out = xmalloc((size_t)D * o_s0 * 4);
     for (long i = 0; i < D * q_s0; i++) put(q, bf16, i, urand(-2.0f, 2.0f));
     for (long i = 0; i < D * o_s0; i++) put(out, bf16, i, SENTINEL);
     const float scale = 1.0f / sqrtf((float)hd);
-    const hf_attention_t attn = {c.k, c.v, c.ks, c.vs, H, KVH, hd, bs, window, scale, softcap, bf16};
+    const hf_attention_t attn = {c.k, c.v, c.ks, c.vs, H, KVH, hd, bs, window, scale, softcap, bf16, hd_v, chunk,
+                                 sinks};
     const hf_seqs_t seqs = {c.bt, c.bt_stride, kv_lens, NULL, NULL, D};
     const int rc = hf_paged_decode_attention(&attn, &seqs, q, q_s0, q_s1, out, o_s0, o_s1, threads);
-    double err = rc == 0 ? 0.0 : INFINITY, qd[128], ref[128], scores[256];
-    double *K = xmalloc(sizeof(double) * 256 * hd), *V = xmalloc(sizeof(double) * 256 * hd);
+    double err = rc == 0 ? 0.0 : INFINITY, qd[128], ref[256], scores[256];
+    double *K = xmalloc(sizeof(double) * 256 * wide), *V = xmalloc(sizeof(double) * 256 * wide);
     int outside = 0;
     for (int s = 0; s < D && rc == 0; s++)
         for (int h = 0; h < H; h++) {
-            const int len = lens[s], start = window > 0 && len > window ? len - window : 0;
+            const int len = lens[s];
+            int start = window > 0 && len > window ? len - window : 0;
+            if (chunk > 0 && len > 0) start = (len - 1) / chunk * chunk;
             if (h % G == 0) gather(&c, s, h / G, len, K, V);
             for (int d = 0; d < hd; d++) qd[d] = (double)(get(q, bf16, s * q_s0 + h * q_s1 + d) * scale);
-            attend(K, V, hd, qd, start, len, softcap, ref, scores);
-            for (int d = 0; d < hd; d++) {
+            attend(K, V, hd, hv, qd, start, len, softcap, sinks ? sinks[h] : NAN, ref, scores);
+            for (int d = 0; d < hv; d++) {
                 const double e = fabs(get(out, bf16, s * o_s0 + h * o_s1 + d) - ref[d]);
                 err = e > err || e != e ? e : err;
             }
@@ -274,23 +286,29 @@ static void test_decode(int bf16, int kv8, int G, int hd, int bs, int window, fl
     free(V);
     for (long i = 0; i < D * o_s0; i++) { /* nothing written outside the rows */
         const long r = i % o_s0, h = r / o_s1, d = r % o_s1;
-        if ((h >= H || d >= hd) && !same_bits(out, bf16, i, SENTINEL)) outside++;
+        if ((h >= H || d >= hv) && !same_bits(out, bf16, i, SENTINEL)) outside++;
     }
     const double tol = attention_tol(bf16, kv8);
     report(name, rc == 0 && err <= tol && !outside, outside ? INFINITY : err, tol);
     free(q);
     free(out);
+    free(sinks);
     free_caches(&c);
 }
 
+static void test_decode(int bf16, int kv8, int G, int hd, int bs, int window, float softcap, int threads) {
+    test_decode_x(bf16, kv8, G, hd, bs, window, softcap, threads, 0, 0, 0);
+}
+
 /* ---- paged prefill attention ---------------------------------------------------------------------------- */
-static void test_prefill(int bf16, int kv8, int G, int hd, int bs, int big, int threads) {
-    char name[200];
-    snprintf(name, sizeof name, "prefill %s G=%d hd=%d bs=%d%s threads=%d", dtype_name(bf16, kv8), G, hd, bs,
-             big ? " long" : "", threads);
+static void test_prefill_x(int bf16, int kv8, int G, int hd, int bs, int big, int threads, int hd_v, int sinks_on) {
+    char name[200], extra[80] = "";
+    if (hd_v || sinks_on) snprintf(extra, sizeof extra, " hd_v=%d sinks=%d", hd_v, sinks_on);
+    snprintf(name, sizeof name, "prefill %s G=%d hd=%d bs=%d%s threads=%d%s", dtype_name(bf16, kv8), G, hd, bs,
+             big ? " long" : "", threads, extra);
     if (!selected(name)) return;
     enum { S = 5 };
-    const int KVH = 2, H = KVH * G;
+    const int KVH = 2, H = KVH * G, hv = hd_v ? hd_v : hd, wide = hd > hv ? hd : hv;
     /* Query chunks after cached prefixes: none, not a multiple of the block, a multiple of it, an empty chunk;
      * "long": a chunk longer than a unit's 128 tokens. */
     const int q_lens[S] = {5, 9, 37, 0, big ? 130 : 3}, kv[S] = {5, 9 + bs + 3, 37 + 2 * bs, 10, big ? 141 : 3 + bs};
@@ -302,17 +320,18 @@ static void test_prefill(int bf16, int kv8, int G, int hd, int bs, int big, int 
         kv32[s] = kv[s];
         T += q_lens[s] + 1;
     }
-    caches_t c = make_caches(bf16, kv8, KVH, hd, bs, S, kv);
-    const long q_s1 = hd + 8, q_s0 = H * q_s1 + 16, o_s1 = hd + 5, o_s0 = H * o_s1 + 2;
+    caches_t c = make_caches(bf16, kv8, KVH, hd, hv, bs, S, kv);
+    float *sinks = make_sinks(sinks_on, H);
+    const long q_s1 = hd + 8, q_s0 = H * q_s1 + 16, o_s1 = hv + 5, o_s0 = H * o_s1 + 2;
     void *q = xmalloc((size_t)T * q_s0 * 4), *out = xmalloc((size_t)T * o_s0 * 4);
     for (long i = 0; i < T * q_s0; i++) put(q, bf16, i, urand(-2.0f, 2.0f));
     for (long i = 0; i < T * o_s0; i++) put(out, bf16, i, SENTINEL);
     const float scale = 1.0f / sqrtf((float)hd);
-    const hf_attention_t attn = {c.k, c.v, c.ks, c.vs, H, KVH, hd, bs, 0, scale, 0.0f, bf16};
+    const hf_attention_t attn = {c.k, c.v, c.ks, c.vs, H, KVH, hd, bs, 0, scale, 0.0f, bf16, hd_v, 0, sinks};
     const hf_seqs_t seqs = {c.bt, c.bt_stride, kv32, qs32, ql32, S};
     const int rc = hf_paged_prefill_attention(&attn, &seqs, q, q_s0, q_s1, out, o_s0, o_s1, threads);
-    double err = rc == 0 ? 0.0 : INFINITY, qd[128], ref[128], scores[256];
-    double *K = xmalloc(sizeof(double) * 256 * hd), *V = xmalloc(sizeof(double) * 256 * hd);
+    double err = rc == 0 ? 0.0 : INFINITY, qd[128], ref[256], scores[256];
+    double *K = xmalloc(sizeof(double) * 256 * wide), *V = xmalloc(sizeof(double) * 256 * wide);
     char *written = xmalloc((size_t)T);
     memset(written, 0, (size_t)T);
     for (int s = 0; s < S && rc == 0; s++)
@@ -322,8 +341,8 @@ static void test_prefill(int bf16, int kv8, int G, int hd, int bs, int big, int 
                 const long row = qs32[s] + t;
                 written[row] = 1;
                 for (int d = 0; d < hd; d++) qd[d] = (double)(get(q, bf16, row * q_s0 + h * q_s1 + d) * scale);
-                attend(K, V, hd, qd, 0, kv[s] - q_lens[s] + t + 1, 0.0, ref, scores);
-                for (int d = 0; d < hd; d++) {
+                attend(K, V, hd, hv, qd, 0, kv[s] - q_lens[s] + t + 1, 0.0, sinks ? sinks[h] : NAN, ref, scores);
+                for (int d = 0; d < hv; d++) {
                     const double e = fabs(get(out, bf16, row * o_s0 + h * o_s1 + d) - ref[d]);
                     err = e > err || e != e ? e : err;
                 }
@@ -334,14 +353,19 @@ static void test_prefill(int bf16, int kv8, int G, int hd, int bs, int big, int 
     int outside = 0;
     for (long i = 0; i < T * o_s0; i++) {
         const long t = i / o_s0, r = i % o_s0, h = r / o_s1, d = r % o_s1;
-        if ((!written[t] || h >= H || d >= hd) && !same_bits(out, bf16, i, SENTINEL)) outside++;
+        if ((!written[t] || h >= H || d >= hv) && !same_bits(out, bf16, i, SENTINEL)) outside++;
     }
     const double tol = attention_tol(bf16, kv8);
     report(name, rc == 0 && err <= tol && !outside, outside ? INFINITY : err, tol);
     free(written);
     free(q);
     free(out);
+    free(sinks);
     free_caches(&c);
+}
+
+static void test_prefill(int bf16, int kv8, int G, int hd, int bs, int big, int threads) {
+    test_prefill_x(bf16, kv8, G, hd, bs, big, threads, 0, 0);
 }
 
 /* ---- the cache writes -------------------------------------------------------------------------------------- */
@@ -364,26 +388,32 @@ static long *slot_owner(const int64_t *slots, long T, long num_slots) {
     return owner;
 }
 
-static void test_write_kv(int bf16, int KVH, int hd, long T) {
+static void test_write_kv(int bf16, int KVH, int hd, long T, int hd_v) {
     char name[160];
-    snprintf(name, sizeof name, "write_kv %s KVH=%d hd=%d T=%ld", bf16 ? "bf16" : "f32", KVH, hd, T);
+    snprintf(name, sizeof name, "write_kv %s KVH=%d hd=%d T=%ld%s", bf16 ? "bf16" : "f32", KVH, hd, T,
+             hd_v ? " hd_v" : "");
     if (!selected(name)) return;
-    const long num_slots = 2 * T + 7, k_s1 = hd + 2, k_s0 = KVH * k_s1 + 1, v_s1 = hd + 1, v_s0 = KVH * v_s1 + 3;
-    const long esz = bf16 ? 2 : 4, cache_elems = num_slots * KVH * hd;
+    const int hv = hd_v ? hd_v : hd;
+    const long num_slots = 2 * T + 7, k_s1 = hd + 2, k_s0 = KVH * k_s1 + 1, v_s1 = hv + 1, v_s0 = KVH * v_s1 + 3;
+    const long esz = bf16 ? 2 : 4, k_elems = num_slots * KVH * hd, v_elems = num_slots * KVH * hv;
     void *k = xmalloc(T * k_s0 * esz), *v = xmalloc(T * v_s0 * esz);
-    void *kc = xmalloc(cache_elems * esz), *vc = xmalloc(cache_elems * esz);
+    void *kc = xmalloc(k_elems * esz), *vc = xmalloc(v_elems * esz);
     for (long i = 0; i < T * k_s0; i++) put(k, bf16, i, urand(-3.0f, 3.0f));
     for (long i = 0; i < T * v_s0; i++) put(v, bf16, i, urand(-3.0f, 3.0f));
-    for (long i = 0; i < cache_elems; i++) put(kc, bf16, i, SENTINEL), put(vc, bf16, i, SENTINEL);
+    for (long i = 0; i < k_elems; i++) put(kc, bf16, i, SENTINEL);
+    for (long i = 0; i < v_elems; i++) put(vc, bf16, i, SENTINEL);
     int64_t *slots = random_slots(T, num_slots);
     long *owner = slot_owner(slots, T, num_slots);
-    paged_write_kv(k, k_s0, k_s1, v, v_s0, v_s1, slots, T, kc, vc, KVH, hd, (int)esz);
+    paged_write_kv(k, k_s0, k_s1, v, v_s0, v_s1, slots, T, kc, vc, KVH, hd, hv, (int)esz);
     long bad = 0;
-    for (long i = 0; i < cache_elems; i++) {
-        const long slot = i / ((long)KVH * hd), h = i / hd % KVH, d = i % hd, t = owner[slot];
-        const float ek = t < 0 ? SENTINEL : get(k, bf16, t * k_s0 + h * k_s1 + d);
-        const float ev = t < 0 ? SENTINEL : get(v, bf16, t * v_s0 + h * v_s1 + d);
-        bad += !same_bits(kc, bf16, i, ek) + !same_bits(vc, bf16, i, ev);
+    for (int value = 0; value < 2; value++) {
+        const int w = value ? hv : hd;
+        for (long i = 0; i < (value ? v_elems : k_elems); i++) {
+            const long slot = i / ((long)KVH * w), h = i / w % KVH, d = i % w, t = owner[slot];
+            const float e = t < 0 ? SENTINEL : value ? get(v, bf16, t * v_s0 + h * v_s1 + d)
+                                                     : get(k, bf16, t * k_s0 + h * k_s1 + d);
+            bad += !same_bits(value ? vc : kc, bf16, i, e);
+        }
     }
     report(name, bad == 0, (double)bad, 0.0);
     free(k), free(v), free(kc), free(vc), free(slots), free(owner);
@@ -401,28 +431,29 @@ static void quantize_ref(const float *x, int hd, int8_t *q, float *scale) {
     }
 }
 
-static void test_write_kv_i8(int bf16, int KVH, int hd, int bs, long T) {
+static void test_write_kv_i8(int bf16, int KVH, int hd, int bs, long T, int hd_v) {
     char name[160];
-    snprintf(name, sizeof name, "write_kv_i8 %s KVH=%d hd=%d bs=%d T=%ld", bf16 ? "bf16" : "f32", KVH, hd, bs, T);
+    snprintf(name, sizeof name, "write_kv_i8 %s KVH=%d hd=%d bs=%d T=%ld%s", bf16 ? "bf16" : "f32", KVH, hd, bs, T,
+             hd_v ? " hd_v" : "");
     if (!selected(name)) return;
+    const int hv = hd_v ? hd_v : hd;
     const long num_blocks = (2 * T + bs - 1) / bs + 2, num_slots = num_blocks * bs;
-    const long k_s1 = hd + 2, k_s0 = KVH * k_s1 + 1, v_s1 = hd + 1, v_s0 = KVH * v_s1 + 3;
-    const long esz = bf16 ? 2 : 4, cache_elems = num_slots * KVH * hd, nsc = num_blocks * KVH * bs;
+    const long k_s1 = hd + 2, k_s0 = KVH * k_s1 + 1, v_s1 = hv + 1, v_s0 = KVH * v_s1 + 3;
+    const long esz = bf16 ? 2 : 4, k_elems = num_slots * KVH * hd, v_elems = num_slots * KVH * hv;
+    const long nsc = num_blocks * KVH * bs;
     void *k = xmalloc(T * k_s0 * esz), *v = xmalloc(T * v_s0 * esz);
     for (long i = 0; i < T * k_s0; i++) put(k, bf16, i, urand(-3.0f, 3.0f));
     for (long i = 0; i < T * v_s0; i++) put(v, bf16, i, urand(-3.0f, 3.0f));
-    for (int d = 0; d < hd; d++) { /* an all-zero row (scale 0), and a row of ties (scale 1: 127 / 127) */
-        put(k, bf16, d, 0.0f);
-        if (T > 1) put(v, bf16, v_s0 + d, d == 0 ? 127.0f : (float)((d % 7) - 3) + 0.5f);
-    }
-    int8_t *kc = xmalloc(cache_elems), *vc = xmalloc(cache_elems);
-    memset(kc, 0x5a, cache_elems);
-    memset(vc, 0x5a, cache_elems);
+    for (int d = 0; d < hd; d++) put(k, bf16, d, 0.0f); /* an all-zero row (scale 0), and a row of ties (scale 1) */
+    for (int d = 0; d < hv && T > 1; d++) put(v, bf16, v_s0 + d, d == 0 ? 127.0f : (float)((d % 7) - 3) + 0.5f);
+    int8_t *kc = xmalloc(k_elems), *vc = xmalloc(v_elems);
+    memset(kc, 0x5a, k_elems);
+    memset(vc, 0x5a, v_elems);
     float *ks = xmalloc(sizeof(float) * nsc), *vs = xmalloc(sizeof(float) * nsc);
     for (long i = 0; i < nsc; i++) ks[i] = vs[i] = SENTINEL;
     int64_t *slots = random_slots(T, num_slots);
     long *owner = slot_owner(slots, T, num_slots);
-    paged_write_kv_i8(k, k_s0, k_s1, v, v_s0, v_s1, slots, T, kc, vc, ks, vs, KVH, hd, bs, bf16);
+    paged_write_kv_i8(k, k_s0, k_s1, v, v_s0, v_s1, slots, T, kc, vc, ks, vs, KVH, hd, hv, bs, bf16);
     long bad = 0;
     float xr[256];
     int8_t qr[256];
@@ -430,18 +461,19 @@ static void test_write_kv_i8(int bf16, int KVH, int hd, int bs, long T) {
     for (long slot = 0; slot < num_slots; slot++)
         for (int h = 0; h < KVH; h++)
             for (int which = 0; which < 2; which++) {
-                const long t = owner[slot], sc = (slot / bs * KVH + h) * bs + slot % bs, row = (slot * KVH + h) * hd;
+                const int w = which ? hv : hd;
+                const long t = owner[slot], sc = (slot / bs * KVH + h) * bs + slot % bs, row = (slot * KVH + h) * w;
                 const int8_t *cq = (which ? vc : kc) + row;
                 const float got_scale = (which ? vs : ks)[sc];
                 if (t < 0) {
-                    for (int d = 0; d < hd; d++) bad += cq[d] != 0x5a;
+                    for (int d = 0; d < w; d++) bad += cq[d] != 0x5a;
                     bad += got_scale != SENTINEL;
                     continue;
                 }
-                for (int d = 0; d < hd; d++)
+                for (int d = 0; d < w; d++)
                     xr[d] = which ? get(v, bf16, t * v_s0 + h * v_s1 + d) : get(k, bf16, t * k_s0 + h * k_s1 + d);
-                quantize_ref(xr, hd, qr, &sr);
-                for (int d = 0; d < hd; d++) bad += cq[d] != qr[d];
+                quantize_ref(xr, w, qr, &sr);
+                for (int d = 0; d < w; d++) bad += cq[d] != qr[d];
                 bad += memcmp(&got_scale, &sr, 4) != 0;
             }
     report(name, bad == 0, (double)bad, 0.0);
@@ -730,7 +762,7 @@ static void test_probes(void) {
     int64_t bt = 0;
     float scales = 1.0f;
     const hf_seqs_t seqs = {&bt, 1, &len, &len, &len, 1};
-    hf_attention_t attn = {NULL, NULL, NULL, NULL, 3, 2, 64, 16, 0, 1.0f, 0.0f, 0};
+    hf_attention_t attn = {NULL, NULL, NULL, NULL, 3, 2, 64, 16, 0, 1.0f, 0.0f, 0, 0, 0, NULL};
     ok = ok && hf_paged_decode_attention(&attn, &seqs, NULL, 0, 0, NULL, 0, 0, 1) == -1; /* H % KVH != 0 */
     attn.H = 2, attn.key_scales = &scales;
     ok = ok && hf_paged_decode_attention(&attn, &seqs, NULL, 0, 0, NULL, 0, 0, 1) == -1; /* one scale table */
@@ -739,6 +771,10 @@ static void test_probes(void) {
     ok = ok && hf_paged_prefill_attention(&attn, &seqs, NULL, 0, 0, NULL, 0, 0, 1) == 1; /* hd not a multiple of 4 VL */
     attn.hd = 4 * want_vw, attn.window = 8;
     ok = ok && hf_paged_prefill_attention(&attn, &seqs, NULL, 0, 0, NULL, 0, 0, 1) == 1; /* no window in prefill */
+    attn.window = 0, attn.chunk = 8;
+    ok = ok && hf_paged_prefill_attention(&attn, &seqs, NULL, 0, 0, NULL, 0, 0, 1) == 1; /* nor chunks */
+    attn.chunk = 0, attn.hd_v = 4 * want_vw + 2;
+    ok = ok && hf_paged_prefill_attention(&attn, &seqs, NULL, 0, 0, NULL, 0, 0, 1) == 1; /* hd_v likewise */
     const hf_llama_layer_t layer = {.attn = {.H = 4, .KVH = 2, .hd = 16}, .D = 64, .I = 128};
     ok = ok && hf_llama_decode_layer_workspace(&layer, 3) == 3 * (4 * 64 + 10 * 16 + 2 * 64 + 3 * 128);
     char name[200];
@@ -766,6 +802,20 @@ int main(int argc, char **argv) {
                     }
     for (int kv8 = 0; kv8 < 2; kv8++) /* the scalar path (hd not a multiple of any vector width) */
         for (int bf16 = 0; bf16 < 2; bf16++) test_decode(bf16, kv8, 4, 34, 8, 20, 1.5f, 2);
+    /* Attention sinks on every path (vector, AVX512-BF16, int8 VNNI, scalar); chunked attention; values narrower
+     * and wider than the keys (the scalar path), with sinks, a window or a chunk. */
+    for (int kv8 = 0; kv8 < 2; kv8++)
+        for (int bf16 = 0; bf16 < 2; bf16++) {
+            test_decode_x(bf16, kv8, 4, 64, 16, 0, 0.0f, 2, 0, 0, 1);
+            test_decode_x(bf16, kv8, 1, 128, 8, 20, 0.0f, 1, 0, 0, 1);
+            test_decode_x(bf16, kv8, 4, 34, 8, 0, 1.5f, 2, 0, 0, 1);
+            test_decode_x(bf16, kv8, 4, 64, 8, 0, 0.0f, 2, 0, 16, 0);
+            test_decode_x(bf16, kv8, 1, 40, 16, 0, 0.0f, 1, 0, 24, 1);
+            test_decode_x(bf16, kv8, 4, 48, 8, 0, 0.0f, 2, 32, 0, 0);
+            test_decode_x(bf16, kv8, 1, 24, 16, 0, 0.0f, 1, 40, 0, 1);
+            test_decode_x(bf16, kv8, 4, 64, 8, 20, 0.0f, 2, 32, 0, 1);
+            test_decode_x(bf16, kv8, 4, 64, 8, 0, 0.0f, 1, 128, 16, 0);
+        }
 
     for (int kv8 = 0; kv8 < 2; kv8++)
         for (int bf16 = 0; bf16 < 2; bf16++)
@@ -775,13 +825,22 @@ int main(int argc, char **argv) {
     test_prefill(0, 0, 1, 64, 16, 1, 2);
     test_prefill(1, 0, 4, 64, 8, 1, 2);
     test_prefill(1, 1, 1, 64, 16, 1, 2);
+    for (int kv8 = 0; kv8 < 2; kv8++) /* sinks; values narrower (hd 128, hd_v 64) and wider (64, 128) */
+        for (int bf16 = 0; bf16 < 2; bf16++) {
+            test_prefill_x(bf16, kv8, 4, 64, 8, 0, 2, 0, 1);
+            test_prefill_x(bf16, kv8, 1, 128, 16, 1, 2, 0, 1);
+            test_prefill_x(bf16, kv8, 4, 128, 8, 0, 1, 64, 0);
+            test_prefill_x(bf16, kv8, 1, 64, 16, 0, 2, 128, 1);
+        }
 
     for (int bf16 = 0; bf16 < 2; bf16++) {
-        test_write_kv(bf16, 2, 64, 5);
-        test_write_kv(bf16, 3, 34, 17);
-        test_write_kv_i8(bf16, 2, 64, 16, 5);
-        test_write_kv_i8(bf16, 3, 34, 8, 9);
-        test_write_kv_i8(bf16, 4, 128, 16, 128); /* threaded */
+        test_write_kv(bf16, 2, 64, 5, 0);
+        test_write_kv(bf16, 3, 34, 17, 0);
+        test_write_kv(bf16, 3, 48, 9, 32);
+        test_write_kv_i8(bf16, 2, 64, 16, 5, 0);
+        test_write_kv_i8(bf16, 3, 34, 8, 9, 0);
+        test_write_kv_i8(bf16, 2, 24, 8, 9, 40);
+        test_write_kv_i8(bf16, 4, 128, 16, 128, 0); /* threaded */
     }
 
     for (int bf16 = 0; bf16 < 2; bf16++) {
