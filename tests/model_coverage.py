@@ -337,7 +337,7 @@ def _run(model_type: str, result: Result) -> None:
             need = max(-(-(len(p) + MAX_NEW_TOKENS) // BLOCK_SIZE) for p in zoo.PROMPTS)
             hf_paged.wrap(model, None, num_blocks=need + 1, block_size=BLOCK_SIZE, max_num_batched_tokens=512)
             try:
-                check = _compare(_greedy(model, ids, mask), ref_greedy)
+                check = _compare_unpadded(_greedy(model, ids, mask), ref_greedy, fresh, ids, mask, result.notes)
                 engine = hf_paged.get_engine(model) if result.status == "engine" else None
                 if check.status == "ok" and engine is not None:
                     check.detail = f"{engine.scheduler.num_preemptions} preemptions"
