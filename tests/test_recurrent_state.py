@@ -133,3 +133,21 @@ def test_state_slots_follow_forks_and_frees(ops):
     for table, _ in live:
         table.free()
     assert pool.states.num_used == 0 and pool.num_free_blocks == pool.num_blocks
+
+
+def test_speculation_is_refused_or_skipped_for_recurrent_state(hybrid):
+    """A recurrent state cannot be rolled back past rejected drafts: an engine asked to speculate refuses, and a
+    request asking for it (HF's ``prompt_lookup_num_tokens``) decodes without it, with HF's tokens."""
+    with pytest.raises(ValueError, match="speculative"):
+        LLMEngine(hybrid, None, num_blocks=32, block_size=4, speculative={"method": "ngram", "num_tokens": 3})
+    prompt = tiny_prompts(1, seed=75, low=12, high=13)[0] * 2  # repeats: prompt lookup would find drafts
+    ids = torch.tensor([prompt])
+    want = hybrid.generate(input_ids=ids, max_new_tokens=8, do_sample=False, eos_token_id=None)
+    wrapped = hf_paged.wrap(hybrid, None, block_size=4, num_blocks=64)
+    try:
+        got = wrapped.generate(input_ids=ids, max_new_tokens=8, do_sample=False, eos_token_id=None,
+                               prompt_lookup_num_tokens=3)
+        assert torch.equal(got, want)
+        assert "spec_decode_num_drafts" not in hf_paged.get_engine(wrapped).stats()
+    finally:
+        hf_paged.unwrap(wrapped)

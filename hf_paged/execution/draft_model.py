@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..admission import engine_refusal
+from ..admission import engine_refusal, recurrent_mixers
 from ..config import EngineConfig
 from ..core.block_pool import BlockPool, BlockTable
 from ..core.scheduler import ScheduledSequence, SchedulerOutput
@@ -29,7 +29,8 @@ class DraftModelDrafter:
     def __init__(self, model: torch.nn.Module, config: EngineConfig, num_blocks: int, vocab_size: int) -> None:
         if not isinstance(model, torch.nn.Module):
             raise ValueError(f"speculative.draft_model: must be a causal LM module (got {type(model).__name__})")
-        refusal = engine_refusal(model)
+        refusal = engine_refusal(model) or ("recurrent layers (a draft's state cannot be rolled back)"
+                                            if recurrent_mixers(model) else None)
         if refusal is not None:
             raise ValueError(f"speculative.draft_model: the engine cannot run it ({refusal})")
         param = next(model.parameters())
