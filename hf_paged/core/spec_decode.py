@@ -8,8 +8,9 @@ the rejected tail are given back (``BlockTable.truncate``). This module holds wh
   does not replay (logits processors, penalties, grammars, kept scores, beams) do not speculate;
 - ``ngram_draft``: prompt lookup (the continuation of the latest earlier occurrence of the sequence's last n tokens,
   longest n first), in C speed through ``bytes.rfind`` on the token ids;
-- ``SpeculationController``: how many tokens each request drafts this step (adaptive k: per request acceptance and
-  a measured cost of the step per query token; the decision is logged and kept in ``last_plan``);
+- ``SpeculationController``: how many tokens each request drafts this step (adaptive k: on or off per batch size by
+  the measured tokens per second of steps with and without drafts; per request acceptance orders the positions; the
+  decision is logged and kept in ``last_plan``);
 - ``SpecStats``: vLLM's acceptance counters.
 
 Drafters implement ``Drafter``: ``propose(seqs, ks)`` sets ``seq.spec_token_ids`` (and, where the draft is sampled
@@ -97,50 +98,67 @@ class SpecStats:
             self.accepted_per_pos[pos] += 1
 
 
+class _Bucket:
+    """Decayed sums over the decode-only steps of one batch size: per mode (0: no draft, 1: drafts) the steps,
+    the tokens they yielded, their seconds and their drafted tokens; the mode chosen and the steps since a probe."""
+
+    def __init__(self) -> None:
+        self.sums = [[0.0] * 4, [0.0] * 4]
+        self.on: bool | None = None
+        self.since_probe = 0
+
+    def record(self, mode: int, tokens: int, seconds: float, drafted: int) -> None:
+        s = self.sums[mode]
+        for i, v in enumerate((1.0, tokens, seconds, drafted)):
+            s[i] = SpeculationController.FORGET_STEPS * s[i] + v
+
+    def rate(self, mode: int) -> float:
+        s = self.sums[mode]
+        return s[1] / s[2] if s[2] > 0 else 0.0
+
+    def draft_cost(self) -> float:
+        """Seconds a drafted token adds to a step: the steps with drafts' mean time over those without, per
+        drafted token."""
+        (n0, _, t0, _), (n1, _, t1, d1) = self.sums
+        return max((t1 / n1 - t0 / n0) / (d1 / n1), 0.0) if n0 and n1 and d1 else 0.0
+
+
 class SpeculationController:
     """How many tokens each speculating request drafts in a step.
 
-    Each request's acceptance rate ``alpha`` (the chance a drafted token is accepted given the previous one was) is
-    estimated from its verified drafts, with a prior of one accepted in two that its observations forget at 0.9 a
-    step (a request that stopped drafting drifts back to the prior and tries again). The step's cost is modelled as
-    ``a + b * T`` seconds for ``T`` query tokens, fitted on the engine's steps (recent ones weigh most), plus ``d``
-    seconds of drafting per drafted token. Draft positions are added best first (the ``j``-th token of a request
-    is accepted with chance ``alpha ** j``) while each raises the step's expected tokens per second: drafting stops
-    when verifying is no longer nearly free (large batches) or acceptance is low. Not adaptive: always the cap.
+    On or off, by measurement: for decode-only steps of each batch size (exact up to 8, then by powers of two), the
+    tokens per second of whole steps (drafting, forward, verification, appending) with drafts and without, decayed
+    sums of the last few of each (``record_step``). A batch size speculates while its steps with drafts yield at least
+    as many tokens per second as those without; every ``PROBE``-th step of it goes the other way (drafting all it
+    can, or not at all), so both figures stay current; a new batch size measures one step of each first. Each change
+    is logged (INFO) and the last plan kept in ``last_plan`` (and the engine's stats).
+
+    When on, each request's acceptance rate ``alpha`` (the chance a drafted token is accepted given the previous one
+    was: its verified drafts, a prior of one in two, forgotten at 0.9 a step so that a request that stopped drafting
+    drifts back and tries again) orders the draft positions (the ``j``-th is accepted with chance ``alpha ** j``);
+    they are added best first while each raises the step's expected tokens per second, a drafted token costing what
+    the measured steps say it does. Not adaptive: always the cap.
     """
 
-    PRIOR_RATIO = 1 / 32  # b / a before the steps have told it (the knee of a CPU decode step, in query tokens)
     FORGET = 0.9
+    FORGET_STEPS = 0.9
+    PROBE = 16
 
     def __init__(self) -> None:
-        self._sums = [0.0] * 5  # weighted sums of 1, T, T^2, t, T*t over the steps
-        self.draft_cost = 0.0  # seconds per drafted token (EMA)
-        self.last_plan: dict[str, float] = {"k_mean": 0.0, "speculating": 0.0}
-        self._was_on: bool | None = None
+        self.buckets: dict[int, _Bucket] = {}
+        self.last_plan: dict[str, float] = {"k_mean": 0.0, "speculating": 0.0, "on": 0.0}
 
-    # ---- the cost model --------------------------------------------------------------------------------
-    def record_step(self, num_tokens: int, seconds: float) -> None:
-        w = self._sums
-        for i, v in enumerate((1.0, num_tokens, num_tokens * num_tokens, seconds, num_tokens * seconds)):
-            w[i] = 0.95 * w[i] + v
+    @staticmethod
+    def bucket_key(num_decodes: int) -> int:
+        return num_decodes if num_decodes <= 8 else 1 << (num_decodes - 1).bit_length()
 
-    def record_drafting(self, num_tokens: int, seconds: float) -> None:
-        if num_tokens:
-            per = seconds / num_tokens
-            self.draft_cost = per if not self.draft_cost else 0.8 * self.draft_cost + 0.2 * per
-
-    def cost(self) -> tuple[float, float]:
-        """(a, b): seconds of a step of ``T`` query tokens are ``a + b * T``."""
-        n, s1, s2, sy, sxy = self._sums
-        if n < 1e-9:
-            return 1.0, self.PRIOR_RATIO
-        mean_t, mean_y = s1 / n, sy / n
-        var = s2 / n - mean_t * mean_t
-        b = (sxy / n - mean_t * mean_y) / var if var > 0.25 else -1.0
-        if b <= 0:  # one step size seen so far, or noise: the prior's shape at the measured level
-            a = mean_y / (1 + self.PRIOR_RATIO * mean_t)
-            return a, a * self.PRIOR_RATIO
-        return max(mean_y - b * mean_t, b), b
+    # ---- measurements ------------------------------------------------------------------------------------
+    def record_step(self, num_decodes: int, tokens: int, seconds: float, drafted: int) -> None:
+        """A decode-only step of ``num_decodes`` sequences: ``tokens`` appended, ``drafted`` tokens verified, in
+        ``seconds`` from drafting to appending."""
+        if num_decodes:
+            self.buckets.setdefault(self.bucket_key(num_decodes), _Bucket()).record(int(drafted > 0), tokens, seconds,
+                                                                                    drafted)
 
     # ---- acceptance ------------------------------------------------------------------------------------
     @staticmethod
@@ -158,33 +176,46 @@ class SpeculationController:
         seq.spec_trials += accepted + (accepted < drafted)
 
     # ---- the plan --------------------------------------------------------------------------------------
-    def plan(self, seqs: list[Sequence], caps: list[int], base_tokens: int, base_yield: int,
-             adaptive: list[bool]) -> list[int]:
-        """Tokens to draft per sequence (at most ``caps``), for a step of ``base_tokens`` query tokens that yields
-        ``base_yield`` tokens without speculation."""
+    def mode(self, num_decodes: int) -> tuple[bool, bool]:
+        """(speculate this step, the step is a probe or a first measurement: draft all it can)."""
+        b = self.buckets.setdefault(self.bucket_key(num_decodes), _Bucket())
+        n0, n1 = b.sums[0][0], b.sums[1][0]
+        if not n0 or not n1:  # measure both first: a step without drafts, then one with
+            return bool(n0), True
+        on = b.rate(1) >= b.rate(0)
+        if on != b.on:
+            logger.info("speculation %s at batch %d: %.1f tokens/s with drafts, %.1f without",
+                        "on" if on else "off", num_decodes, b.rate(1), b.rate(0))
+            b.on = on
+        b.since_probe += 1
+        if b.since_probe >= self.PROBE:
+            b.since_probe = 0
+            return not on, True
+        return on, False
+
+    def plan(self, seqs: list[Sequence], caps: list[int], num_decodes: int, adaptive: list[bool]) -> list[int]:
+        """Tokens to draft per sequence (at most ``caps``), in a step with ``num_decodes`` decoding sequences."""
+        on, full = self.mode(num_decodes)
         ks = [0 if a else c for c, a in zip(caps, adaptive)]
-        a, b = self.cost()
-        d = self.draft_cost
-        tokens, yield_, drafted = base_tokens + sum(ks), float(base_yield), sum(ks)
-        alphas = [self.alpha(s) for s in seqs]
-        heap = [(-alphas[i], i) for i in range(len(seqs)) if adaptive[i] and caps[i] > 0]
-        heapq.heapify(heap)
-        while heap:
-            gain, i = heapq.heappop(heap)
-            gain = -gain
-            # Adding this token raises tokens per second iff gain / (b + d) > yield / time.
-            if gain * (a + b * tokens + d * drafted) <= (b + d) * yield_:
-                break
-            ks[i] += 1
-            tokens, yield_, drafted = tokens + 1, yield_ + gain, drafted + 1
-            if ks[i] < caps[i]:
-                heapq.heappush(heap, (-gain * alphas[i], i))
-        on = any(ks)
+        b = self.buckets[self.bucket_key(num_decodes)]
+        if on and full:
+            ks = list(caps)
+        elif on:
+            (n0, _, t0, _) = b.sums[0]
+            step, cost, yield_ = t0 / n0, b.draft_cost(), float(num_decodes)
+            alphas = [self.alpha(s) for s in seqs]
+            heap = [(-alphas[i], i) for i in range(len(seqs)) if adaptive[i] and caps[i] > 0]
+            heapq.heapify(heap)
+            while heap:
+                gain, i = heapq.heappop(heap)
+                gain = -gain
+                if gain * step <= cost * yield_:  # this token no longer raises tokens per second
+                    break
+                ks[i] += 1
+                step, yield_ = step + cost, yield_ + gain
+                if ks[i] < caps[i]:
+                    heapq.heappush(heap, (-gain * alphas[i], i))
         self.last_plan = {"k_mean": sum(ks) / len(ks) if ks else 0.0, "speculating": float(sum(k > 0 for k in ks)),
-                          "cost_a_s": a, "cost_b_s": b, "draft_cost_s": d}
-        if seqs and on != self._was_on:
-            logger.info("speculation %s: %d requests, mean k %.2f, mean acceptance %.2f, step cost %.2g s + %.2g s "
-                        "per token, drafting %.2g s per token", "on" if on else "off", len(seqs),
-                        self.last_plan["k_mean"], sum(alphas) / len(alphas), a, b, d)
-            self._was_on = on
+                          "on": float(on), "tok_s_with_drafts": b.rate(1), "tok_s_without": b.rate(0),
+                          "draft_cost_s": b.draft_cost()}
         return ks
