@@ -98,40 +98,17 @@ class SpecStats:
             self.accepted_per_pos[pos] += 1
 
 
-class _Bucket:
-    """Decayed sums over the decode-only steps of one batch size: per mode (0: no draft, 1: drafts) the steps,
-    the tokens they yielded, their seconds and their drafted tokens; the mode chosen and the steps since a probe."""
-
-    def __init__(self) -> None:
-        self.sums = [[0.0] * 4, [0.0] * 4]
-        self.on: bool | None = None
-        self.since_probe = 0
-
-    def record(self, mode: int, tokens: int, seconds: float, drafted: int) -> None:
-        s = self.sums[mode]
-        for i, v in enumerate((1.0, tokens, seconds, drafted)):
-            s[i] = SpeculationController.FORGET_STEPS * s[i] + v
-
-    def rate(self, mode: int) -> float:
-        s = self.sums[mode]
-        return s[1] / s[2] if s[2] > 0 else 0.0
-
-    def draft_cost(self) -> float:
-        """Seconds a drafted token adds to a step: the steps with drafts' mean time over those without, per
-        drafted token."""
-        (n0, _, t0, _), (n1, _, t1, d1) = self.sums
-        return max((t1 / n1 - t0 / n0) / (d1 / n1), 0.0) if n0 and n1 and d1 else 0.0
-
-
 class SpeculationController:
     """How many tokens each speculating request drafts in a step.
 
-    On or off, by measurement: for decode-only steps of each batch size (exact up to 8, then by powers of two), the
-    tokens per second of whole steps (drafting, forward, verification, appending) with drafts and without, decayed
-    sums of the last few of each (``record_step``). A batch size speculates while its steps with drafts yield at least
-    as many tokens per second as those without; every ``PROBE``-th step of it goes the other way (drafting all it
-    can, or not at all), so both figures stay current; a new batch size measures one step of each first. Each change
-    is logged (INFO) and the last plan kept in ``last_plan`` (and the engine's stats).
+    On or off, by measurement of whole decode steps (drafting, forward, verification, appending: ``record_step``).
+    Steps without drafts fit the time of a plain step of ``B`` sequences, ``a + b * B`` (decayed least squares);
+    each step with drafts is compared with what plain steps would take for the tokens it appended,
+    ``plain(B) * tokens / B``. Per batch size (exact up to 8, then by powers of two), decayed sums of both times over
+    its last steps with drafts decide: it speculates while they took no longer than plain steps would have. Every
+    ``PROBE``-th step goes the other way (drafting all it can, or not at all), so both figures stay current; a new
+    batch size measures one step of each first. Each change is logged (INFO) and the last plan kept in
+    ``last_plan`` (and the engine's stats).
 
     When on, each request's acceptance rate ``alpha`` (the chance a drafted token is accepted given the previous one
     was: its verified drafts, a prior of one in two, forgotten at 0.9 a step so that a request that stopped drafting
@@ -140,25 +117,55 @@ class SpeculationController:
     the measured steps say it does. Not adaptive: always the cap.
     """
 
-    FORGET = 0.9
-    FORGET_STEPS = 0.9
+    FORGET = 0.9  # per step, each request's acceptance counts
+    DECAY = 0.9  # per measured step, the step-time sums
     PROBE = 16
 
     def __init__(self) -> None:
-        self.buckets: dict[int, _Bucket] = {}
+        self._plain = [0.0] * 5  # steps without drafts: decayed sums of 1, B, B^2, t, B * t
+        # Per batch size, steps with drafts: decayed sums of their seconds, plain steps' seconds for their tokens,
+        # drafted tokens, seconds over a plain step.
+        self._drafted: dict[int, list[float]] = {}
+        self._on: dict[int, bool] = {}
+        self._since_probe: dict[int, int] = {}
         self.last_plan: dict[str, float] = {"k_mean": 0.0, "speculating": 0.0, "on": 0.0}
 
     @staticmethod
-    def bucket_key(num_decodes: int) -> int:
+    def bucket(num_decodes: int) -> int:
         return num_decodes if num_decodes <= 8 else 1 << (num_decodes - 1).bit_length()
 
     # ---- measurements ------------------------------------------------------------------------------------
     def record_step(self, num_decodes: int, tokens: int, seconds: float, drafted: int) -> None:
         """A decode-only step of ``num_decodes`` sequences: ``tokens`` appended, ``drafted`` tokens verified, in
         ``seconds`` from drafting to appending."""
-        if num_decodes:
-            self.buckets.setdefault(self.bucket_key(num_decodes), _Bucket()).record(int(drafted > 0), tokens, seconds,
-                                                                                    drafted)
+        if not num_decodes:
+            return
+        if not drafted:
+            values: tuple[float, ...] = (1.0, num_decodes, num_decodes * num_decodes, seconds, num_decodes * seconds)
+            sums = self._plain
+        elif self._plain[0]:
+            plain = self.plain_time(num_decodes)
+            values = (seconds, plain * tokens / num_decodes, drafted, seconds - plain)
+            sums = self._drafted.setdefault(self.bucket(num_decodes), [0.0] * 4)
+        else:
+            return
+        for i, v in enumerate(values):
+            sums[i] = self.DECAY * sums[i] + v
+
+    def plain_time(self, num_decodes: int) -> float:
+        """Seconds of a step without drafts of ``num_decodes`` sequences (0 before any was measured)."""
+        n, s1, s2, sy, sxy = self._plain
+        if not n:
+            return 0.0
+        mean_b, mean_t = s1 / n, sy / n
+        var = s2 / n - mean_b * mean_b
+        slope = max((sxy / n - mean_b * mean_t) / var, 0.0) if var > 0.25 else 0.0
+        return max(mean_t + slope * (num_decodes - mean_b), 1e-9)
+
+    def draft_cost(self, num_decodes: int) -> float:
+        """Seconds a drafted token adds to a step of this batch size, as measured."""
+        sums = self._drafted.get(self.bucket(num_decodes))
+        return max(sums[3] / sums[2], 0.0) if sums and sums[2] else 0.0
 
     # ---- acceptance ------------------------------------------------------------------------------------
     @staticmethod
@@ -178,18 +185,18 @@ class SpeculationController:
     # ---- the plan --------------------------------------------------------------------------------------
     def mode(self, num_decodes: int) -> tuple[bool, bool]:
         """(speculate this step, the step is a probe or a first measurement: draft all it can)."""
-        b = self.buckets.setdefault(self.bucket_key(num_decodes), _Bucket())
-        n0, n1 = b.sums[0][0], b.sums[1][0]
-        if not n0 or not n1:  # measure both first: a step without drafts, then one with
-            return bool(n0), True
-        on = b.rate(1) >= b.rate(0)
-        if on != b.on:
-            logger.info("speculation %s at batch %d: %.1f tokens/s with drafts, %.1f without",
-                        "on" if on else "off", num_decodes, b.rate(1), b.rate(0))
-            b.on = on
-        b.since_probe += 1
-        if b.since_probe >= self.PROBE:
-            b.since_probe = 0
+        key = self.bucket(num_decodes)
+        sums = self._drafted.get(key)
+        if not self._plain[0] or not sums:  # measure first: a step without drafts, then one with
+            return bool(self._plain[0]), True
+        on = sums[0] <= sums[1]
+        if on != self._on.get(key):
+            logger.info("speculation %s at batch %d: steps with drafts took %.3g s where plain steps would take "
+                        "%.3g s", "on" if on else "off", num_decodes, sums[0], sums[1])
+            self._on[key] = on
+        self._since_probe[key] = self._since_probe.get(key, 0) + 1
+        if self._since_probe[key] >= self.PROBE:
+            self._since_probe[key] = 0
             return not on, True
         return on, False
 
@@ -197,12 +204,11 @@ class SpeculationController:
         """Tokens to draft per sequence (at most ``caps``), in a step with ``num_decodes`` decoding sequences."""
         on, full = self.mode(num_decodes)
         ks = [0 if a else c for c, a in zip(caps, adaptive)]
-        b = self.buckets[self.bucket_key(num_decodes)]
+        cost = self.draft_cost(num_decodes)
         if on and full:
             ks = list(caps)
         elif on:
-            (n0, _, t0, _) = b.sums[0]
-            step, cost, yield_ = t0 / n0, b.draft_cost(), float(num_decodes)
+            step, yield_ = self.plain_time(num_decodes), float(num_decodes)
             alphas = [self.alpha(s) for s in seqs]
             heap = [(-alphas[i], i) for i in range(len(seqs)) if adaptive[i] and caps[i] > 0]
             heapq.heapify(heap)
@@ -216,6 +222,5 @@ class SpeculationController:
                 if ks[i] < caps[i]:
                     heapq.heappush(heap, (-gain * alphas[i], i))
         self.last_plan = {"k_mean": sum(ks) / len(ks) if ks else 0.0, "speculating": float(sum(k > 0 for k in ks)),
-                          "on": float(on), "tok_s_with_drafts": b.rate(1), "tok_s_without": b.rate(0),
-                          "draft_cost_s": b.draft_cost()}
+                          "on": float(on), "plain_step_s": self.plain_time(num_decodes), "draft_cost_s": cost}
         return ks
