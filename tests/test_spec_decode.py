@@ -303,7 +303,7 @@ def test_controller_speculates_while_steps_with_drafts_beat_plain_steps(caplog):
     c = SpeculationController()
     seqs = [Sequence([1], SamplingParams(), BlockTable(BlockPool(1))) for _ in range(32)]
     for s in seqs:
-        s.spec_hits, s.spec_trials = 80.0, 100.0  # alpha 0.8
+        s.spec_hits, s.spec_trials = [80.0, 80.0], [100.0, 100.0]  # accepted 4 times in 5
     assert c.plan(seqs[:1], [8], 1, [True]) == [0]  # a new batch size: first a step without drafts
     assert c.plan(seqs[:1], [8], 1, [False]) == [8]  # not adaptive: always the cap
     c.record_step(1, 1, 0.010, 0)
@@ -313,10 +313,10 @@ def test_controller_speculates_while_steps_with_drafts_beat_plain_steps(caplog):
         assert c.plan(seqs[:1], [8], 1, [True]) == [8]
         assert c.last_plan["on"] == 1.0 and c.last_plan["draft_cost_s"] == pytest.approx(0.001 / 8)
         assert c.plain_time(1) == pytest.approx(0.010)
-        seqs[0].spec_hits = 0.0  # acceptance near 0: no draft, though on
+        seqs[0].spec_hits = [0.0, 80.0]  # a first token near never accepted: no draft, though on
         assert c.plan(seqs[:1], [8], 1, [True]) == [0]
         for s in seqs:
-            s.spec_hits = 80.0
+            s.spec_hits = [80.0, 80.0]
         # Batch 32: 40 tokens in 80 ms, where plain steps take 50 ms for 32.
         c.record_step(32, 32, 0.050, 0)
         c.record_step(32, 40, 0.080, 64)
@@ -326,13 +326,15 @@ def test_controller_speculates_while_steps_with_drafts_beat_plain_steps(caplog):
     # Cheap verification at batch 32: positions go to the likeliest drafts first, while they pay.
     c.record_step(32, 96, 0.051, 128)
     c.record_step(32, 96, 0.051, 128)
-    seqs[0].spec_hits = 20.0  # alpha 0.2
+    seqs[0].spec_hits = [20.0, 20.0]  # accepted 1 time in 5
     ks = c.plan(seqs, [4] * 32, 32, [True] * 32)
     assert c.last_plan["on"] == 1.0 and ks[1:] == [4] * 31 and ks[0] < 4
     assert c.plain_time(32) == pytest.approx(0.050) and c.plain_time(16) > c.plain_time(1)
     assert c.bucket(5) == 5 and c.bucket(20) == 32 and c.bucket(32) == 32
     c.forget(seqs[:1])
-    assert seqs[0].spec_trials == pytest.approx(90.0)
+    assert seqs[0].spec_trials == pytest.approx([90.0, 90.0])
+    SpeculationController.record_verified(seqs[0], 4, 2)  # first accepted, second accepted, third rejected
+    assert seqs[0].spec_hits == pytest.approx([19.0, 19.0]) and seqs[0].spec_trials == pytest.approx([91.0, 92.0])
 
 
 def _seq(params, draft, q=None):

@@ -110,9 +110,11 @@ class SpeculationController:
     batch size measures one step of each first. Each change is logged (INFO) and the last plan kept in
     ``last_plan`` (and the engine's stats).
 
-    When on, each request's acceptance rate ``alpha`` (the chance a drafted token is accepted given the previous one
-    was: its verified drafts, a prior of one in two, forgotten at 0.9 a step so that a request that stopped drafting
-    drifts back and tries again) orders the draft positions (the ``j``-th is accepted with chance ``alpha ** j``);
+    When on, each request's acceptance rates (``alpha``: that a draft's first token is accepted, ``a1``, and that a
+    later one is given the one before was, ``a2``: from its verified drafts, a prior of one in two, forgotten at 0.9
+    a step so that a request that stopped drafting drifts back and tries again; copying, once begun, tends to go on,
+    so ``a2`` is well above ``a1``) order the draft positions (the ``j``-th is accepted with chance
+    ``a1 * a2 ** (j - 1)``);
     they are added best first while each raises the step's expected tokens per second, a drafted token costing what
     the measured steps say it does. Not adaptive: always the cap.
     """
@@ -169,18 +171,24 @@ class SpeculationController:
 
     # ---- acceptance ------------------------------------------------------------------------------------
     @staticmethod
-    def alpha(seq: Sequence) -> float:
-        return (seq.spec_hits + 1.0) / (seq.spec_trials + 2.0)
+    def alpha(seq: Sequence) -> tuple[float, float]:
+        """(the chance the first drafted token is accepted, that a later one is, given the one before was)."""
+        (h0, h1), (t0, t1) = seq.spec_hits, seq.spec_trials
+        return (h0 + 1.0) / (t0 + 2.0), (h1 + 1.0) / (t1 + 2.0)
 
     def forget(self, seqs: list[Sequence]) -> None:
         for seq in seqs:
-            seq.spec_hits *= self.FORGET
-            seq.spec_trials *= self.FORGET
+            for counts in (seq.spec_hits, seq.spec_trials):
+                counts[0] *= self.FORGET
+                counts[1] *= self.FORGET
 
     @staticmethod
     def record_verified(seq: Sequence, drafted: int, accepted: int) -> None:
-        seq.spec_hits += accepted
-        seq.spec_trials += accepted + (accepted < drafted)
+        if drafted:
+            seq.spec_hits[0] += accepted > 0
+            seq.spec_trials[0] += 1
+            seq.spec_hits[1] += max(accepted - 1, 0)
+            seq.spec_trials[1] += min(accepted, drafted - 1)
 
     # ---- the plan --------------------------------------------------------------------------------------
     def mode(self, num_decodes: int) -> tuple[bool, bool]:
@@ -210,7 +218,7 @@ class SpeculationController:
         elif on:
             step, yield_ = self.plain_time(num_decodes), float(num_decodes)
             alphas = [self.alpha(s) for s in seqs]
-            heap = [(-alphas[i], i) for i in range(len(seqs)) if adaptive[i] and caps[i] > 0]
+            heap = [(-alphas[i][0], i) for i in range(len(seqs)) if adaptive[i] and caps[i] > 0]
             heapq.heapify(heap)
             while heap:
                 gain, i = heapq.heappop(heap)
@@ -220,7 +228,7 @@ class SpeculationController:
                 ks[i] += 1
                 step, yield_ = step + cost, yield_ + gain
                 if ks[i] < caps[i]:
-                    heapq.heappush(heap, (-gain * alphas[i], i))
+                    heapq.heappush(heap, (-gain * alphas[i][1], i))
         self.last_plan = {"k_mean": sum(ks) / len(ks) if ks else 0.0, "speculating": float(sum(k > 0 for k in ks)),
                           "on": float(on), "plain_step_s": self.plain_time(num_decodes), "draft_cost_s": cost}
         return ks
