@@ -106,9 +106,9 @@ class SpeculationController:
     each step with drafts is compared with what plain steps would take for the tokens it appended,
     ``plain(B) * tokens / B``. Per batch size (exact up to 8, then by powers of two), decayed sums of both times over
     its last steps with drafts decide: it speculates while they took no longer than plain steps would have. Every
-    ``PROBE``-th step goes the other way (drafting all it can, or not at all), so both figures stay current; a new
-    batch size measures one step of each first. Each change is logged (INFO) and the last plan kept in
-    ``last_plan`` (and the engine's stats).
+    ``PROBE``-th step goes the other way (drafting one token a request, the cheapest try, or none), so both figures
+    stay current; a new batch size measures one step of each first. Each change is logged (INFO) and the last plan
+    kept in ``last_plan`` (and the engine's stats).
 
     When on, each request's acceptance rates (``alpha``: that a draft's first token is accepted, ``a1``, and that a
     later one is given the one before was, ``a2``: from its verified drafts, a prior of one in two, forgotten at 0.9
@@ -192,7 +192,7 @@ class SpeculationController:
 
     # ---- the plan --------------------------------------------------------------------------------------
     def mode(self, num_decodes: int) -> tuple[bool, bool]:
-        """(speculate this step, the step is a probe or a first measurement: draft all it can)."""
+        """(speculate this step, the step is a probe or a first measurement: one drafted token a request)."""
         key = self.bucket(num_decodes)
         sums = self._drafted.get(key)
         if not self._plain[0] or not sums:  # measure first: a step without drafts, then one with
@@ -214,7 +214,7 @@ class SpeculationController:
         ks = [0 if a else c for c, a in zip(caps, adaptive)]
         cost = self.draft_cost(num_decodes)
         if on and full:
-            ks = list(caps)
+            ks = [min(c, 1) if a else c for c, a in zip(caps, adaptive)]
         elif on:
             step, yield_ = self.plain_time(num_decodes), float(num_decodes)
             alphas = [self.alpha(s) for s in seqs]
