@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+LOADAVG = Path("/proc/loadavg")  # the load average beside each figure (a shared machine)
 sys.path.insert(0, str(HERE.parent))
 
 from hf_paged import LLMEngine, SamplingParams  # noqa: E402
@@ -147,7 +148,7 @@ def main() -> None:
                 p.add_(torch.randn(p.shape, generator=g) * args.draft_noise * p.std())
     commit = subprocess.run(["git", "-C", str(HERE.parent), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
-    load = " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "?"
+    load = " ".join(LOADAVG.read_text().split()[:3]) if LOADAVG.exists() else "?"
     print(f"# {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit}, load {load}, torch threads "
           f"{torch.get_num_threads()}, SmolLM2-135M-Instruct fp32 greedy, max_new {args.max_new}, k {args.k}")
     print(f"{'workload':9} {'batch':>5} {'method':9} {'tok/s':>8} {'x plain':>8} {'accept':>7} {'drafted/tok':>11} "
@@ -165,8 +166,9 @@ def main() -> None:
                 ratio = f"{r['tok_s'] / plain['tok_s']:8.2f}" if plain else f"{'-':>8}"
                 accept = f"{r['acceptance']:7.2f}" if "acceptance" in r else f"{'-':>7}"
                 drafted = f"{r['drafted_per_token']:11.2f}" if "drafted_per_token" in r else f"{'-':>11}"
-                r["load"] = float(Path("/proc/loadavg").read_text().split()[0]) if Path("/proc/loadavg").exists() else 0.0
-                print(f"{workload:9} {batch:5d} {method:9} {r['tok_s']:8.1f} {ratio} {accept} {drafted} {r['load']:5.2f}"
+                r["load"] = float(LOADAVG.read_text().split()[0]) if LOADAVG.exists() else 0.0
+                print(f"{workload:9} {batch:5d} {method:9} {r['tok_s']:8.1f} {ratio} {accept} {drafted} "
+                      f"{r['load']:5.2f}"
                       + ("" if same is not False else "  (outputs differ from plain)"), flush=True)
                 rows.append({"workload": workload, "batch": batch, "method": method, "same_as_plain": same,
                              **{k: v for k, v in r.items() if k != "outputs"}})
