@@ -439,3 +439,20 @@ def test_seeded_sampling_with_speculation_does_not_depend_on_the_batch(tiny_llam
     crowd, stats = _outputs(tiny_llama, None, prompts, params, num_blocks=256, speculative=NGRAM)
     assert alone[0].token_ids == crowd[0].token_ids
     assert stats["spec_decode_num_drafts"] > 0
+
+
+def test_a_verified_draft_is_attended_as_decode_rows():
+    """Each of a drafted sequence's 1 + k tokens is a one-token attention row with its own causal length: the step
+    stays decode-only for the kernels."""
+    from types import SimpleNamespace
+    from hf_paged.core.scheduler import ScheduledSequence, SchedulerOutput
+    from hf_paged.execution.step_inputs import build_step_inputs
+    kv = SimpleNamespace(block_size=4, device=torch.device("cpu"), null_block=0)
+    step = SchedulerOutput([ScheduledSequence("a", [7], 5, [1, 2], True),
+                            ScheduledSequence("b", [3, 8, 9], 6, [3, 4, 5], True, num_draft=2),
+                            ScheduledSequence("c", [1, 2], 0, [6], True)])
+    inputs = build_step_inputs(step, kv, None, None)
+    meta = inputs.meta
+    assert meta.num_decodes == 4 and meta.q_lens_list == [1, 1, 1, 1, 2] and meta.kv_lens_list == [6, 7, 8, 9, 2]
+    assert meta.cu_seqlens_q.tolist() == [0, 1, 2, 3, 4, 6] and meta.block_tables[1:4].tolist() == [[3, 4, 5]] * 3
+    assert inputs.positions.tolist() == [[5, 6, 7, 8, 0, 1]] and inputs.sample_rows == [0, 1, 1, 1, 2]
