@@ -2,6 +2,7 @@
 
     python benchmarks/speculative.py [--batches 1,4,32] [--workloads grounded,chat] [--max-new 128] [-k 5]
                                      [--methods plain,ngram,draft,hf-ngram] [--draft-noise 0.02] [--json rows.json]
+                                     [--threads N] [--log]
 
 Workloads (SmolLM2-135M-Instruct, fp32, greedy, chat template):
 
@@ -38,6 +39,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+LOADAVG = Path("/proc/loadavg")  # the load average beside each figure (a shared machine)
 sys.path.insert(0, str(HERE.parent))
 
 from hf_paged import LLMEngine, SamplingParams  # noqa: E402
@@ -126,7 +128,12 @@ def main() -> None:
     ap.add_argument("--draft-noise", type=float, default=0.02)
     ap.add_argument("--json", default=None)
     ap.add_argument("--log", action="store_true", help="show the controller's on/off decisions")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (default torch's; 1 on a machine others share: OpenMP regions waiting on a "
+                         "descheduled thread slow every step)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.log:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         logging.getLogger("hf_paged.engine.llm_engine").setLevel(logging.WARNING)
@@ -141,9 +148,11 @@ def main() -> None:
                 p.add_(torch.randn(p.shape, generator=g) * args.draft_noise * p.std())
     commit = subprocess.run(["git", "-C", str(HERE.parent), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
-    print(f"# {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit}, torch threads "
+    load = " ".join(LOADAVG.read_text().split()[:3]) if LOADAVG.exists() else "?"
+    print(f"# {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit}, load {load}, torch threads "
           f"{torch.get_num_threads()}, SmolLM2-135M-Instruct fp32 greedy, max_new {args.max_new}, k {args.k}")
-    print(f"{'workload':9} {'batch':>5} {'method':9} {'tok/s':>8} {'x plain':>8} {'accept':>7} {'drafted/tok':>11}")
+    print(f"{'workload':9} {'batch':>5} {'method':9} {'tok/s':>8} {'x plain':>8} {'accept':>7} {'drafted/tok':>11} "
+          f"{'load':>5}")
     rows = []
     for workload in args.workloads.split(","):
         for batch in [int(b) for b in args.batches.split(",")]:
@@ -157,7 +166,9 @@ def main() -> None:
                 ratio = f"{r['tok_s'] / plain['tok_s']:8.2f}" if plain else f"{'-':>8}"
                 accept = f"{r['acceptance']:7.2f}" if "acceptance" in r else f"{'-':>7}"
                 drafted = f"{r['drafted_per_token']:11.2f}" if "drafted_per_token" in r else f"{'-':>11}"
-                print(f"{workload:9} {batch:5d} {method:9} {r['tok_s']:8.1f} {ratio} {accept} {drafted}"
+                r["load"] = float(LOADAVG.read_text().split()[0]) if LOADAVG.exists() else 0.0
+                print(f"{workload:9} {batch:5d} {method:9} {r['tok_s']:8.1f} {ratio} {accept} {drafted} "
+                      f"{r['load']:5.2f}"
                       + ("" if same is not False else "  (outputs differ from plain)"), flush=True)
                 rows.append({"workload": workload, "batch": batch, "method": method, "same_as_plain": same,
                              **{k: v for k, v in r.items() if k != "outputs"}})

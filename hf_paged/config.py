@@ -21,8 +21,8 @@ class SpeculativeConfig:
     verifies them. ``method``: ``"ngram"`` (prompt lookup: the continuation of the latest earlier occurrence of the
     sequence's last ``prompt_lookup_max`` .. ``prompt_lookup_min`` tokens in its own prompt and output) or
     ``"draft"`` (``draft_model``: a smaller causal LM with the target's vocabulary, run on its own paged KV).
-    ``adaptive``: each step speculates only as far as a drafted token's chance of acceptance pays for verifying it
-    (per request acceptance, the step's measured cost per token); else always ``num_tokens``."""
+    ``adaptive``: speculation only where measured steps with drafts beat plain decode steps of that batch size, each
+    request drafting as far as its acceptance pays for verifying; else always ``num_tokens``."""
 
     method: str = "ngram"
     num_tokens: int = 4

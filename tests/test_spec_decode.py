@@ -7,6 +7,7 @@ beams (no speculation), bad options, failures and aborts (no block leaks: confte
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 
 import pytest
@@ -18,6 +19,7 @@ from hf_paged.config import EngineConfig, SpeculativeConfig
 from hf_paged.core.block_pool import BlockPool, BlockTable
 from hf_paged.core.sequence import Sequence
 from hf_paged.core.spec_decode import SpeculationController, ngram_draft
+from hf_paged.engine.speculator import Speculator
 from hf_paged.execution.sampler import Sampler
 
 from conftest import build_tiny_model, left_pad, tiny_prompts
@@ -28,6 +30,14 @@ TEXT = ("The committee met on Tuesday to review the budget for the new library. 
 GROUNDED = [f"Repeat the following text exactly, word for word: {TEXT}",
             f"Rewrite this text, replacing 'committee' with 'board': {TEXT}",
             f"Summarise this text in one sentence: {TEXT}"]
+
+
+@pytest.fixture(autouse=True)
+def steady_clock(monkeypatch):
+    """Every engine step takes one tick of the speculator's clock, drafts or not: adaptive k's decisions do not depend
+    on this machine's timing (drafts then always pay)."""
+    ticks = itertools.count()
+    monkeypatch.setattr(Speculator, "clock", staticmethod(lambda: next(ticks)))
 
 
 def _chat(tok, text):
@@ -289,40 +299,42 @@ def test_ngram_draft_takes_the_latest_longest_match():
     assert ngram_draft([70000, 3, 70000], 1, 1, 1) == [3]
 
 
-def test_controller_speculates_while_it_pays():
+def test_controller_speculates_while_steps_with_drafts_beat_plain_steps(caplog):
     c = SpeculationController()
     seqs = [Sequence([1], SamplingParams(), BlockTable(BlockPool(1))) for _ in range(32)]
-    for t in range(1, 9):  # a step costs 10 ms + 0.1 ms per query token: nearly free at batch 1
-        c.record_step(t, 0.010 + 0.0001 * t)
-    a, b = c.cost()
-    assert a == pytest.approx(0.010) and b == pytest.approx(0.0001)
     for s in seqs:
-        s.spec_hits, s.spec_trials = 80.0, 100.0  # alpha 0.8
-    assert c.plan(seqs[:1], [8], 1, 1, [True]) == [8]
-    assert c.plan(seqs[:1], [8], 1, 1, [False]) == [8]
-    seqs[0].spec_hits = 0.0  # acceptance near 0: no draft
-    assert c.plan(seqs[:1], [8], 1, 1, [True]) == [0]
-    for s in seqs:
-        s.spec_hits = 80.0
-    for t in (32, 64, 128, 256):  # a large batch: each query token costs as much as the step's base
-        c.record_step(t, 0.010 + 0.001 * t)
-    ks = c.plan(seqs, [8] * 32, 32, 32, [True] * 32)
-    assert sum(ks) < 32 * 8 and c.last_plan["k_mean"] == sum(ks) / 32
-    for t in (32, 64, 128, 256) * 5:
-        c.record_step(t, 0.001 + 0.01 * t)
-    assert c.plan(seqs, [8] * 32, 32, 32, [True] * 32) == [0] * 32
-    c.forget(seqs[:1])
-    assert seqs[0].spec_trials == pytest.approx(90.0)
-
-
-def test_controller_logs_when_it_turns_speculation_off(caplog):
-    c = SpeculationController()
-    seq = Sequence([1], SamplingParams(), BlockTable(BlockPool(1)))
+        s.spec_hits, s.spec_trials = [80.0, 80.0], [100.0, 100.0]  # accepted 4 times in 5
+    assert c.plan(seqs[:1], [8], 1, [True]) == [0]  # a new batch size: first a step without drafts
+    assert c.plan(seqs[:1], [8], 1, [False]) == [8]  # not adaptive: always the cap
+    c.record_step(1, 1, 0.010, 0)
+    assert c.plan(seqs[:1], [8], 1, [True]) == [1]  # then one drafting a token
+    c.record_step(1, 7, 0.011, 8)  # 7 tokens for 10 % more time than a plain step's one
     with caplog.at_level(logging.INFO, logger="hf_paged.core.spec_decode"):
-        assert c.plan([seq], [4], 1, 1, [True]) != [0]
-        seq.spec_trials = 1000.0
-        assert c.plan([seq], [4], 1, 1, [True]) == [0]
-    assert "speculation on" in caplog.text and "speculation off" in caplog.text
+        assert c.plan(seqs[:1], [8], 1, [True]) == [8]
+        assert c.last_plan["on"] == 1.0 and c.last_plan["draft_cost_s"] == pytest.approx(0.001 / 8)
+        assert c.plain_time(1) == pytest.approx(0.010)
+        seqs[0].spec_hits = [0.0, 80.0]  # a first token near never accepted: no draft, though on
+        assert c.plan(seqs[:1], [8], 1, [True]) == [0]
+        for s in seqs:
+            s.spec_hits = [80.0, 80.0]
+        # Batch 32: 40 tokens in 80 ms, where plain steps take 50 ms for 32.
+        c.record_step(32, 32, 0.050, 0)
+        c.record_step(32, 40, 0.080, 64)
+        plans = [c.plan(seqs, [4] * 32, 32, [True] * 32) for _ in range(SpeculationController.PROBE)]
+    assert plans.count([0] * 32) == SpeculationController.PROBE - 1 and [1] * 32 in plans  # one probe
+    assert "speculation on at batch 1" in caplog.text and "speculation off at batch 32" in caplog.text
+    # Cheap verification at batch 32: positions go to the likeliest drafts first, while they pay.
+    c.record_step(32, 96, 0.051, 128)
+    c.record_step(32, 96, 0.051, 128)
+    seqs[0].spec_hits = [20.0, 20.0]  # accepted 1 time in 5
+    ks = c.plan(seqs, [4] * 32, 32, [True] * 32)
+    assert c.last_plan["on"] == 1.0 and ks[1:] == [4] * 31 and ks[0] < 4
+    assert c.plain_time(32) == pytest.approx(0.050) and c.plain_time(16) > c.plain_time(1)
+    assert c.bucket(5) == 5 and c.bucket(20) == 32 and c.bucket(32) == 32
+    c.forget(seqs[:1])
+    assert seqs[0].spec_trials == pytest.approx([90.0, 90.0])
+    SpeculationController.record_verified(seqs[0], 4, 2)  # first accepted, second accepted, third rejected
+    assert seqs[0].spec_hits == pytest.approx([19.0, 19.0]) and seqs[0].spec_trials == pytest.approx([91.0, 92.0])
 
 
 def _seq(params, draft, q=None):
@@ -339,6 +351,8 @@ def test_verify_greedy_accepts_the_matching_prefix_then_corrects():
     seqs = [_seq(greedy, [4, 2, 0]), _seq(greedy, [3, 3, 0])]
     out = Sampler().verify(logits, seqs)
     assert [o[0] for o in out] == [[4, 2, 5], [3, 3, 0, 0]]
+    seqs = [_seq(greedy, [1]), _seq(greedy, [5, 1, 3]), _seq(greedy, [0])]  # drafts of different lengths
+    assert [o[0] for o in Sampler(c_argmax=False).verify(logits, seqs)] == [[4], [5, 1, 3, 3], [0, 0]]
     banned = SamplingParams(temperature=0, min_new_tokens=2, stop_token_ids=[3])  # 3 banned for two tokens
     seq = _seq(banned, [3, 3, 0])
     logits[4, 2] = 4.0
@@ -425,3 +439,20 @@ def test_seeded_sampling_with_speculation_does_not_depend_on_the_batch(tiny_llam
     crowd, stats = _outputs(tiny_llama, None, prompts, params, num_blocks=256, speculative=NGRAM)
     assert alone[0].token_ids == crowd[0].token_ids
     assert stats["spec_decode_num_drafts"] > 0
+
+
+def test_a_verified_draft_is_attended_as_decode_rows():
+    """Each of a drafted sequence's 1 + k tokens is a one-token attention row with its own causal length: the step
+    stays decode-only for the kernels."""
+    from types import SimpleNamespace
+    from hf_paged.core.scheduler import ScheduledSequence, SchedulerOutput
+    from hf_paged.execution.step_inputs import build_step_inputs
+    kv = SimpleNamespace(block_size=4, device=torch.device("cpu"), null_block=0)
+    step = SchedulerOutput([ScheduledSequence("a", [7], 5, [1, 2], True),
+                            ScheduledSequence("b", [3, 8, 9], 6, [3, 4, 5], True, num_draft=2),
+                            ScheduledSequence("c", [1, 2], 0, [6], True)])
+    inputs = build_step_inputs(step, kv, None, None)
+    meta = inputs.meta
+    assert meta.num_decodes == 4 and meta.q_lens_list == [1, 1, 1, 1, 2] and meta.kv_lens_list == [6, 7, 8, 9, 2]
+    assert meta.cu_seqlens_q.tolist() == [0, 1, 2, 3, 4, 6] and meta.block_tables[1:4].tolist() == [[3, 4, 5]] * 3
+    assert inputs.positions.tolist() == [[5, 6, 7, 8, 0, 1]] and inputs.sample_rows == [0, 1, 1, 1, 2]

@@ -151,7 +151,8 @@ class Scheduler:
                 running.append(seq)
                 scheduled.append((seq, n))
                 budget -= n
-        scheduled.sort(key=lambda item: item[1] != 1)  # decodes (one token) first, stable
+        # Decodes (one token) first, then drafts being verified (their rows are decodes too), stable.
+        scheduled.sort(key=lambda item: 0 if item[1] == 1 else 1 if item[0].spec_token_ids else 2)
         self.step_seqs, self.step_counts, self.preempted = [s for s, _ in scheduled], [n for _, n in scheduled], preempted
         states = self.kv.pool.states
         return SchedulerOutput([scheduled_seq(s, n) for s, n in scheduled], self.kv.pool.take_copies(),

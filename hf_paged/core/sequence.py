@@ -218,7 +218,7 @@ class Sequence:
         self.spec: SpeculativeConfig | None = None
         self.spec_token_ids: list[int] = []
         self.spec_probs: torch.Tensor | None = None
-        self.spec_hits = self.spec_trials = 0.0
+        self.spec_hits, self.spec_trials = [0.0, 0.0], [0.0, 0.0]  # a draft's first token, its later ones
         self.draft: Sequence | None = None
         self.spec_drafted = self.spec_accepted = 0
 

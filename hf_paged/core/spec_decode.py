@@ -8,8 +8,9 @@ the rejected tail are given back (``BlockTable.truncate``). This module holds wh
   does not replay (logits processors, penalties, grammars, kept scores, beams) do not speculate;
 - ``ngram_draft``: prompt lookup (the continuation of the latest earlier occurrence of the sequence's last n tokens,
   longest n first), in C speed through ``bytes.rfind`` on the token ids;
-- ``SpeculationController``: how many tokens each request drafts this step (adaptive k: per request acceptance and
-  a measured cost of the step per query token; the decision is logged and kept in ``last_plan``);
+- ``SpeculationController``: how many tokens each request drafts this step (adaptive k: on or off per batch size by
+  the measured tokens per second of steps with and without drafts; per request acceptance orders the positions; the
+  decision is logged and kept in ``last_plan``);
 - ``SpecStats``: vLLM's acceptance counters.
 
 Drafters implement ``Drafter``: ``propose(seqs, ks)`` sets ``seq.spec_token_ids`` (and, where the draft is sampled
@@ -100,91 +101,134 @@ class SpecStats:
 class SpeculationController:
     """How many tokens each speculating request drafts in a step.
 
-    Each request's acceptance rate ``alpha`` (the chance a drafted token is accepted given the previous one was) is
-    estimated from its verified drafts, with a prior of one accepted in two that its observations forget at 0.9 a
-    step (a request that stopped drafting drifts back to the prior and tries again). The step's cost is modelled as
-    ``a + b * T`` seconds for ``T`` query tokens, fitted on the engine's steps (recent ones weigh most), plus ``d``
-    seconds of drafting per drafted token. Draft positions are added best first (the ``j``-th token of a request
-    is accepted with chance ``alpha ** j``) while each raises the step's expected tokens per second: drafting stops
-    when verifying is no longer nearly free (large batches) or acceptance is low. Not adaptive: always the cap.
+    On or off, by measurement of whole decode steps (drafting, forward, verification, appending: ``record_step``).
+    Steps without drafts fit the time of a plain step of ``B`` sequences, ``a + b * B`` (decayed least squares);
+    each step with drafts is compared with what plain steps would take for the tokens it appended,
+    ``plain(B) * tokens / B``. Per batch size (exact up to 8, then by powers of two), decayed sums of both times over
+    its last steps with drafts decide: it speculates while they took no longer than plain steps would have. Every
+    ``PROBE``-th step goes the other way (drafting one token a request, the cheapest try, or none), so both figures
+    stay current; a new batch size measures one step of each first. Each change is logged (INFO) and the last plan
+    kept in ``last_plan`` (and the engine's stats).
+
+    When on, each request's acceptance rates (``alpha``: that a draft's first token is accepted, ``a1``, and that a
+    later one is given the one before was, ``a2``: from its verified drafts, a prior of one in two, forgotten at 0.9
+    a step so that a request that stopped drafting drifts back and tries again; copying, once begun, tends to go on,
+    so ``a2`` is well above ``a1``) order the draft positions (the ``j``-th is accepted with chance
+    ``a1 * a2 ** (j - 1)``);
+    they are added best first while each raises the step's expected tokens per second, a drafted token costing what
+    the measured steps say it does. Not adaptive: always the cap.
     """
 
-    PRIOR_RATIO = 1 / 32  # b / a before the steps have told it (the knee of a CPU decode step, in query tokens)
-    FORGET = 0.9
+    FORGET = 0.9  # per step, each request's acceptance counts
+    DECAY = 0.9  # per measured step, the step-time sums
+    PROBE = 16
 
     def __init__(self) -> None:
-        self._sums = [0.0] * 5  # weighted sums of 1, T, T^2, t, T*t over the steps
-        self.draft_cost = 0.0  # seconds per drafted token (EMA)
-        self.last_plan: dict[str, float] = {"k_mean": 0.0, "speculating": 0.0}
-        self._was_on: bool | None = None
+        self._plain = [0.0] * 5  # steps without drafts: decayed sums of 1, B, B^2, t, B * t
+        # Per batch size, steps with drafts: decayed sums of their seconds, plain steps' seconds for their tokens,
+        # drafted tokens, seconds over a plain step.
+        self._drafted: dict[int, list[float]] = {}
+        self._on: dict[int, bool] = {}
+        self._since_probe: dict[int, int] = {}
+        self.last_plan: dict[str, float] = {"k_mean": 0.0, "speculating": 0.0, "on": 0.0}
 
-    # ---- the cost model --------------------------------------------------------------------------------
-    def record_step(self, num_tokens: int, seconds: float) -> None:
-        w = self._sums
-        for i, v in enumerate((1.0, num_tokens, num_tokens * num_tokens, seconds, num_tokens * seconds)):
-            w[i] = 0.95 * w[i] + v
+    @staticmethod
+    def bucket(num_decodes: int) -> int:
+        return num_decodes if num_decodes <= 8 else 1 << (num_decodes - 1).bit_length()
 
-    def record_drafting(self, num_tokens: int, seconds: float) -> None:
-        if num_tokens:
-            per = seconds / num_tokens
-            self.draft_cost = per if not self.draft_cost else 0.8 * self.draft_cost + 0.2 * per
+    # ---- measurements ------------------------------------------------------------------------------------
+    def record_step(self, num_decodes: int, tokens: int, seconds: float, drafted: int) -> None:
+        """A decode-only step of ``num_decodes`` sequences: ``tokens`` appended, ``drafted`` tokens verified, in
+        ``seconds`` from drafting to appending."""
+        if not num_decodes:
+            return
+        if not drafted:
+            values: tuple[float, ...] = (1.0, num_decodes, num_decodes * num_decodes, seconds, num_decodes * seconds)
+            sums = self._plain
+        elif self._plain[0]:
+            plain = self.plain_time(num_decodes)
+            values = (seconds, plain * tokens / num_decodes, drafted, seconds - plain)
+            sums = self._drafted.setdefault(self.bucket(num_decodes), [0.0] * 4)
+        else:
+            return
+        for i, v in enumerate(values):
+            sums[i] = self.DECAY * sums[i] + v
 
-    def cost(self) -> tuple[float, float]:
-        """(a, b): seconds of a step of ``T`` query tokens are ``a + b * T``."""
-        n, s1, s2, sy, sxy = self._sums
-        if n < 1e-9:
-            return 1.0, self.PRIOR_RATIO
-        mean_t, mean_y = s1 / n, sy / n
-        var = s2 / n - mean_t * mean_t
-        b = (sxy / n - mean_t * mean_y) / var if var > 0.25 else -1.0
-        if b <= 0:  # one step size seen so far, or noise: the prior's shape at the measured level
-            a = mean_y / (1 + self.PRIOR_RATIO * mean_t)
-            return a, a * self.PRIOR_RATIO
-        return max(mean_y - b * mean_t, b), b
+    def plain_time(self, num_decodes: int) -> float:
+        """Seconds of a step without drafts of ``num_decodes`` sequences (0 before any was measured)."""
+        n, s1, s2, sy, sxy = self._plain
+        if not n:
+            return 0.0
+        mean_b, mean_t = s1 / n, sy / n
+        var = s2 / n - mean_b * mean_b
+        slope = max((sxy / n - mean_b * mean_t) / var, 0.0) if var > 0.25 else 0.0
+        return max(mean_t + slope * (num_decodes - mean_b), 1e-9)
+
+    def draft_cost(self, num_decodes: int) -> float:
+        """Seconds a drafted token adds to a step of this batch size, as measured."""
+        sums = self._drafted.get(self.bucket(num_decodes))
+        return max(sums[3] / sums[2], 0.0) if sums and sums[2] else 0.0
 
     # ---- acceptance ------------------------------------------------------------------------------------
     @staticmethod
-    def alpha(seq: Sequence) -> float:
-        return (seq.spec_hits + 1.0) / (seq.spec_trials + 2.0)
+    def alpha(seq: Sequence) -> tuple[float, float]:
+        """(the chance the first drafted token is accepted, that a later one is, given the one before was)."""
+        (h0, h1), (t0, t1) = seq.spec_hits, seq.spec_trials
+        return (h0 + 1.0) / (t0 + 2.0), (h1 + 1.0) / (t1 + 2.0)
 
     def forget(self, seqs: list[Sequence]) -> None:
         for seq in seqs:
-            seq.spec_hits *= self.FORGET
-            seq.spec_trials *= self.FORGET
+            for counts in (seq.spec_hits, seq.spec_trials):
+                counts[0] *= self.FORGET
+                counts[1] *= self.FORGET
 
     @staticmethod
     def record_verified(seq: Sequence, drafted: int, accepted: int) -> None:
-        seq.spec_hits += accepted
-        seq.spec_trials += accepted + (accepted < drafted)
+        if drafted:
+            seq.spec_hits[0] += accepted > 0
+            seq.spec_trials[0] += 1
+            seq.spec_hits[1] += max(accepted - 1, 0)
+            seq.spec_trials[1] += min(accepted, drafted - 1)
 
     # ---- the plan --------------------------------------------------------------------------------------
-    def plan(self, seqs: list[Sequence], caps: list[int], base_tokens: int, base_yield: int,
-             adaptive: list[bool]) -> list[int]:
-        """Tokens to draft per sequence (at most ``caps``), for a step of ``base_tokens`` query tokens that yields
-        ``base_yield`` tokens without speculation."""
+    def mode(self, num_decodes: int) -> tuple[bool, bool]:
+        """(speculate this step, the step is a probe or a first measurement: one drafted token a request)."""
+        key = self.bucket(num_decodes)
+        sums = self._drafted.get(key)
+        if not self._plain[0] or not sums:  # measure first: a step without drafts, then one with
+            return bool(self._plain[0]), True
+        on = sums[0] <= sums[1]
+        if on != self._on.get(key):
+            logger.info("speculation %s at batch %d: steps with drafts took %.3g s where plain steps would take "
+                        "%.3g s", "on" if on else "off", num_decodes, sums[0], sums[1])
+            self._on[key] = on
+        self._since_probe[key] = self._since_probe.get(key, 0) + 1
+        if self._since_probe[key] >= self.PROBE:
+            self._since_probe[key] = 0
+            return not on, True
+        return on, False
+
+    def plan(self, seqs: list[Sequence], caps: list[int], num_decodes: int, adaptive: list[bool]) -> list[int]:
+        """Tokens to draft per sequence (at most ``caps``), in a step with ``num_decodes`` decoding sequences."""
+        on, full = self.mode(num_decodes)
         ks = [0 if a else c for c, a in zip(caps, adaptive)]
-        a, b = self.cost()
-        d = self.draft_cost
-        tokens, yield_, drafted = base_tokens + sum(ks), float(base_yield), sum(ks)
-        alphas = [self.alpha(s) for s in seqs]
-        heap = [(-alphas[i], i) for i in range(len(seqs)) if adaptive[i] and caps[i] > 0]
-        heapq.heapify(heap)
-        while heap:
-            gain, i = heapq.heappop(heap)
-            gain = -gain
-            # Adding this token raises tokens per second iff gain / (b + d) > yield / time.
-            if gain * (a + b * tokens + d * drafted) <= (b + d) * yield_:
-                break
-            ks[i] += 1
-            tokens, yield_, drafted = tokens + 1, yield_ + gain, drafted + 1
-            if ks[i] < caps[i]:
-                heapq.heappush(heap, (-gain * alphas[i], i))
-        on = any(ks)
+        cost = self.draft_cost(num_decodes)
+        if on and full:
+            ks = [min(c, 1) if a else c for c, a in zip(caps, adaptive)]
+        elif on:
+            step, yield_ = self.plain_time(num_decodes), float(num_decodes)
+            alphas = [self.alpha(s) for s in seqs]
+            heap = [(-alphas[i][0], i) for i in range(len(seqs)) if adaptive[i] and caps[i] > 0]
+            heapq.heapify(heap)
+            while heap:
+                gain, i = heapq.heappop(heap)
+                gain = -gain
+                if gain * step <= cost * yield_:  # this token no longer raises tokens per second
+                    break
+                ks[i] += 1
+                step, yield_ = step + cost, yield_ + gain
+                if ks[i] < caps[i]:
+                    heapq.heappush(heap, (-gain * alphas[i][1], i))
         self.last_plan = {"k_mean": sum(ks) / len(ks) if ks else 0.0, "speculating": float(sum(k > 0 for k in ks)),
-                          "cost_a_s": a, "cost_b_s": b, "draft_cost_s": d}
-        if seqs and on != self._was_on:
-            logger.info("speculation %s: %d requests, mean k %.2f, mean acceptance %.2f, step cost %.2g s + %.2g s "
-                        "per token, drafting %.2g s per token", "on" if on else "off", len(seqs),
-                        self.last_plan["k_mean"], sum(alphas) / len(alphas), a, b, d)
-            self._was_on = on
+                          "on": float(on), "plain_step_s": self.plain_time(num_decodes), "draft_cost_s": cost}
         return ks

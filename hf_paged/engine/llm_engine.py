@@ -434,7 +434,7 @@ class LLMEngine:
             self._sync_weights(was_idle)
         spec = self.speculator
         if spec is not None:
-            spec.propose(self.scheduler.running, self.config.max_num_batched_tokens)
+            spec.propose(self.scheduler.running)
         step = self.scheduler.schedule()
         self.metrics.preemptions += len(self.scheduler.preempted)
         if not step.seqs:
@@ -466,9 +466,9 @@ class LLMEngine:
         self.metrics.record_step(step.num_tokens, seconds, self.pool, self.scheduler)
         finished = self.outputs.process(seqs, self.scheduler.append_tokens(seqs, *sampled))
         if spec is not None:
-            spec.controller.record_step(step.num_tokens, seconds)
             if verified:
                 finished += spec.append(verified, self.scheduler, self.outputs)
+            spec.end_step(step, len(seqs) + sum(len(v[1]) for v in verified))
         for seq, exc in failed:
             finished += self.outputs.fail([seq], exc)
         return finished

@@ -25,7 +25,7 @@ import torch
 
 from ..config import EngineConfig, SpeculativeConfig
 from ..core.spec_decode import Drafter, NgramDrafter, SpecStats, SpeculationController, speculates
-from ..core.scheduler import Scheduler
+from ..core.scheduler import Scheduler, SchedulerOutput
 from ..core.sequence import Sequence
 from ..execution.draft_model import DraftModelDrafter
 from ..execution.sampler import Sampler
@@ -34,12 +34,15 @@ logger = logging.getLogger(__name__)
 
 
 class Speculator:
+    clock = staticmethod(time.perf_counter)  # what steps are timed with (the controller's measurements)
+
     def __init__(self, config: EngineConfig, num_blocks: int, vocab_size: int, max_model_len: int) -> None:
         self.config = config
         self.num_blocks, self.vocab_size, self.max_model_len = num_blocks, vocab_size, max_model_len
         self.drafters: dict[Any, Drafter] = {}
         self.controller = SpeculationController()
         self.stats = SpecStats()
+        self._started = 0.0  # when the step's drafting began
         self._lock = threading.Lock()
 
     def resolve(self, seq: Sequence) -> None:
@@ -69,13 +72,13 @@ class Speculator:
             self.drafters.clear()
 
     # ---- before the schedule -------------------------------------------------------------------
-    def propose(self, running: list[Sequence], budget: int) -> None:
-        seqs, caps, base_tokens, base_yield = [], [], 0, 0
+    def propose(self, running: list[Sequence]) -> None:
+        self._started = self.clock()
+        seqs, caps, num_decodes = [], [], 0
         for seq in running:
-            left = seq.num_tokens - seq.num_computed_tokens
-            base_tokens += left
-            base_yield += left == 1
-            if seq.spec is not None and left == 1 and seq.num_computed_tokens:
+            decodes = seq.num_tokens - seq.num_computed_tokens == 1 and seq.num_computed_tokens > 0
+            num_decodes += decodes
+            if seq.spec is not None and decodes:
                 cap = min(seq.spec.num_tokens, seq.params.max_new_tokens - seq.num_output_tokens - 1,
                           self.max_model_len - seq.num_tokens - 1)
                 if cap > 0:
@@ -85,7 +88,7 @@ class Speculator:
             return
         # A seeded sampled request drafts its cap: its draws then depend on its own tokens only, not on the batch.
         adaptive = [s.spec.adaptive and (s.generator is None or s.params.greedy) for s in seqs]
-        ks = self.controller.plan(seqs, caps, min(base_tokens, budget), base_yield, adaptive)
+        ks = self.controller.plan(seqs, caps, num_decodes, adaptive)
         self.controller.forget(seqs)
         groups: dict[int, tuple[Drafter, list[Sequence], list[int]]] = {}
         for seq, k in zip(seqs, ks):
@@ -94,7 +97,6 @@ class Speculator:
             groups[id(drafter)][1].append(seq)
             groups[id(drafter)][2].append(k)
         for drafter, group, group_ks in groups.values():
-            started = time.perf_counter()
             try:
                 drafter.propose(group, group_ks)
             except Exception:  # drafting is an optimisation: these requests decode without it from now on
@@ -102,7 +104,6 @@ class Speculator:
                 for seq in group:
                     seq.spec, seq.spec_token_ids, seq.spec_probs = None, [], None
                 continue
-            self.controller.record_drafting(sum(len(s.spec_token_ids) for s in group), time.perf_counter() - started)
 
     # ---- after the forward ---------------------------------------------------------------------
     @staticmethod
@@ -159,12 +160,18 @@ class Speculator:
                 scheduler.kv.register_computed_blocks(seq, before)
         return finished
 
+    def end_step(self, step: SchedulerOutput, num_appended: int) -> None:
+        """Time the step from drafting to appending, for the controller (decode and verification steps only)."""
+        if all(len(s.token_ids) == 1 + s.num_draft for s in step.seqs):
+            self.controller.record_step(len(step.seqs), num_appended, self.clock() - self._started,
+                                        sum(s.num_draft for s in step.seqs))
+
     def summary(self) -> dict[str, float]:
-        s = self.stats
+        s, plan = self.stats, self.controller.last_plan
         out = {"spec_decode_num_drafts": s.num_drafts, "spec_decode_num_draft_tokens": s.num_draft_tokens,
                "spec_decode_num_accepted_tokens": s.num_accepted_tokens,
                "spec_decode_acceptance_rate": s.num_accepted_tokens / s.num_draft_tokens if s.num_draft_tokens else 0.0,
-               "spec_decode_mean_k": self.controller.last_plan["k_mean"]}
+               "spec_decode_mean_k": plan["k_mean"], "spec_decode_on": plan["on"]}
         for pos, count in enumerate(s.accepted_per_pos):
             out[f"spec_decode_num_accepted_tokens_per_pos_{pos}"] = count
         return out

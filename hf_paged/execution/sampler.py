@@ -165,9 +165,15 @@ class Sampler:
         if banned:
             index = torch.tensor(banned, dtype=torch.long, device=logits.device)
             logits[index[:, 0], index[:, 1]] = float("-inf")
-        greedy_ids = (argmax_rows(logits) if self.c_argmax else None)
+        greedy_ids = argmax_rows(logits) if self.c_argmax else None
         if greedy_ids is None:
             greedy_ids = logits.max(dim=-1).indices
+        greedy_ids = greedy_ids.cpu()
+        # Greedy rows: the drafted tokens accepted, for all sequences in one comparison (-1 pads: never a token).
+        width = max(counts) - 1
+        drafts = torch.tensor([s.spec_token_ids + [-1] * (width - len(s.spec_token_ids)) for s in seqs])
+        at = torch.tensor(starts[:-1]).unsqueeze(1) + torch.arange(width).unsqueeze(0)
+        accepted = (greedy_ids[at.clamp(max=len(row_seqs) - 1)] == drafts).cumprod(1).sum(1).tolist()
         greedy_ids = greedy_ids.tolist()
         sampled = [r for r, s in enumerate(row_seqs) if not s.params.greedy]
         probs = {}
@@ -177,16 +183,11 @@ class Sampler:
         out_tokens = []
         for i, seq in enumerate(seqs):
             draft, base = seq.spec_token_ids, starts[i]
-            tokens = []
             if seq.params.greedy:
-                for j, x in enumerate(draft):
-                    if greedy_ids[base + j] != x:
-                        break
-                    tokens.append(x)
-                tokens.append(greedy_ids[base + len(tokens)])
+                n = accepted[i]
+                out_tokens.append(draft[:n] + [greedy_ids[base + n]])
             else:
-                tokens = self._rejection(seq, draft, [probs[base + j] for j in range(counts[i])])
-            out_tokens.append(tokens)
+                out_tokens.append(self._rejection(seq, draft, [probs[base + j] for j in range(counts[i])]))
         logprobs: list = [None] * len(seqs)
         tops: list = [None] * len(seqs)
         for i, seq in enumerate(seqs):

@@ -2,7 +2,9 @@
 the CUDA graphs' staging and every tensor-parallel rank.
 
 All scheduled tokens are flattened into a single row ``[1, T]`` with their own positions; the paged metadata (slots,
-block tables, lengths) rides in the forward's kwargs to the registered ``hf_paged`` attention.
+block tables, lengths) rides in the forward's kwargs to the registered ``hf_paged`` attention. Its rows are the
+scheduled sequences, except that a sequence verifying a draft is ``1 + num_draft`` one-token rows (decodes to the
+attention kernels).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ def build_step_inputs(step: SchedulerOutput, kv_cache, plan, layer_windows) -> S
     positions: list[int] = []
     slot_mapping: list[int] = []
     kv_lens: list[int] = []
+    q_lens: list[int] = []
+    tables: list[list[int]] = []
     cu = [0]
     sample_rows: list[int] = []
     keep: list[int] = []
@@ -48,8 +52,13 @@ def build_step_inputs(step: SchedulerOutput, kv_cache, plan, layer_windows) -> S
         input_ids.extend(seq.token_ids)
         positions.extend(range(start, start + n))
         slot_mapping.extend(slot_ids(seq.block_ids or [kv_cache.null_block], start, start + n, bs))  # padding: null
-        kv_lens.append(start + n)
-        cu.append(cu[-1] + n)
+        # A draft being verified is attended as one-token rows, each with its own causal length: decode kernels take
+        # it (the step's K/V are all written before any row attends).
+        for kv_len, q in ([(start + j + 1, 1) for j in range(n)] if seq.num_draft else [(start + n, n)]):
+            kv_lens.append(kv_len)
+            q_lens.append(q)
+            tables.append(seq.block_ids)
+            cu.append(cu[-1] + q)
         if seq.samples:
             rows = 1 + seq.num_draft  # a draft is verified at each of its positions and after its last
             sample_rows.extend([i] * rows)
@@ -58,15 +67,16 @@ def build_step_inputs(step: SchedulerOutput, kv_cache, plan, layer_windows) -> S
     null = kv_cache.null_block
     # Everything in one host buffer (pinned on CUDA), copied to the device once per step, without waiting:
     # ids | positions | slots | cu_seqlens_q | kv_lens | logits rows to keep | block tables (padded).
-    t, s = len(input_ids), len(step.seqs)
+    t, s = len(input_ids), len(tables)
     flat = input_ids + positions + slot_mapping + cu + kv_lens + keep
-    for seq in step.seqs:
-        flat += seq.block_ids
-        flat += [null] * (width - len(seq.block_ids))
+    for blocks in tables:
+        flat += blocks
+        flat += [null] * (width - len(blocks))
+    num_decodes = next((r for r, q in enumerate(q_lens) if q != 1), s)
     ids, pos, slot_t, cu_q, lens, keep_t, tables = to_device(flat, device).split(
         [t, t, t, s + 1, s, len(keep), s * width])
     meta = PagedAttentionMetadata(
         slot_mapping=slot_t, block_tables=tables.view(s, width), kv_lens=lens.to(torch.int32), cu_seqlens_q=cu_q,
-        num_decodes=step.num_decodes, kv_lens_list=kv_lens, q_lens_list=[len(q.token_ids) for q in step.seqs],
+        num_decodes=num_decodes, kv_lens_list=kv_lens, q_lens_list=q_lens,
         block_size=bs, kv_cache=kv_cache, plan=plan, layer_windows=layer_windows, positions=pos)
     return StepInputs(ids.view(1, t), pos.view(1, t), meta, keep_t, sample_rows)
