@@ -171,7 +171,8 @@ class PagedCache(Cache):
         latent and rotary key, which transformers caches in place of K and V), as many blocks."""
         old = self.kv_cache
         self.kv_cache = KVCache(old.num_layers, kv_heads, head_dim, layers=list(old.rows),
-                                block_size=old.block_size, num_blocks=old.num_blocks, device=old.device, kv_cache_dtype=old.kv_cache_dtype,
+                                block_size=old.block_size, num_blocks=old.num_blocks, device=old.device,
+                                kv_cache_dtype=old.kv_cache_dtype,
                                 dtype=old.dtype if old.kv_cache_dtype == "auto" else torch.float32,
                                 head_dim_v=head_dim_v)
         old.release()

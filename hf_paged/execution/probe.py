@@ -1,8 +1,9 @@
 """The engine's admission probe: one small ragged step through the engine's own forward before any request.
 
 Two short prompts (the first longer than a short sliding window) are prefilled together in one step (two, for a model
-with recurrent layers: the second continues the first's state), then one token is decoded for each in a further step, through the runner exactly as requests run (the plan's kernels, fused layers, the per-layer call check); each step's logits
-are compared with the model's own forward over the same tokens (no cache, its own attention). A model whose state
+with recurrent layers: the second continues the first's state), then one token is decoded for each in a further step,
+through the runner exactly as requests run (the plan's kernels, fused layers, the per-layer call check); each step's
+logits are compared with the model's own forward over the same tokens (no cache, its own attention). A model whose state
 or attention none of ``hf_paged.admission``'s checks foresaw — a layer computing attention around hf_paged's, state
 kept outside the K/V, positions taken from the flattened batch — gives different logits here, and the engine is
 refused (``UnsupportedModel``) instead of answering requests wrongly. It writes only blocks no request holds yet.
