@@ -23,7 +23,7 @@ from typing import Callable, Collection, Iterator
 
 import torch
 
-from ..admission import layer_windows, recurrent_mixers, temperature_tuned
+from ..admission import layer_windows, temperature_tuned
 from .kernels.paged_attention import step_running
 from .kv_cache import KVCache
 from .patches.attention import EngineDisabled, attention_configs, paged_attention_selected
@@ -127,7 +127,8 @@ class ModelRunner:
         self._packers_by_weight: dict = {}
         self.compiled = False
         self.decode_graphs = None  # a cuda_graphs.DecodeGraphs where the plan has cuda_graphs (set by the engine)
-        self.recurrent = RecurrentStates(model, self.device) if recurrent_mixers(model) else None
+        recurrent = RecurrentStates(model, self.device)
+        self.recurrent = recurrent if recurrent.mixers else None
         self.build()
         # transformers returns a 4-D mask unchanged, so no causal mask is built; hf_paged ignores it.
         self._mask_placeholder = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
