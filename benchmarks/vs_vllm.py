@@ -41,16 +41,12 @@ def run_vllm(model_dir: Path, wl, dtype: str, threads: int, prefill_split: bool 
     return run_vllm_many(model_dir, [wl], dtype, threads, prefill_split, kv_space_gb)[0]
 
 
-def run_vllm_many(model_dir: Path, wls: list, dtype: str, threads: int, prefill_split: bool = False,
-                  kv_space_gb: int = 3) -> list[dict]:
-    """``run_vllm`` on each of ``wls`` in turn, one vLLM process (one load and compile) for all; the warm-up
-    prompts are the first workload's."""
+def vllm_process() -> tuple[Path, dict[str, str]]:
+    """(the vLLM venv's Python, the environment its runs need: offline, tcmalloc and Intel OpenMP preloaded, an
+    emulated CPU tier's feature caps)."""
     python = VLLM_VENV / "bin" / "python"
     if not python.exists():
         raise SystemExit(f"no vLLM venv at {VLLM_VENV}: run ../shared/peers/vllm_cpu.sh once to install it")
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump({"workloads": [{"name": wl.name, "prompts": wl.prompts, "out_lens": wl.out_lens} for wl in wls],
-                   "warmup": wls[0].warmup_prompts}, f)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1")
     tier = os.environ.get("HF_PAGED_PEER_CPU_ISA")
     if tier:  # an emulated CPU tier (--cpu-isa): torch's feature queries capped in every vLLM process
@@ -60,6 +56,17 @@ def run_vllm_many(model_dir: Path, wls: list, dtype: str, threads: int, prefill_
                if Path(p).exists()]
     if preload:
         env["LD_PRELOAD"] = ":".join(preload)
+    return python, env
+
+
+def run_vllm_many(model_dir: Path, wls: list, dtype: str, threads: int, prefill_split: bool = False,
+                  kv_space_gb: int = 3) -> list[dict]:
+    """``run_vllm`` on each of ``wls`` in turn, one vLLM process (one load and compile) for all; the warm-up
+    prompts are the first workload's."""
+    python, env = vllm_process()
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"workloads": [{"name": wl.name, "prompts": wl.prompts, "out_lens": wl.out_lens} for wl in wls],
+                   "warmup": wls[0].warmup_prompts}, f)
     proc = subprocess.run([str(python), str(HERE / "peer_vllm_run.py"), "--model", str(model_dir), "--workload",
                            f.name, "--dtype", dtype, "--threads", str(threads), "--kv-space-gb", str(kv_space_gb)]
                           + (["--prefill-split"] if prefill_split else []),

@@ -18,7 +18,7 @@ from hf_paged import LLMEngine, SamplingParams
 from hf_paged.config import EngineConfig, SpeculativeConfig
 from hf_paged.core.block_pool import BlockPool, BlockTable
 from hf_paged.core.sequence import Sequence
-from hf_paged.core.spec_decode import SpeculationController, ngram_draft
+from hf_paged.core.spec_decode import MATCH_LONGEST, SpeculationController, ngram_draft, ngram_match
 from hf_paged.engine.speculator import Speculator
 from hf_paged.execution.sampler import Sampler
 
@@ -288,6 +288,15 @@ def test_prompt_lookup_on_smollm2_equals_hf(smollm2, grounded_ids):
 
 
 # ---- pieces ---------------------------------------------------------------------------------------------------
+def test_ngram_match_measures_how_far_back_the_match_runs():
+    assert ngram_match([1, 2, 3, 9, 1, 2, 4, 7, 1, 2], 3, 1, 3) == ([4, 7, 1], 2)
+    #                 the earlier "5 6 7 8" agrees four tokens back, beyond max_n
+    assert ngram_match([5, 6, 7, 8, 0, 3, 5, 6, 7, 8], 2, 1, 2) == ([0, 3], 4)
+    tokens = list(range(50)) + list(range(45))  # a copy 45 tokens long: measured up to MATCH_LONGEST
+    assert ngram_match(tokens, 4, 1, 3) == ([45, 46, 47, 48], MATCH_LONGEST)
+    assert ngram_match([1, 2, 3], 4, 1, 3) == ([], 0)
+
+
 def test_ngram_draft_takes_the_latest_longest_match():
     assert ngram_draft([1, 2, 3, 9, 1, 2, 4, 7, 1, 2], 3, 1, 3) == [4, 7, 1]  # latest "1 2"
     assert ngram_draft([5, 1, 2, 3, 8, 8, 0, 2, 3, 6, 1, 2, 3], 2, 1, 3) == [8, 8]  # "1 2 3" beats the later "2 3"
@@ -333,8 +342,31 @@ def test_controller_speculates_while_steps_with_drafts_beat_plain_steps(caplog):
     assert c.bucket(5) == 5 and c.bucket(20) == 32 and c.bucket(32) == 32
     c.forget(seqs[:1])
     assert seqs[0].spec_trials == pytest.approx([90.0, 90.0])
-    SpeculationController.record_verified(seqs[0], 4, 2)  # first accepted, second accepted, third rejected
+    c.record_verified(seqs[0], 4, 2)  # first accepted, second accepted, third rejected
     assert seqs[0].spec_hits == pytest.approx([19.0, 19.0]) and seqs[0].spec_trials == pytest.approx([91.0, 92.0])
+
+
+def test_controller_rates_prompt_lookup_drafts_by_their_match_length():
+    """A long match (a span being copied) earns long drafts and a one-token match none, in the same request; the
+    rates come from every request's verified drafts of that match length."""
+    c = SpeculationController()
+    c.record_step(1, 1, 0.010, 0)
+    c.record_step(1, 5, 0.020, 8)  # a drafted token costs an eighth of a plain step
+    seqs = [Sequence([1], SamplingParams(), BlockTable(BlockPool(1))) for _ in range(2)]
+    assert c.match_class(1) == 1 and c.match_class(5) == 4 and c.match_class(9) == 5 and c.match_class(40) == 7
+    for _ in range(30):
+        seqs[0].spec_match = 20  # copying: 8 of 8 accepted
+        c.record_verified(seqs[0], 8, 8)
+        seqs[1].spec_match = 1  # a one-token match: rejected at once
+        c.record_verified(seqs[1], 8, 0)
+    assert c.alpha(seqs[0])[0] > 0.9 and c.alpha(seqs[1])[0] < 0.1
+    fresh = Sequence([1], SamplingParams(), BlockTable(BlockPool(1)))  # no history of its own
+    fresh.spec_match = 17
+    assert c.plan([fresh], [8], 1, [True]) == [8]
+    fresh.spec_match = 1
+    assert c.plan([fresh], [8], 1, [True]) == [0]
+    fresh.spec_match = 3  # a class never seen: the prior of one in two, still worth a few tokens here
+    assert 0 < c.plan([fresh], [8], 1, [True])[0] < 8
 
 
 def _seq(params, draft, q=None):

@@ -6,16 +6,18 @@ the rejected tail are given back (``BlockTable.truncate``). This module holds wh
 
 - ``speculates(params)``: requests whose next-token distribution depends on their own tokens in ways the verifier
   does not replay (logits processors, penalties, grammars, kept scores, beams) do not speculate;
-- ``ngram_draft``: prompt lookup (the continuation of the latest earlier occurrence of the sequence's last n tokens,
-  longest n first), in C speed through ``bytes.rfind`` on the token ids;
+- ``ngram_match``: prompt lookup (the continuation of the latest earlier occurrence of the sequence's last n tokens,
+  longest n first), in C speed through ``bytes.rfind`` on the token ids, with how far back the match runs;
 - ``SpeculationController``: how many tokens each request drafts this step (adaptive k: on or off per batch size by
-  the measured tokens per second of steps with and without drafts; per request acceptance orders the positions; the
-  decision is logged and kept in ``last_plan``);
+  the measured tokens per second of steps with and without drafts; the acceptance rates expected of each draft
+  order the positions; the decision is logged and kept in ``last_plan``);
 - ``SpecStats``: vLLM's acceptance counters.
 
 Drafters implement ``Drafter``: ``propose(seqs, ks)`` sets ``seq.spec_token_ids`` (and, where the draft is sampled
-from a distribution, ``seq.spec_probs``: one row per drafted token); an EAGLE-style head would be one more drafter
-reading the target's hidden states.
+from a distribution, ``seq.spec_probs``: one row per drafted token). A drafter whose drafts cost nothing beside the
+step (``drafts_first``: prompt lookup) drafts each request's cap before the plan, which then cuts the drafts by what
+they are; the others draft what the plan asks. An EAGLE-style head would be one more drafter reading the target's
+hidden states.
 """
 
 from __future__ import annotations
@@ -40,17 +42,23 @@ def speculates(params: SamplingParams) -> bool:
 
 
 class Drafter(Protocol):
+    drafts_first: bool  # drafts at the caps, before the plan (which may cut them); else drafts the plan's k
+
     def propose(self, seqs: list[Sequence], ks: list[int]) -> None:
         """Set ``seq.spec_token_ids`` (at most ``k`` tokens each) and, for sampled drafts, ``seq.spec_probs``."""
 
     def close(self) -> None: ...
 
 
-def ngram_draft(tokens: list[int], k: int, min_n: int, max_n: int) -> list[int]:
-    """Up to ``k`` tokens that followed the latest earlier occurrence of the last n tokens (n from ``max_n`` down to
-    ``min_n``); [] if none occurs."""
+MATCH_LONGEST = 32  # how far back ngram_match measures a match
+
+
+def ngram_match(tokens: list[int], k: int, min_n: int, max_n: int) -> tuple[list[int], int]:
+    """(up to ``k`` tokens that followed the latest earlier occurrence of the last n tokens, n from ``max_n`` down to
+    ``min_n``; how many tokens before them agree with the sequence's last ones, up to ``MATCH_LONGEST``): ([], 0) if
+    none occurs. The match's length says how sure the draft is: a long one is a span being copied."""
     if k <= 0 or len(tokens) < 2:
-        return []
+        return [], 0
     buf = array("i", tokens).tobytes()
     last = len(buf) - 4  # an occurrence must end before the last token: something follows it
     for n in range(min(max_n, len(tokens) - 1), min_n - 1, -1):
@@ -59,20 +67,30 @@ def ngram_draft(tokens: list[int], k: int, min_n: int, max_n: int) -> list[int]:
         while (pos := buf.rfind(pattern, 0, end)) >= 0:
             if pos % 4 == 0:
                 start = pos // 4 + n
-                return tokens[start:start + k]
+                length, limit = n, min(MATCH_LONGEST, start)
+                while length < limit and tokens[start - length - 1] == tokens[-length - 1]:
+                    length += 1
+                return tokens[start:start + k], length
             end = pos + 4 * n - 1  # misaligned (inside token ids): look further left
-    return []
+    return [], 0
+
+
+def ngram_draft(tokens: list[int], k: int, min_n: int, max_n: int) -> list[int]:
+    """The draft of :func:`ngram_match`."""
+    return ngram_match(tokens, k, min_n, max_n)[0]
 
 
 class NgramDrafter:
     """Prompt lookup over each request's own prompt and output: no model."""
+
+    drafts_first = True
 
     def __init__(self, config: SpeculativeConfig) -> None:
         self.min_n, self.max_n = config.prompt_lookup_min, config.prompt_lookup_max
 
     def propose(self, seqs: list[Sequence], ks: list[int]) -> None:
         for seq, k in zip(seqs, ks):
-            seq.spec_token_ids = ngram_draft(seq.token_ids, k, self.min_n, self.max_n)
+            seq.spec_token_ids, seq.spec_match = ngram_match(seq.token_ids, k, self.min_n, self.max_n)
 
     def close(self) -> None:
         pass
@@ -110,16 +128,21 @@ class SpeculationController:
     stay current; a new batch size measures one step of each first. Each change is logged (INFO) and the last plan
     kept in ``last_plan`` (and the engine's stats).
 
-    When on, each request's acceptance rates (``alpha``: that a draft's first token is accepted, ``a1``, and that a
-    later one is given the one before was, ``a2``: from its verified drafts, a prior of one in two, forgotten at 0.9
-    a step so that a request that stopped drafting drifts back and tries again; copying, once begun, tends to go on,
-    so ``a2`` is well above ``a1``) order the draft positions (the ``j``-th is accepted with chance
-    ``a1 * a2 ** (j - 1)``);
-    they are added best first while each raises the step's expected tokens per second, a drafted token costing what
-    the measured steps say it does. Not adaptive: always the cap.
+    When on, each draft's acceptance rates (``alpha``: that its first token is accepted, ``a1``, and that a later one
+    is, given the one before was, ``a2``) order the draft positions (the ``j``-th is accepted with chance
+    ``a1 * a2 ** (j - 1)``); they are added best first while each raises the step's expected tokens per second, a
+    drafted token costing what the measured steps say it does. Not adaptive: always the cap. The rates, from verified
+    drafts with a prior of one in two:
+
+    - a prompt-lookup draft (``seq.spec_match``, its match's length): those of every draft whose match was about as
+      long (``match_class``), across requests. A match that runs far back is a span being copied, which tends to go
+      on; a one-token match is often chance.
+    - a draft model's: the request's own, forgotten at 0.9 a step so that a request that stopped drafting drifts
+      back and tries again; copying, once begun, tends to go on, so ``a2`` is well above ``a1``.
     """
 
     FORGET = 0.9  # per step, each request's acceptance counts
+    FORGET_MATCH = 0.995  # per verified draft, its match class's counts
     DECAY = 0.9  # per measured step, the step-time sums
     PROBE = 16
 
@@ -130,6 +153,7 @@ class SpeculationController:
         self._drafted: dict[int, list[float]] = {}
         self._on: dict[int, bool] = {}
         self._since_probe: dict[int, int] = {}
+        self._by_match: dict[int, list[float]] = {}  # match class: decayed [first hits, first trials, later, later]
         self.last_plan: dict[str, float] = {"k_mean": 0.0, "speculating": 0.0, "on": 0.0}
 
     @staticmethod
@@ -171,9 +195,16 @@ class SpeculationController:
 
     # ---- acceptance ------------------------------------------------------------------------------------
     @staticmethod
-    def alpha(seq: Sequence) -> tuple[float, float]:
+    def match_class(length: int) -> int:
+        """Prompt-lookup matches of about the same length: 1, 2, 3, 4-5, 6-9, 10-15, 16 and more."""
+        return length if length <= 3 else 4 + (length >= 6) + (length >= 10) + (length >= 16)
+
+    def alpha(self, seq: Sequence) -> tuple[float, float]:
         """(the chance the first drafted token is accepted, that a later one is, given the one before was)."""
-        (h0, h1), (t0, t1) = seq.spec_hits, seq.spec_trials
+        if seq.spec_match:
+            h0, t0, h1, t1 = self._by_match.get(self.match_class(seq.spec_match), (0.0, 0.0, 0.0, 0.0))
+        else:
+            (h0, h1), (t0, t1) = seq.spec_hits, seq.spec_trials
         return (h0 + 1.0) / (t0 + 2.0), (h1 + 1.0) / (t1 + 2.0)
 
     def forget(self, seqs: list[Sequence]) -> None:
@@ -182,13 +213,18 @@ class SpeculationController:
                 counts[0] *= self.FORGET
                 counts[1] *= self.FORGET
 
-    @staticmethod
-    def record_verified(seq: Sequence, drafted: int, accepted: int) -> None:
-        if drafted:
-            seq.spec_hits[0] += accepted > 0
-            seq.spec_trials[0] += 1
-            seq.spec_hits[1] += max(accepted - 1, 0)
-            seq.spec_trials[1] += min(accepted, drafted - 1)
+    def record_verified(self, seq: Sequence, drafted: int, accepted: int) -> None:
+        if not drafted:
+            return
+        outcome = (accepted > 0, 1, max(accepted - 1, 0), min(accepted, drafted - 1))
+        seq.spec_hits[0] += outcome[0]
+        seq.spec_trials[0] += outcome[1]
+        seq.spec_hits[1] += outcome[2]
+        seq.spec_trials[1] += outcome[3]
+        if seq.spec_match:
+            counts = self._by_match.setdefault(self.match_class(seq.spec_match), [0.0] * 4)
+            for i, v in enumerate(outcome):
+                counts[i] = self.FORGET_MATCH * counts[i] + v
 
     # ---- the plan --------------------------------------------------------------------------------------
     def mode(self, num_decodes: int) -> tuple[bool, bool]:

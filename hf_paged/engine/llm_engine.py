@@ -432,6 +432,7 @@ class LLMEngine:
         was_idle = not self.scheduler.has_work()
         if self._drain_inbox():
             self._sync_weights(was_idle)
+        began = time.perf_counter()
         spec = self.speculator
         if spec is not None:
             spec.propose(self.scheduler.running)
@@ -465,10 +466,13 @@ class LLMEngine:
         seconds = time.perf_counter() - started
         self.metrics.record_step(step.num_tokens, seconds, self.pool, self.scheduler)
         finished = self.outputs.process(seqs, self.scheduler.append_tokens(seqs, *sampled))
+        appended = len(seqs) + sum(len(v[1]) for v in verified)
         if spec is not None:
             if verified:
                 finished += spec.append(verified, self.scheduler, self.outputs)
-            spec.end_step(step, len(seqs) + sum(len(v[1]) for v in verified))
+            spec.end_step(step, appended)
+        if all(len(s.token_ids) == 1 + s.num_draft for s in step.seqs):
+            self.metrics.record_decode_step(appended, time.perf_counter() - began)
         for seq, exc in failed:
             finished += self.outputs.fail([seq], exc)
         return finished
@@ -584,7 +588,8 @@ class LLMEngine:
 
     def stats(self) -> dict[str, float]:
         """A snapshot for monitoring (safe from any thread): requests running and waiting, KV blocks, prefix-cache
-        queries and hits (in tokens), preemptions, prompt and generated tokens so far; recurrent-state slots in use
+        queries and hits (in tokens), preemptions, prompt and generated tokens so far, the tokens and time of steps
+        that computed no prompt tokens (decode tokens/s: their ratio); recurrent-state slots in use
         where the model has recurrent layers; with speculative decoding, vLLM's counters (drafts, drafted and accepted
         tokens, accepted per draft position), the acceptance rate and the last step's mean k."""
         pool, bs = self.pool, self.pool.block_size
@@ -595,6 +600,8 @@ class LLMEngine:
             "prefix_cache_queries": pool.prefix_queries * bs, "prefix_cache_hits": pool.prefix_hits * bs,
             "preemptions": self.metrics.preemptions, "prompt_tokens": self.metrics.prompt_tokens,
             "generation_tokens": self.metrics.generation_tokens,
+            "decode_step_tokens": self.metrics.decode_step_tokens,
+            "decode_step_time_s": self.metrics.decode_step_time_s,
             **(self.speculator.summary() if self.speculator is not None else {}),
         }
         if pool.states is not None:

@@ -32,6 +32,8 @@ class EngineMetrics:
     output_tokens: int = 0  # of finished requests
     finished: int = 0
     step_time_s: float = 0.0
+    decode_step_tokens: int = 0  # tokens appended by steps that computed no prompt tokens (decodes, verifications)
+    decode_step_time_s: float = 0.0  # those steps' time, drafting to appending
     ttft_s: list[float] = field(default_factory=list)
     tpot_s: list[float] = field(default_factory=list)
 
@@ -61,6 +63,10 @@ class EngineMetrics:
         self.prefix_cached_tokens = scheduler.num_prefix_cached_tokens
         if pool.prefix_queries:
             self.prefix_cache_hit_rate = pool.prefix_hits / pool.prefix_queries
+
+    def record_decode_step(self, tokens: int, seconds: float) -> None:
+        self.decode_step_tokens += tokens
+        self.decode_step_time_s += seconds
 
     def record_finish(self, seq: "Sequence") -> None:
         self.finished += 1

@@ -5,7 +5,8 @@ names it), the ``SpeculationController`` (adaptive k) and vLLM's acceptance coun
 
 1. ``propose`` (before ``Scheduler.schedule``): every running decode sequence that speculates gets up to ``k``
    drafted tokens (``seq.spec_token_ids``), ``k`` capped by its ``max_new_tokens`` and the context and chosen by
-   the controller; the scheduler then gives it ``1 + k`` query tokens and their slots.
+   the controller (prompt lookup drafts the caps first and the controller cuts them, reading how long each match
+   is); the scheduler then gives it ``1 + k`` query tokens and their slots.
 2. ``take_rows`` (after the forward): the logits rows of drafted sequences are taken out of the step's rows (the
    others are sampled as ever).
 3. ``verify``: the sampler's verification; each sequence keeps its accepted drafted tokens' K/V and gives back the
@@ -86,24 +87,34 @@ class Speculator:
                     caps.append(cap)
         if not seqs:
             return
+        groups: dict[int, tuple[Drafter, list[int]]] = {}
+        for i, seq in enumerate(seqs):
+            drafter = self.drafter(seq.spec)
+            groups.setdefault(id(drafter), (drafter, []))[1].append(i)
+        for drafter, members in groups.values():  # drafts that cost nothing come first: the plan reads them
+            if drafter.drafts_first:
+                self._propose(drafter, [seqs[i] for i in members], [caps[i] for i in members])
+                for i in members:
+                    caps[i] = len(seqs[i].spec_token_ids)
         # A seeded sampled request drafts its cap: its draws then depend on its own tokens only, not on the batch.
-        adaptive = [s.spec.adaptive and (s.generator is None or s.params.greedy) for s in seqs]
+        adaptive = [s.spec is not None and s.spec.adaptive and (s.generator is None or s.params.greedy) for s in seqs]
         ks = self.controller.plan(seqs, caps, num_decodes, adaptive)
         self.controller.forget(seqs)
-        groups: dict[int, tuple[Drafter, list[Sequence], list[int]]] = {}
-        for seq, k in zip(seqs, ks):
-            drafter = self.drafter(seq.spec)
-            groups.setdefault(id(drafter), (drafter, [], []))
-            groups[id(drafter)][1].append(seq)
-            groups[id(drafter)][2].append(k)
-        for drafter, group, group_ks in groups.values():
-            try:
-                drafter.propose(group, group_ks)
-            except Exception:  # drafting is an optimisation: these requests decode without it from now on
-                logger.exception("drafting failed; %d requests go on without speculation", len(group))
-                for seq in group:
-                    seq.spec, seq.spec_token_ids, seq.spec_probs = None, [], None
-                continue
+        for drafter, members in groups.values():
+            if drafter.drafts_first:
+                for i in members:
+                    seqs[i].spec_token_ids = seqs[i].spec_token_ids[:ks[i]]
+            else:
+                self._propose(drafter, [seqs[i] for i in members], [ks[i] for i in members])
+
+    @staticmethod
+    def _propose(drafter: Drafter, seqs: list[Sequence], ks: list[int]) -> None:
+        try:
+            drafter.propose(seqs, ks)
+        except Exception:  # drafting is an optimisation: these requests decode without it from now on
+            logger.exception("drafting failed; %d requests go on without speculation", len(seqs))
+            for seq in seqs:
+                seq.spec, seq.spec_token_ids, seq.spec_probs, seq.spec_match = None, [], None, 0
 
     # ---- after the forward ---------------------------------------------------------------------
     @staticmethod

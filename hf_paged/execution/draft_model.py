@@ -26,6 +26,8 @@ from .sampler import _inverse_cdf, _warp
 
 
 class DraftModelDrafter:
+    drafts_first = False
+
     def __init__(self, model: torch.nn.Module, config: EngineConfig, num_blocks: int, vocab_size: int) -> None:
         if not isinstance(model, torch.nn.Module):
             raise ValueError(f"speculative.draft_model: must be a causal LM module (got {type(model).__name__})")

@@ -5,11 +5,15 @@
  * the weights from memory and, at 32 rows in fp32, by the FMA units too. oneDNN's packed GEMM re-blocks such a
  * product for large row counts and reaches well under the bandwidth there. Here the weight is packed once into
  * groups of GROUP output columns, contiguous over K, so a group is one sequential stream. A thread takes whole
- * groups; for each group, every block of 6 rows of x accumulates a 6 x GROUP block of out in registers over K (one
- * weight load feeds 6 FMAs), while the next group is prefetched, so the memory stream and the arithmetic overlap.
- * The group's weights stay in L2 between the row blocks. The products are summed in chunks of 64 along K, the
- * chunks' sums then added up, which keeps the rounding error near a blocked GEMM's rather than growing with K.
- * Columns past N (the last group, N not a multiple of GROUP) are zero in the packed weight and masked on store.
+ * groups and walks each in chunks of K_CHUNK along K; every block of up to 6 rows of x (as many in each block)
+ * takes the chunk in turn (one weight load feeds 6 FMAs; the first block reads the chunk from memory, the others
+ * from L1) and adds its rows x GROUP partial products to the group's running sums. The memory stream must run
+ * under the arithmetic, not between its bursts: the hardware prefetcher only runs a little ahead of the loads, so
+ * each chunk's blocks also prefetch, in equal shares spread along their loops, the chunk PREFETCH_CHUNKS ahead into
+ * L2. Each chunk's products are summed in registers from zero and then added to the running sum, which keeps the
+ * rounding error near a blocked GEMM's rather than growing with K. Columns past N (the last group, N not a multiple
+ * of GROUP) are zero in the packed weight and left out on store, where the bias is added and bf16 rounded once
+ * (nearest even, as torch rounds).
  *
  *   AVX-512: GROUP 64 (4 zmm), 6 x 4 accumulators of 32 registers. fp32 [N / 64][K][64]; bf16 with AVX512_BF16
  *            in k-pairs, [N / 64][K / 2][64][2], the layout vdpbf16ps reads; without it widened as on AVX2 (below),
@@ -32,8 +36,10 @@
 
 #include "hf_paged_kernels.h"
 
-#define ROW_BLOCK 6  /* rows of x per register block */
-#define K_CHUNK 64   /* products summed in registers before they join the running sum (closer to F.linear's error) */
+#define ROW_BLOCK 6       /* rows of x per register block */
+#define K_CHUNK 64        /* products summed in registers before joining the running sum (closer to F.linear's error) */
+#define PREFETCH_CHUNKS 4 /* how far ahead of the chunk being multiplied its blocks prefetch */
+#define SUM_ROWS 128      /* rows of running sums a thread keeps (on its stack): more rows are taken in turns */
 
 #if defined(__AVX512F__)
 #define SMALL_LINEAR_BITS 512
@@ -53,32 +59,69 @@ int hf_small_linear_available(void) { return SMALL_LINEAR_BITS; }
 
 static inline long num_groups(long N) { return (N + GROUP - 1) / GROUP; }
 
-/* One block of up to ROW_BLOCK rows of x against one packed group, prefetching [next, next + next_bytes): its share
- * of the next group. */
-typedef void (*block_fn)(const void *x_rows, long x_stride, int rows, const void *group, long K, void *out_rows,
-                         long out_stride, const void *group_bias, long cols, const char *next, long next_bytes);
+/* One block of up to ROW_BLOCK rows of x against K indices [k0, k1) (one chunk) of one packed group: adds the
+ * products to sums (ROW_BLOCK x GROUP floats, columns in order) and prefetches `lines` cache lines from `ahead`. */
+typedef void (*block_fn)(const void *x_rows, long x_stride, int rows, const void *group, long k0, long k1,
+                         float *sums, const char *ahead, long lines);
 
-/* This thread's share of out = x @ W^T (+ bias): whole groups, every block of rows of x against each. Element sizes
- * in bytes: x_es of x, w_es of the packed weight, out_es of out and bias (strides are in elements). The next group
- * is prefetched in equal shares by the current group's row blocks, so that the memory stream runs all along the
- * arithmetic rather than in bursts that stall the first block on full miss queues. */
+/* Prefetch this k step's share of `lines` lines from `ahead` (`per_step` a step, `done` so far) into L2. */
+static inline void prefetch_share(const char *ahead, long lines, long per_step, long *done) {
+    for (long q = 0; q < per_step && *done < lines; q++, (*done)++) _mm_prefetch(ahead + 64 * *done, _MM_HINT_T1);
+}
+
+/* sums (rows x GROUP fp32) + bias -> rows of out (fp32, or bf16 rounded once, nearest even); the first `cols`. */
+static void store_rows(const float *sums, int rows, long cols, const void *bias, int bf16, char *out,
+                       long out_stride_bytes) {
+    const long es = bf16 ? 2 : 4;
+    for (int r = 0; r < rows; r++) {
+        const float *s = sums + r * GROUP;
+        char *o = out + r * out_stride_bytes;
+        long c = 0;
+        for (; c + VL <= cols; c += VL) {
+            vf v = *(const vf_unaligned *)(s + c);
+            if (bias) v += load_vec(bf16, (const char *)bias + c * es);
+            store_vec(bf16, o + c * es, v);
+        }
+        for (; c < cols; c++) {
+            const float v = s[c] + (bias ? load_scalar(bf16, bias, c) : 0.0f);
+            if (bf16) ((uint16_t *)o)[c] = f32_to_bf16(v);
+            else ((float *)o)[c] = v;
+        }
+    }
+}
+
+/* This thread's share of out = x @ W^T (+ bias): whole groups, each chunk of K against every block of rows of x.
+ * Element sizes in bytes: x_es of x, w_es of the packed weight, out_es of out and bias (2: bf16, rounded on store;
+ * strides are in elements). */
 static inline void thread_groups(block_fn block, long x_es, long w_es, long out_es, const void *x, long x_stride,
                                  long M, const void *packed, const void *bias, long N, long K, void *out,
                                  long out_stride, int t, int T) {
-    const long groups = num_groups(N), group_bytes = K * GROUP * w_es;
+    float sums[SUM_ROWS * GROUP] __attribute__((aligned(64)));
+    const long groups = num_groups(N), group_bytes = K * GROUP * w_es, chunk_bytes = K_CHUNK * GROUP * w_es;
     const long g0 = groups * t / T, g1 = groups * (t + 1) / T;
-    const long blocks = (M + ROW_BLOCK - 1) / ROW_BLOCK;
-    const long share = (group_bytes / 64 + blocks - 1) / blocks * 64; /* bytes of the next group per block */
+    const char *end = (const char *)packed + g1 * group_bytes; /* this thread's weights end here */
     for (long g = g0; g < g1; g++) {
         const char *wg = (const char *)packed + g * group_bytes;
         const long cols = N - g * GROUP < GROUP ? N - g * GROUP : GROUP;
-        for (long b = 0, r = 0; r < M; b++, r += ROW_BLOCK) {
-            const long from = b * share, bytes = g + 1 < g1 && from < group_bytes
-                                                      ? (group_bytes - from < share ? group_bytes - from : share)
-                                                      : 0;
-            block((const char *)x + r * x_stride * x_es, x_stride, (int)(M - r < ROW_BLOCK ? M - r : ROW_BLOCK), wg,
-                  K, (char *)out + (r * out_stride + g * GROUP) * out_es, out_stride,
-                  bias ? (const char *)bias + g * GROUP * out_es : NULL, cols, wg + group_bytes + from, bytes);
+        for (long r0 = 0; r0 < M; r0 += SUM_ROWS) {
+            const long rows = M - r0 < SUM_ROWS ? M - r0 : SUM_ROWS, blocks = (rows + ROW_BLOCK - 1) / ROW_BLOCK;
+            memset(sums, 0, sizeof(float) * rows * GROUP);
+            for (long k0 = 0; k0 < K; k0 += K_CHUNK) {
+                const long k1 = K - k0 < K_CHUNK ? K : k0 + K_CHUNK;
+                /* Prefetch only on the first pass over the group's rows: later passes find it in L2. */
+                const char *ahead = wg + k0 * GROUP * w_es + PREFETCH_CHUNKS * chunk_bytes;
+                const long lines = r0 == 0 && ahead < end ? ((end - ahead < chunk_bytes ? end - ahead : chunk_bytes)
+                                                             / 64) : 0;
+                const long share = (lines + blocks - 1) / blocks;
+                for (long b = 0, r = 0; b < blocks; b++) { /* blocks of equal size, to a row */
+                    const long n = rows / blocks + (b < rows % blocks), from = b * share < lines ? b * share : lines;
+                    block((const char *)x + (r0 + r) * x_stride * x_es, x_stride, (int)n, wg, k0, k1,
+                          sums + r * GROUP, ahead + 64 * from, lines - from < share ? lines - from : share);
+                    r += n;
+                }
+            }
+            store_rows(sums, (int)rows, cols, bias ? (const char *)bias + g * GROUP * out_es : NULL, out_es == 2,
+                       (char *)out + (r0 * out_stride + g * GROUP) * out_es, out_stride * out_es);
         }
     }
 }
@@ -104,53 +147,40 @@ void hf_small_linear_pack_f32(const float *w, long w_stride, long N, long K, flo
 #endif /* SMALL_LINEAR_BITS */
 
 #if defined(__AVX512F__)
-/* Store 64 fp32 (4 vectors) of one output row, plus bias, keeping only the first `cols` columns. */
-static inline void store_f32(float *out, __m512 *acc, const float *bias, long cols) {
-    for (int j = 0; j < 4; j++) {
-        long left = cols - 16L * j;
-        if (left <= 0) break;
-        __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-        __m512 v = acc[j];
-        if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, bias + 16 * j));
-        _mm512_mask_storeu_ps(out + 16 * j, m, v);
-    }
+/* sums[r][0..63] += acc[r] for the block's rows. */
+static inline void add_sums(float *sums, __m512 (*acc)[4], int rows) {
+    for (int r = 0; r < rows; r++)
+        for (int j = 0; j < 4; j++) {
+            float *s = sums + r * GROUP + 16 * j;
+            _mm512_storeu_ps(s, _mm512_add_ps(_mm512_loadu_ps(s), acc[r][j]));
+        }
 }
 
-static void block_f32(const void *x_rows, long x_stride, int rows, const void *group, long K, void *out_rows,
-                      long out_stride, const void *group_bias, long cols, const char *next, long next_bytes) {
-    long prefetched = 0;
-    const float *x = x_rows, *wg = group, *bias = group_bias;
-    float *out = out_rows;
-    __m512 acc[ROW_BLOCK][4], sum[ROW_BLOCK][4];
+static void block_f32(const void *x_rows, long x_stride, int rows, const void *group, long k0, long k1, float *sums,
+                      const char *ahead, long lines) {
+    const float *x = x_rows, *wg = group;
+    const long per_step = (lines + (k1 - k0) - 1) / (k1 - k0);
+    long done = 0;
+    __m512 acc[ROW_BLOCK][4];
     for (int r = 0; r < ROW_BLOCK; r++)
-        for (int j = 0; j < 4; j++) sum[r][j] = _mm512_setzero_ps();
-    for (long k0 = 0; k0 < K; k0 += K_CHUNK) {
-        const long k1 = K - k0 < K_CHUNK ? K : k0 + K_CHUNK;
-        for (int r = 0; r < ROW_BLOCK; r++)
-            for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
-        for (long k = k0; k < k1; k++) {
-            const float *wk = wg + k * GROUP;
-            __m512 w0 = _mm512_loadu_ps(wk), w1 = _mm512_loadu_ps(wk + 16);
-            __m512 w2 = _mm512_loadu_ps(wk + 32), w3 = _mm512_loadu_ps(wk + 48);
-            if (prefetched < next_bytes) {
-                _mm_prefetch(next + prefetched, _MM_HINT_T1);
-                prefetched += 64;
-            }
+        for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
+    for (long k = k0; k < k1; k++) {
+        const float *wk = wg + k * GROUP;
+        __m512 w0 = _mm512_loadu_ps(wk), w1 = _mm512_loadu_ps(wk + 16);
+        __m512 w2 = _mm512_loadu_ps(wk + 32), w3 = _mm512_loadu_ps(wk + 48);
+        prefetch_share(ahead, lines, per_step, &done);
 #define HF_ROW_F32(r)                                                       \
-            if ((r) < rows) {                                               \
-                __m512 xv = _mm512_set1_ps(x[(r) * x_stride + k]);          \
-                acc[r][0] = _mm512_fmadd_ps(xv, w0, acc[r][0]);             \
-                acc[r][1] = _mm512_fmadd_ps(xv, w1, acc[r][1]);             \
-                acc[r][2] = _mm512_fmadd_ps(xv, w2, acc[r][2]);             \
-                acc[r][3] = _mm512_fmadd_ps(xv, w3, acc[r][3]);             \
-            }
-            HF_ROW_F32(0) HF_ROW_F32(1) HF_ROW_F32(2) HF_ROW_F32(3) HF_ROW_F32(4) HF_ROW_F32(5)
-#undef HF_ROW_F32
+        if ((r) < rows) {                                                   \
+            __m512 xv = _mm512_set1_ps(x[(r) * x_stride + k]);              \
+            acc[r][0] = _mm512_fmadd_ps(xv, w0, acc[r][0]);                 \
+            acc[r][1] = _mm512_fmadd_ps(xv, w1, acc[r][1]);                 \
+            acc[r][2] = _mm512_fmadd_ps(xv, w2, acc[r][2]);                 \
+            acc[r][3] = _mm512_fmadd_ps(xv, w3, acc[r][3]);                 \
         }
-        for (int r = 0; r < rows; r++)
-            for (int j = 0; j < 4; j++) sum[r][j] = _mm512_add_ps(sum[r][j], acc[r][j]);
+        HF_ROW_F32(0) HF_ROW_F32(1) HF_ROW_F32(2) HF_ROW_F32(3) HF_ROW_F32(4) HF_ROW_F32(5)
+#undef HF_ROW_F32
     }
-    for (int r = 0; r < rows; r++) store_f32(out + r * out_stride, sum[r], bias, cols);
+    add_sums(sums, acc, rows);
 }
 
 /* out [M, N] (row stride out_stride) = x [M, K] (row stride x_stride) @ W^T (+ bias [N]); 0 on success. */
@@ -179,51 +209,34 @@ static inline __m512 bf16x16_to_f32(__m256i v) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
 }
 
-static void block_bf16(const void *x_rows, long x_stride, int rows, const void *group, long K, void *out_rows,
-                       long out_stride, const void *group_bias, long cols, const char *next, long next_bytes) {
-    long prefetched = 0;
-    const uint16_t *x = x_rows, *wg = group, *bias = group_bias;
-    uint16_t *out = out_rows;
-    __m512 acc[ROW_BLOCK][4], sum[ROW_BLOCK][4];
+/* k0, k1 even (K_CHUNK is): the chunk is k-pairs [k0 / 2, k1 / 2). */
+static void block_bf16(const void *x_rows, long x_stride, int rows, const void *group, long k0, long k1, float *sums,
+                       const char *ahead, long lines) {
+    const uint16_t *x = x_rows, *wg = group;
+    const long p0 = k0 / 2, p1 = k1 / 2, per_step = (lines + (p1 - p0) - 1) / (p1 - p0);
+    long done = 0;
+    __m512 acc[ROW_BLOCK][4];
     for (int r = 0; r < ROW_BLOCK; r++)
-        for (int j = 0; j < 4; j++) sum[r][j] = _mm512_setzero_ps();
-    for (long p0 = 0; p0 < K / 2; p0 += K_CHUNK / 2) {
-        const long p1 = K / 2 - p0 < K_CHUNK / 2 ? K / 2 : p0 + K_CHUNK / 2;
-        for (int r = 0; r < ROW_BLOCK; r++)
-            for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
-        for (long kp = p0; kp < p1; kp++) {
-            const uint16_t *wk = wg + kp * GROUP * 2;
-            __m512bh w0 = (__m512bh)_mm512_loadu_si512(wk), w1 = (__m512bh)_mm512_loadu_si512(wk + 32);
-            __m512bh w2 = (__m512bh)_mm512_loadu_si512(wk + 64), w3 = (__m512bh)_mm512_loadu_si512(wk + 96);
-            if (prefetched < next_bytes) {
-                _mm_prefetch(next + prefetched, _MM_HINT_T1);
-                prefetched += 64;
-            }
+        for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
+    for (long kp = p0; kp < p1; kp++) {
+        const uint16_t *wk = wg + kp * GROUP * 2;
+        __m512bh w0 = (__m512bh)_mm512_loadu_si512(wk), w1 = (__m512bh)_mm512_loadu_si512(wk + 32);
+        __m512bh w2 = (__m512bh)_mm512_loadu_si512(wk + 64), w3 = (__m512bh)_mm512_loadu_si512(wk + 96);
+        prefetch_share(ahead, lines, per_step, &done);
 #define HF_ROW_BF16(r)                                                                    \
-            if ((r) < rows) {                                                             \
-                int32_t pair;                                                             \
-                memcpy(&pair, x + (r) * x_stride + 2 * kp, sizeof pair);                  \
-                __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);                          \
-                acc[r][0] = _mm512_dpbf16_ps(acc[r][0], xv, w0);                          \
-                acc[r][1] = _mm512_dpbf16_ps(acc[r][1], xv, w1);                          \
-                acc[r][2] = _mm512_dpbf16_ps(acc[r][2], xv, w2);                          \
-                acc[r][3] = _mm512_dpbf16_ps(acc[r][3], xv, w3);                          \
-            }
-            HF_ROW_BF16(0) HF_ROW_BF16(1) HF_ROW_BF16(2) HF_ROW_BF16(3) HF_ROW_BF16(4) HF_ROW_BF16(5)
+        if ((r) < rows) {                                                                 \
+            int32_t pair;                                                                 \
+            memcpy(&pair, x + (r) * x_stride + 2 * kp, sizeof pair);                      \
+            __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);                              \
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], xv, w0);                              \
+            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], xv, w1);                              \
+            acc[r][2] = _mm512_dpbf16_ps(acc[r][2], xv, w2);                              \
+            acc[r][3] = _mm512_dpbf16_ps(acc[r][3], xv, w3);                              \
+        }
+        HF_ROW_BF16(0) HF_ROW_BF16(1) HF_ROW_BF16(2) HF_ROW_BF16(3) HF_ROW_BF16(4) HF_ROW_BF16(5)
 #undef HF_ROW_BF16
-        }
-        for (int r = 0; r < rows; r++)
-            for (int j = 0; j < 4; j++) sum[r][j] = _mm512_add_ps(sum[r][j], acc[r][j]);
     }
-    for (int r = 0; r < rows; r++)
-        for (int j = 0; j < 4; j++) {
-            long left = cols - 16L * j;
-            if (left <= 0) break;
-            __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-            __m512 v = sum[r][j];
-            if (bias) v = _mm512_add_ps(v, bf16x16_to_f32(_mm256_maskz_loadu_epi16(m, bias + 16 * j)));
-            _mm256_mask_storeu_epi16(out + r * out_stride + 16 * j, m, (__m256i)_mm512_cvtneps_pbh(v));
-        }
+    add_sums(sums, acc, rows);
 }
 
 /* out [M, N] bf16 = x [M, K] bf16 @ W^T (+ bias [N] bf16), accumulated in fp32, rounded once (nearest even);
@@ -249,60 +262,37 @@ void hf_small_linear_pack_bf16(const uint16_t *w, long w_stride, long N, long K,
             }
 }
 
-/* x rows already widened to fp32 (stride x_stride floats); out and bias bf16. */
-static void block_bf16(const void *x_rows, long x_stride, int rows, const void *group, long K, void *out_rows,
-                       long out_stride, const void *group_bias, long cols, const char *next, long next_bytes) {
+/* x rows already widened to fp32 (stride x_stride floats). */
+static void block_bf16(const void *x_rows, long x_stride, int rows, const void *group, long k0, long k1, float *sums,
+                       const char *ahead, long lines) {
     const float *x = x_rows;
-    const uint16_t *wg = group, *bias = group_bias;
-    uint16_t *out = out_rows;
+    const uint16_t *wg = group;
     const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
-    long prefetched = 0;
-    __m512 acc[ROW_BLOCK][4], sum[ROW_BLOCK][4];
+    const long per_step = (lines + (k1 - k0) - 1) / (k1 - k0);
+    long done = 0;
+    __m512 acc[ROW_BLOCK][4];
     for (int r = 0; r < ROW_BLOCK; r++)
-        for (int j = 0; j < 4; j++) sum[r][j] = _mm512_setzero_ps();
-    for (long k0 = 0; k0 < K; k0 += K_CHUNK) {
-        const long k1 = K - k0 < K_CHUNK ? K : k0 + K_CHUNK;
-        for (int r = 0; r < ROW_BLOCK; r++)
-            for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
-        for (long k = k0; k < k1; k++) {
-            const uint16_t *wk = wg + k * GROUP;
-            const __m512i lo = _mm512_loadu_si512(wk), hi = _mm512_loadu_si512(wk + 32);
-            const __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(lo, 16));
-            const __m512 w1 = _mm512_castsi512_ps(_mm512_and_si512(lo, high));
-            const __m512 w2 = _mm512_castsi512_ps(_mm512_slli_epi32(hi, 16));
-            const __m512 w3 = _mm512_castsi512_ps(_mm512_and_si512(hi, high));
-            if (prefetched < next_bytes) {
-                _mm_prefetch(next + prefetched, _MM_HINT_T1);
-                prefetched += 64;
-            }
+        for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
+    for (long k = k0; k < k1; k++) {
+        const uint16_t *wk = wg + k * GROUP;
+        const __m512i lo = _mm512_loadu_si512(wk), hi = _mm512_loadu_si512(wk + 32);
+        const __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(lo, 16));
+        const __m512 w1 = _mm512_castsi512_ps(_mm512_and_si512(lo, high));
+        const __m512 w2 = _mm512_castsi512_ps(_mm512_slli_epi32(hi, 16));
+        const __m512 w3 = _mm512_castsi512_ps(_mm512_and_si512(hi, high));
+        prefetch_share(ahead, lines, per_step, &done);
 #define HF_ROW_WIDE(r)                                                      \
-            if ((r) < rows) {                                               \
-                __m512 xv = _mm512_set1_ps(x[(r) * x_stride + k]);          \
-                acc[r][0] = _mm512_fmadd_ps(xv, w0, acc[r][0]);             \
-                acc[r][1] = _mm512_fmadd_ps(xv, w1, acc[r][1]);             \
-                acc[r][2] = _mm512_fmadd_ps(xv, w2, acc[r][2]);             \
-                acc[r][3] = _mm512_fmadd_ps(xv, w3, acc[r][3]);             \
-            }
-            HF_ROW_WIDE(0) HF_ROW_WIDE(1) HF_ROW_WIDE(2) HF_ROW_WIDE(3) HF_ROW_WIDE(4) HF_ROW_WIDE(5)
+        if ((r) < rows) {                                                   \
+            __m512 xv = _mm512_set1_ps(x[(r) * x_stride + k]);              \
+            acc[r][0] = _mm512_fmadd_ps(xv, w0, acc[r][0]);                 \
+            acc[r][1] = _mm512_fmadd_ps(xv, w1, acc[r][1]);                 \
+            acc[r][2] = _mm512_fmadd_ps(xv, w2, acc[r][2]);                 \
+            acc[r][3] = _mm512_fmadd_ps(xv, w3, acc[r][3]);                 \
+        }
+        HF_ROW_WIDE(0) HF_ROW_WIDE(1) HF_ROW_WIDE(2) HF_ROW_WIDE(3) HF_ROW_WIDE(4) HF_ROW_WIDE(5)
 #undef HF_ROW_WIDE
-        }
-        for (int r = 0; r < rows; r++)
-            for (int j = 0; j < 4; j++) sum[r][j] = _mm512_add_ps(sum[r][j], acc[r][j]);
     }
-    for (int r = 0; r < rows; r++)
-        for (int j = 0; j < 4; j++) {
-            const long left = cols - 16L * j;
-            if (left <= 0) break;
-            vf v = (vf)sum[r][j];
-            uint16_t *o = out + r * out_stride + 16 * j;
-            if (left >= 16) {
-                if (bias) v += load_vec(1, (const char *)(bias + 16 * j));
-                store_vec(1, (char *)o, v);
-            } else {
-                for (long c = 0; c < left; c++)
-                    o[c] = f32_to_bf16(v[c] + (bias ? bf16_to_f32(bias[16 * j + c]) : 0.0f));
-            }
-        }
+    add_sums(sums, acc, rows);
 }
 #endif /* __AVX512BF16__ */
 
@@ -310,84 +300,48 @@ static void block_bf16(const void *x_rows, long x_stride, int rows, const void *
 #elif SMALL_LINEAR_BITS == 256 /* AVX2 + FMA */
 
 /* The 6 x 16 block: `x` fp32 rows (bf16 rows were widened by the caller), the group fp32 or bf16 (the word layout
- * above), out fp32 or bf16 (rounded once, nearest even, as torch rounds). Inlined once per row count (a constant),
- * so the accumulators stay in registers and the loop has no per-row branches. */
+ * below). Inlined once per row count (a constant), so the accumulators stay in registers and the loop has no per-row
+ * branches. */
 static inline __attribute__((always_inline)) void block_avx2(const int bf16, const float *x, long x_stride,
-                                                            const int rows, const void *group, long K, void *out_rows,
-                                                            long out_stride, const void *group_bias, long cols,
-                                                            const char *next, long next_bytes) {
+                                                            const int rows, const void *group, long k0, long k1,
+                                                            float *sums, const char *ahead, long lines) {
     const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
-    /* The block's share of the next group, one line every `period` k steps: spread over the whole block. */
-    const long lines = next_bytes / 64, period = lines ? (K > lines ? K / lines : 1) : K + 1;
-    long fetched = 0, countdown = period;
-    __m256 acc[ROW_BLOCK][2], sum[ROW_BLOCK][2];
-    for (int r = 0; r < ROW_BLOCK; r++) sum[r][0] = sum[r][1] = _mm256_setzero_ps();
-    for (long k0 = 0; k0 < K; k0 += K_CHUNK) {
-        const long k1 = K - k0 < K_CHUNK ? K : k0 + K_CHUNK;
-        for (int r = 0; r < ROW_BLOCK; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-        for (long k = k0; k < k1; k++) {
-            __m256 w0, w1;
-            if (bf16) {
-                const __m256i w = _mm256_loadu_si256((const __m256i *)((const uint16_t *)group + k * GROUP));
-                w0 = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-                w1 = _mm256_castsi256_ps(_mm256_and_si256(w, high));
-            } else {
-                w0 = _mm256_loadu_ps((const float *)group + k * GROUP);
-                w1 = _mm256_loadu_ps((const float *)group + k * GROUP + 8);
-            }
-            if (--countdown == 0) {
-                countdown = period;
-                if (fetched < next_bytes) {
-                    _mm_prefetch(next + fetched, _MM_HINT_T1);
-                    fetched += 64;
-                }
-            }
-            for (int r = 0; r < rows; r++) {
-                const __m256 xv = _mm256_broadcast_ss(x + r * x_stride + k);
-                acc[r][0] = _mm256_fmadd_ps(xv, w0, acc[r][0]);
-                acc[r][1] = _mm256_fmadd_ps(xv, w1, acc[r][1]);
-            }
+    const long per_step = (lines + (k1 - k0) - 1) / (k1 - k0);
+    long done = 0;
+    __m256 acc[ROW_BLOCK][2];
+    for (int r = 0; r < ROW_BLOCK; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (long k = k0; k < k1; k++) {
+        __m256 w0, w1;
+        if (bf16) {
+            const __m256i w = _mm256_loadu_si256((const __m256i *)((const uint16_t *)group + k * GROUP));
+            w0 = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+            w1 = _mm256_castsi256_ps(_mm256_and_si256(w, high));
+        } else {
+            w0 = _mm256_loadu_ps((const float *)group + k * GROUP);
+            w1 = _mm256_loadu_ps((const float *)group + k * GROUP + 8);
         }
+        prefetch_share(ahead, lines, per_step, &done);
         for (int r = 0; r < rows; r++) {
-            sum[r][0] = _mm256_add_ps(sum[r][0], acc[r][0]);
-            sum[r][1] = _mm256_add_ps(sum[r][1], acc[r][1]);
+            const __m256 xv = _mm256_broadcast_ss(x + r * x_stride + k);
+            acc[r][0] = _mm256_fmadd_ps(xv, w0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(xv, w1, acc[r][1]);
         }
     }
-    /* Columns j and j + 8 are lanes j of sum[r][0] and sum[r][1] in both layouts. */
+    /* Columns j and j + 8 are lanes j of acc[r][0] and acc[r][1] in both layouts. */
     for (int r = 0; r < rows; r++) {
-        vf v0 = (vf)sum[r][0], v1 = (vf)sum[r][1];
-        if (group_bias) {
-            if (cols == GROUP) {
-                v0 += load_vec(bf16, (const char *)group_bias);
-                v1 += load_vec(bf16, (const char *)group_bias + 8 * (bf16 ? 2 : 4));
-            } else {
-                for (long c = 0; c < cols; c++) {
-                    if (c < 8) v0[c] += load_scalar(bf16, group_bias, c);
-                    else v1[c - 8] += load_scalar(bf16, group_bias, c);
-                }
-            }
-        }
-        char *o = (char *)out_rows + r * out_stride * (bf16 ? 2 : 4);
-        if (cols == GROUP) {
-            store_vec(bf16, o, v0);
-            store_vec(bf16, o + 8 * (bf16 ? 2 : 4), v1);
-        } else {
-            for (long c = 0; c < cols; c++) {
-                const float value = c < 8 ? v0[c] : v1[c - 8];
-                if (bf16) ((uint16_t *)o)[c] = f32_to_bf16(value);
-                else ((float *)o)[c] = value;
-            }
-        }
+        float *s = sums + r * GROUP;
+        _mm256_storeu_ps(s, _mm256_add_ps(_mm256_loadu_ps(s), acc[r][0]));
+        _mm256_storeu_ps(s + 8, _mm256_add_ps(_mm256_loadu_ps(s + 8), acc[r][1]));
     }
 }
 
 #define HF_ROWS(bf16, n)                                                                                             \
     case n:                                                                                                          \
-        block_avx2(bf16, x_rows, x_stride, n, group, K, out_rows, out_stride, group_bias, cols, next, next_bytes);   \
+        block_avx2(bf16, x_rows, x_stride, n, group, k0, k1, sums, ahead, lines);                                    \
         break;
 #define HF_BLOCK_AVX2(name, bf16)                                                                                    \
-    static void name(const void *x_rows, long x_stride, int rows, const void *group, long K, void *out_rows,         \
-                     long out_stride, const void *group_bias, long cols, const char *next, long next_bytes) {        \
+    static void name(const void *x_rows, long x_stride, int rows, const void *group, long k0, long k1, float *sums,  \
+                     const char *ahead, long lines) {                                                                \
         switch (rows) {                                                                                              \
             HF_ROWS(bf16, 1) HF_ROWS(bf16, 2) HF_ROWS(bf16, 3) HF_ROWS(bf16, 4) HF_ROWS(bf16, 5) HF_ROWS(bf16, 6)    \
         }                                                                                                            \
