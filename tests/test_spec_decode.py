@@ -113,6 +113,30 @@ def test_draft_model_greedy_equals_plain(tiny_llama, draft):
         assert 0 < stats["spec_decode_num_accepted_tokens"] < stats["spec_decode_num_draft_tokens"]
 
 
+def test_sleep_frees_the_draft_model_too(tiny_llama):
+    """``sleep()`` frees the draft model's KV and packed weights with the target's; a draft trained meanwhile drafts
+    with its new weights after waking (a draft now equal to the target: every drafted token accepted)."""
+    target = tiny_llama
+    drafter = _perturbed(target, 0.05)
+    prompts = _repetitive(4, seed=3)
+    params = SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True)
+    spec = {"method": "draft", "num_tokens": 4, "draft_model": drafter, "adaptive": False}
+    with LLMEngine(target, None, num_blocks=64, speculative=spec) as engine:
+        first = engine.generate(prompts, params, use_tqdm=False)
+        draft_runner = next(iter(engine.speculator.drafters.values())).runner
+        assert draft_runner.kv_cache.kv.numel() > 0
+        engine.sleep()
+        assert draft_runner.kv_cache.kv.numel() == 0 and not draft_runner.forwards
+        drafter.load_state_dict(target.state_dict())
+        before = engine.stats()
+        again = engine.generate(prompts, params, use_tqdm=False)  # wakes up
+        after = engine.stats()
+    assert draft_runner.kv_cache.kv.numel() == 0  # closed
+    assert [o.token_ids for o in again] == [o.token_ids for o in first]
+    drafted = after["spec_decode_num_draft_tokens"] - before["spec_decode_num_draft_tokens"]
+    assert after["spec_decode_num_accepted_tokens"] - before["spec_decode_num_accepted_tokens"] == drafted > 0
+
+
 def test_draft_model_on_smollm2_equals_plain(smollm2, grounded_ids):
     model, tok = smollm2
     prompts = grounded_ids[:4]

@@ -47,6 +47,11 @@ class Drafter(Protocol):
     def propose(self, seqs: list[Sequence], ks: list[int]) -> None:
         """Set ``seq.spec_token_ids`` (at most ``k`` tokens each) and, for sampled drafts, ``seq.spec_probs``."""
 
+    def sleep(self) -> None:
+        """Free what the drafter holds while the engine sleeps (no request is running)."""
+
+    def wake_up(self) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -91,6 +96,12 @@ class NgramDrafter:
     def propose(self, seqs: list[Sequence], ks: list[int]) -> None:
         for seq, k in zip(seqs, ks):
             seq.spec_token_ids, seq.spec_match = ngram_match(seq.token_ids, k, self.min_n, self.max_n)
+
+    def sleep(self) -> None:
+        pass
+
+    def wake_up(self) -> None:
+        pass
 
     def close(self) -> None:
         pass

@@ -397,14 +397,17 @@ class LLMEngine:
         self.refresh_weights()
 
     def sleep(self) -> None:
-        """Free the KV pool's memory and the packed weights while the engine is idle (vLLM's ``sleep``: an RL loop
-        trains meanwhile); the next request, or :meth:`wake_up`, brings them back (cached prefixes do not survive)."""
+        """Free the KV pool's memory and the packed weights (a draft model's too) while the engine is idle (vLLM's
+        ``sleep``: an RL loop trains meanwhile); the next request, or :meth:`wake_up`, brings them back (cached
+        prefixes do not survive)."""
         with self._wake:
             if self._pending or self.scheduler.has_work():
                 raise RuntimeError("sleep: requests are queued or running")
             if not self._asleep:
                 self.kv.reset_prefix_cache()
                 self.executor.sleep()
+                if self.speculator is not None:
+                    self.speculator.sleep()
                 self._asleep = True
 
     def wake_up(self) -> None:
@@ -415,6 +418,8 @@ class LLMEngine:
     def _wake_up(self) -> None:
         if self._asleep:
             self.executor.wake_up()
+            if self.speculator is not None:
+                self.speculator.wake_up()
             self.weights.changed(full=True)  # what was re-derived is current
             self._asleep = False
 

@@ -66,6 +66,16 @@ class Speculator:
                     if config.method == "draft" else NgramDrafter(config)
             return drafter
 
+    def sleep(self) -> None:
+        with self._lock:
+            for drafter in self.drafters.values():
+                drafter.sleep()
+
+    def wake_up(self) -> None:
+        with self._lock:
+            for drafter in self.drafters.values():
+                drafter.wake_up()
+
     def close(self) -> None:
         with self._lock:
             for drafter in self.drafters.values():

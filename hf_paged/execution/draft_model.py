@@ -106,5 +106,13 @@ class DraftModelDrafter:
                 probs[id(seq)].append(q[row])
         return tokens
 
+    def sleep(self) -> None:
+        """Free the draft's KV tensors and packed weights (the engine sleeps: no request holds draft blocks)."""
+        self.runner.sleep()
+
+    def wake_up(self) -> None:
+        """Its KV again, and packed weights re-derived from the draft model's weights as they are now."""
+        self.runner.wake_up()
+
     def close(self) -> None:
         self.runner.close()
