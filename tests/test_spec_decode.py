@@ -18,7 +18,7 @@ from hf_paged import LLMEngine, SamplingParams
 from hf_paged.config import EngineConfig, SpeculativeConfig
 from hf_paged.core.block_pool import BlockPool, BlockTable
 from hf_paged.core.sequence import Sequence
-from hf_paged.core.spec_decode import MATCH_LONGEST, SpeculationController, ngram_draft, ngram_match
+from hf_paged.core.spec_decode import MATCH_LONGEST, SpeculationController, ngram_match
 from hf_paged.engine.speculator import Speculator
 from hf_paged.execution.sampler import Sampler
 
@@ -321,6 +321,10 @@ def test_ngram_match_measures_how_far_back_the_match_runs():
     assert ngram_match([1, 2, 3], 4, 1, 3) == ([], 0)
 
 
+def ngram_draft(tokens: list[int], k: int, min_n: int, max_n: int) -> list[int]:
+    return ngram_match(tokens, k, min_n, max_n)[0]
+
+
 def test_ngram_draft_takes_the_latest_longest_match():
     assert ngram_draft([1, 2, 3, 9, 1, 2, 4, 7, 1, 2], 3, 1, 3) == [4, 7, 1]  # latest "1 2"
     assert ngram_draft([5, 1, 2, 3, 8, 8, 0, 2, 3, 6, 1, 2, 3], 2, 1, 3) == [8, 8]  # "1 2 3" beats the later "2 3"
@@ -355,6 +359,11 @@ def test_controller_speculates_while_steps_with_drafts_beat_plain_steps(caplog):
         c.record_step(32, 40, 0.080, 64)
         plans = [c.plan(seqs, [4] * 32, 32, [True] * 32) for _ in range(SpeculationController.PROBE)]
     assert plans.count([0] * 32) == SpeculationController.PROBE - 1 and [1] * 32 in plans  # one probe
+    # While the decision holds, probes come half as often each time, down to one in PROBE_MAX steps.
+    probes = [i for i in range(16 * SpeculationController.PROBE)
+              if c.plan(seqs, [4] * 32, 32, [True] * 32) == [1] * 32]
+    assert [b - a for a, b in zip(probes, probes[1:])] == [64, 128]
+    assert probes[0] == 32 - 1
     assert "speculation on at batch 1" in caplog.text and "speculation off at batch 32" in caplog.text
     # Cheap verification at batch 32: positions go to the likeliest drafts first, while they pay.
     c.record_step(32, 96, 0.051, 128)

@@ -80,11 +80,6 @@ def ngram_match(tokens: list[int], k: int, min_n: int, max_n: int) -> tuple[list
     return [], 0
 
 
-def ngram_draft(tokens: list[int], k: int, min_n: int, max_n: int) -> list[int]:
-    """The draft of :func:`ngram_match`."""
-    return ngram_match(tokens, k, min_n, max_n)[0]
-
-
 class NgramDrafter:
     """Prompt lookup over each request's own prompt and output: no model."""
 
@@ -134,10 +129,12 @@ class SpeculationController:
     Steps without drafts fit the time of a plain step of ``B`` sequences, ``a + b * B`` (decayed least squares);
     each step with drafts is compared with what plain steps would take for the tokens it appended,
     ``plain(B) * tokens / B``. Per batch size (exact up to 8, then by powers of two), decayed sums of both times over
-    its last steps with drafts decide: it speculates while they took no longer than plain steps would have. Every
-    ``PROBE``-th step goes the other way (drafting one token a request, the cheapest try, or none), so both figures
-    stay current; a new batch size measures one step of each first. Each change is logged (INFO) and the last plan
-    kept in ``last_plan`` (and the engine's stats).
+    its last steps with drafts decide: it speculates while they took no longer than plain steps would have. A probe
+    step goes the other way (drafting one token a request, the cheapest try, or none), so that both figures stay
+    current: after ``PROBE`` steps, then twice as many each time the decision holds, up to ``PROBE_MAX`` (a probe
+    of an expensive drafter, a draft model that must first catch up on the tokens it missed, costs several steps),
+    and after ``PROBE`` again once it changes; a new batch size measures one step of each first. Each change is
+    logged (INFO) and the last plan kept in ``last_plan`` (and the engine's stats).
 
     When on, each draft's acceptance rates (``alpha``: that its first token is accepted, ``a1``, and that a later one
     is, given the one before was, ``a2``) order the draft positions (the ``j``-th is accepted with chance
@@ -156,6 +153,7 @@ class SpeculationController:
     FORGET_MATCH = 0.995  # per verified draft, its match class's counts
     DECAY = 0.9  # per measured step, the step-time sums
     PROBE = 16
+    PROBE_MAX = 128
 
     def __init__(self) -> None:
         self._plain = [0.0] * 5  # steps without drafts: decayed sums of 1, B, B^2, t, B * t
@@ -164,6 +162,7 @@ class SpeculationController:
         self._drafted: dict[int, list[float]] = {}
         self._on: dict[int, bool] = {}
         self._since_probe: dict[int, int] = {}
+        self._probe_every: dict[int, int] = {}
         self._by_match: dict[int, list[float]] = {}  # match class: decayed [first hits, first trials, later, later]
         self.last_plan: dict[str, float] = {"k_mean": 0.0, "speculating": 0.0, "on": 0.0}
 
@@ -249,9 +248,11 @@ class SpeculationController:
             logger.info("speculation %s at batch %d: steps with drafts took %.3g s where plain steps would take "
                         "%.3g s", "on" if on else "off", num_decodes, sums[0], sums[1])
             self._on[key] = on
+            self._probe_every[key], self._since_probe[key] = self.PROBE, 0
         self._since_probe[key] = self._since_probe.get(key, 0) + 1
-        if self._since_probe[key] >= self.PROBE:
+        if self._since_probe[key] >= self._probe_every[key]:
             self._since_probe[key] = 0
+            self._probe_every[key] = min(2 * self._probe_every[key], self.PROBE_MAX)
             return not on, True
         return on, False
 
