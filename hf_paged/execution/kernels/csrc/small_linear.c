@@ -10,7 +10,7 @@
  * from L1) and adds its rows x GROUP partial products to the group's running sums. The memory stream must run
  * under the arithmetic, not between its bursts: the hardware prefetcher only runs a little ahead of the loads, so
  * each chunk's blocks also prefetch, in equal shares spread along their loops, the chunk PREFETCH_CHUNKS ahead into
- * L2. Each chunk's products are summed in registers from zero and then added to the running sum, which keeps the
+ * L2 (not for a single row, a plain stream the hardware prefetcher keeps up with). Each chunk's products are summed in registers from zero and then added to the running sum, which keeps the
  * rounding error near a blocked GEMM's rather than growing with K. Columns past N (the last group, N not a multiple
  * of GROUP) are zero in the packed weight and left out on store, where the bias is added and bf16 rounded once
  * (nearest even, as torch rounds).
@@ -108,10 +108,10 @@ static inline void thread_groups(block_fn block, long x_es, long w_es, long out_
             memset(sums, 0, sizeof(float) * rows * GROUP);
             for (long k0 = 0; k0 < K; k0 += K_CHUNK) {
                 const long k1 = K - k0 < K_CHUNK ? K : k0 + K_CHUNK;
-                /* Prefetch only on the first pass over the group's rows: later passes find it in L2. */
+                /* Prefetch on the first pass over the group's rows only: later passes find it in L2. */
                 const char *ahead = wg + k0 * GROUP * w_es + PREFETCH_CHUNKS * chunk_bytes;
-                const long lines = r0 == 0 && ahead < end ? ((end - ahead < chunk_bytes ? end - ahead : chunk_bytes)
-                                                             / 64) : 0;
+                const long lines = r0 == 0 && rows > 1 && ahead < end
+                                       ? (end - ahead < chunk_bytes ? end - ahead : chunk_bytes) / 64 : 0;
                 const long share = (lines + blocks - 1) / blocks;
                 for (long b = 0, r = 0; b < blocks; b++) { /* blocks of equal size, to a row */
                     const long n = rows / blocks + (b < rows % blocks), from = b * share < lines ? b * share : lines;
