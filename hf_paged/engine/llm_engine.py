@@ -472,12 +472,12 @@ class LLMEngine:
         self.metrics.record_step(step.num_tokens, seconds, self.pool, self.scheduler)
         finished = self.outputs.process(seqs, self.scheduler.append_tokens(seqs, *sampled))
         appended = len(seqs) + sum(len(v[1]) for v in verified)
-        if spec is not None:
-            if verified:
-                finished += spec.append(verified, self.scheduler, self.outputs)
-            spec.end_step(step, appended)
-        if all(len(s.token_ids) == 1 + s.num_draft for s in step.seqs):
+        if spec is not None and verified:
+            finished += spec.append(verified, self.scheduler, self.outputs)
+        if all(len(s.token_ids) == 1 + s.num_draft for s in step.seqs):  # no prompt tokens: decodes, verifications
             self.metrics.record_decode_step(appended, time.perf_counter() - began)
+            if spec is not None:
+                spec.end_step(step, appended)
         for seq, exc in failed:
             finished += self.outputs.fail([seq], exc)
         return finished

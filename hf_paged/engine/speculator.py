@@ -182,10 +182,10 @@ class Speculator:
         return finished
 
     def end_step(self, step: SchedulerOutput, num_appended: int) -> None:
-        """Time the step from drafting to appending, for the controller (decode and verification steps only)."""
-        if all(len(s.token_ids) == 1 + s.num_draft for s in step.seqs):
-            self.controller.record_step(len(step.seqs), num_appended, self.clock() - self._started,
-                                        sum(s.num_draft for s in step.seqs))
+        """Time a step that computed no prompt tokens (decodes, verifications) from drafting to appending, for the
+        controller."""
+        self.controller.record_step(len(step.seqs), num_appended, self.clock() - self._started,
+                                    sum(s.num_draft for s in step.seqs))
 
     def summary(self) -> dict[str, float]:
         s, plan = self.stats, self.controller.last_plan
