@@ -22,7 +22,7 @@ from hf_paged.core.spec_decode import MATCH_LONGEST, SpeculationController, ngra
 from hf_paged.engine.speculator import Speculator
 from hf_paged.execution.sampler import Sampler
 
-from conftest import build_tiny_model, left_pad, tiny_prompts
+from conftest import build_tiny_model, left_pad, needs_cpu_kernels, tiny_prompts
 
 NGRAM = {"method": "ngram", "num_tokens": 5}
 TEXT = ("The committee met on Tuesday to review the budget for the new library. After a long discussion, the "
@@ -506,18 +506,59 @@ def test_seeded_sampling_with_speculation_does_not_depend_on_the_batch(tiny_llam
     assert stats["spec_decode_num_drafts"] > 0
 
 
-def test_a_verified_draft_is_attended_as_decode_rows():
-    """Each of a drafted sequence's 1 + k tokens is a one-token attention row with its own causal length: the step
-    stays decode-only for the kernels."""
+def test_a_verified_draft_is_attended_as_decode_rows_or_as_one_chunk():
+    """Each of a drafted sequence's 1 + k tokens is a one-token attention row with its own causal length (the step
+    stays decode-only for the kernels: what CUDA graphs replay), or, where the runner verifies drafts as chunks (the C
+    kernels), the 1 + k tokens are one causal chunk after the step's decodes, read with their K/V once."""
     from types import SimpleNamespace
     from hf_paged.core.scheduler import ScheduledSequence, SchedulerOutput
     from hf_paged.execution.step_inputs import build_step_inputs
     kv = SimpleNamespace(block_size=4, device=torch.device("cpu"), null_block=0)
-    step = SchedulerOutput([ScheduledSequence("a", [7], 5, [1, 2], True),
-                            ScheduledSequence("b", [3, 8, 9], 6, [3, 4, 5], True, num_draft=2),
+    step = SchedulerOutput([ScheduledSequence("b", [3, 8, 9], 6, [3, 4, 5], True, num_draft=2),
+                            ScheduledSequence("a", [7], 5, [1, 2], True),
                             ScheduledSequence("c", [1, 2], 0, [6], True)])
     inputs = build_step_inputs(step, kv, None, None)
     meta = inputs.meta
-    assert meta.num_decodes == 4 and meta.q_lens_list == [1, 1, 1, 1, 2] and meta.kv_lens_list == [6, 7, 8, 9, 2]
-    assert meta.cu_seqlens_q.tolist() == [0, 1, 2, 3, 4, 6] and meta.block_tables[1:4].tolist() == [[3, 4, 5]] * 3
-    assert inputs.positions.tolist() == [[5, 6, 7, 8, 0, 1]] and inputs.sample_rows == [0, 1, 1, 1, 2]
+    assert meta.num_decodes == 4 and meta.q_lens_list == [1, 1, 1, 1, 2] and meta.kv_lens_list == [7, 8, 9, 6, 2]
+    assert meta.cu_seqlens_q.tolist() == [0, 1, 2, 3, 4, 6] and meta.block_tables[0:3].tolist() == [[3, 4, 5]] * 3
+    assert inputs.positions.tolist() == [[6, 7, 8, 5, 0, 1]] and inputs.sample_rows == [0, 0, 0, 1, 2]
+
+    inputs = build_step_inputs(step, kv, None, None, drafts_as_chunks=True)
+    meta = inputs.meta  # the decode first, then the draft's chunk and the prompt's, each causal over its own tokens
+    assert meta.num_decodes == 1 and meta.q_lens_list == [1, 3, 2] and meta.kv_lens_list == [6, 9, 2]
+    assert meta.cu_seqlens_q.tolist() == [0, 1, 4, 6] and meta.block_tables[1].tolist() == [3, 4, 5]
+    assert inputs.input_ids.tolist() == [[7, 3, 8, 9, 1, 2]] and inputs.positions.tolist() == [[5, 6, 7, 8, 0, 1]]
+    assert meta.slot_mapping.tolist() == [9, 18, 19, 20, 24, 25]
+    # the kept logits: the decode's, the draft's three (verified at each position), the prompt's last
+    assert inputs.sample_rows == [1, 0, 0, 0, 2] and inputs.logits_rows.tolist() == [0, 1, 2, 3, 5]
+
+
+@needs_cpu_kernels
+def test_drafts_verified_as_chunks_run_the_one_call_layers(monkeypatch):
+    """On the C kernels a drafted sequence is verified as one chunk through the one-call decoder layers (decode
+    kernel for the undrafted rows, prefill kernel for the chunks: heads 64 wide, which it takes), with the greedy
+    output of plain decoding."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from hf_paged.execution.patches import fused_layers
+    torch.manual_seed(5)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                                         bos_token_id=1, eos_token_id=2)).eval()
+    layer_class = fused_layers._FusedDecoderLayer
+    one_call, chunked = layer_class._decode_in_one_call, []
+
+    def spy(self, hidden_states, position_embeddings, meta):
+        out = one_call(self, hidden_states, position_embeddings, meta)
+        d = meta.num_decodes  # a chunk after a cached prefix: a draft (the prompts are prefilled whole)
+        if out is not None and any(kv > q for q, kv in zip(meta.q_lens_list[d:], meta.kv_lens_list[d:])):
+            chunked.append(meta.q_lens_list)
+        return out
+
+    monkeypatch.setattr(layer_class, "_decode_in_one_call", spy)
+    prompts = _repetitive(6, seed=21)
+    params = SamplingParams(max_new_tokens=32, temperature=0, ignore_eos=True)
+    plain, _ = _outputs(model, None, prompts, params, num_blocks=256)
+    spec, stats = _outputs(model, None, prompts, params, num_blocks=256, speculative=NGRAM)
+    assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+    assert stats["spec_decode_num_accepted_tokens"] > 0
+    assert chunked  # drafts went through the one-call layers as chunks

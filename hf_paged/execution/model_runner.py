@@ -23,7 +23,8 @@ from typing import Callable, Collection, Iterator
 
 import torch
 
-from ..admission import layer_windows, temperature_tuned
+from ..admission import layer_windows, temperature_tuned, text_config
+from .kernels import cpu_prefill_attention
 from .kernels.paged_attention import step_running
 from .kv_cache import KVCache
 from .patches.attention import EngineDisabled, attention_configs, paged_attention_selected
@@ -119,6 +120,11 @@ class ModelRunner:
         self._lock = model_lock(model)
         self._configs = attention_configs(model)
         self.layer_windows = layer_windows(model)  # the layers that must run paged attention, and their windows
+        # Drafts are verified as chunks where the C prefill kernel takes every layer (it reads a sequence's K/V once
+        # for all of its tokens; the decode kernel would read them once per token).
+        self.drafts_as_chunks = (plan.cpu_kernels and all(w is None for w in self.layer_windows.values())
+                                 and not getattr(text_config(model), "attn_logit_softcapping", None)
+                                 and cpu_prefill_attention.takes_head_dims(kv_cache.head_dim, kv_cache.head_dim_v))
         # NoPE layers whose query scaling the paged attention computes from the step's positions (EngineDisabled).
         self._tuned = [m for m in model.modules() if temperature_tuned(m)]
         self.forwards: dict[torch.nn.Module, Callable] = {}  # installed on their modules during forwards
@@ -218,7 +224,7 @@ class ModelRunner:
         self.kv_cache.copy_blocks(step.block_copies, self.plan)
         if self.decode_graphs is not None and self.decode_graphs.accepts(step):
             return self.decode_graphs.execute(step)
-        inputs = build_step_inputs(step, self.kv_cache, self.plan, self.layer_windows)
+        inputs = build_step_inputs(step, self.kv_cache, self.plan, self.layer_windows, self.drafts_as_chunks)
         meta = inputs.meta
         if self.recurrent is not None:
             self.recurrent.begin(step)

@@ -3,8 +3,9 @@ the CUDA graphs' staging and every tensor-parallel rank.
 
 All scheduled tokens are flattened into a single row ``[1, T]`` with their own positions; the paged metadata (slots,
 block tables, lengths) rides in the forward's kwargs to the registered ``hf_paged`` attention. Its rows are the
-scheduled sequences, except that a sequence verifying a draft is ``1 + num_draft`` one-token rows (decodes to the
-attention kernels).
+scheduled sequences, one-token ones (decodes) first. A sequence verifying a draft attends either as one causal chunk of
+its ``1 + num_draft`` tokens (the prefill kernels, which read its K/V once for all of them: the C kernels on the CPU)
+or as that many one-token rows (decodes to the attention kernels: what CUDA graphs replay).
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ def to_device(values: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long, pin_memory=device.type == "cuda").to(device, non_blocking=True)
 
 
-def build_step_inputs(step: SchedulerOutput, kv_cache, plan, layer_windows) -> StepInputs:
-    """The forward's inputs and metadata for ``step`` on ``kv_cache`` (block tables padded with its null block)."""
+def build_step_inputs(step: SchedulerOutput, kv_cache, plan, layer_windows,
+                      drafts_as_chunks: bool = False) -> StepInputs:
+    """The forward's inputs and metadata for ``step`` on ``kv_cache`` (block tables padded with its null block); a
+    drafted sequence attends as one chunk where ``drafts_as_chunks``, else as one-token rows."""
     bs, device = kv_cache.block_size, kv_cache.device
     input_ids: list[int] = []
     positions: list[int] = []
@@ -47,14 +50,19 @@ def build_step_inputs(step: SchedulerOutput, kv_cache, plan, layer_windows) -> S
     cu = [0]
     sample_rows: list[int] = []
     keep: list[int] = []
-    for i, seq in enumerate(step.seqs):
+    order = list(range(len(step.seqs)))
+    if drafts_as_chunks and any(seq.num_draft for seq in step.seqs):  # the drafts join the chunks, after the decodes
+        order.sort(key=lambda i: len(step.seqs[i].token_ids) > 1)
+    for i in order:
+        seq = step.seqs[i]
         start, n = seq.first_position, len(seq.token_ids)
         input_ids.extend(seq.token_ids)
         positions.extend(range(start, start + n))
         slot_mapping.extend(slot_ids(seq.block_ids or [kv_cache.null_block], start, start + n, bs))  # padding: null
-        # A draft being verified is attended as one-token rows, each with its own causal length: decode kernels take
-        # it (the step's K/V are all written before any row attends).
-        for kv_len, q in ([(start + j + 1, 1) for j in range(n)] if seq.num_draft else [(start + n, n)]):
+        # One-token rows of a draft, each with its own causal length (the step's K/V are all written before any row
+        # attends).
+        attended = [(start + j + 1, 1) for j in range(n)] if seq.num_draft and not drafts_as_chunks else [(start + n, n)]
+        for kv_len, q in attended:
             kv_lens.append(kv_len)
             q_lens.append(q)
             tables.append(seq.block_ids)

@@ -17,12 +17,18 @@ from . import cpu_library
 from .cpu_decode_attention import PagedCall
 from .cpu_decode_attention import supports as _decode_supports
 
-__all__ = ["PrefillPlan", "prefill_attention_cpu"]
+__all__ = ["PrefillPlan", "prefill_attention_cpu", "takes_head_dims"]
 
 
 def _head_dim_multiple() -> int:
     """The kernel's head-dim granule: four vectors of the library's width."""
     return 4 * cpu_library.load().paged_decode_attention_vector_width()
+
+
+def takes_head_dims(head_dim: int, head_dim_v: int) -> bool:
+    """Whether the kernel is built here and takes keys and values of these widths."""
+    return (cpu_library.load() is not None and head_dim % _head_dim_multiple() == 0
+            and head_dim_v % _head_dim_multiple() == 0)
 
 
 def supports(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,

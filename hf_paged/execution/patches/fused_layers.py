@@ -6,8 +6,8 @@ see "The CPU speed paths" in docs/architecture.md.
   and the cache write of k and v in one C call, paged attention, ``o_proj``;
 * MLP: gate/up from one packed GEMM, ``silu(gate) * up`` in one C call, ``down_proj``; RMSNorm: one C call;
 * decoder layer (its four parts all fused): their fused paths called directly, the residual add and the norm after it in
-  one C call; a decode-only step with every GEMM on hf_paged's linear kernels runs the whole layer as one C call
-  (``kernels/csrc/llama_decode_layer.c``).
+  one C call; a step of few rows (decodes, drafts being verified, short chunks) with every GEMM on hf_paged's linear
+  kernels runs the whole layer as one C call (``kernels/csrc/llama_decode_layer.c``).
 
 A module is recognised by its exact class (:data:`LLAMA_EQUIVALENT`) and, for attention, a layer without a sliding
 window; everything else, and every call outside an engine forward, runs the class's own ``forward``. :func:`build_fused`
@@ -213,7 +213,7 @@ class _FusedRMSNorm(_Fused):
 
 
 class _OneCallStep:
-    """What the one-call layers of a decode-only step share (``hf_decode_step_t``: the decode sequences, slots,
+    """What the one-call layers of a step share (``hf_decode_step_t``: the decode and chunk sequences, slots,
     rotary tables, one workspace; and an output per layer, allocated together), built by the first layer and kept on
     the step's metadata; ``struct`` is None where the step cannot run its layers as one call."""
 
@@ -224,7 +224,7 @@ class _OneCallStep:
 
 class _FusedDecoderLayer(_Fused):
     """A Llama decoder layer whose four parts are all fused: it calls their fused paths directly and does the residual
-    add with the post-attention norm in one C call. A decode-only step whose linears run on hf_paged's kernels runs the
+    add with the post-attention norm in one C call. A step of few rows whose linears run on hf_paged's kernels runs the
     whole layer as one C call (``one_call``) on two argument structs: the layer's, built on its first such call, and the
     step's, built by the step's first layer."""
 
@@ -322,7 +322,7 @@ class _FusedDecoderLayer(_Fused):
         dtype, dim, heads, hd, per_token, max_rows = key
         step = meta.c_step = _OneCallStep(key, position_embeddings)
         tokens = hidden_states.shape[1] if hidden_states.dim() == 3 else 0
-        if not (meta.num_decodes == tokens and 0 < tokens <= max_rows and position_embeddings is not None
+        if not (0 < tokens <= max_rows and position_embeddings is not None
                 and meta.slot_mapping.dtype == torch.int64  # the C cache write reads int64 slots
                 and self.attention.module.config._attn_implementation == ATTN_IMPLEMENTATION):
             return step
@@ -331,12 +331,16 @@ class _FusedDecoderLayer(_Fused):
             return step
         work = torch.empty(tokens * per_token, dtype=dtype)  # one workspace for all of the step's layers
         query = work[: tokens * heads * hd].view(tokens, heads, hd)  # for the plan's shape and dtype checks
-        plan = meta.cpu_decode_plan(query, key_cache, value_cache, scale, None, None, key_scales, value_scales)
-        if plan is not None:
+        decodes = meta.cpu_decode_plan(query, key_cache, value_cache, scale, None, None, key_scales,
+                                       value_scales) if meta.num_decodes else None
+        chunks = meta.cpu_prefill_plan(query, key_cache, value_cache, scale, None, None, key_scales, value_scales)
+        if (decodes is not None or not meta.num_decodes) and (chunks is not None or meta.num_decodes == meta.num_seqs):
+            none = cpu_library.STRUCTS["hf_seqs_t"](num_seqs=0)
             step.struct = cpu_library.STRUCTS["hf_decode_step_t"](
-                seqs=plan.seqs, slots=meta.slot_mapping.data_ptr(), cos=cos.data_ptr(), sin=sin.data_ptr(), T=tokens,
+                seqs=decodes.seqs if decodes else none, chunks=chunks.seqs if chunks else none,
+                slots=meta.slot_mapping.data_ptr(), cos=cos.data_ptr(), sin=sin.data_ptr(), T=tokens,
                 work=work.data_ptr(), num_threads=torch.get_num_threads())
-            step.shape, step.keep = torch.Size((1, tokens, dim)), (plan, work, meta.slot_mapping)
+            step.shape, step.keep = torch.Size((1, tokens, dim)), (decodes, chunks, work, meta.slot_mapping)
             # One tensor per layer (never one layer's output overwritten by another's), in one allocation.
             step.outs = torch.empty((meta.kv_cache.num_layers, 1, tokens, dim), dtype=dtype).unbind(0)
         return step

@@ -62,9 +62,11 @@ typedef struct {
     int linear_kind;
 } hf_llama_layer_t;
 
-/* What a decode-only step gives every layer. Built once per step. */
+/* What a step of decodes (and chunks short enough for the same linears, such as drafts being verified) gives every
+ * layer. Built once per step. */
 typedef struct {
-    hf_seqs_t seqs;        /* the T decode sequences */
+    hf_seqs_t seqs;        /* the decode sequences: rows 0 .. seqs.num_seqs - 1 */
+    hf_seqs_t chunks;      /* the chunk sequences (prefill layout, their rows after the decodes'); num_seqs 0: none */
     const int64_t *slots;  /* [T] the cache slot of each new token */
     const void *cos;       /* [T, hd] rotary tables, the activations' dtype */
     const void *sin;

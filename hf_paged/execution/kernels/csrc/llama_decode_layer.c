@@ -1,11 +1,11 @@
-/* A whole Llama decoder layer for a decode-only step (fp32 or bf16), in one call: the same kernels the fused Python
- * path calls one by one (hf_paged/execution/patches/fused_layers.py), in the same order, so the results are the same
- * bits.
+/* A whole Llama decoder layer for a step of few rows (fp32 or bf16: decodes, and chunks such as drafts being
+ * verified), in one call: the same kernels the fused Python path calls one by one
+ * (hf_paged/execution/patches/fused_layers.py), in the same order, so the results are the same bits.
  *
  *   normed   = rms_norm(x)                                      hf_rms_norm
  *   qkv      = normed @ [Wq; Wk; Wv]^T                          linear
  *   q_rot    = rope(q); cache[slots] = rope(k), v               hf_rope_write_kv
- *   attn     = paged attention(q_rot)                           hf_paged_decode_attention
+ *   attn     = paged attention(q_rot)                           hf_paged_decode_attention, hf_paged_prefill_attention
  *   residual = x + attn @ Wo^T; normed = rms_norm(residual)     linear, hf_add_rms_norm
  *   act      = silu(gate) * up, [gate, up] = normed @ [Wg; Wu]^T   linear, hf_silu_mul
  *   out      = residual + act @ Wd^T                            linear, then the add (rounded to bf16 in bf16)
@@ -53,7 +53,9 @@ int hf_llama_decode_layer(const hf_llama_layer_t *l, const hf_decode_step_t *st,
          *attn = q_rot + T * nq * es, *o = attn + T * nq * es, *residual = o + T * D * es,
          *gate_up = residual + T * D * es, *act = gate_up + T * 2L * I * es, *down = act + T * I * es;
     int rc;
-    if (st->seqs.num_seqs != T) return -1; /* one query token per sequence */
+    long rows = st->seqs.num_seqs;
+    for (int s = 0; s < st->chunks.num_seqs; s++) rows += st->chunks.q_lens[s];
+    if (rows != T) return -1; /* the decodes' and the chunks' rows are the step's */
     hf_rms_norm(x, D, l->norm1_w, normed, D, T, D, l->eps1, bf16);
     if ((rc = linear(kind, bf16, normed, T, l->qkv_w, l->qkv_b, nqkv, D, qkv, num_threads))) return rc;
     const char *v = qkv + (nq + (long)KVH * hd) * es;
@@ -66,7 +68,12 @@ int hf_llama_decode_layer(const hf_llama_layer_t *l, const hf_decode_step_t *st,
         hf_rope_write_kv(qkv, nqkv, hd, H, qkv + nq * es, nqkv, hd, KVH, v, nqkv, hd, q_rot, cos, sin, st->slots,
                          at->key_cache, at->value_cache, T, hd, bf16);
     }
-    if ((rc = hf_paged_decode_attention(at, &st->seqs, q_rot, nq, hd, attn, nq, hd, num_threads))) return rc;
+    if (st->seqs.num_seqs &&
+        (rc = hf_paged_decode_attention(at, &st->seqs, q_rot, nq, hd, attn, nq, hd, num_threads)))
+        return rc;
+    if (st->chunks.num_seqs &&
+        (rc = hf_paged_prefill_attention(at, &st->chunks, q_rot, nq, hd, attn, nq, hd, num_threads)))
+        return rc;
     if ((rc = linear(kind, bf16, attn, T, l->o_w, l->o_b, D, nq, o, num_threads))) return rc;
     hf_add_rms_norm(x, o, l->norm2_w, residual, normed, T, D, l->eps2, bf16);
     if ((rc = linear(kind, bf16, normed, T, l->gate_up_w, l->gate_up_b, 2L * I, D, gate_up, num_threads))) return rc;

@@ -19,15 +19,14 @@
  *
  * A unit of work is (sequence, KV head, qt query tokens; qt = 512 / G, 8 to 128): its rows are the qt tokens x
  * G = H / KVH query heads sharing the KV head, token-major, so one K/V tile serves all of them. For each tile of KT
- * keys (up to the unit's last position): the tile's keys are packed transposed ([hd][KT], fp32), so that the scores
- * of RB rows x KT keys
- * are RB x KT/VL vector accumulators over hd broadcast-FMAs (no horizontal sums); the online softmax updates each
- * row's running max and sum; then RB rows x 4*VL output dims accumulate P.V, V rows read from their blocks. The
- * query is scaled and widened once per unit; everything accumulates in fp32; bf16 inputs (uint16 bit patterns)
- * are widened on load and the output rounded to nearest even. With AVX512-BF16, bf16 takes run_unit_dpbf16
- * instead: vdpbf16ps on pairs of dims (scores) and on pairs of keys (P.V, the probabilities rounded to bf16, as the
- * decode kernel and vLLM's and IPEX's CPU attention do), twice the products per instruction. Units are sorted by
- * their number of keys, largest first, and claimed dynamically by the OpenMP threads.
+ * keys (up to the unit's last position): the tile's keys are widened to fp32 and packed transposed ([hd][KT], VL x VL
+ * blocks transposed in registers), so that the scores of RB rows x KT keys are RB x KT/VL vector accumulators over
+ * hd broadcast-FMAs (no horizontal sums); the online softmax updates each row's running max and sum; then RB rows x
+ * 4*VL output dims accumulate P.V, V rows read from their blocks. The query is scaled and widened once per unit;
+ * everything accumulates in fp32; bf16 inputs (uint16 bit patterns) are widened on load and the output rounded to
+ * nearest even. The packing is what a unit pays per key whatever its rows, so a verification unit (the 1 + k tokens
+ * of a drafted sequence) costs little more than a decode's row per key. Units are sorted by their number of keys,
+ * largest first, and claimed dynamically by the OpenMP threads.
  *
  * No -ffast-math (see cpu_vec.h): exp is the polynomial of cpu_vec.h; masked keys get probability 0 exactly.
  */
@@ -105,9 +104,9 @@ typedef struct {
     float *m, *l;      /* [qt * G] running max and sum */
     float *kt;         /* [hd, KT] the tile's keys, transposed */
     const char **vrow; /* [KT] the tile's value rows */
+    const char **krow; /* [KT] the tile's key rows */
+    float *kscale;     /* [KT] int8 K: the tile's row scales */
     float *p;          /* [RB, KT] a row block's probabilities */
-    float *vpairs;     /* [KT * hd / 2] the tile's V rows interleaved in pairs (run_unit_dpbf16) */
-    const char **qrow; /* [qt * G] the query rows (run_unit_dpbf16) */
     float *vscale;     /* [KT] int8 V: the tile's row scales */
 } work_t;
 
@@ -169,6 +168,63 @@ static inline void store_rows(const prefill_t *a, const unit_t *u, const work_t 
     }
 }
 
+/* The tile's K and V row pointers (int8: and their scales, where kscale is not NULL): keys k0 .. k0 + kn of the
+ * unit's KV head, walked block by block. */
+static inline void tile_rows(const prefill_t *a, const unit_t *u, const span_t *sp, int k0, int kn, int kesz,
+                             const char **krow, const char **vrow, float *kscale, float *vscale) {
+    const int bs = a->block_size;
+    const long row = (long)a->KVH * a->hd, vrow_len = (long)a->KVH * a->hd_v;
+    for (int j = 0; j < kn;) {
+        const int key = k0 + j, in_block = key % bs, count = bs - in_block < kn - j ? bs - in_block : kn - j;
+        const long slot = sp->table[key / bs] * bs + in_block;
+        const char *k = a->key_cache + (slot * row + (long)u->kvh * a->hd) * kesz;
+        const char *v = a->value_cache + (slot * vrow_len + (long)u->kvh * a->hd_v) * kesz;
+        const long scales = (sp->table[key / bs] * a->KVH + u->kvh) * bs + in_block;
+        for (int i = 0; i < count; i++, j++) {
+            krow[j] = k + i * row * kesz;
+            vrow[j] = v + i * vrow_len * kesz;
+            if (kscale) {
+                kscale[j] = a->k_scales[scales + i];
+                vscale[j] = a->v_scales[scales + i];
+            }
+        }
+    }
+}
+
+/* t[i][j] <- t[j][i]: log2(VL) rounds, each exchanging blocks of h lanes between rows h apart. GCC only (clang has no
+ * shuffle with a mask vector: a plain loop there). */
+static inline void transpose(vf *t) {
+#if defined(__clang__)
+    vf c[VL];
+    for (int i = 0; i < VL; i++)
+        for (int j = 0; j < VL; j++) c[i][j] = t[j][i];
+    for (int i = 0; i < VL; i++) t[i] = c[i];
+#else
+#if VL == 16
+    static const vi lo[4] = {{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+                             {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+                             {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+                             {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}};
+#elif VL == 8
+    static const vi lo[3] = {{0, 1, 2, 3, 8, 9, 10, 11}, {0, 1, 8, 9, 4, 5, 12, 13}, {0, 8, 2, 10, 4, 12, 6, 14}};
+#else
+    static const vi lo[2] = {{0, 1, 4, 5}, {0, 4, 2, 6}};
+#endif
+    enum { ROUNDS = VL == 16 ? 4 : VL == 8 ? 3 : 2 };
+#pragma GCC unroll 4
+    for (int round = 0; round < ROUNDS; round++) {
+        const int h = VL >> (round + 1);
+#pragma GCC unroll 16
+        for (int r = 0; r < VL; r++) {
+            if (r & h) continue;
+            const vf x = t[r], y = t[r + h];
+            t[r] = __builtin_shuffle(x, y, lo[round]);
+            t[r + h] = __builtin_shuffle(x, y, lo[round] + h);
+        }
+    }
+#endif
+}
+
 static inline __attribute__((always_inline)) void unit_body(const prefill_t *a, const unit_t *u, work_t *w,
                                                            const int kv8) {
     const int hd = a->hd, hv = a->hd_v, bf16 = a->bf16, esz = bf16 ? 2 : 4;
@@ -186,24 +242,27 @@ static inline __attribute__((always_inline)) void unit_body(const prefill_t *a, 
     for (int k0 = 0; k0 < num_keys; k0 += KT) {
         const int kn = num_keys - k0 < KT ? num_keys - k0 : KT;
         /* Pack the tile: K transposed to fp32, V row pointers. */
-        for (int j = 0; j < kn; j++) {
-            const int key = k0 + j, bs = a->block_size;
-            const long off = key_offset(a, u, &sp, key) * kesz;
-            const char *k = a->key_cache + off;
-            w->vrow[j] = a->value_cache + (hv == hd ? off : off / hd * hv);
-            if (kv8) {
-                const long sc = (sp.table[key / bs] * a->KVH + u->kvh) * bs + key % bs;
-                const float ks = a->k_scales[sc];
-                w->vscale[j] = a->v_scales[sc];
-                for (int d = 0; d < hd; d++) w->kt[d * KT + j] = (float)((const int8_t *)k)[d] * ks;
-            } else if (bf16) {
-                for (int d = 0; d < hd; d++) w->kt[d * KT + j] = bf16_to_f32(((const uint16_t *)k)[d]);
-            } else {
-                for (int d = 0; d < hd; d++) w->kt[d * KT + j] = ((const float *)k)[d];
+        const char **krow = w->krow;
+        tile_rows(a, u, &sp, k0, kn, kesz, krow, w->vrow, kv8 ? w->kscale : NULL, w->vscale);
+        for (int j0 = 0; j0 < KT; j0 += VL)
+            for (int d0 = 0; d0 < hd; d0 += VL) {
+                vf t[VL];
+                if (j0 >= kn) {
+                    for (int i = 0; i < VL; i++) *(vf *)(w->kt + (long)(d0 + i) * KT + j0) = splat(0.0f);
+                    continue;
+                }
+                for (int i = 0; i < VL; i++) {
+                    const int j = j0 + i;
+                    if (j >= kn)
+                        t[i] = splat(0.0f);
+                    else if (kv8)
+                        t[i] = load_i8_vec(krow[j] + d0) * w->kscale[j];
+                    else
+                        t[i] = load_vec(bf16, krow[j] + (long)d0 * esz);
+                }
+                transpose(t);
+                for (int i = 0; i < VL; i++) *(vf *)(w->kt + (long)(d0 + i) * KT + j0) = t[i];
             }
-        }
-        if (kn < KT)
-            for (int d = 0; d < hd; d++) memset(w->kt + d * KT + kn, 0, sizeof(float) * (KT - kn));
 
         for (int r0 = 0; r0 < n; r0 += RB) {
             const int nr = n - r0 < RB ? n - r0 : RB;
@@ -298,146 +357,6 @@ static void run_unit(const prefill_t *a, const unit_t *u, work_t *w) {
         unit_body(a, u, w, 0);
 }
 
-#if defined(__AVX512BF16__) && VL == 16
-/* exp(x) to ~3e-5 relative, for probabilities that are then rounded to bf16 (2**-9): 2**(x log2 e) as 2**n (vscalefps)
- * times a degree-4 Taylor polynomial of 2**f, |f| <= 1/2; x = -inf (and anything below -150 ln 2) gives 0. */
-static inline __m512 exp_bf16_weights(__m512 x) {
-    const __m512 t = _mm512_max_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _mm512_set1_ps(-150.0f));
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(9.6181291e-3f), f, _mm512_set1_ps(5.5504109e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-
-/* run_unit for bf16 with AVX512-BF16: vdpbf16ps (fp32 lane i += a[2i] * b[2i] + a[2i+1] * b[2i+1]) on pairs.
- * Scores: the query rows as stored, a pair of dims broadcast, against the tile's keys packed as [hd/2][KT] pairs
- * of dims; the scale is applied to the fp32 scores. P.V: the probabilities rounded to bf16 in pairs of keys,
- * against the tile's V rows interleaved in pairs ([KT/2][hd] pairs of keys), as the decode kernel does. */
-static void run_unit_dpbf16(const prefill_t *a, const unit_t *u, work_t *w) {
-    const int hd = a->hd, hp = hd / 2;
-    const span_t sp = unit_span(a, u);
-    const int n = sp.n, num_keys = sp.num_keys;
-    uint32_t *kp = (uint32_t *)w->kt;          /* [hd/2][KT] pairs of dims */
-    uint16_t *vp = (uint16_t *)w->vpairs;      /* [KT/2][hd][2] pairs of keys */
-    uint32_t *pp = (uint32_t *)w->p;           /* [RB][KT/2] pairs of probabilities */
-    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
-                                                22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    const uint32_t **qrows = (const uint32_t **)w->qrow; /* [n] the query rows as stored */
-    const uint32_t *qp[RB];
-
-    for (int r = 0; r < n; r++) qrows[r] = (const uint32_t *)(a->q + row_offset(a, u, r, a->q_s0, a->q_s1) * 2);
-    reset_rows(w, n, hd);
-
-    for (int k0 = 0; k0 < num_keys; k0 += KT) {
-        const int kn = num_keys - k0 < KT ? num_keys - k0 : KT;
-        const char **vrow = w->vrow;
-        for (int j = 0; j < kn; j++) {
-            const long off = key_offset(a, u, &sp, k0 + j) * 2;
-            const uint32_t *k = (const uint32_t *)(a->key_cache + off);
-            vrow[j] = a->value_cache + off;
-            for (int d = 0; d < hp; d++) kp[d * KT + j] = k[d];
-        }
-        if (kn < KT)
-            for (int d = 0; d < hp; d++) memset(kp + d * KT + kn, 0, sizeof(uint32_t) * (KT - kn));
-        for (int j = 0; j < kn; j += 2) {
-            const int pair = j + 1 < kn;
-            for (int d = 0; d < hd; d += 16) {
-                const __m256i lo = _mm256_loadu_si256((const __m256i *)(vrow[j] + (long)d * 2));
-                const __m256i hi = pair ? _mm256_loadu_si256((const __m256i *)(vrow[j + 1] + (long)d * 2))
-                                        : _mm256_setzero_si256();
-                const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-                _mm512_storeu_si512((void *)(vp + ((long)(j / 2) * hd + d) * 2),
-                                    _mm512_permutexvar_epi16(interleave, both));
-            }
-        }
-
-        for (int r0 = 0; r0 < n; r0 += RB) {
-            const int nr = n - r0 < RB ? n - r0 : RB;
-            int vis[RB];
-            const int max_vis = block_visibility(a, u, &sp, r0, nr, k0, kn, vis);
-            if (max_vis == 0) continue;
-            for (int i = 0; i < RB; i++) qp[i] = qrows[r0 + (i < nr ? i : nr - 1)];
-
-            __m512 s[RB][NV];
-            for (int i = 0; i < RB; i++)
-                for (int c = 0; c < NV; c++) s[i][c] = _mm512_setzero_ps();
-            for (int d = 0; d < hp; d++) {
-                __m512bh k[NV];
-                for (int c = 0; c < NV; c++) k[c] = (__m512bh)_mm512_load_si512((const void *)(kp + d * KT + c * 16));
-                for (int i = 0; i < RB; i++) {
-                    const __m512bh b = (__m512bh)_mm512_set1_epi32((int)qp[i][d]);
-                    for (int c = 0; c < NV; c++) s[i][c] = _mm512_dpbf16_ps(s[i][c], b, k[c]);
-                }
-            }
-
-            float alpha[RB];
-            vi lane;
-            for (int x = 0; x < VL; x++) lane[x] = x;
-            for (int i = 0; i < RB; i++) {
-                uint32_t *p = pp + i * (KT / 2);
-                alpha[i] = 1.0f;
-                if (i >= nr || vis[i] == 0) {
-                    memset(p, 0, sizeof(uint32_t) * (KT / 2));
-                    continue;
-                }
-                const int r = r0 + i;
-                vi live[NV];
-                vf sc[NV], vm = splat(-__builtin_inff());
-                for (int c = 0; c < NV; c++) {
-                    live[c] = lane + c * VL < vis[i];
-                    sc[c] = (vf)s[i][c] * a->scale;
-                    sc[c] = (vf)(((vi)sc[c] & live[c]) | ((vi)splat(-__builtin_inff()) & ~live[c]));
-                    vm = vmax(vm, sc[c]);
-                }
-                const float mx = reduce_max(vm);
-                const float m_new = mx > w->m[r] ? mx : w->m[r];
-                alpha[i] = exp_vec(splat(w->m[r] - m_new))[0];
-                vf sum = splat(0.0f), e[NV];
-                for (int c = 0; c < NV; c++) {
-                    e[c] = (vf)((vi)(vf)exp_bf16_weights((__m512)(sc[c] - m_new)) & live[c]);
-                    sum += e[c];
-                }
-                for (int c = 0; c < NV; c += 2)
-                    _mm512_storeu_si512((void *)(p + c * 8), (__m512i)_mm512_cvtne2ps_pbh((__m512)e[c + 1], (__m512)e[c]));
-                w->l[r] = w->l[r] * alpha[i] + reduce_add(sum);
-                w->m[r] = m_new;
-            }
-
-            const int pairs = (max_vis + 1) / 2;
-            for (int d0 = 0; d0 < hd; d0 += DC) {
-                __m512 o[RB][NV];
-                for (int i = 0; i < RB; i++) {
-                    const float *ar = w->acc + (long)(r0 + (i < nr ? i : nr - 1)) * hd + d0;
-                    for (int c = 0; c < NV; c++) o[i][c] = _mm512_mul_ps(_mm512_load_ps(ar + c * VL), _mm512_set1_ps(alpha[i]));
-                }
-                for (int jp = 0; jp < pairs; jp++) {
-                    __m512bh v[NV];
-                    for (int c = 0; c < NV; c++)
-                        v[c] = (__m512bh)_mm512_loadu_si512((const void *)(vp + ((long)jp * hd + d0 + c * 16) * 2));
-                    for (int i = 0; i < RB; i++) {
-                        const __m512bh b = (__m512bh)_mm512_set1_epi32((int)pp[i * (KT / 2) + jp]);
-                        for (int c = 0; c < NV; c++) o[i][c] = _mm512_dpbf16_ps(o[i][c], b, v[c]);
-                    }
-                }
-                for (int i = 0; i < nr; i++) {
-                    float *ar = w->acc + (long)(r0 + i) * hd + d0;
-                    for (int c = 0; c < NV; c++) _mm512_store_ps(ar + c * VL, o[i][c]);
-                }
-            }
-        }
-    }
-
-    store_rows(a, u, w, n);
-}
-#define HAVE_DPBF16 1
-#else
-#define HAVE_DPBF16 0
-static void run_unit_dpbf16(const prefill_t *a, const unit_t *u, work_t *w) { run_unit(a, u, w); }
-#endif
-
 static int paged_prefill_attention(const int bf16, const hf_attention_t *at, const hf_seqs_t *seqs, const void *q,
                                    long q_s0, long q_s1, void *out, long o_s0, long o_s1, int num_threads) {
     const int S = seqs->num_seqs, H = at->H, KVH = at->KVH, hd = at->hd, block_size = at->block_size;
@@ -477,9 +396,9 @@ static int paged_prefill_attention(const int bf16, const hf_attention_t *at, con
         const long rows = (long)qt * a.G;
         work_t w = {0}; /* {0}: the unit loop skips its body when an allocation failed, which gcc cannot see */
         const size_t bytes =
-            sizeof(float) * (rows * (hd + hd_v) + 2 * rows + (long)hd * KT + RB * KT + (long)hd * KT / 2 + KT);
+            sizeof(float) * (rows * (hd + hd_v) + 2 * rows + (long)hd * KT + RB * KT + 2 * KT);
         float *mem = aligned_alloc(64, (bytes + 63) / 64 * 64);
-        const char **vrow = malloc(sizeof(char *) * (KT + rows));
+        const char **vrow = malloc(sizeof(char *) * 2 * KT);
         if (!mem || !vrow) {
 #pragma omp atomic write
             failed = 1;
@@ -490,18 +409,15 @@ static int paged_prefill_attention(const int bf16, const hf_attention_t *at, con
             w.p = w.kt + (long)hd * KT;
             w.m = w.p + RB * KT;
             w.l = w.m + rows;
-            w.vpairs = w.l + rows;
-            w.vscale = w.vpairs + (long)hd * KT / 2;
+            w.vscale = w.l + rows;
+            w.kscale = w.vscale + KT;
             w.vrow = vrow;
-            w.qrow = vrow + KT;
+            w.krow = vrow + KT;
         }
 #pragma omp for schedule(dynamic, 1)
         for (long i = 0; i < n_units; i++) {
             if (!mem || !vrow) continue;
-            if (HAVE_DPBF16 && bf16 && !k_scales && hd_v == hd)
-                run_unit_dpbf16(&a, &units[i], &w);
-            else
-                run_unit(&a, &units[i], &w);
+            run_unit(&a, &units[i], &w);
         }
         free(mem);
         free(vrow);

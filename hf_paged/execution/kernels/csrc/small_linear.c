@@ -156,32 +156,44 @@ static inline void add_sums(float *sums, __m512 (*acc)[4], int rows) {
         }
 }
 
-static void block_f32(const void *x_rows, long x_stride, int rows, const void *group, long k0, long k1, float *sums,
-                      const char *ahead, long lines) {
-    const float *x = x_rows, *wg = group;
+/* The 6 x 64 block with `rows` a constant (inlined once per row count, so the accumulators and row pointers stay in
+ * registers and the loop has no per-row branches). */
+static inline __attribute__((always_inline)) void block_f32_rows(const float *x, long x_stride, const int rows,
+                                                                const float *wg, long k0, long k1, float *sums,
+                                                                const char *ahead, long lines) {
     const long per_step = (lines + (k1 - k0) - 1) / (k1 - k0);
     long done = 0;
+    const float *xr[ROW_BLOCK];
+    for (int r = 0; r < rows; r++) xr[r] = x + r * x_stride;
     __m512 acc[ROW_BLOCK][4];
-    for (int r = 0; r < ROW_BLOCK; r++)
+    for (int r = 0; r < rows; r++)
         for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
     for (long k = k0; k < k1; k++) {
         const float *wk = wg + k * GROUP;
         __m512 w0 = _mm512_loadu_ps(wk), w1 = _mm512_loadu_ps(wk + 16);
         __m512 w2 = _mm512_loadu_ps(wk + 32), w3 = _mm512_loadu_ps(wk + 48);
         prefetch_share(ahead, lines, per_step, &done);
-#define HF_ROW_F32(r)                                                       \
-        if ((r) < rows) {                                                   \
-            __m512 xv = _mm512_set1_ps(x[(r) * x_stride + k]);              \
-            acc[r][0] = _mm512_fmadd_ps(xv, w0, acc[r][0]);                 \
-            acc[r][1] = _mm512_fmadd_ps(xv, w1, acc[r][1]);                 \
-            acc[r][2] = _mm512_fmadd_ps(xv, w2, acc[r][2]);                 \
-            acc[r][3] = _mm512_fmadd_ps(xv, w3, acc[r][3]);                 \
+#pragma GCC unroll 6
+        for (int r = 0; r < rows; r++) {
+            const __m512 xv = _mm512_set1_ps(xr[r][k]);
+            acc[r][0] = _mm512_fmadd_ps(xv, w0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(xv, w1, acc[r][1]);
+            acc[r][2] = _mm512_fmadd_ps(xv, w2, acc[r][2]);
+            acc[r][3] = _mm512_fmadd_ps(xv, w3, acc[r][3]);
         }
-        HF_ROW_F32(0) HF_ROW_F32(1) HF_ROW_F32(2) HF_ROW_F32(3) HF_ROW_F32(4) HF_ROW_F32(5)
-#undef HF_ROW_F32
     }
     add_sums(sums, acc, rows);
 }
+
+#define HF_F32_ROWS(n)                                                                                               \
+    case n:                                                                                                          \
+        block_f32_rows(x_rows, x_stride, n, group, k0, k1, sums, ahead, lines);                                      \
+        break;
+static void block_f32(const void *x_rows, long x_stride, int rows, const void *group, long k0, long k1, float *sums,
+                      const char *ahead, long lines) {
+    switch (rows) { HF_F32_ROWS(1) HF_F32_ROWS(2) HF_F32_ROWS(3) HF_F32_ROWS(4) HF_F32_ROWS(5) HF_F32_ROWS(6) }
+}
+#undef HF_F32_ROWS
 
 /* out [M, N] (row stride out_stride) = x [M, K] (row stride x_stride) @ W^T (+ bias [N]); 0 on success. */
 int hf_small_linear_f32(const float *x, long x_stride, long M, const float *packed, const float *bias, long N,
