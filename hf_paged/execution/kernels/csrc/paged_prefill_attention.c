@@ -128,12 +128,6 @@ static inline long row_offset(const prefill_t *a, const unit_t *u, int r, long s
     return (long)(a->q_starts[u->seq] + u->t0 + r / a->G) * s0 + (long)(u->kvh * a->G + r % a->G) * s1;
 }
 
-/* Element offset of key's row (its KV head's hd values) in a cache. */
-static inline long key_offset(const prefill_t *a, const unit_t *u, const span_t *sp, int key) {
-    const long slot = sp->table[key / a->block_size] * a->block_size + key % a->block_size;
-    return (slot * a->KVH + u->kvh) * a->hd;
-}
-
 static inline void reset_rows(work_t *w, int n, int hd) {
     memset(w->acc, 0, sizeof(float) * n * hd);
     for (int r = 0; r < n; r++) {
