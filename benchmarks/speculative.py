@@ -2,7 +2,8 @@
 speculation, side by side in one run.
 
     python benchmarks/speculative.py [--batches 1,4,32] [--workloads grounded,prose,chat] [--max-new 128] [-k 10]
-                                     [--methods plain,ngram,draft,hf-ngram,vllm] [--dtype float32|bfloat16]
+                                     [--methods plain,ngram,ngram-rows,draft,hf-ngram,vllm]
+                                     [--dtype float32|bfloat16]
                                      [--requests N] [--draft-noise 0.02] [--json rows.json] [--threads N] [--log]
 
 Workloads (SmolLM2-135M-Instruct, greedy, chat template), each a list of prompts:
@@ -22,6 +23,8 @@ speculation:
 
 - ``plain``: the engine without speculation;
 - ``ngram``: the engine with prompt lookup (``{"method": "ngram", "num_tokens": k}``, adaptive k);
+- ``ngram-rows``: the same with each drafted token verified as a one-token decode row (what the engine does off the C
+  kernels) instead of the draft as one chunk (``ModelRunner.drafts_as_chunks``): the chunk's worth;
 - ``draft``: the engine with a draft model: SmolLM2 drafting for itself through a copy with Gaussian noise of
   ``--draft-noise`` times each weight's std (as large as the target, so its tokens/s say nothing about a real small
   draft; its acceptance rate is the figure);
@@ -116,10 +119,11 @@ def prompts(tok, workload: str, n: int) -> list[list[int]]:
     return out
 
 
-def run_engine(model, tok, ids, batch, max_new, speculative=None) -> dict:
+def run_engine(model, tok, ids, batch, max_new, speculative=None, drafts_as_chunks=True) -> dict:
     params = SamplingParams(max_new_tokens=max_new, temperature=0)
     with LLMEngine(model, tok, num_blocks=4096, max_num_seqs=batch, enable_prefix_caching=False,
                    speculative=speculative) as engine:
+        engine.runner.drafts_as_chunks &= drafts_as_chunks
         engine.generate([ids[0][:32]], SamplingParams(max_new_tokens=4, temperature=0), use_tqdm=False)  # warm-up
         before = engine.stats()
         start = time.perf_counter()
@@ -256,9 +260,9 @@ def main() -> None:
             for method in methods:
                 if method == "plain":
                     report(method, run_engine(model, tok, ids, batch, args.max_new))
-                elif method == "ngram":
+                elif method in ("ngram", "ngram-rows"):
                     report(method, run_engine(model, tok, ids, batch, args.max_new,
-                                              {"method": "ngram", "num_tokens": args.k}))
+                                              {"method": "ngram", "num_tokens": args.k}, method == "ngram"))
                 elif method == "draft":
                     report(method, run_engine(model, tok, ids, batch, args.max_new,
                                               {"method": "draft", "num_tokens": args.k, "draft_model": draft}))
