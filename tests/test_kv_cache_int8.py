@@ -299,10 +299,15 @@ def test_one_call_decode_layer_on_int8_equals_the_fused_path(smollm2, chat_ids, 
     if not engine.plan.one_call_layers:
         engine.close()
         pytest.skip(f"no one-call decode layers here ({engine.plan})")
-    took = []
+    took = []  # per call: (ran as one call, the step was decode-only)
     real = _FusedDecoderLayer._decode_in_one_call
-    monkeypatch.setattr(_FusedDecoderLayer, "_decode_in_one_call",
-                        lambda self, *a: took.append(real(self, *a)) or took[-1])
+
+    def spy(self, hidden_states, position_embeddings, meta):
+        out = real(self, hidden_states, position_embeddings, meta)
+        took.append((out is not None, meta.num_decodes == meta.num_seqs))
+        return out
+
+    monkeypatch.setattr(_FusedDecoderLayer, "_decode_in_one_call", spy)
     params = SamplingParams(max_new_tokens=6, temperature=0, logprobs=True, ignore_eos=True)
     runs = []
     for one_call in (True, False):
@@ -311,7 +316,8 @@ def test_one_call_decode_layer_on_int8_equals_the_fused_path(smollm2, chat_ids, 
                 layer.one_call = one_call
         runs.append([(o.token_ids, o.logprobs) for o in engine.generate(chat_ids[:3], params, use_tqdm=False)])
         if one_call:  # every layer of every decode-only step ran as one call
-            assert sum(t is not None for t in took) == (params.max_new_tokens - 1) * model.config.num_hidden_layers
+            decode_only = [ran for ran, decodes in took if decodes]
+            assert all(decode_only) and len(decode_only) == (params.max_new_tokens - 1) * model.config.num_hidden_layers
     engine.close()
     assert runs[0] == runs[1]
 
