@@ -1,10 +1,11 @@
 """The small-row linear kernel (``small_linear.c``) of a git revision against this tree's, side by side in one run.
 
     python benchmarks/small_linear_ab.py [--base REV] [--rows 1,4,8,16,24,32,48] [--threads 1,2] [--repeats 3]
+                                         [--dtype float32|bfloat16]
 
 Builds ``small_linear.c`` (with the headers) of ``--base`` (default ``HEAD``) into a temporary library with the
-flags the project's library is built with, then times both on every linear of the embedded model (SmolLM2-135M, fp32,
-the packed weights the engine uses: one decode step's worth of products), alternating base and current
+flags the project's library is built with, then times both on every linear of the embedded model (SmolLM2-135M in
+``--dtype``, the packed weights the engine uses: one decode step's worth of products), alternating base and current
 ``--repeats`` times per row count and thread count; prints the best of each and current / base, and checks that both
 give the same bits.
 """
@@ -41,6 +42,7 @@ def build_base(rev: str, out_dir: Path) -> ctypes.CDLL:
     base = ctypes.CDLL(str(lib))
     v, n = ctypes.c_void_p, ctypes.c_long
     base.hf_small_linear_f32.argtypes = [v, n, n, v, v, n, n, v, n, ctypes.c_int]
+    base.hf_small_linear_bf16.argtypes = [v, n, n, v, v, n, n, v, n, ctypes.c_int]
     return base
 
 
@@ -50,21 +52,25 @@ def main() -> None:
     ap.add_argument("--rows", default="1,4,8,16,24,32,48")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args()
-    model, _ = load_default_model(torch.float32)
+    dtype = getattr(torch, args.dtype)
+    model, _ = load_default_model(dtype)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     packed = [SmallRowsWeight(m.weight) for m in linears]
     with tempfile.TemporaryDirectory() as tmp:
         base = build_base(args.base, Path(tmp))
-        print(f"# small_linear.c: {args.base} (base) against this tree (current), SmolLM2-135M fp32 linears, best of "
-              f"{args.repeats}")
+        print(f"# small_linear.c: {args.base} (base) against this tree (current), SmolLM2-135M {args.dtype} linears, "
+              f"best of {args.repeats}")
         print(f"{'threads':>7} {'rows':>5} {'base ms':>8} {'current ms':>10} {'current/base':>12}")
         for threads in [int(t) for t in args.threads.split(",")]:
             torch.set_num_threads(threads)
             for rows in [int(r) for r in args.rows.split(",")]:
-                xs = {k: torch.randn(rows, k) for k in {m.in_features for m in linears}}
-                outs = {name: [torch.empty(rows, m.out_features) for m in linears] for name in ("base", "current")}
-                kernels = {"base": base.hf_small_linear_f32, "current": packed[0]._linear}
+                xs = {k: torch.randn(rows, k).to(dtype) for k in {m.in_features for m in linears}}
+                outs = {name: [torch.empty(rows, m.out_features, dtype=dtype) for m in linears]
+                        for name in ("base", "current")}
+                kernels = {"base": base.hf_small_linear_bf16 if dtype == torch.bfloat16 else base.hf_small_linear_f32,
+                           "current": packed[0]._linear}
 
                 def once(name: str) -> float:
                     start = time.perf_counter()

@@ -221,35 +221,46 @@ static inline __m512 bf16x16_to_f32(__m256i v) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
 }
 
-/* k0, k1 even (K_CHUNK is): the chunk is k-pairs [k0 / 2, k1 / 2). */
-static void block_bf16(const void *x_rows, long x_stride, int rows, const void *group, long k0, long k1, float *sums,
-                       const char *ahead, long lines) {
-    const uint16_t *x = x_rows, *wg = group;
+/* k0, k1 even (K_CHUNK is): the chunk is k-pairs [k0 / 2, k1 / 2). The block with `rows` a constant, as
+ * block_f32_rows. */
+static inline __attribute__((always_inline)) void block_bf16_rows(const uint16_t *x, long x_stride, const int rows,
+                                                                 const uint16_t *wg, long k0, long k1, float *sums,
+                                                                 const char *ahead, long lines) {
     const long p0 = k0 / 2, p1 = k1 / 2, per_step = (lines + (p1 - p0) - 1) / (p1 - p0);
     long done = 0;
+    const uint16_t *xr[ROW_BLOCK];
+    for (int r = 0; r < rows; r++) xr[r] = x + r * x_stride;
     __m512 acc[ROW_BLOCK][4];
-    for (int r = 0; r < ROW_BLOCK; r++)
+    for (int r = 0; r < rows; r++)
         for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
     for (long kp = p0; kp < p1; kp++) {
         const uint16_t *wk = wg + kp * GROUP * 2;
         __m512bh w0 = (__m512bh)_mm512_loadu_si512(wk), w1 = (__m512bh)_mm512_loadu_si512(wk + 32);
         __m512bh w2 = (__m512bh)_mm512_loadu_si512(wk + 64), w3 = (__m512bh)_mm512_loadu_si512(wk + 96);
         prefetch_share(ahead, lines, per_step, &done);
-#define HF_ROW_BF16(r)                                                                    \
-        if ((r) < rows) {                                                                 \
-            int32_t pair;                                                                 \
-            memcpy(&pair, x + (r) * x_stride + 2 * kp, sizeof pair);                      \
-            __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);                              \
-            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], xv, w0);                              \
-            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], xv, w1);                              \
-            acc[r][2] = _mm512_dpbf16_ps(acc[r][2], xv, w2);                              \
-            acc[r][3] = _mm512_dpbf16_ps(acc[r][3], xv, w3);                              \
+#pragma GCC unroll 6
+        for (int r = 0; r < rows; r++) {
+            int32_t pair;
+            memcpy(&pair, xr[r] + 2 * kp, sizeof pair);
+            const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], xv, w0);
+            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], xv, w1);
+            acc[r][2] = _mm512_dpbf16_ps(acc[r][2], xv, w2);
+            acc[r][3] = _mm512_dpbf16_ps(acc[r][3], xv, w3);
         }
-        HF_ROW_BF16(0) HF_ROW_BF16(1) HF_ROW_BF16(2) HF_ROW_BF16(3) HF_ROW_BF16(4) HF_ROW_BF16(5)
-#undef HF_ROW_BF16
     }
     add_sums(sums, acc, rows);
 }
+
+#define HF_BF16_ROWS(n)                                                                                              \
+    case n:                                                                                                          \
+        block_bf16_rows(x_rows, x_stride, n, group, k0, k1, sums, ahead, lines);                                     \
+        break;
+static void block_bf16(const void *x_rows, long x_stride, int rows, const void *group, long k0, long k1, float *sums,
+                       const char *ahead, long lines) {
+    switch (rows) { HF_BF16_ROWS(1) HF_BF16_ROWS(2) HF_BF16_ROWS(3) HF_BF16_ROWS(4) HF_BF16_ROWS(5) HF_BF16_ROWS(6) }
+}
+#undef HF_BF16_ROWS
 
 /* out [M, N] bf16 = x [M, K] bf16 @ W^T (+ bias [N] bf16), accumulated in fp32, rounded once (nearest even);
  * K even. 0 on success. */
@@ -274,16 +285,17 @@ void hf_small_linear_pack_bf16(const uint16_t *w, long w_stride, long N, long K,
             }
 }
 
-/* x rows already widened to fp32 (stride x_stride floats). */
-static void block_bf16(const void *x_rows, long x_stride, int rows, const void *group, long k0, long k1, float *sums,
-                       const char *ahead, long lines) {
-    const float *x = x_rows;
-    const uint16_t *wg = group;
+/* x rows already widened to fp32 (stride x_stride floats). The block with `rows` a constant, as block_f32_rows. */
+static inline __attribute__((always_inline)) void block_wide_rows(const float *x, long x_stride, const int rows,
+                                                                 const uint16_t *wg, long k0, long k1, float *sums,
+                                                                 const char *ahead, long lines) {
     const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
     const long per_step = (lines + (k1 - k0) - 1) / (k1 - k0);
     long done = 0;
+    const float *xr[ROW_BLOCK];
+    for (int r = 0; r < rows; r++) xr[r] = x + r * x_stride;
     __m512 acc[ROW_BLOCK][4];
-    for (int r = 0; r < ROW_BLOCK; r++)
+    for (int r = 0; r < rows; r++)
         for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
     for (long k = k0; k < k1; k++) {
         const uint16_t *wk = wg + k * GROUP;
@@ -293,19 +305,27 @@ static void block_bf16(const void *x_rows, long x_stride, int rows, const void *
         const __m512 w2 = _mm512_castsi512_ps(_mm512_slli_epi32(hi, 16));
         const __m512 w3 = _mm512_castsi512_ps(_mm512_and_si512(hi, high));
         prefetch_share(ahead, lines, per_step, &done);
-#define HF_ROW_WIDE(r)                                                      \
-        if ((r) < rows) {                                                   \
-            __m512 xv = _mm512_set1_ps(x[(r) * x_stride + k]);              \
-            acc[r][0] = _mm512_fmadd_ps(xv, w0, acc[r][0]);                 \
-            acc[r][1] = _mm512_fmadd_ps(xv, w1, acc[r][1]);                 \
-            acc[r][2] = _mm512_fmadd_ps(xv, w2, acc[r][2]);                 \
-            acc[r][3] = _mm512_fmadd_ps(xv, w3, acc[r][3]);                 \
+#pragma GCC unroll 6
+        for (int r = 0; r < rows; r++) {
+            const __m512 xv = _mm512_set1_ps(xr[r][k]);
+            acc[r][0] = _mm512_fmadd_ps(xv, w0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(xv, w1, acc[r][1]);
+            acc[r][2] = _mm512_fmadd_ps(xv, w2, acc[r][2]);
+            acc[r][3] = _mm512_fmadd_ps(xv, w3, acc[r][3]);
         }
-        HF_ROW_WIDE(0) HF_ROW_WIDE(1) HF_ROW_WIDE(2) HF_ROW_WIDE(3) HF_ROW_WIDE(4) HF_ROW_WIDE(5)
-#undef HF_ROW_WIDE
     }
     add_sums(sums, acc, rows);
 }
+
+#define HF_WIDE_ROWS(n)                                                                                              \
+    case n:                                                                                                          \
+        block_wide_rows(x_rows, x_stride, n, group, k0, k1, sums, ahead, lines);                                     \
+        break;
+static void block_bf16(const void *x_rows, long x_stride, int rows, const void *group, long k0, long k1, float *sums,
+                       const char *ahead, long lines) {
+    switch (rows) { HF_WIDE_ROWS(1) HF_WIDE_ROWS(2) HF_WIDE_ROWS(3) HF_WIDE_ROWS(4) HF_WIDE_ROWS(5) HF_WIDE_ROWS(6) }
+}
+#undef HF_WIDE_ROWS
 #endif /* __AVX512BF16__ */
 
 
