@@ -64,6 +64,21 @@ static inline long num_groups(long N) { return (N + GROUP - 1) / GROUP; }
 typedef void (*block_fn)(const void *x_rows, long x_stride, int rows, const void *group, long k0, long k1,
                          float *sums, const char *ahead, long lines);
 
+/* A block_fn `name` calling `body`, an always-inline block taking its row count as a constant, once per row count: so
+ * each instance keeps its accumulators and row pointers in registers and has no per-row branches. */
+#define HF_ROWS_CASE(body, n)                                                                                        \
+    case n:                                                                                                          \
+        body(x_rows, x_stride, n, group, k0, k1, sums, ahead, lines);                                                \
+        break;
+#define HF_BLOCK_BY_ROWS(name, body)                                                                                 \
+    static void name(const void *x_rows, long x_stride, int rows, const void *group, long k0, long k1, float *sums,  \
+                     const char *ahead, long lines) {                                                                \
+        switch (rows) {                                                                                              \
+            HF_ROWS_CASE(body, 1) HF_ROWS_CASE(body, 2) HF_ROWS_CASE(body, 3)                                        \
+            HF_ROWS_CASE(body, 4) HF_ROWS_CASE(body, 5) HF_ROWS_CASE(body, 6)                                        \
+        }                                                                                                            \
+    }
+
 /* Prefetch this k step's share of `lines` lines from `ahead` (`per_step` a step, `done` so far) into L2. */
 static inline void prefetch_share(const char *ahead, long lines, long per_step, long *done) {
     for (long q = 0; q < per_step && *done < lines; q++, (*done)++) _mm_prefetch(ahead + 64 * *done, _MM_HINT_T1);
@@ -156,8 +171,7 @@ static inline void add_sums(float *sums, __m512 (*acc)[4], int rows) {
         }
 }
 
-/* The 6 x 64 block with `rows` a constant (inlined once per row count, so the accumulators and row pointers stay in
- * registers and the loop has no per-row branches). */
+/* The 6 x 64 block, `rows` a constant (HF_BLOCK_BY_ROWS). */
 static inline __attribute__((always_inline)) void block_f32_rows(const float *x, long x_stride, const int rows,
                                                                 const float *wg, long k0, long k1, float *sums,
                                                                 const char *ahead, long lines) {
@@ -185,15 +199,7 @@ static inline __attribute__((always_inline)) void block_f32_rows(const float *x,
     add_sums(sums, acc, rows);
 }
 
-#define HF_F32_ROWS(n)                                                                                               \
-    case n:                                                                                                          \
-        block_f32_rows(x_rows, x_stride, n, group, k0, k1, sums, ahead, lines);                                      \
-        break;
-static void block_f32(const void *x_rows, long x_stride, int rows, const void *group, long k0, long k1, float *sums,
-                      const char *ahead, long lines) {
-    switch (rows) { HF_F32_ROWS(1) HF_F32_ROWS(2) HF_F32_ROWS(3) HF_F32_ROWS(4) HF_F32_ROWS(5) HF_F32_ROWS(6) }
-}
-#undef HF_F32_ROWS
+HF_BLOCK_BY_ROWS(block_f32, block_f32_rows)
 
 /* out [M, N] (row stride out_stride) = x [M, K] (row stride x_stride) @ W^T (+ bias [N]); 0 on success. */
 int hf_small_linear_f32(const float *x, long x_stride, long M, const float *packed, const float *bias, long N,
@@ -252,15 +258,7 @@ static inline __attribute__((always_inline)) void block_bf16_rows(const uint16_t
     add_sums(sums, acc, rows);
 }
 
-#define HF_BF16_ROWS(n)                                                                                              \
-    case n:                                                                                                          \
-        block_bf16_rows(x_rows, x_stride, n, group, k0, k1, sums, ahead, lines);                                     \
-        break;
-static void block_bf16(const void *x_rows, long x_stride, int rows, const void *group, long k0, long k1, float *sums,
-                       const char *ahead, long lines) {
-    switch (rows) { HF_BF16_ROWS(1) HF_BF16_ROWS(2) HF_BF16_ROWS(3) HF_BF16_ROWS(4) HF_BF16_ROWS(5) HF_BF16_ROWS(6) }
-}
-#undef HF_BF16_ROWS
+HF_BLOCK_BY_ROWS(block_bf16, block_bf16_rows)
 
 /* out [M, N] bf16 = x [M, K] bf16 @ W^T (+ bias [N] bf16), accumulated in fp32, rounded once (nearest even);
  * K even. 0 on success. */
@@ -317,15 +315,7 @@ static inline __attribute__((always_inline)) void block_wide_rows(const float *x
     add_sums(sums, acc, rows);
 }
 
-#define HF_WIDE_ROWS(n)                                                                                              \
-    case n:                                                                                                          \
-        block_wide_rows(x_rows, x_stride, n, group, k0, k1, sums, ahead, lines);                                     \
-        break;
-static void block_bf16(const void *x_rows, long x_stride, int rows, const void *group, long k0, long k1, float *sums,
-                       const char *ahead, long lines) {
-    switch (rows) { HF_WIDE_ROWS(1) HF_WIDE_ROWS(2) HF_WIDE_ROWS(3) HF_WIDE_ROWS(4) HF_WIDE_ROWS(5) HF_WIDE_ROWS(6) }
-}
-#undef HF_WIDE_ROWS
+HF_BLOCK_BY_ROWS(block_bf16, block_wide_rows)
 #endif /* __AVX512BF16__ */
 
 
@@ -367,21 +357,20 @@ static inline __attribute__((always_inline)) void block_avx2(const int bf16, con
     }
 }
 
-#define HF_ROWS(bf16, n)                                                                                             \
-    case n:                                                                                                          \
-        block_avx2(bf16, x_rows, x_stride, n, group, k0, k1, sums, ahead, lines);                                    \
-        break;
-#define HF_BLOCK_AVX2(name, bf16)                                                                                    \
-    static void name(const void *x_rows, long x_stride, int rows, const void *group, long k0, long k1, float *sums,  \
-                     const char *ahead, long lines) {                                                                \
-        switch (rows) {                                                                                              \
-            HF_ROWS(bf16, 1) HF_ROWS(bf16, 2) HF_ROWS(bf16, 3) HF_ROWS(bf16, 4) HF_ROWS(bf16, 5) HF_ROWS(bf16, 6)    \
-        }                                                                                                            \
-    }
-HF_BLOCK_AVX2(block_f32, 0)
-HF_BLOCK_AVX2(block_bf16, 1)
-#undef HF_BLOCK_AVX2
-#undef HF_ROWS
+static inline __attribute__((always_inline)) void block_avx2_f32(const void *x, long x_stride, const int rows,
+                                                                const void *group, long k0, long k1, float *sums,
+                                                                const char *ahead, long lines) {
+    block_avx2(0, x, x_stride, rows, group, k0, k1, sums, ahead, lines);
+}
+
+static inline __attribute__((always_inline)) void block_avx2_bf16(const void *x, long x_stride, const int rows,
+                                                                 const void *group, long k0, long k1, float *sums,
+                                                                 const char *ahead, long lines) {
+    block_avx2(1, x, x_stride, rows, group, k0, k1, sums, ahead, lines);
+}
+
+HF_BLOCK_BY_ROWS(block_f32, block_avx2_f32)
+HF_BLOCK_BY_ROWS(block_bf16, block_avx2_bf16)
 
 /* out [M, N] (row stride out_stride) = x [M, K] (row stride x_stride) @ W^T (+ bias [N]); 0 on success. */
 int hf_small_linear_f32(const float *x, long x_stride, long M, const float *packed, const float *bias, long N,
