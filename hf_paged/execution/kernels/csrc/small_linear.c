@@ -171,10 +171,13 @@ static inline void add_sums(float *sums, __m512 (*acc)[4], int rows) {
         }
 }
 
-/* The 6 x 64 block, `rows` a constant (HF_BLOCK_BY_ROWS). */
-static inline __attribute__((always_inline)) void block_f32_rows(const float *x, long x_stride, const int rows,
-                                                                const float *wg, long k0, long k1, float *sums,
-                                                                const char *ahead, long lines) {
+/* The 6 x 64 block of fp32 products, `rows` a constant (HF_BLOCK_BY_ROWS): the group fp32, or (`bf16_words`, AVX-512
+ * without AVX512_BF16) bf16 in the word layout of hf_small_linear_pack_bf16 below, widened by a shift and a mask; x
+ * fp32 rows (bf16 ones widened by the caller). */
+static inline __attribute__((always_inline)) void block_fma_rows(const int bf16_words, const float *x, long x_stride,
+                                                                const int rows, const void *group, long k0, long k1,
+                                                                float *sums, const char *ahead, long lines) {
+    const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
     const long per_step = (lines + (k1 - k0) - 1) / (k1 - k0);
     long done = 0;
     const float *xr[ROW_BLOCK];
@@ -183,9 +186,19 @@ static inline __attribute__((always_inline)) void block_f32_rows(const float *x,
     for (int r = 0; r < rows; r++)
         for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
     for (long k = k0; k < k1; k++) {
-        const float *wk = wg + k * GROUP;
-        __m512 w0 = _mm512_loadu_ps(wk), w1 = _mm512_loadu_ps(wk + 16);
-        __m512 w2 = _mm512_loadu_ps(wk + 32), w3 = _mm512_loadu_ps(wk + 48);
+        __m512 w0, w1, w2, w3;
+        if (bf16_words) {
+            const uint16_t *wk = (const uint16_t *)group + k * GROUP;
+            const __m512i lo = _mm512_loadu_si512(wk), hi = _mm512_loadu_si512(wk + 32);
+            w0 = _mm512_castsi512_ps(_mm512_slli_epi32(lo, 16));
+            w1 = _mm512_castsi512_ps(_mm512_and_si512(lo, high));
+            w2 = _mm512_castsi512_ps(_mm512_slli_epi32(hi, 16));
+            w3 = _mm512_castsi512_ps(_mm512_and_si512(hi, high));
+        } else {
+            const float *wk = (const float *)group + k * GROUP;
+            w0 = _mm512_loadu_ps(wk), w1 = _mm512_loadu_ps(wk + 16);
+            w2 = _mm512_loadu_ps(wk + 32), w3 = _mm512_loadu_ps(wk + 48);
+        }
         prefetch_share(ahead, lines, per_step, &done);
 #pragma GCC unroll 6
         for (int r = 0; r < rows; r++) {
@@ -197,6 +210,12 @@ static inline __attribute__((always_inline)) void block_f32_rows(const float *x,
         }
     }
     add_sums(sums, acc, rows);
+}
+
+static inline __attribute__((always_inline)) void block_f32_rows(const void *x, long x_stride, const int rows,
+                                                                const void *group, long k0, long k1, float *sums,
+                                                                const char *ahead, long lines) {
+    block_fma_rows(0, x, x_stride, rows, group, k0, k1, sums, ahead, lines);
 }
 
 HF_BLOCK_BY_ROWS(block_f32, block_f32_rows)
@@ -283,36 +302,11 @@ void hf_small_linear_pack_bf16(const uint16_t *w, long w_stride, long N, long K,
             }
 }
 
-/* x rows already widened to fp32 (stride x_stride floats). The block with `rows` a constant, as block_f32_rows. */
-static inline __attribute__((always_inline)) void block_wide_rows(const float *x, long x_stride, const int rows,
-                                                                 const uint16_t *wg, long k0, long k1, float *sums,
+/* x rows already widened to fp32 (stride x_stride floats). */
+static inline __attribute__((always_inline)) void block_wide_rows(const void *x, long x_stride, const int rows,
+                                                                 const void *group, long k0, long k1, float *sums,
                                                                  const char *ahead, long lines) {
-    const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
-    const long per_step = (lines + (k1 - k0) - 1) / (k1 - k0);
-    long done = 0;
-    const float *xr[ROW_BLOCK];
-    for (int r = 0; r < rows; r++) xr[r] = x + r * x_stride;
-    __m512 acc[ROW_BLOCK][4];
-    for (int r = 0; r < rows; r++)
-        for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
-    for (long k = k0; k < k1; k++) {
-        const uint16_t *wk = wg + k * GROUP;
-        const __m512i lo = _mm512_loadu_si512(wk), hi = _mm512_loadu_si512(wk + 32);
-        const __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(lo, 16));
-        const __m512 w1 = _mm512_castsi512_ps(_mm512_and_si512(lo, high));
-        const __m512 w2 = _mm512_castsi512_ps(_mm512_slli_epi32(hi, 16));
-        const __m512 w3 = _mm512_castsi512_ps(_mm512_and_si512(hi, high));
-        prefetch_share(ahead, lines, per_step, &done);
-#pragma GCC unroll 6
-        for (int r = 0; r < rows; r++) {
-            const __m512 xv = _mm512_set1_ps(xr[r][k]);
-            acc[r][0] = _mm512_fmadd_ps(xv, w0, acc[r][0]);
-            acc[r][1] = _mm512_fmadd_ps(xv, w1, acc[r][1]);
-            acc[r][2] = _mm512_fmadd_ps(xv, w2, acc[r][2]);
-            acc[r][3] = _mm512_fmadd_ps(xv, w3, acc[r][3]);
-        }
-    }
-    add_sums(sums, acc, rows);
+    block_fma_rows(1, x, x_stride, rows, group, k0, k1, sums, ahead, lines);
 }
 
 HF_BLOCK_BY_ROWS(block_bf16, block_wide_rows)
