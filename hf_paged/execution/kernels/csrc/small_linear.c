@@ -242,10 +242,6 @@ void hf_small_linear_pack_bf16(const uint16_t *w, long w_stride, long N, long K,
                 }
 }
 
-static inline __m512 bf16x16_to_f32(__m256i v) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
-
 /* k0, k1 even (K_CHUNK is): the chunk is k-pairs [k0 / 2, k1 / 2). The block with `rows` a constant, as
  * block_f32_rows. */
 static inline __attribute__((always_inline)) void block_bf16_rows(const uint16_t *x, long x_stride, const int rows,
