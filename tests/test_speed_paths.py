@@ -2,13 +2,15 @@
 step shapes), the packed oneDNN linears (call-scoped: a plain forward is untouched), and the process-level CPU
 settings."""
 
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 
 from hf_paged import LLMEngine, SamplingParams
-from hf_paged.cpu_runtime import release_openmp_pool, tune_malloc
+from hf_paged.cpu_runtime import empty_on_huge_pages, release_openmp_pool, tune_malloc
 from hf_paged.execution.patches.linear import build_packers, packed_linears
 
 from conftest import build_tiny_model, tiny_prompts
@@ -89,3 +91,36 @@ def test_cpu_runtime_settings_apply():
     assert release_openmp_pool() is True
     assert tune_malloc() is True
     assert torch.ones(1 << 16).sum().item() == 1 << 16  # the pool comes back by itself
+
+
+def _anon_huge_kb(address: int) -> int:
+    """AnonHugePages of the mapping of this process that holds ``address``."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "AnonHugePages:":
+            return int(line.split()[1])
+    return 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages are Linux's")
+def test_packed_weights_are_carved_onto_huge_pages(monkeypatch):
+    monkeypatch.setenv("HF_PAGED_TUNE_CPU", "1")
+    small = [empty_on_huge_pages(n, dtype) for n, dtype in ((1000, torch.float32), (3, torch.bfloat16),
+                                                              (5000, torch.float32))]
+    assert all(t.data_ptr() % 64 == 0 and t.is_contiguous() for t in small)
+    assert [t.numel() for t in small] == [1000, 3, 5000] and small[1].dtype == torch.bfloat16
+    # Side by side in one chunk, none overlapping the next.
+    assert small[0].data_ptr() + 4000 <= small[1].data_ptr() < small[1].data_ptr() + 6 <= small[2].data_ptr()
+    large = empty_on_huge_pages(24 << 20, torch.float32)  # 96 MB: a mapping of its own, from a huge-page boundary
+    assert large.data_ptr() % (2 << 20) == 0
+    large.fill_(1.0)
+    for t in small:
+        t.zero_()
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if thp.exists() and "[never]" not in thp.read_text():
+        assert _anon_huge_kb(large.data_ptr()) >= 2048
+        assert _anon_huge_kb(small[0].data_ptr()) >= 2048

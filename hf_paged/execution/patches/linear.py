@@ -21,6 +21,7 @@ from typing import Iterable, Iterator
 import torch
 import torch.nn.functional as F
 
+from ...cpu_runtime import empty_on_huge_pages
 from ..kernels import cpu_isa, cpu_library
 
 _active = threading.local()  # .on: inside an engine forward; .packers: that engine's packers by weight data_ptr
@@ -32,7 +33,7 @@ class AmxWeight:
 
     def __init__(self, weight: torch.Tensor) -> None:
         self.out_features, self.in_features = weight.shape
-        self.packed = torch.empty(weight.numel(), dtype=torch.bfloat16)
+        self.packed = empty_on_huge_pages(weight.numel(), torch.bfloat16)
         self._lib = cpu_library.load()
         self._lib.hf_amx_pack(weight.data_ptr(), weight.stride(0), self.out_features, self.in_features,
                               self.packed.data_ptr())
@@ -73,7 +74,7 @@ class SmallRowsWeight:
         self.out_features, self.in_features = weight.shape
         self.dtype = weight.dtype
         groups = -(-self.out_features // 64)  # the AVX-512 layout's groups; AVX2's (16 columns) fit in as many
-        self.packed = torch.empty(groups * 64 * self.in_features, dtype=weight.dtype)
+        self.packed = empty_on_huge_pages(groups * 64 * self.in_features, weight.dtype)
         self._lib = cpu_library.load()
         pack = self._lib.hf_small_linear_pack_bf16 if self.bf16 else self._lib.hf_small_linear_pack_f32
         pack(weight.data_ptr(), weight.stride(0), self.out_features, self.in_features, self.packed.data_ptr())
