@@ -18,8 +18,10 @@ Workloads (SmolLM2-135M-Instruct, greedy, chat template), each a list of prompts
 Per workload and batch size ``b`` (``b`` requests in flight, ``max(4 b, 8)`` requests, so that the batch stays full
 as a server's would), each method's tokens/s (generated tokens / wall time), its **decode tokens/s** (the tokens
 of the steps that computed no prompt tokens / those steps' time, drafting to appending; for HF, each request's
-tokens after its first / the time from its first token to its last) and both ratios to the engine without
-speculation:
+tokens after its first / the time from its first token to its last), its **full** decode tokens/s (the same over the
+decode steps that ran ``b`` sequences: the batch size measured, a server's steady state; when the queue runs dry,
+the last requests finish in smaller batches, and a request that copies little runs on alone while the others have
+finished) and the ratios to the engine without speculation:
 
 - ``plain``: the engine without speculation;
 - ``ngram``: the engine with prompt lookup (``{"method": "ngram", "num_tokens": k}``, adaptive k);
@@ -125,6 +127,16 @@ def run_engine(model, tok, ids, batch, max_new, speculative=None, drafts_as_chun
                    speculative=speculative) as engine:
         engine.runner.drafts_as_chunks &= drafts_as_chunks
         engine.generate([ids[0][:32]], SamplingParams(max_new_tokens=4, temperature=0), use_tqdm=False)  # warm-up
+        full = [0, 0.0]  # decode steps of a full batch: tokens, seconds
+        record = engine.metrics.record_decode_step
+
+        def record_full(tokens: int, seconds: float) -> None:
+            record(tokens, seconds)
+            if len(engine.scheduler.step_seqs) == batch:
+                full[0] += tokens
+                full[1] += seconds
+
+        engine.metrics.record_decode_step = record_full
         before = engine.stats()
         start = time.perf_counter()
         outs = engine.generate(ids, params, use_tqdm=False)
@@ -133,7 +145,7 @@ def run_engine(model, tok, ids, batch, max_new, speculative=None, drafts_as_chun
     tokens = sum(len(o.token_ids) for o in outs)
     row = {"tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed,
            "decode_tok_s": stats["decode_step_tokens"] / stats["decode_step_time_s"],
-           "outputs": [o.token_ids for o in outs]}
+           "full_tok_s": full[0] / full[1] if full[1] else 0.0, "outputs": [o.token_ids for o in outs]}
     if speculative is not None:
         drafted = stats.get("spec_decode_num_draft_tokens", 0)
         row["acceptance"] = stats.get("spec_decode_num_accepted_tokens", 0) / drafted if drafted else 0.0
@@ -173,7 +185,7 @@ def run_hf(model, tok, ids, max_new, k=None) -> dict:
         outputs.append(new)
     elapsed = time.perf_counter() - start
     return {"tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed, "decode_tok_s": decode_tokens / decode_s,
-            "outputs": outputs}
+            "full_tok_s": decode_tokens / decode_s, "outputs": outputs}
 
 
 def run_vllm(ids, batch, max_new, k, dtype, threads) -> dict[str, dict]:
@@ -231,7 +243,7 @@ def main() -> None:
     print(f"# {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit}, load {load}, torch threads "
           f"{torch.get_num_threads()}, SmolLM2-135M-Instruct {args.dtype} greedy, max_new {args.max_new}, k {args.k}")
     print(f"{'workload':9} {'batch':>5} {'method':10} {'tok/s':>7} {'x plain':>7} {'decode':>7} {'x plain':>7} "
-          f"{'accept':>6} {'drafted/tok':>11} {'load':>5}")
+          f"{'full':>7} {'x plain':>7} {'accept':>6} {'drafted/tok':>11} {'load':>5}")
     rows = []
     for workload in args.workloads.split(","):
         for batch in [int(b) for b in args.batches.split(",")]:
@@ -247,11 +259,13 @@ def main() -> None:
                     return format(r[key], fmt) if key in r else f"{'-':>{width}}"
 
                 ratio = f"{r['tok_s'] / plain['tok_s']:7.2f}" if plain else f"{'-':>7}"
-                decode_ratio = f"{r['decode_tok_s'] / plain['decode_tok_s']:7.2f}" \
-                    if plain and "decode_tok_s" in r and "decode_tok_s" in plain else f"{'-':>7}"
+                def ratio_of(key: str) -> str:
+                    return f"{r[key] / plain[key]:7.2f}" if plain and r.get(key) and plain.get(key) else f"{'-':>7}"
+
                 r["load"] = float(LOADAVG.read_text().split()[0]) if LOADAVG.exists() else 0.0
                 print(f"{workload:9} {batch:5d} {method:10} {r['tok_s']:7.1f} {ratio} {col('decode_tok_s', '7.1f', 7)} "
-                      f"{decode_ratio} {col('acceptance', '6.2f', 6)} {col('drafted_per_token', '11.2f', 11)} "
+                      f"{ratio_of('decode_tok_s')} {col('full_tok_s', '7.1f', 7)} {ratio_of('full_tok_s')} "
+                      f"{col('acceptance', '6.2f', 6)} {col('drafted_per_token', '11.2f', 11)} "
                       f"{r['load']:5.2f}" + ("" if same is not False else "  (outputs differ from plain)"),
                       flush=True)
                 rows.append({"workload": workload, "batch": batch, "method": method, "same_as_plain": same,

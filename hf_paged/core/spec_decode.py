@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 from array import array
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -130,11 +131,16 @@ class SpeculationController:
     each step with drafts is compared with what plain steps would take for the tokens it appended,
     ``plain(B) * tokens / B``. Per batch size (exact up to 8, then by powers of two), decayed sums of both times over
     its last steps with drafts decide: it speculates while they took no longer than plain steps would have. A probe
-    step goes the other way (drafting one token a request, the cheapest try, or none), so that both figures stay
-    current: after ``PROBE`` steps, then twice as many each time the decision holds, up to ``PROBE_MAX`` (a probe
-    of an expensive drafter, a draft model that must first catch up on the tokens it missed, costs several steps),
-    and after ``PROBE`` again once it changes; a new batch size measures one step of each first. Each change is
-    logged (INFO) and the last plan kept in ``last_plan`` (and the engine's stats).
+    step goes the other way (drafting what the plan below drafts, at least a token a request, or none), so that both
+    figures stay current: after ``PROBE`` steps, then twice as many each time the decision holds, up to
+    ``PROBE_MAX`` (a probe of an expensive drafter, a draft model that must first catch up on the tokens it missed,
+    costs several steps), and after ``PROBE`` again once it changes. The engine's first decode step drafts nothing
+    (the plain fit needs a point); a new batch size then takes ``FIRST_STEPS`` steps with drafts before its first
+    decision, the first of them planned with the cost of a drafted token at the nearest batch size measured (one
+    token a request, the cheapest try, before any). Probes draft the plan, not one token, and one step never decides:
+    one-token drafts, or the first tokens of answers, undersell speculation where copying runs several tokens long,
+    and would keep it off where it pays. Each change is logged (INFO) and the last plan kept in ``last_plan`` (and
+    the engine's stats).
 
     When on, each draft's acceptance rates (``alpha``: that its first token is accepted, ``a1``, and that a later one
     is, given the one before was, ``a2``) order the draft positions (the ``j``-th is accepted with chance
@@ -153,12 +159,13 @@ class SpeculationController:
     FORGET_MATCH = 0.995  # per verified draft, its match class's counts
     DECAY = 0.9  # per measured step, the step-time sums
     PROBE = 16
+    FIRST_STEPS = 4  # steps with drafts a batch size measures before its first decision (one is mostly noise)
     PROBE_MAX = 128
 
     def __init__(self) -> None:
         self._plain = [0.0] * 5  # steps without drafts: decayed sums of 1, B, B^2, t, B * t
         # Per batch size, steps with drafts: decayed sums of their seconds, plain steps' seconds for their tokens,
-        # drafted tokens, seconds over a plain step.
+        # drafted tokens, seconds over a plain step; how many were measured.
         self._drafted: dict[int, list[float]] = {}
         self._on: dict[int, bool] = {}
         self._since_probe: dict[int, int] = {}
@@ -182,7 +189,8 @@ class SpeculationController:
         elif self._plain[0]:
             plain = self.plain_time(num_decodes)
             values = (seconds, plain * tokens / num_decodes, drafted, seconds - plain)
-            sums = self._drafted.setdefault(self.bucket(num_decodes), [0.0] * 4)
+            sums = self._drafted.setdefault(self.bucket(num_decodes), [0.0] * 5)
+            sums[4] += 1
         else:
             return
         for i, v in enumerate(values):
@@ -198,10 +206,15 @@ class SpeculationController:
         slope = max((sxy / n - mean_b * mean_t) / var, 0.0) if var > 0.25 else 0.0
         return max(mean_t + slope * (num_decodes - mean_b), 1e-9)
 
-    def draft_cost(self, num_decodes: int) -> float:
-        """Seconds a drafted token adds to a step of this batch size, as measured."""
-        sums = self._drafted.get(self.bucket(num_decodes))
-        return max(sums[3] / sums[2], 0.0) if sums and sums[2] else 0.0
+    def draft_cost(self, num_decodes: int) -> float | None:
+        """Seconds a drafted token adds to a step of this batch size, as measured there, else at the nearest batch
+        size measured; None before any step with drafts."""
+        key = self.bucket(num_decodes)
+        measured = [b for b, sums in self._drafted.items() if sums[2]]
+        if not measured:
+            return None
+        sums = self._drafted[min(measured, key=lambda b: (abs(math.log(b / key)), b))]
+        return max(sums[3] / sums[2], 0.0)
 
     # ---- acceptance ------------------------------------------------------------------------------------
     @staticmethod
@@ -238,11 +251,13 @@ class SpeculationController:
 
     # ---- the plan --------------------------------------------------------------------------------------
     def mode(self, num_decodes: int) -> tuple[bool, bool]:
-        """(speculate this step, the step is a probe or a first measurement: one drafted token a request)."""
+        """(speculate this step, the step is a probe or a first measurement: at least a drafted token a request)."""
         key = self.bucket(num_decodes)
         sums = self._drafted.get(key)
-        if not self._plain[0] or not sums:  # measure first: a step without drafts, then one with
-            return bool(self._plain[0]), True
+        if not self._plain[0]:  # measure first: a step without drafts
+            return False, True
+        if not sums or sums[4] < self.FIRST_STEPS:  # then a few with, before the first decision
+            return True, not sums
         on = sums[0] <= sums[1]
         if on != self._on.get(key):
             logger.info("speculation %s at batch %d: steps with drafts took %.3g s where plain steps would take "
@@ -258,10 +273,10 @@ class SpeculationController:
 
     def plan(self, seqs: list[Sequence], caps: list[int], num_decodes: int, adaptive: list[bool]) -> list[int]:
         """Tokens to draft per sequence (at most ``caps``), in a step with ``num_decodes`` decoding sequences."""
-        on, full = self.mode(num_decodes)
+        on, probe = self.mode(num_decodes)
         ks = [0 if a else c for c, a in zip(caps, adaptive)]
         cost = self.draft_cost(num_decodes)
-        if on and full:
+        if on and cost is None:  # nothing measured yet: the cheapest try
             ks = [min(c, 1) if a else c for c, a in zip(caps, adaptive)]
         elif on:
             step, yield_ = self.plain_time(num_decodes), float(num_decodes)
@@ -277,6 +292,8 @@ class SpeculationController:
                 step, yield_ = step + cost, yield_ + gain
                 if ks[i] < caps[i]:
                     heapq.heappush(heap, (-gain * alphas[i][1], i))
+            if probe:  # a measurement: every request drafts at least a token
+                ks = [max(k, min(c, 1)) if a else k for k, c, a in zip(ks, caps, adaptive)]
         self.last_plan = {"k_mean": sum(ks) / len(ks) if ks else 0.0, "speculating": float(sum(k > 0 for k in ks)),
-                          "on": float(on), "plain_step_s": self.plain_time(num_decodes), "draft_cost_s": cost}
+                          "on": float(on), "plain_step_s": self.plain_time(num_decodes), "draft_cost_s": cost or 0.0}
         return ks

@@ -142,7 +142,7 @@ class Speculator:
                 keep.append(r)
         if not drafted:
             return logits, rows, [], None
-        return logits[keep], [rows[r] for r in keep], drafted, logits[drafted_rows]
+        return _take(logits, keep), [rows[r] for r in keep], drafted, _take(logits, drafted_rows)
 
     def verify(self, sampler: Sampler, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple]:
         """Verify the drafted sequences; returns per sequence (tokens to append, logprobs, top logprobs, the computed
@@ -196,3 +196,11 @@ class Speculator:
         for pos, count in enumerate(s.accepted_per_pos):
             out[f"spec_decode_num_accepted_tokens_per_pos_{pos}"] = count
         return out
+
+
+def _take(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """``logits[rows]``: a view where the rows are consecutive (drafts verified as chunks come after the step's
+    one-token decodes), else a copy."""
+    if rows and rows[-1] - rows[0] == len(rows) - 1:
+        return logits[rows[0]:rows[-1] + 1]
+    return logits[rows]
