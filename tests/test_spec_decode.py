@@ -393,7 +393,8 @@ def test_controller_rates_prompt_lookup_drafts_by_their_match_length():
     rates come from every request's verified drafts of that match length."""
     c = SpeculationController()
     c.record_step(1, 1, 0.010, 0)
-    c.record_step(1, 5, 0.020, 8)  # a drafted token costs an eighth of a plain step
+    for _ in range(SpeculationController.FIRST_STEPS):
+        c.record_step(1, 5, 0.020, 8)  # a drafted token costs an eighth of a plain step
     seqs = [Sequence([1], SamplingParams(), BlockTable(BlockPool(1))) for _ in range(2)]
     assert c.match_class(1) == 1 and c.match_class(5) == 4 and c.match_class(9) == 5 and c.match_class(40) == 7
     for _ in range(30):

@@ -256,8 +256,8 @@ class SpeculationController:
         sums = self._drafted.get(key)
         if not self._plain[0]:  # measure first: a step without drafts
             return False, True
-        if not sums or sums[4] < self.FIRST_STEPS:  # then a few with, before the first decision
-            return True, not sums
+        if not sums or sums[4] < self.FIRST_STEPS:  # then a few with drafts, before the first decision
+            return True, True
         on = sums[0] <= sums[1]
         if on != self._on.get(key):
             logger.info("speculation %s at batch %d: steps with drafts took %.3g s where plain steps would take "
