@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import math
 import mmap
 import os
 import sys
@@ -120,10 +121,7 @@ def zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
     """``torch.zeros(shape, dtype)`` on the CPU, its memory advised to be backed by transparent huge pages."""
     if not _huge_pages_wanted():
         return torch.zeros(shape, dtype=dtype)
-    numel = 1
-    for n in shape:
-        numel *= n
-    return _huge_page_bytes(numel * dtype.itemsize).view(dtype).view(shape).zero_()
+    return _huge_page_bytes(math.prod(shape) * dtype.itemsize).view(dtype).view(shape).zero_()
 
 
 def _huge_pages_wanted() -> bool:
