@@ -13,7 +13,9 @@ the step costs measured on this machine, for drafting policies from the best pos
    drafts), fixed k, the best **per match-length class** policy (each class's empirical chance that the j-th token is
    accepted, in-sample, against the best threshold: an optimistic bound for any policy that sees only the match) and
    the engine's ``SpeculationController`` (fed the replay's steps); over all decode steps, and over those that ran
-   a full batch (``speculative.py``'s full column).
+   a full batch (``speculative.py``'s full column). Two more rows verify a second candidate beside each draft (the
+   latest earlier continuation starting with another token: a two-branch tree, not built in the engine), trimmed by
+   the oracle and at fixed lengths: what better candidates, rather than a better policy, could add.
 
 Verification-side costs (sampling, appending) are left out of the replay, so the engine's measured ratio
 (``speculative.py``'s decode column) sits somewhat below its replayed one.
@@ -66,9 +68,33 @@ def outputs_and_costs(model, tok, ids, batch, max_new, k) -> tuple[list[list[int
     return outs, mean_s + slope * (batch - mean_t), slope
 
 
-def replay(reqs, batch, k, base, per_row, policy=None, controller=None) -> tuple[float, float]:
+def second_candidate(tokens: list[int], first: list[int], k: int, max_n: int = 3) -> list[int]:
+    """Up to ``k`` tokens after the latest earlier occurrence of the longest suffix (``max_n`` tokens or fewer) whose
+    continuation starts with another token than ``first`` does: a second branch beside prompt lookup's draft."""
+    for n in range(min(max_n, len(tokens) - 1), 0, -1):
+        suffix = tokens[-n:]
+        starts = [s for s in range(len(tokens) - 1, n - 1, -1) if tokens[s - n:s] == suffix]
+        if starts:
+            for s in starts:
+                if not first or tokens[s] != first[0]:
+                    return tokens[s:s + k]
+            return []
+    return []
+
+
+def accepted_length(draft: list[int], rest: list[int]) -> int:
+    """How many of ``draft`` greedy verification accepts, ``rest`` being the tokens decoding produces."""
+    a = 0
+    while a < len(draft) and a < len(rest) - 1 and draft[a] == rest[a]:
+        a += 1
+    return a
+
+
+def replay(reqs, batch, k, base, per_row, policy=None, controller=None, branch=None) -> tuple[float, float]:
     """Tokens/s of decoding ``reqs`` (prompt, output) ``batch`` at a time, ``policy(draft, match, accepted)`` or the
-    controller choosing each draft's length: over all steps, and over the steps that ran a full batch."""
+    controller choosing each draft's length: over all steps, and over the steps that ran a full batch. With
+    ``branch(draft, accepted)``, a second branch (``second_candidate``) of that length is verified beside the first
+    (a two-branch tree: both branches' rows are paid for, the longer accepted run is kept)."""
     queue, live, pos, seqs = list(range(len(reqs))), [], {}, {}
     seconds = tokens = full_seconds = full_tokens = 0.0
     while queue or live:
@@ -77,16 +103,20 @@ def replay(reqs, batch, k, base, per_row, policy=None, controller=None) -> tuple
             live.append(i)
             pos[i] = 0
             seqs[i] = types.SimpleNamespace(spec_match=0, spec_hits=[0.0, 0.0], spec_trials=[0.0, 0.0])
-        drafts, accepted = [], []
+        drafts, accepted, extra_rows, extra_accepted = [], [], 0, []
         for i in live:
             prompt, out = reqs[i]
             draft, match = ngram_match(prompt + out[:pos[i]], k, 1, 3)
-            rest, a = out[pos[i]:], 0
-            while a < len(draft) and a < len(rest) - 1 and draft[a] == rest[a]:
-                a += 1
+            a = accepted_length(draft, out[pos[i]:])
             seqs[i].spec_match = match
             drafts.append(draft)
             accepted.append(a)
+            if branch is not None:
+                other = second_candidate(prompt + out[:pos[i]], draft, k)
+                b = accepted_length(other, out[pos[i]:])
+                kb = min(branch(other, b), len(other))
+                extra_rows += kb
+                extra_accepted.append(min(b, kb))
         if controller is not None:
             cand = [j for j, d in enumerate(drafts) if d]
             ks = [0] * len(live)
@@ -98,11 +128,11 @@ def replay(reqs, batch, k, base, per_row, policy=None, controller=None) -> tuple
                     ks[j] = n
         else:
             ks = [min(policy(d, seqs[i].spec_match, a), len(d)) for i, d, a in zip(live, drafts, accepted)]
-        step, stepping = base + per_row * sum(ks), len(live)
+        step, stepping = base + per_row * (sum(ks) + extra_rows), len(live)
         seconds += step
         appended = 0
         for j, i in enumerate(list(live)):
-            gained = 1 + min(accepted[j], ks[j])
+            gained = 1 + max(min(accepted[j], ks[j]), extra_accepted[j] if extra_accepted else 0)
             if controller is not None and ks[j]:
                 controller.record_verified(seqs[i], ks[j], gained - 1)
             pos[i] += gained
@@ -161,11 +191,16 @@ def main() -> None:
             return n
         best = max(best, replay(reqs, args.batch, args.k, base, per_row, policy=by_class))
     rows.append(("best per-match-class policy (in-sample)", best))  # the best over all steps, and its full steps
+    rows.append(("two branches, oracle (each trimmed to its run)", replay(reqs, args.batch, args.k, base, per_row,
+                                                                     policy=lambda d, m, a: a,
+                                                                     branch=lambda d, b: b)))
+    rows.append(("two branches, k = 5 and 3", replay(reqs, args.batch, args.k, base, per_row,
+                                                     policy=lambda d, m, a: 5, branch=lambda d, b: 3)))
     rows.append(("the engine's SpeculationController", replay(reqs, args.batch, args.k, base, per_row,
                                                               controller=SpeculationController())))
-    print(f"{'policy':42} {'all steps':>9} {'full batch':>10}")
+    print(f"{'policy':48} {'all steps':>9} {'full batch':>10}")
     for name, (tok_s, full_tok_s) in rows:
-        print(f"{name:42} {tok_s / plain[0]:8.2f}x {full_tok_s / plain[1]:9.2f}x")
+        print(f"{name:48} {tok_s / plain[0]:8.2f}x {full_tok_s / plain[1]:9.2f}x")
 
 
 if __name__ == "__main__":
