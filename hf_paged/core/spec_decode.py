@@ -130,17 +130,18 @@ class SpeculationController:
     Steps without drafts fit the time of a plain step of ``B`` sequences, ``a + b * B`` (decayed least squares);
     each step with drafts is compared with what plain steps would take for the tokens it appended,
     ``plain(B) * tokens / B``. Per batch size (exact up to 8, then by powers of two), decayed sums of both times over
-    its last steps with drafts decide: it speculates while they took no longer than plain steps would have. A probe
-    step goes the other way (drafting what the plan below drafts, at least a token a request, or none), so that both
-    figures stay current: after ``PROBE`` steps, then twice as many each time the decision holds, up to
-    ``PROBE_MAX`` (a probe of an expensive drafter, a draft model that must first catch up on the tokens it missed,
-    costs several steps), and after ``PROBE`` again once it changes. The engine's first decode step drafts nothing
-    (the plain fit needs a point); a new batch size then takes ``FIRST_STEPS`` steps with drafts before its first
-    decision, the first of them planned with the cost of a drafted token at the nearest batch size measured (one
-    token a request, the cheapest try, before any). Probes draft the plan, not one token, and one step never decides:
-    one-token drafts, or the first tokens of answers, undersell speculation where copying runs several tokens long,
-    and would keep it off where it pays. Each change is logged (INFO) and the last plan kept in ``last_plan`` (and
-    the engine's stats).
+    its last steps with drafts decide: off, it speculates again once they take less than plain steps would; on, it
+    stops once they take ``MARGIN`` times as long (a few steps of answers in the model's own words must not switch
+    it off where it pays over the whole answer; past the margin, it clearly does not pay). A probe
+    step goes the other way (drafting one token a request, the cheapest try, or none), so that both figures stay
+    current: after ``PROBE`` steps, then twice as many each time the decision holds, up to ``PROBE_MAX`` (a probe
+    of an expensive drafter, a draft model that must first catch up on the tokens it missed, costs several steps),
+    and after ``PROBE`` again once it changes. The engine's first decode step drafts nothing (the plain fit needs a
+    point); a new batch size then takes ``FIRST_STEPS`` steps with drafts before its first decision, each drafting
+    the plan below and at least a token a request, the first planned with the cost of a drafted token at the nearest
+    batch size measured (one token a request before any). One step never decides: the first tokens of answers are
+    rarely copied, and one such step would keep speculation off where it pays. Each change is logged (INFO) and the
+    last plan kept in ``last_plan`` (and the engine's stats).
 
     When on, each draft's acceptance rates (``alpha``: that its first token is accepted, ``a1``, and that a later one
     is, given the one before was, ``a2``) order the draft positions (the ``j``-th is accepted with chance
@@ -160,6 +161,7 @@ class SpeculationController:
     DECAY = 0.9  # per measured step, the step-time sums
     PROBE = 16
     FIRST_STEPS = 4  # steps with drafts a batch size measures before its first decision (one is mostly noise)
+    MARGIN = 1.05  # speculating, it stops once steps with drafts take this much longer than plain steps would
     PROBE_MAX = 128
 
     def __init__(self) -> None:
@@ -250,15 +252,16 @@ class SpeculationController:
                 counts[i] = self.FORGET_MATCH * counts[i] + v
 
     # ---- the plan --------------------------------------------------------------------------------------
-    def mode(self, num_decodes: int) -> tuple[bool, bool]:
-        """(speculate this step, the step is a probe or a first measurement: at least a drafted token a request)."""
+    def mode(self, num_decodes: int) -> tuple[bool, str]:
+        """(speculate this step, how: ``"plan"``; ``"first"``, one of a batch size's first steps with drafts: the
+        plan, at least a token a request; ``"probe"``, from off: a token a request)."""
         key = self.bucket(num_decodes)
         sums = self._drafted.get(key)
         if not self._plain[0]:  # measure first: a step without drafts
-            return False, True
+            return False, "plan"
         if not sums or sums[4] < self.FIRST_STEPS:  # then a few with drafts, before the first decision
-            return True, True
-        on = sums[0] <= sums[1]
+            return True, "first"
+        on = sums[0] <= sums[1] * (self.MARGIN if self._on.get(key, True) else 1.0)
         if on != self._on.get(key):
             logger.info("speculation %s at batch %d: steps with drafts took %.3g s where plain steps would take "
                         "%.3g s", "on" if on else "off", num_decodes, sums[0], sums[1])
@@ -268,15 +271,15 @@ class SpeculationController:
         if self._since_probe[key] >= self._probe_every[key]:
             self._since_probe[key] = 0
             self._probe_every[key] = min(2 * self._probe_every[key], self.PROBE_MAX)
-            return not on, True
-        return on, False
+            return not on, "probe"
+        return on, "plan"
 
     def plan(self, seqs: list[Sequence], caps: list[int], num_decodes: int, adaptive: list[bool]) -> list[int]:
         """Tokens to draft per sequence (at most ``caps``), in a step with ``num_decodes`` decoding sequences."""
-        on, probe = self.mode(num_decodes)
+        on, how = self.mode(num_decodes)
         ks = [0 if a else c for c, a in zip(caps, adaptive)]
         cost = self.draft_cost(num_decodes)
-        if on and cost is None:  # nothing measured yet: the cheapest try
+        if on and (cost is None or how == "probe"):  # nothing measured yet, or a probe: the cheapest try
             ks = [min(c, 1) if a else c for c, a in zip(caps, adaptive)]
         elif on:
             step, yield_ = self.plain_time(num_decodes), float(num_decodes)
@@ -292,7 +295,7 @@ class SpeculationController:
                 step, yield_ = step + cost, yield_ + gain
                 if ks[i] < caps[i]:
                     heapq.heappush(heap, (-gain * alphas[i][1], i))
-            if probe:  # a measurement: every request drafts at least a token
+            if how == "first":  # a measurement: every request drafts at least a token
                 ks = [max(k, min(c, 1)) if a else k for k, c, a in zip(ks, caps, adaptive)]
         self.last_plan = {"k_mean": sum(ks) / len(ks) if ks else 0.0, "speculating": float(sum(k > 0 for k in ks)),
                           "on": float(on), "plain_step_s": self.plain_time(num_decodes), "draft_cost_s": cost or 0.0}
