@@ -1,19 +1,21 @@
 /* Linear layers for a few dozen rows (decode steps): out = x @ W^T + bias, fp32 and bf16, on AVX-512 (bf16 through
  * AVX512_BF16 dot products, no AMX needed) or on AVX2 + FMA (bf16 widened to fp32 in registers, fp32 FMAs).
  *
- * A decode step multiplies a few dozen rows by every weight of the model once: the product is bound by streaming
- * the weights from memory and, at 32 rows in fp32, by the FMA units too. oneDNN's packed GEMM re-blocks such a
- * product for large row counts and reaches well under the bandwidth there. Here the weight is packed once into
- * groups of GROUP output columns, contiguous over K, so a group is one sequential stream. A thread takes whole
- * groups and walks each in chunks of K_CHUNK along K; every block of up to 6 rows of x (as many in each block)
- * takes the chunk in turn (one weight load feeds 6 FMAs; the first block reads the chunk from memory, the others
- * from L1) and adds its rows x GROUP partial products to the group's running sums. The memory stream must run
- * under the arithmetic, not between its bursts: the hardware prefetcher only runs a little ahead of the loads, so
- * each chunk's blocks also prefetch, in equal shares spread along their loops, the chunk PREFETCH_CHUNKS ahead into
- * L2 (not for a single row, a plain stream the hardware prefetcher keeps up with). Each chunk's products are summed in registers from zero and then added to the running sum, which keeps the
- * rounding error near a blocked GEMM's rather than growing with K. Columns past N (the last group, N not a multiple
- * of GROUP) are zero in the packed weight and left out on store, where the bias is added and bf16 rounded once
- * (nearest even, as torch rounds).
+ * A decode step multiplies a few dozen rows by every weight of the model once: the product is bound by streaming the
+ * weights from memory and, at 32 rows in fp32, by the FMA units too. oneDNN's packed GEMM re-blocks such a product for
+ * large row counts and reaches well under the bandwidth there. Here the weight is packed once into groups of GROUP
+ * output columns, contiguous over K, so a group is one sequential stream. A thread takes whole groups and walks each in
+ * chunks of K_CHUNK along K; every block of up to 6 rows of x (as many in each block) takes the chunk in turn (one
+ * weight load feeds 6 FMAs; the first block reads the chunk from memory, the others from L1) and adds its rows x GROUP
+ * partial products to the group's running sums. The memory stream must run under the arithmetic, not between its
+ * bursts: the hardware prefetcher only runs a little ahead of the loads, so each chunk's blocks also prefetch the chunk
+ * PREFETCH_CHUNKS ahead into L2 (not for a single row, a plain stream the hardware prefetcher keeps up with), in equal
+ * shares, each spread evenly over its block's k steps: issued in bursts (all of a block's share in its first steps),
+ * the prefetches leave the memory idle for the rest of the block, which measurably slows products of two or more
+ * blocks. Each chunk's products are summed in registers from zero and then added to the running sum, which keeps the
+ * rounding error near a blocked GEMM's rather than growing with K. Columns past N (the last group, N not a multiple of
+ * GROUP) are zero in the packed weight and left out on store, where the bias is added and bf16 rounded once (nearest
+ * even, as torch rounds).
  *
  *   AVX-512: GROUP 64 (4 zmm), 6 x 4 accumulators of 32 registers. fp32 [N / 64][K][64]; bf16 with AVX512_BF16
  *            in k-pairs, [N / 64][K / 2][64][2], the layout vdpbf16ps reads; without it widened as on AVX2 (below),
@@ -79,9 +81,15 @@ typedef void (*block_fn)(const void *x_rows, long x_stride, int rows, const void
         }                                                                                                            \
     }
 
-/* Prefetch this k step's share of `lines` lines from `ahead` (`per_step` a step, `done` so far) into L2. */
-static inline void prefetch_share(const char *ahead, long lines, long per_step, long *done) {
-    for (long q = 0; q < per_step && *done < lines; q++, (*done)++) _mm_prefetch(ahead + 64 * *done, _MM_HINT_T1);
+/* A block's share of the prefetches: `lines` cache lines from `next` on, spread evenly over its `steps` k steps. */
+typedef struct {
+    const char *next;
+    long lines, steps, due;
+} prefetch_t;
+
+/* One k step's prefetches into L2: those that have fallen due (lines / steps a step on average). */
+static inline void prefetch_step(prefetch_t *p) {
+    for (p->due += p->lines; p->due >= p->steps; p->due -= p->steps, p->next += 64) _mm_prefetch(p->next, _MM_HINT_T1);
 }
 
 /* sums (rows x GROUP fp32) + bias -> rows of out (fp32, or bf16 rounded once, nearest even); the first `cols`. */
@@ -127,11 +135,10 @@ static inline void thread_groups(block_fn block, long x_es, long w_es, long out_
                 const char *ahead = wg + k0 * GROUP * w_es + PREFETCH_CHUNKS * chunk_bytes;
                 const long lines = r0 == 0 && rows > 1 && ahead < end
                                        ? (end - ahead < chunk_bytes ? end - ahead : chunk_bytes) / 64 : 0;
-                const long share = (lines + blocks - 1) / blocks;
-                for (long b = 0, r = 0; b < blocks; b++) { /* blocks of equal size, to a row */
-                    const long n = rows / blocks + (b < rows % blocks), from = b * share < lines ? b * share : lines;
+                for (long b = 0, r = 0; b < blocks; b++) { /* blocks of equal size, to a row; equal prefetch shares */
+                    const long n = rows / blocks + (b < rows % blocks), from = lines * b / blocks;
                     block((const char *)x + (r0 + r) * x_stride * x_es, x_stride, (int)n, wg, k0, k1,
-                          sums + r * GROUP, ahead + 64 * from, lines - from < share ? lines - from : share);
+                          sums + r * GROUP, ahead + 64 * from, lines * (b + 1) / blocks - from);
                     r += n;
                 }
             }
@@ -178,8 +185,7 @@ static inline __attribute__((always_inline)) void block_fma_rows(const int bf16_
                                                                 const int rows, const void *group, long k0, long k1,
                                                                 float *sums, const char *ahead, long lines) {
     const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
-    const long per_step = (lines + (k1 - k0) - 1) / (k1 - k0);
-    long done = 0;
+    prefetch_t prefetch = {ahead, lines, k1 - k0, 0};
     const float *xr[ROW_BLOCK];
     for (int r = 0; r < rows; r++) xr[r] = x + r * x_stride;
     __m512 acc[ROW_BLOCK][4];
@@ -199,7 +205,7 @@ static inline __attribute__((always_inline)) void block_fma_rows(const int bf16_
             w0 = _mm512_loadu_ps(wk), w1 = _mm512_loadu_ps(wk + 16);
             w2 = _mm512_loadu_ps(wk + 32), w3 = _mm512_loadu_ps(wk + 48);
         }
-        prefetch_share(ahead, lines, per_step, &done);
+        prefetch_step(&prefetch);
 #pragma GCC unroll 6
         for (int r = 0; r < rows; r++) {
             const __m512 xv = _mm512_set1_ps(xr[r][k]);
@@ -247,8 +253,8 @@ void hf_small_linear_pack_bf16(const uint16_t *w, long w_stride, long N, long K,
 static inline __attribute__((always_inline)) void block_bf16_rows(const uint16_t *x, long x_stride, const int rows,
                                                                  const uint16_t *wg, long k0, long k1, float *sums,
                                                                  const char *ahead, long lines) {
-    const long p0 = k0 / 2, p1 = k1 / 2, per_step = (lines + (p1 - p0) - 1) / (p1 - p0);
-    long done = 0;
+    const long p0 = k0 / 2, p1 = k1 / 2;
+    prefetch_t prefetch = {ahead, lines, p1 - p0, 0};
     const uint16_t *xr[ROW_BLOCK];
     for (int r = 0; r < rows; r++) xr[r] = x + r * x_stride;
     __m512 acc[ROW_BLOCK][4];
@@ -258,7 +264,7 @@ static inline __attribute__((always_inline)) void block_bf16_rows(const uint16_t
         const uint16_t *wk = wg + kp * GROUP * 2;
         __m512bh w0 = (__m512bh)_mm512_loadu_si512(wk), w1 = (__m512bh)_mm512_loadu_si512(wk + 32);
         __m512bh w2 = (__m512bh)_mm512_loadu_si512(wk + 64), w3 = (__m512bh)_mm512_loadu_si512(wk + 96);
-        prefetch_share(ahead, lines, per_step, &done);
+        prefetch_step(&prefetch);
 #pragma GCC unroll 6
         for (int r = 0; r < rows; r++) {
             int32_t pair;
@@ -318,8 +324,7 @@ static inline __attribute__((always_inline)) void block_avx2(const int bf16, con
                                                             const int rows, const void *group, long k0, long k1,
                                                             float *sums, const char *ahead, long lines) {
     const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
-    const long per_step = (lines + (k1 - k0) - 1) / (k1 - k0);
-    long done = 0;
+    prefetch_t prefetch = {ahead, lines, k1 - k0, 0};
     __m256 acc[ROW_BLOCK][2];
     for (int r = 0; r < ROW_BLOCK; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
     for (long k = k0; k < k1; k++) {
@@ -332,7 +337,7 @@ static inline __attribute__((always_inline)) void block_avx2(const int bf16, con
             w0 = _mm256_loadu_ps((const float *)group + k * GROUP);
             w1 = _mm256_loadu_ps((const float *)group + k * GROUP + 8);
         }
-        prefetch_share(ahead, lines, per_step, &done);
+        prefetch_step(&prefetch);
         for (int r = 0; r < rows; r++) {
             const __m256 xv = _mm256_broadcast_ss(x + r * x_stride + k);
             acc[r][0] = _mm256_fmadd_ps(xv, w0, acc[r][0]);
