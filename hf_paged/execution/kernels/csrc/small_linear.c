@@ -205,7 +205,7 @@ static inline __attribute__((always_inline)) void block_fma_rows(const int bf16_
             w0 = _mm512_loadu_ps(wk), w1 = _mm512_loadu_ps(wk + 16);
             w2 = _mm512_loadu_ps(wk + 32), w3 = _mm512_loadu_ps(wk + 48);
         }
-        prefetch_step(&prefetch);
+        if (rows > 1) prefetch_step(&prefetch); /* a single row prefetches nothing: its loop has no prefetch code */
 #pragma GCC unroll 6
         for (int r = 0; r < rows; r++) {
             const __m512 xv = _mm512_set1_ps(xr[r][k]);
@@ -264,7 +264,7 @@ static inline __attribute__((always_inline)) void block_bf16_rows(const uint16_t
         const uint16_t *wk = wg + kp * GROUP * 2;
         __m512bh w0 = (__m512bh)_mm512_loadu_si512(wk), w1 = (__m512bh)_mm512_loadu_si512(wk + 32);
         __m512bh w2 = (__m512bh)_mm512_loadu_si512(wk + 64), w3 = (__m512bh)_mm512_loadu_si512(wk + 96);
-        prefetch_step(&prefetch);
+        if (rows > 1) prefetch_step(&prefetch); /* a single row prefetches nothing: its loop has no prefetch code */
 #pragma GCC unroll 6
         for (int r = 0; r < rows; r++) {
             int32_t pair;
@@ -337,7 +337,7 @@ static inline __attribute__((always_inline)) void block_avx2(const int bf16, con
             w0 = _mm256_loadu_ps((const float *)group + k * GROUP);
             w1 = _mm256_loadu_ps((const float *)group + k * GROUP + 8);
         }
-        prefetch_step(&prefetch);
+        if (rows > 1) prefetch_step(&prefetch); /* a single row prefetches nothing: its loop has no prefetch code */
         for (int r = 0; r < rows; r++) {
             const __m256 xv = _mm256_broadcast_ss(x + r * x_stride + k);
             acc[r][0] = _mm256_fmadd_ps(xv, w0, acc[r][0]);
