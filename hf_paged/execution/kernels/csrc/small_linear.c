@@ -9,13 +9,12 @@
  * weight load feeds 6 FMAs; the first block reads the chunk from memory, the others from L1) and adds its rows x GROUP
  * partial products to the group's running sums. The memory stream must run under the arithmetic, not between its
  * bursts: the hardware prefetcher only runs a little ahead of the loads, so each chunk's blocks also prefetch the chunk
- * PREFETCH_CHUNKS ahead into L2 (not for a single row, a plain stream the hardware prefetcher keeps up with), in equal
- * shares, each spread evenly over its block's k steps: issued in bursts (all of a block's share in its first steps),
- * the prefetches leave the memory idle for the rest of the block, which measurably slows products of two or more
- * blocks. Each chunk's products are summed in registers from zero and then added to the running sum, which keeps the
- * rounding error near a blocked GEMM's rather than growing with K. Columns past N (the last group, N not a multiple of
- * GROUP) are zero in the packed weight and left out on store, where the bias is added and bf16 rounded once (nearest
- * even, as torch rounds).
+ * PREFETCH_CHUNKS ahead into L2 (a single row too: the stream alone is slower), in equal shares, each spread evenly
+ * over its block's k steps: issued in bursts (all of a block's share in its first steps), the prefetches leave the
+ * memory idle for the rest of the block, which measurably slows products of two or more blocks. Each chunk's products
+ * are summed in registers from zero and then added to the running sum, which keeps the rounding error near a blocked
+ * GEMM's rather than growing with K. Columns past N (the last group, N not a multiple of GROUP) are zero in the packed
+ * weight and left out on store, where the bias is added and bf16 rounded once (nearest even, as torch rounds).
  *
  *   AVX-512: GROUP 64 (4 zmm), 6 x 4 accumulators of 32 registers. fp32 [N / 64][K][64]; bf16 with AVX512_BF16
  *            in k-pairs, [N / 64][K / 2][64][2], the layout vdpbf16ps reads; without it widened as on AVX2 (below),
@@ -133,12 +132,13 @@ static inline void thread_groups(block_fn block, long x_es, long w_es, long out_
                 const long k1 = K - k0 < K_CHUNK ? K : k0 + K_CHUNK;
                 /* Prefetch on the first pass over the group's rows only: later passes find it in L2. */
                 const char *ahead = wg + k0 * GROUP * w_es + PREFETCH_CHUNKS * chunk_bytes;
-                const long lines = r0 == 0 && rows > 1 && ahead < end
+                const long lines = r0 == 0 && ahead < end
                                        ? (end - ahead < chunk_bytes ? end - ahead : chunk_bytes) / 64 : 0;
-                for (long b = 0, r = 0; b < blocks; b++) { /* blocks of equal size, to a row; equal prefetch shares */
-                    const long n = rows / blocks + (b < rows % blocks), from = lines * b / blocks;
+                const long share = (lines + blocks - 1) / blocks;
+                for (long b = 0, r = 0; b < blocks; b++) { /* blocks of equal size, to a row */
+                    const long n = rows / blocks + (b < rows % blocks), from = b * share < lines ? b * share : lines;
                     block((const char *)x + (r0 + r) * x_stride * x_es, x_stride, (int)n, wg, k0, k1,
-                          sums + r * GROUP, ahead + 64 * from, lines * (b + 1) / blocks - from);
+                          sums + r * GROUP, ahead + 64 * from, lines - from < share ? lines - from : share);
                     r += n;
                 }
             }
@@ -205,7 +205,7 @@ static inline __attribute__((always_inline)) void block_fma_rows(const int bf16_
             w0 = _mm512_loadu_ps(wk), w1 = _mm512_loadu_ps(wk + 16);
             w2 = _mm512_loadu_ps(wk + 32), w3 = _mm512_loadu_ps(wk + 48);
         }
-        if (rows > 1) prefetch_step(&prefetch); /* a single row prefetches nothing: its loop has no prefetch code */
+        prefetch_step(&prefetch);
 #pragma GCC unroll 6
         for (int r = 0; r < rows; r++) {
             const __m512 xv = _mm512_set1_ps(xr[r][k]);
@@ -264,7 +264,7 @@ static inline __attribute__((always_inline)) void block_bf16_rows(const uint16_t
         const uint16_t *wk = wg + kp * GROUP * 2;
         __m512bh w0 = (__m512bh)_mm512_loadu_si512(wk), w1 = (__m512bh)_mm512_loadu_si512(wk + 32);
         __m512bh w2 = (__m512bh)_mm512_loadu_si512(wk + 64), w3 = (__m512bh)_mm512_loadu_si512(wk + 96);
-        if (rows > 1) prefetch_step(&prefetch); /* a single row prefetches nothing: its loop has no prefetch code */
+        prefetch_step(&prefetch);
 #pragma GCC unroll 6
         for (int r = 0; r < rows; r++) {
             int32_t pair;
@@ -337,7 +337,7 @@ static inline __attribute__((always_inline)) void block_avx2(const int bf16, con
             w0 = _mm256_loadu_ps((const float *)group + k * GROUP);
             w1 = _mm256_loadu_ps((const float *)group + k * GROUP + 8);
         }
-        if (rows > 1) prefetch_step(&prefetch); /* a single row prefetches nothing: its loop has no prefetch code */
+        prefetch_step(&prefetch);
         for (int r = 0; r < rows; r++) {
             const __m256 xv = _mm256_broadcast_ss(x + r * x_stride + k);
             acc[r][0] = _mm256_fmadd_ps(xv, w0, acc[r][0]);
