@@ -62,9 +62,9 @@ def torchrun(args: list[str], name: str, timeout: float = LAUNCH_TIMEOUT_S, stdi
             proc = subprocess.run(command, input=stdin, stdout=subprocess.PIPE, stderr=err, text=True,
                                   timeout=timeout, env=env, cwd=Path(__file__).resolve().parent.parent)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"torchrun did not finish in {timeout} s; log {log}:\n{log.read_text()[-4000:]}")
+            pytest.fail(f"torchrun did not finish in {timeout} s; log {log}:\n{log.read_text()[-12000:]}")
     if proc.returncode != 0:
-        pytest.fail(f"torchrun exited {proc.returncode}; log {log}:\n{log.read_text()[-4000:]}")
+        pytest.fail(f"torchrun exited {proc.returncode}; log {log}:\n{log.read_text()[-12000:]}")
     return proc
 
 

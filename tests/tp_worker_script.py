@@ -13,6 +13,7 @@ mid-run.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import sys
@@ -120,7 +121,10 @@ def main() -> int:
     parser.add_argument("--scenarios", default=",".join(list(SCENARIOS) + ["abort"]))
     parser.add_argument("--spmd", action="store_true", help="then every rank calls a wrap-ed model.generate")
     parser.add_argument("--dead-rank", action="store_true", help="last: rank 1 exits in the middle of a run")
+    parser.add_argument("--watchdog", type=float, default=120.0,
+                        help="seconds after which a hung rank prints every thread's stack and exits")
     args = parser.parse_args()
+    faulthandler.dump_traceback_later(args.watchdog, exit=True)
 
     import torch.distributed as dist
 
