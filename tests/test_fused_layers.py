@@ -272,6 +272,35 @@ def test_small_rows_linear_matches_f_linear(cpu_kernels, dtype, rows):
         assert ((out.float() - ref).abs() <= ref.abs() * ulp + 1e-4).all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("out_features", [150, 164, 576])
+def test_small_rows_linear_bits_do_not_depend_on_rows_or_threads(cpu_kernels, dtype, out_features):
+    """A row's product has the same bits alone (a decode step) as among 33 rows (a verification step, whose threads
+    split groups that do not divide evenly between them in halves), for 1-3 threads; column counts of 3 and 9
+    groups of 64, the last 22 or 36 columns wide or full."""
+    if not small_rows_available(dtype):
+        pytest.skip(f"no AVX-512{' BF16' if dtype == torch.bfloat16 else ''} in this CPU")
+    g = torch.Generator().manual_seed(out_features)
+    weight = torch.randn(out_features, 128, generator=g).to(dtype)
+    bias = torch.randn(out_features, generator=g).to(dtype)
+    x = torch.randn(33, 128, generator=g).to(dtype)
+    packed = SmallRowsWeight(weight)
+    ref = F.linear(x.float(), weight.float(), bias.float())
+    threads = torch.get_num_threads()
+    try:
+        outs = {}
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outs[t] = packed.matmul(x, bias)
+            alone = torch.cat([packed.matmul(x[i:i + 1], bias) for i in range(len(x))])
+            assert torch.equal(outs[t], alone), f"{t} threads: rows among 33 differ from rows alone"
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[1], outs[2]) and torch.equal(outs[1], outs[3])
+    ulp = 2 ** -8 if dtype == torch.bfloat16 else 2 ** -20
+    assert ((outs[1].float() - ref).abs() <= ref.abs() * ulp + 1e-4).all()
+
+
 @needs_kernel
 def test_bf16_fused_engine_follows_hf_logits(tiny_model_dir):
     """A bf16 Llama through the fused engine (AMX linears where the CPU has them): every generated token is, by

@@ -4,8 +4,10 @@
  * A decode step multiplies a few dozen rows by every weight of the model once: the product is bound by streaming the
  * weights from memory and, at 32 rows in fp32, by the FMA units too. oneDNN's packed GEMM re-blocks such a product for
  * large row counts and reaches well under the bandwidth there. Here the weight is packed once into groups of GROUP
- * output columns, contiguous over K, so a group is one sequential stream. A thread takes whole groups and walks each in
- * chunks of K_CHUNK along K; every block of up to 6 rows of x (as many in each block) takes the chunk in turn (one
+ * output columns, contiguous over K, so a group is one sequential stream. A thread takes whole groups (from
+ * PARTS_FROM_ROWS rows on, where the arithmetic binds and the groups do not divide evenly between the threads, whole
+ * halves of groups on AVX-512: a column's sums are the same whoever computes them) and walks each in chunks of K_CHUNK
+ * along K; every block of up to 6 rows of x (as many in each block) takes the chunk in turn (one
  * weight load feeds 6 FMAs; the first block reads the chunk from memory, the others from L1) and adds its rows x GROUP
  * partial products to the group's running sums. The memory stream must run under the arithmetic, not between its
  * bursts: the hardware prefetcher only runs a little ahead of the loads, so each chunk's blocks also prefetch the chunk
@@ -41,13 +43,16 @@
 #define K_CHUNK 64        /* products summed in registers before joining the running sum (closer to F.linear's error) */
 #define PREFETCH_CHUNKS 4 /* how far ahead of the chunk being multiplied its blocks prefetch */
 #define SUM_ROWS 128      /* rows of running sums a thread keeps (on its stack): more rows are taken in turns */
+#define PARTS_FROM_ROWS 8 /* from this many rows of x (the arithmetic binds), threads split groups in halves too */
 
 #if defined(__AVX512F__)
 #define SMALL_LINEAR_BITS 512
 #define GROUP 64 /* output columns per packed group: 4 zmm vectors of fp32 */
+#define GROUP_PARTS 2 /* a group's halves (2 zmm vectors) may go to two threads */
 #elif defined(__AVX2__) && defined(__FMA__)
 #define SMALL_LINEAR_BITS 256
 #define GROUP 16 /* 2 ymm vectors of fp32 */
+#define GROUP_PARTS 1
 #endif
 
 #ifdef SMALL_LINEAR_BITS
@@ -64,6 +69,13 @@ static inline long num_groups(long N) { return (N + GROUP - 1) / GROUP; }
  * products to sums (ROW_BLOCK x GROUP floats, columns in order) and prefetches `lines` cache lines from `ahead`. */
 typedef void (*block_fn)(const void *x_rows, long x_stride, int rows, const void *group, long k0, long k1,
                          float *sums, const char *ahead, long lines);
+
+/* A packed layout's blocks: of a whole group, and of one of its GROUP_PARTS parts (`group` then points at the part's
+ * first column: col_bytes a column takes in a k step of the layout). */
+typedef struct {
+    block_fn block, part;
+    long col_bytes;
+} kernel_t;
 
 /* A block_fn `name` calling `body`, an always-inline block taking its row count as a constant, once per row count: so
  * each instance keeps its accumulators and row pointers in registers and has no per-row branches. */
@@ -112,19 +124,30 @@ static void store_rows(const float *sums, int rows, long cols, const void *bias,
     }
 }
 
-/* This thread's share of out = x @ W^T (+ bias): whole groups, each chunk of K against every block of rows of x.
+/* This thread's share of out = x @ W^T (+ bias): whole groups or parts, each chunk of K against every block of rows
+ * of x.
  * Element sizes in bytes: x_es of x, w_es of the packed weight, out_es of out and bias (2: bf16, rounded on store;
  * strides are in elements). */
-static inline void thread_groups(block_fn block, long x_es, long w_es, long out_es, const void *x, long x_stride,
-                                 long M, const void *packed, const void *bias, long N, long K, void *out,
-                                 long out_stride, int t, int T) {
+static inline void thread_groups(const kernel_t *kernel, long x_es, long w_es, long out_es, const void *x,
+                                 long x_stride, long M, const void *packed, const void *bias, long N, long K,
+                                 void *out, long out_stride, int t, int T) {
     float sums[SUM_ROWS * GROUP] __attribute__((aligned(64)));
     const long groups = num_groups(N), group_bytes = K * GROUP * w_es, chunk_bytes = K_CHUNK * GROUP * w_es;
-    const long g0 = groups * t / T, g1 = groups * (t + 1) / T;
+    /* Where the arithmetic binds, groups that do not split evenly between the threads split in parts (a column's
+     * sums are the same whoever computes them); where the memory stream binds, whole groups keep each thread's
+     * stream to itself. */
+    const long parts = M >= PARTS_FROM_ROWS && groups % T ? GROUP_PARTS : 1, units = groups * parts;
+    const long u0 = units * t / T, u1 = units * (t + 1) / T;
+    const long g0 = u0 / parts, g1 = (u1 + parts - 1) / parts;
     const char *end = (const char *)packed + g1 * group_bytes; /* this thread's weights end here */
     for (long g = g0; g < g1; g++) {
         const char *wg = (const char *)packed + g * group_bytes;
-        const long cols = N - g * GROUP < GROUP ? N - g * GROUP : GROUP;
+        const long p0 = g * parts < u0 ? u0 - g * parts : 0, p1 = (g + 1) * parts > u1 ? u1 - g * parts : parts;
+        const long c0 = p0 * (GROUP / parts), width = (p1 - p0) * (GROUP / parts); /* this thread's columns */
+        const block_fn block = width == GROUP ? kernel->block : kernel->part;
+        const char *wpart = wg + c0 * kernel->col_bytes;
+        const long cols = N - g * GROUP - c0 < width ? N - g * GROUP - c0 : width;
+        if (cols <= 0) continue; /* a part wholly past N */
         for (long r0 = 0; r0 < M; r0 += SUM_ROWS) {
             const long rows = M - r0 < SUM_ROWS ? M - r0 : SUM_ROWS, blocks = (rows + ROW_BLOCK - 1) / ROW_BLOCK;
             memset(sums, 0, sizeof(float) * rows * GROUP);
@@ -137,21 +160,21 @@ static inline void thread_groups(block_fn block, long x_es, long w_es, long out_
                 const long share = (lines + blocks - 1) / blocks;
                 for (long b = 0, r = 0; b < blocks; b++) { /* blocks of equal size, to a row */
                     const long n = rows / blocks + (b < rows % blocks), from = b * share < lines ? b * share : lines;
-                    block((const char *)x + (r0 + r) * x_stride * x_es, x_stride, (int)n, wg, k0, k1,
-                          sums + r * GROUP, ahead + 64 * from, lines - from < share ? lines - from : share);
+                    block((const char *)x + (r0 + r) * x_stride * x_es, x_stride, (int)n, wpart, k0, k1,
+                          sums + r * GROUP + c0, ahead + 64 * from, lines - from < share ? lines - from : share);
                     r += n;
                 }
             }
-            store_rows(sums, (int)rows, cols, bias ? (const char *)bias + g * GROUP * out_es : NULL, out_es == 2,
-                       (char *)out + (r0 * out_stride + g * GROUP) * out_es, out_stride * out_es);
+            store_rows(sums + c0, (int)rows, cols, bias ? (const char *)bias + (g * GROUP + c0) * out_es : NULL,
+                       out_es == 2, (char *)out + (r0 * out_stride + g * GROUP + c0) * out_es, out_stride * out_es);
         }
     }
 }
 
-static void run_groups(block_fn block, long es, const void *x, long x_stride, long M, const void *packed,
+static void run_groups(const kernel_t *kernel, long es, const void *x, long x_stride, long M, const void *packed,
                        const void *bias, long N, long K, void *out, long out_stride, int num_threads) {
 #pragma omp parallel num_threads(num_threads)
-    thread_groups(block, es, es, es, x, x_stride, M, packed, bias, N, K, out, out_stride, omp_get_thread_num(),
+    thread_groups(kernel, es, es, es, x, x_stride, M, packed, bias, N, K, out, out_stride, omp_get_thread_num(),
                   omp_get_num_threads());
 }
 
@@ -170,20 +193,21 @@ void hf_small_linear_pack_f32(const float *w, long w_stride, long N, long K, flo
 
 #if defined(__AVX512F__)
 /* sums[r][0..63] += acc[r] for the block's rows. */
-static inline void add_sums(float *sums, __m512 (*acc)[4], int rows) {
+static inline void add_sums(float *sums, __m512 (*acc)[4], int rows, int vecs) {
     for (int r = 0; r < rows; r++)
-        for (int j = 0; j < 4; j++) {
+        for (int j = 0; j < vecs; j++) {
             float *s = sums + r * GROUP + 16 * j;
             _mm512_storeu_ps(s, _mm512_add_ps(_mm512_loadu_ps(s), acc[r][j]));
         }
 }
 
-/* The 6 x 64 block of fp32 products, `rows` a constant (HF_BLOCK_BY_ROWS): the group fp32, or (`bf16_words`, AVX-512
- * without AVX512_BF16) bf16 in the word layout of hf_small_linear_pack_bf16 below, widened by a shift and a mask; x
- * fp32 rows (bf16 ones widened by the caller). */
-static inline __attribute__((always_inline)) void block_fma_rows(const int bf16_words, const float *x, long x_stride,
-                                                                const int rows, const void *group, long k0, long k1,
-                                                                float *sums, const char *ahead, long lines) {
+/* The 6 x 64 block of fp32 products (6 x 32: `vecs` 2, half a group), `rows` a constant (HF_BLOCK_BY_ROWS): the group
+ * fp32, or (`bf16_words`, AVX-512 without AVX512_BF16) bf16 in the word layout of hf_small_linear_pack_bf16 below,
+ * widened by a shift and a mask; x fp32 rows (bf16 ones widened by the caller). */
+static inline __attribute__((always_inline)) void block_fma_rows(const int bf16_words, const int vecs, const float *x,
+                                                                long x_stride, const int rows, const void *group,
+                                                                long k0, long k1, float *sums, const char *ahead,
+                                                                long lines) {
     const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
     prefetch_t prefetch = {ahead, lines, k1 - k0, 0};
     const float *xr[ROW_BLOCK];
@@ -192,18 +216,21 @@ static inline __attribute__((always_inline)) void block_fma_rows(const int bf16_
     for (int r = 0; r < rows; r++)
         for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
     for (long k = k0; k < k1; k++) {
-        __m512 w0, w1, w2, w3;
+        __m512 w0, w1, w2 = _mm512_setzero_ps(), w3 = _mm512_setzero_ps();
         if (bf16_words) {
             const uint16_t *wk = (const uint16_t *)group + k * GROUP;
-            const __m512i lo = _mm512_loadu_si512(wk), hi = _mm512_loadu_si512(wk + 32);
+            const __m512i lo = _mm512_loadu_si512(wk);
             w0 = _mm512_castsi512_ps(_mm512_slli_epi32(lo, 16));
             w1 = _mm512_castsi512_ps(_mm512_and_si512(lo, high));
-            w2 = _mm512_castsi512_ps(_mm512_slli_epi32(hi, 16));
-            w3 = _mm512_castsi512_ps(_mm512_and_si512(hi, high));
+            if (vecs == 4) {
+                const __m512i hi = _mm512_loadu_si512(wk + 32);
+                w2 = _mm512_castsi512_ps(_mm512_slli_epi32(hi, 16));
+                w3 = _mm512_castsi512_ps(_mm512_and_si512(hi, high));
+            }
         } else {
             const float *wk = (const float *)group + k * GROUP;
             w0 = _mm512_loadu_ps(wk), w1 = _mm512_loadu_ps(wk + 16);
-            w2 = _mm512_loadu_ps(wk + 32), w3 = _mm512_loadu_ps(wk + 48);
+            if (vecs == 4) w2 = _mm512_loadu_ps(wk + 32), w3 = _mm512_loadu_ps(wk + 48);
         }
         prefetch_step(&prefetch);
 #pragma GCC unroll 6
@@ -211,25 +238,35 @@ static inline __attribute__((always_inline)) void block_fma_rows(const int bf16_
             const __m512 xv = _mm512_set1_ps(xr[r][k]);
             acc[r][0] = _mm512_fmadd_ps(xv, w0, acc[r][0]);
             acc[r][1] = _mm512_fmadd_ps(xv, w1, acc[r][1]);
-            acc[r][2] = _mm512_fmadd_ps(xv, w2, acc[r][2]);
-            acc[r][3] = _mm512_fmadd_ps(xv, w3, acc[r][3]);
+            if (vecs == 4) {
+                acc[r][2] = _mm512_fmadd_ps(xv, w2, acc[r][2]);
+                acc[r][3] = _mm512_fmadd_ps(xv, w3, acc[r][3]);
+            }
         }
     }
-    add_sums(sums, acc, rows);
+    add_sums(sums, acc, rows, vecs);
 }
 
 static inline __attribute__((always_inline)) void block_f32_rows(const void *x, long x_stride, const int rows,
                                                                 const void *group, long k0, long k1, float *sums,
                                                                 const char *ahead, long lines) {
-    block_fma_rows(0, x, x_stride, rows, group, k0, k1, sums, ahead, lines);
+    block_fma_rows(0, 4, x, x_stride, rows, group, k0, k1, sums, ahead, lines);
+}
+
+static inline __attribute__((always_inline)) void block_f32_half_rows(const void *x, long x_stride, const int rows,
+                                                                     const void *group, long k0, long k1,
+                                                                     float *sums, const char *ahead, long lines) {
+    block_fma_rows(0, 2, x, x_stride, rows, group, k0, k1, sums, ahead, lines);
 }
 
 HF_BLOCK_BY_ROWS(block_f32, block_f32_rows)
+HF_BLOCK_BY_ROWS(block_f32_half, block_f32_half_rows)
+static const kernel_t kernel_f32 = {block_f32, block_f32_half, sizeof(float)};
 
 /* out [M, N] (row stride out_stride) = x [M, K] (row stride x_stride) @ W^T (+ bias [N]); 0 on success. */
 int hf_small_linear_f32(const float *x, long x_stride, long M, const float *packed, const float *bias, long N,
                         long K, float *out, long out_stride, int num_threads) {
-    run_groups(block_f32, sizeof(float), x, x_stride, M, packed, bias, N, K, out, out_stride, num_threads);
+    run_groups(&kernel_f32, sizeof(float), x, x_stride, M, packed, bias, N, K, out, out_stride, num_threads);
     return 0;
 }
 
@@ -250,9 +287,9 @@ void hf_small_linear_pack_bf16(const uint16_t *w, long w_stride, long N, long K,
 
 /* k0, k1 even (K_CHUNK is): the chunk is k-pairs [k0 / 2, k1 / 2). The block with `rows` a constant, as
  * block_f32_rows. */
-static inline __attribute__((always_inline)) void block_bf16_rows(const uint16_t *x, long x_stride, const int rows,
-                                                                 const uint16_t *wg, long k0, long k1, float *sums,
-                                                                 const char *ahead, long lines) {
+static inline __attribute__((always_inline)) void block_dot_rows(const int vecs, const uint16_t *x, long x_stride,
+                                                                const int rows, const uint16_t *wg, long k0, long k1,
+                                                                float *sums, const char *ahead, long lines) {
     const long p0 = k0 / 2, p1 = k1 / 2;
     prefetch_t prefetch = {ahead, lines, p1 - p0, 0};
     const uint16_t *xr[ROW_BLOCK];
@@ -262,8 +299,9 @@ static inline __attribute__((always_inline)) void block_bf16_rows(const uint16_t
         for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
     for (long kp = p0; kp < p1; kp++) {
         const uint16_t *wk = wg + kp * GROUP * 2;
-        __m512bh w0 = (__m512bh)_mm512_loadu_si512(wk), w1 = (__m512bh)_mm512_loadu_si512(wk + 32);
-        __m512bh w2 = (__m512bh)_mm512_loadu_si512(wk + 64), w3 = (__m512bh)_mm512_loadu_si512(wk + 96);
+        const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wk), w1 = (__m512bh)_mm512_loadu_si512(wk + 32);
+        __m512bh w2 = w0, w3 = w0;
+        if (vecs == 4) w2 = (__m512bh)_mm512_loadu_si512(wk + 64), w3 = (__m512bh)_mm512_loadu_si512(wk + 96);
         prefetch_step(&prefetch);
 #pragma GCC unroll 6
         for (int r = 0; r < rows; r++) {
@@ -272,21 +310,38 @@ static inline __attribute__((always_inline)) void block_bf16_rows(const uint16_t
             const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
             acc[r][0] = _mm512_dpbf16_ps(acc[r][0], xv, w0);
             acc[r][1] = _mm512_dpbf16_ps(acc[r][1], xv, w1);
-            acc[r][2] = _mm512_dpbf16_ps(acc[r][2], xv, w2);
-            acc[r][3] = _mm512_dpbf16_ps(acc[r][3], xv, w3);
+            if (vecs == 4) {
+                acc[r][2] = _mm512_dpbf16_ps(acc[r][2], xv, w2);
+                acc[r][3] = _mm512_dpbf16_ps(acc[r][3], xv, w3);
+            }
         }
     }
-    add_sums(sums, acc, rows);
+    add_sums(sums, acc, rows, vecs);
+}
+
+static inline __attribute__((always_inline)) void block_bf16_rows(const uint16_t *x, long x_stride, const int rows,
+                                                                 const uint16_t *wg, long k0, long k1, float *sums,
+                                                                 const char *ahead, long lines) {
+    block_dot_rows(4, x, x_stride, rows, wg, k0, k1, sums, ahead, lines);
+}
+
+static inline __attribute__((always_inline)) void block_bf16_half_rows(const uint16_t *x, long x_stride,
+                                                                      const int rows, const uint16_t *wg, long k0,
+                                                                      long k1, float *sums, const char *ahead,
+                                                                      long lines) {
+    block_dot_rows(2, x, x_stride, rows, wg, k0, k1, sums, ahead, lines);
 }
 
 HF_BLOCK_BY_ROWS(block_bf16, block_bf16_rows)
+HF_BLOCK_BY_ROWS(block_bf16_half, block_bf16_half_rows)
+static const kernel_t kernel_bf16 = {block_bf16, block_bf16_half, 2 * sizeof(uint16_t)}; /* k-pairs */
 
 /* out [M, N] bf16 = x [M, K] bf16 @ W^T (+ bias [N] bf16), accumulated in fp32, rounded once (nearest even);
  * K even. 0 on success. */
 int hf_small_linear_bf16(const uint16_t *x, long x_stride, long M, const uint16_t *packed, const uint16_t *bias,
                          long N, long K, uint16_t *out, long out_stride, int num_threads) {
     if (K % 2) return -1;
-    run_groups(block_bf16, sizeof(uint16_t), x, x_stride, M, packed, bias, N, K, out, out_stride, num_threads);
+    run_groups(&kernel_bf16, sizeof(uint16_t), x, x_stride, M, packed, bias, N, K, out, out_stride, num_threads);
     return 0;
 }
 #else /* AVX-512 without AVX512_BF16: bf16 widened to fp32 (hf_small_linear_bf16 below) */
@@ -308,10 +363,18 @@ void hf_small_linear_pack_bf16(const uint16_t *w, long w_stride, long N, long K,
 static inline __attribute__((always_inline)) void block_wide_rows(const void *x, long x_stride, const int rows,
                                                                  const void *group, long k0, long k1, float *sums,
                                                                  const char *ahead, long lines) {
-    block_fma_rows(1, x, x_stride, rows, group, k0, k1, sums, ahead, lines);
+    block_fma_rows(1, 4, x, x_stride, rows, group, k0, k1, sums, ahead, lines);
+}
+
+static inline __attribute__((always_inline)) void block_wide_half_rows(const void *x, long x_stride, const int rows,
+                                                                      const void *group, long k0, long k1,
+                                                                      float *sums, const char *ahead, long lines) {
+    block_fma_rows(1, 2, x, x_stride, rows, group, k0, k1, sums, ahead, lines);
 }
 
 HF_BLOCK_BY_ROWS(block_bf16, block_wide_rows)
+HF_BLOCK_BY_ROWS(block_bf16_half, block_wide_half_rows)
+static const kernel_t kernel_bf16 = {block_bf16, block_bf16_half, sizeof(uint16_t)}; /* the word layout */
 #endif /* __AVX512BF16__ */
 
 
@@ -366,11 +429,12 @@ static inline __attribute__((always_inline)) void block_avx2_bf16(const void *x,
 
 HF_BLOCK_BY_ROWS(block_f32, block_avx2_f32)
 HF_BLOCK_BY_ROWS(block_bf16, block_avx2_bf16)
+static const kernel_t kernel_f32 = {block_f32, NULL, 0}, kernel_bf16 = {block_bf16, NULL, 0}; /* whole groups only */
 
 /* out [M, N] (row stride out_stride) = x [M, K] (row stride x_stride) @ W^T (+ bias [N]); 0 on success. */
 int hf_small_linear_f32(const float *x, long x_stride, long M, const float *packed, const float *bias, long N,
                         long K, float *out, long out_stride, int num_threads) {
-    run_groups(block_f32, sizeof(float), x, x_stride, M, packed, bias, N, K, out, out_stride, num_threads);
+    run_groups(&kernel_f32, sizeof(float), x, x_stride, M, packed, bias, N, K, out, out_stride, num_threads);
     return 0;
 }
 
@@ -437,8 +501,8 @@ int hf_small_linear_bf16(const uint16_t *x, long x_stride, long M, const uint16_
                 for (; k + VL <= K; k += VL) *(vf_unaligned *)(dst + k) = load_vec(1, (const char *)(src + k));
                 for (; k < K; k++) dst[k] = bf16_to_f32(src[k]);
             }
-            thread_groups(block_bf16, sizeof(float), sizeof(uint16_t), sizeof(uint16_t), wide, K, rows, packed, bias,
-                          N, K, out + r0 * out_stride, out_stride, omp_get_thread_num(), omp_get_num_threads());
+            thread_groups(&kernel_bf16, sizeof(float), sizeof(uint16_t), sizeof(uint16_t), wide, K, rows, packed,
+                          bias, N, K, out + r0 * out_stride, out_stride, omp_get_thread_num(), omp_get_num_threads());
         }
     }
     return 0;
