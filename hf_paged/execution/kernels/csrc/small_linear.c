@@ -380,6 +380,22 @@ static const kernel_t kernel_bf16 = {block_bf16, block_bf16_half, sizeof(uint16_
 
 #elif SMALL_LINEAR_BITS == 256 /* AVX2 + FMA */
 
+/* One row's step of the AVX2 block, and the row's sums added to `sums` (row r of the block, when r < rows). Named
+ * accumulators, not an array: GCC keeps an array of 12 ymm accumulators in registers but also stores it on every k
+ * step, which halves the rate on CPUs whose FMA units outrun their stores. */
+#define AVX2_ROW_FMA(r)                                                                                              \
+    if (rows > r) {                                                                                                  \
+        const __m256 xv = _mm256_broadcast_ss(x + r * x_stride + k);                                                 \
+        a##r##0 = _mm256_fmadd_ps(xv, w0, a##r##0);                                                                   \
+        a##r##1 = _mm256_fmadd_ps(xv, w1, a##r##1);                                                                   \
+    }
+#define AVX2_ROW_ADD(r)                                                                                              \
+    if (rows > r) {                                                                                                  \
+        float *s = sums + r * GROUP;                                                                                 \
+        _mm256_storeu_ps(s, _mm256_add_ps(_mm256_loadu_ps(s), a##r##0));                                             \
+        _mm256_storeu_ps(s + 8, _mm256_add_ps(_mm256_loadu_ps(s + 8), a##r##1));                                     \
+    }
+
 /* The 6 x 16 block: `x` fp32 rows (bf16 rows were widened by the caller), the group fp32 or bf16 (the word layout
  * below). Inlined once per row count (a constant), so the accumulators stay in registers and the loop has no per-row
  * branches. */
@@ -388,8 +404,8 @@ static inline __attribute__((always_inline)) void block_avx2(const int bf16, con
                                                             float *sums, const char *ahead, long lines) {
     const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
     prefetch_t prefetch = {ahead, lines, k1 - k0, 0};
-    __m256 acc[ROW_BLOCK][2];
-    for (int r = 0; r < ROW_BLOCK; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00,
+           a40 = a00, a41 = a00, a50 = a00, a51 = a00;
     for (long k = k0; k < k1; k++) {
         __m256 w0, w1;
         if (bf16) {
@@ -401,18 +417,10 @@ static inline __attribute__((always_inline)) void block_avx2(const int bf16, con
             w1 = _mm256_loadu_ps((const float *)group + k * GROUP + 8);
         }
         prefetch_step(&prefetch);
-        for (int r = 0; r < rows; r++) {
-            const __m256 xv = _mm256_broadcast_ss(x + r * x_stride + k);
-            acc[r][0] = _mm256_fmadd_ps(xv, w0, acc[r][0]);
-            acc[r][1] = _mm256_fmadd_ps(xv, w1, acc[r][1]);
-        }
+        AVX2_ROW_FMA(0) AVX2_ROW_FMA(1) AVX2_ROW_FMA(2) AVX2_ROW_FMA(3) AVX2_ROW_FMA(4) AVX2_ROW_FMA(5)
     }
-    /* Columns j and j + 8 are lanes j of acc[r][0] and acc[r][1] in both layouts. */
-    for (int r = 0; r < rows; r++) {
-        float *s = sums + r * GROUP;
-        _mm256_storeu_ps(s, _mm256_add_ps(_mm256_loadu_ps(s), acc[r][0]));
-        _mm256_storeu_ps(s + 8, _mm256_add_ps(_mm256_loadu_ps(s + 8), acc[r][1]));
-    }
+    /* Columns j and j + 8 are lanes j of a<r>0 and a<r>1 in both layouts. */
+    AVX2_ROW_ADD(0) AVX2_ROW_ADD(1) AVX2_ROW_ADD(2) AVX2_ROW_ADD(3) AVX2_ROW_ADD(4) AVX2_ROW_ADD(5)
 }
 
 static inline __attribute__((always_inline)) void block_avx2_f32(const void *x, long x_stride, const int rows,
