@@ -120,8 +120,10 @@ def check_linear(dtype: torch.dtype) -> None:
     from hf_paged.execution.patches.linear import SmallRowsWeight
 
     g = torch.Generator().manual_seed(0)
-    weight = torch.randn(100, 64, generator=g).to(dtype)
-    bias = torch.randn(100, generator=g).to(dtype)
+    # 150 columns: three 64-column groups on AVX-512 (two threads split them in halves from 8 rows on), the last 22
+    # columns wide; ten 16-column groups on AVX2.
+    weight = torch.randn(150, 64, generator=g).to(dtype)
+    bias = torch.randn(150, generator=g).to(dtype)
     assert SmallRowsWeight.supports(weight), "the tier's kernel refused the weight"
     packed = SmallRowsWeight(weight)
     assert (packed.large is None) == (dtype == torch.bfloat16)  # widened bf16: the kernel takes every row count
@@ -131,9 +133,12 @@ def check_linear(dtype: torch.dtype) -> None:
             out = packed.matmul(x, b)
             ref = F.linear(x.float(), weight.float(), None if b is None else b.float())
             ulp = 2 ** -8 if dtype == torch.bfloat16 else 2 ** -20
-            assert out.dtype == dtype and out.shape == (rows, 100)
+            assert out.dtype == dtype and out.shape == (rows, 150)
             bad = ((out.float() - ref).abs() > ref.abs() * ulp + 1e-4).sum().item()
             assert bad == 0, f"{rows} rows, bias={b is not None}: {bad} values off"
+            if rows == 33:  # a verification step's rows have the bits each has alone (a decode step)
+                alone = torch.cat([packed.matmul(x[i:i + 1], b) for i in range(rows)])
+                assert torch.equal(out, alone), f"{rows} rows, bias={b is not None}: bits differ from rows alone"
 
 
 def _tiny_llama(dtype: torch.dtype) -> torch.nn.Module:

@@ -214,7 +214,7 @@ static inline __attribute__((always_inline)) void block_fma_rows(const int bf16_
     for (int r = 0; r < rows; r++) xr[r] = x + r * x_stride;
     __m512 acc[ROW_BLOCK][4];
     for (int r = 0; r < rows; r++)
-        for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
+        for (int j = 0; j < vecs; j++) acc[r][j] = _mm512_setzero_ps();
     for (long k = k0; k < k1; k++) {
         __m512 w0, w1, w2 = _mm512_setzero_ps(), w3 = _mm512_setzero_ps();
         if (bf16_words) {
@@ -296,7 +296,7 @@ static inline __attribute__((always_inline)) void block_dot_rows(const int vecs,
     for (int r = 0; r < rows; r++) xr[r] = x + r * x_stride;
     __m512 acc[ROW_BLOCK][4];
     for (int r = 0; r < rows; r++)
-        for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
+        for (int j = 0; j < vecs; j++) acc[r][j] = _mm512_setzero_ps();
     for (long kp = p0; kp < p1; kp++) {
         const uint16_t *wk = wg + kp * GROUP * 2;
         const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wk), w1 = (__m512bh)_mm512_loadu_si512(wk + 32);
@@ -379,6 +379,8 @@ static const kernel_t kernel_bf16 = {block_bf16, block_bf16_half, sizeof(uint16_
 
 
 #elif SMALL_LINEAR_BITS == 256 /* AVX2 + FMA */
+
+_Static_assert(ROW_BLOCK == 6, "the AVX2 block names its 6 rows' accumulators");
 
 /* One row's step of the AVX2 block, and the row's sums added to `sums` (row r of the block, when r < rows). Named
  * accumulators, not an array: GCC keeps an array of 12 ymm accumulators in registers but also stores it on every k
