@@ -7,9 +7,9 @@
  * output columns, contiguous over K, so a group is one sequential stream. A thread takes whole groups (from
  * PARTS_FROM_ROWS rows on, where the arithmetic binds and the groups do not divide evenly between the threads, whole
  * halves of groups on AVX-512: a column's sums are the same whoever computes them) and walks each in chunks of K_CHUNK
- * along K; every block of up to 6 rows of x (as many in each block) takes the chunk in turn (one
- * weight load feeds 6 FMAs; the first block reads the chunk from memory, the others from L1) and adds its rows x GROUP
- * partial products to the group's running sums. The memory stream must run under the arithmetic, not between its
+ * along K; every block of up to 6 rows of x (as many in each block) takes the chunk in turn (one weight load feeds 6
+ * FMAs; the first block reads the chunk from memory, the others from L1) and adds its rows x GROUP partial products
+ * to the group's running sums. The memory stream must run under the arithmetic, not between its
  * bursts: the hardware prefetcher only runs a little ahead of the loads, so each chunk's blocks also prefetch the chunk
  * PREFETCH_CHUNKS ahead into L2 (a single row too: the stream alone is slower), in equal shares, each spread evenly
  * over its block's k steps: issued in bursts (all of a block's share in its first steps), the prefetches leave the
