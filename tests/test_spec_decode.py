@@ -18,7 +18,7 @@ from hf_paged import LLMEngine, SamplingParams
 from hf_paged.config import EngineConfig, SpeculativeConfig
 from hf_paged.core.block_pool import BlockPool, BlockTable
 from hf_paged.core.sequence import Sequence
-from hf_paged.core.spec_decode import MATCH_LONGEST, SpeculationController, ngram_match
+from hf_paged.core.spec_decode import AGREEMENT_LOOKS, MATCH_LONGEST, SpeculationController, ngram_match
 from hf_paged.engine.speculator import Speculator
 from hf_paged.execution.sampler import Sampler
 
@@ -313,12 +313,26 @@ def test_prompt_lookup_on_smollm2_equals_hf(smollm2, grounded_ids):
 
 # ---- pieces ---------------------------------------------------------------------------------------------------
 def test_ngram_match_measures_how_far_back_the_match_runs():
-    assert ngram_match([1, 2, 3, 9, 1, 2, 4, 7, 1, 2], 3, 1, 3) == ([4, 7, 1], 2)
+    assert ngram_match([1, 2, 3, 9, 1, 2, 4, 7, 1, 2], 3, 1, 3)[:2] == ([4, 7, 1], 2)
     #                 the earlier "5 6 7 8" agrees four tokens back, beyond max_n
-    assert ngram_match([5, 6, 7, 8, 0, 3, 5, 6, 7, 8], 2, 1, 2) == ([0, 3], 4)
+    assert ngram_match([5, 6, 7, 8, 0, 3, 5, 6, 7, 8], 2, 1, 2)[:2] == ([0, 3], 4)
     tokens = list(range(50)) + list(range(45))  # a copy 45 tokens long: measured up to MATCH_LONGEST
-    assert ngram_match(tokens, 4, 1, 3) == ([45, 46, 47, 48], MATCH_LONGEST)
-    assert ngram_match([1, 2, 3], 4, 1, 3) == ([], 0)
+    assert ngram_match(tokens, 4, 1, 3) == ([45, 46, 47, 48], MATCH_LONGEST, True)
+    assert ngram_match([1, 2, 3], 4, 1, 3) == ([], 0, False)
+
+
+def test_ngram_match_says_whether_every_occurrence_was_followed_alike():
+    assert ngram_match([1, 2, 3, 9, 1, 2, 4, 7, 1, 2], 3, 1, 3)[2] is False  # "1 2" was followed by 3, then 4
+    assert ngram_match([1, 2, 4, 9, 1, 2, 4, 7, 1, 2], 3, 1, 3)[2] is True  # by 4 both times
+    assert ngram_match([7, 1, 2, 4, 1, 2], 2, 1, 3)[2] is True  # one occurrence: nothing disagrees
+    # Only the matched n tokens count: "3 1 2" occurs once (agreed), though "1 2" alone was followed by 5 too.
+    assert ngram_match([1, 2, 5, 3, 1, 2, 4, 3, 1, 2], 2, 1, 3) == ([4, 3], 3, True)
+    # Bytes that spell "1 2" across other ids (256 and 512, little-endian) are no occurrence to disagree.
+    assert ngram_match([256, 512, 0, 9, 1, 2, 4, 1, 2], 1, 1, 2) == ([4], 2, True)
+    # Past AGREEMENT_LOOKS occurrences that agree, the rest are not read.
+    agreeing = [5, 6] * (AGREEMENT_LOOKS + 1)
+    assert ngram_match([5, 7] + agreeing + [5], 1, 1, 1)[::2] == ([6], True)
+    assert ngram_match([5, 7] + agreeing[:4] + [5], 1, 1, 1)[::2] == ([6], False)
 
 
 def ngram_draft(tokens: list[int], k: int, min_n: int, max_n: int) -> list[int]:

@@ -213,13 +213,13 @@ class Sequence:
         self.group: SequenceGroup | None = None
         self.pending_logits: torch.Tensor | None = None  # beam search: this beam's logits, waiting for its group
         # Speculative decoding: how (None: not), this step's drafted tokens (and their draft distributions, if
-        # sampled; for prompt lookup, how many tokens the match that found them is long), the decayed counts its
-        # acceptance rate is estimated from, the draft model's sequence (its own block table on the drafter's pool),
-        # and the request's counters.
+        # sampled; for prompt lookup, how many tokens the match that found them is long and whether the matched
+        # tokens were followed alike wherever they occurred), the decayed counts its acceptance rate is estimated
+        # from, the draft model's sequence (its own block table on the drafter's pool), and the request's counters.
         self.spec: SpeculativeConfig | None = None
         self.spec_token_ids: list[int] = []
         self.spec_probs: torch.Tensor | None = None
-        self.spec_match = 0
+        self.spec_match, self.spec_agreed = 0, False
         self.spec_hits, self.spec_trials = [0.0, 0.0], [0.0, 0.0]  # a draft's first token, its later ones
         self.draft: Sequence | None = None
         self.spec_drafted = self.spec_accepted = 0

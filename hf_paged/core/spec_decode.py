@@ -7,7 +7,8 @@ the rejected tail are given back (``BlockTable.truncate``). This module holds wh
 - ``speculates(params)``: requests whose next-token distribution depends on their own tokens in ways the verifier
   does not replay (logits processors, penalties, grammars, kept scores, beams) do not speculate;
 - ``ngram_match``: prompt lookup (the continuation of the latest earlier occurrence of the sequence's last n tokens,
-  longest n first), in C speed through ``bytes.rfind`` on the token ids, with how far back the match runs;
+  longest n first), in C speed through ``bytes.rfind`` on the token ids, with how far back the match runs and
+  whether the other occurrences were followed alike;
 - ``SpeculationController``: how many tokens each request drafts this step (adaptive k: on or off per batch size by
   the measured tokens per second of steps with and without drafts; the acceptance rates expected of each draft
   order the positions; the decision is logged and kept in ``last_plan``);
@@ -57,28 +58,40 @@ class Drafter(Protocol):
 
 
 MATCH_LONGEST = 32  # how far back ngram_match measures a match
+AGREEMENT_LOOKS = 16  # how many other earlier occurrences ngram_match reads the next token of
 
 
-def ngram_match(tokens: list[int], k: int, min_n: int, max_n: int) -> tuple[list[int], int]:
+def ngram_match(tokens: list[int], k: int, min_n: int, max_n: int) -> tuple[list[int], int, bool]:
     """(up to ``k`` tokens that followed the latest earlier occurrence of the last n tokens, n from ``max_n`` down to
-    ``min_n``; how many tokens before them agree with the sequence's last ones, up to ``MATCH_LONGEST``): ([], 0) if
-    none occurs. The match's length says how sure the draft is: a long one is a span being copied."""
+    ``min_n``; how many tokens before them agree with the sequence's last ones, up to ``MATCH_LONGEST``; whether every
+    other earlier occurrence of those n tokens, up to ``AGREEMENT_LOOKS`` of them, was followed by the draft's first
+    token too): ([], 0, False) if none occurs. Both say how sure the draft is: a long match is a span being copied,
+    and n tokens that have been followed by different tokens (a common word, a line break) say little of what comes
+    next."""
     if k <= 0 or len(tokens) < 2:
-        return [], 0
+        return [], 0, False
     buf = array("i", tokens).tobytes()
     last = len(buf) - 4  # an occurrence must end before the last token: something follows it
     for n in range(min(max_n, len(tokens) - 1), min_n - 1, -1):
         pattern = buf[-4 * n:]
-        end = last
-        while (pos := buf.rfind(pattern, 0, end)) >= 0:
-            if pos % 4 == 0:
+        end, start, agreed, looks = last, -1, True, 0
+        while looks < AGREEMENT_LOOKS and (pos := buf.rfind(pattern, 0, end)) >= 0:
+            end = pos + 4 * n - 1  # look further left (past a misaligned find: one inside token ids)
+            if pos % 4:
+                continue
+            if start < 0:
                 start = pos // 4 + n
-                length, limit = n, min(MATCH_LONGEST, start)
-                while length < limit and tokens[start - length - 1] == tokens[-length - 1]:
-                    length += 1
-                return tokens[start:start + k], length
-            end = pos + 4 * n - 1  # misaligned (inside token ids): look further left
-    return [], 0
+            elif tokens[pos // 4 + n] == tokens[start]:
+                looks += 1
+            else:
+                agreed = False
+                break
+        if start >= 0:
+            length, limit = n, min(MATCH_LONGEST, start)
+            while length < limit and tokens[start - length - 1] == tokens[-length - 1]:
+                length += 1
+            return tokens[start:start + k], length, agreed
+    return [], 0, False
 
 
 class NgramDrafter:
@@ -91,7 +104,8 @@ class NgramDrafter:
 
     def propose(self, seqs: list[Sequence], ks: list[int]) -> None:
         for seq, k in zip(seqs, ks):
-            seq.spec_token_ids, seq.spec_match = ngram_match(seq.token_ids, k, self.min_n, self.max_n)
+            seq.spec_token_ids, seq.spec_match, seq.spec_agreed = ngram_match(seq.token_ids, k, self.min_n,
+                                                                              self.max_n)
 
     def sleep(self) -> None:
         pass
@@ -149,9 +163,10 @@ class SpeculationController:
     drafted token costing what the measured steps say it does. Not adaptive: always the cap. The rates, from verified
     drafts with a prior of one in two:
 
-    - a prompt-lookup draft (``seq.spec_match``, its match's length): those of every draft whose match was about as
-      long (``match_class``), across requests. A match that runs far back is a span being copied, which tends to go
-      on; a one-token match is often chance.
+    - a prompt-lookup draft (``seq.spec_match``, its match's length, and ``seq.spec_agreed``): those of every draft
+      whose match was about as long (``match_class``) and agreed or not alike, across requests. A match that runs
+      far back is a span being copied, which tends to go on; a one-token match is often chance, and more so where
+      the same tokens were followed by different ones elsewhere.
     - a draft model's: the request's own, forgotten at 0.9 a step so that a request that stopped drafting drifts
       back and tries again; copying, once begun, tends to go on, so ``a2`` is well above ``a1``.
     """
@@ -172,7 +187,8 @@ class SpeculationController:
         self._on: dict[int, bool] = {}
         self._since_probe: dict[int, int] = {}
         self._probe_every: dict[int, int] = {}
-        self._by_match: dict[int, list[float]] = {}  # match class: decayed [first hits, first trials, later, later]
+        # Per match key: decayed [first hits, first trials, later hits, later trials].
+        self._by_match: dict[tuple[int, bool], list[float]] = {}
         self.last_plan: dict[str, float] = {"k_mean": 0.0, "speculating": 0.0, "on": 0.0}
 
     @staticmethod
@@ -224,10 +240,15 @@ class SpeculationController:
         """Prompt-lookup matches of about the same length: 1, 2, 3, 4-5, 6-9, 10-15, 16 and more."""
         return length if length <= 3 else 4 + (length >= 6) + (length >= 10) + (length >= 16)
 
+    @classmethod
+    def match_key(cls, seq: Sequence) -> tuple[int, bool]:
+        """The drafts a prompt-lookup draft's rates are pooled with: its match's class, whether the match agreed."""
+        return cls.match_class(seq.spec_match), seq.spec_agreed
+
     def alpha(self, seq: Sequence) -> tuple[float, float]:
         """(the chance the first drafted token is accepted, that a later one is, given the one before was)."""
         if seq.spec_match:
-            h0, t0, h1, t1 = self._by_match.get(self.match_class(seq.spec_match), (0.0, 0.0, 0.0, 0.0))
+            h0, t0, h1, t1 = self._by_match.get(self.match_key(seq), (0.0, 0.0, 0.0, 0.0))
         else:
             (h0, h1), (t0, t1) = seq.spec_hits, seq.spec_trials
         return (h0 + 1.0) / (t0 + 2.0), (h1 + 1.0) / (t1 + 2.0)
@@ -247,7 +268,7 @@ class SpeculationController:
         seq.spec_hits[1] += outcome[2]
         seq.spec_trials[1] += outcome[3]
         if seq.spec_match:
-            counts = self._by_match.setdefault(self.match_class(seq.spec_match), [0.0] * 4)
+            counts = self._by_match.setdefault(self.match_key(seq), [0.0] * 4)
             for i, v in enumerate(outcome):
                 counts[i] = self.FORGET_MATCH * counts[i] + v
 
