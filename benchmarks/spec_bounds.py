@@ -3,29 +3,32 @@ the step costs measured on this machine, for drafting policies from the best pos
 
     python benchmarks/spec_bounds.py [--batch 4] [--requests 16] [--max-new 128] [-k 10] [--dtype float32]
 
-1. Runs the grounded workload of ``speculative.py`` on the engine without speculation (its greedy outputs are what
-   any exact speculation must produce), then with prompt lookup, timing every forward by its number of rows: a
-   least-squares line through the forwards of ``batch`` to ``batch * (1 + k)`` rows gives a step's base cost and
-   what each verified row adds.
-2. Replays decoding of those outputs ``batch`` requests at a time (a finished request's place taken by the next),
-   prompt lookup (``ngram_match``) drafting at each step, under that cost line, and prints tokens/s against no
+1. Runs the grounded workload of ``speculative.py`` on the engine without speculation: its greedy outputs are what
+   any exact speculation must produce.
+2. Measures what a decode step costs by its rows: the engine's whole decode steps (drafting to appending), ``batch``
+   requests and then one request at a time, each drafting exactly ``j`` tokens a step for ``j`` = 0 .. k (a drafter
+   whose tokens are never accepted: only the shape of the step matters). A step's cost is then the measured cost
+   of its row count, interpolated between those measured (a forward of few rows streams the weights whatever their
+   number, so the first drafted rows are nearly free and the later ones cost their products: not a line).
+3. Replays decoding of those outputs ``batch`` requests at a time (a finished request's place taken by the next),
+   prompt lookup (``ngram_match``) drafting at each step, under those costs, and prints tokens/s against no
    speculation for: the **oracle** (drafts exactly the tokens that will be accepted: no policy does better with these
-   drafts), fixed k, the best **per match-length class** policy (each class's empirical chance that the j-th token is
-   accepted, in-sample, against the best threshold: an optimistic bound for any policy that sees only the match) and
-   the engine's ``SpeculationController`` (fed the replay's steps); over all decode steps, and over those that ran
-   a full batch (``speculative.py``'s full column). Two more rows verify a second candidate beside each draft (the
-   latest earlier continuation starting with another token: a two-branch tree, not built in the engine), trimmed by
-   the oracle and at fixed lengths: what better candidates, rather than a better policy, could add.
+   drafts), fixed k, the best **per match class** policy (each class's empirical chance that the j-th token is
+   accepted, in-sample, against the best threshold: an optimistic bound for any policy that sees only the match)
+   and the engine's ``SpeculationController`` (fed the replay's steps); over all decode steps, and over those that
+   ran a full batch (``speculative.py``'s full column). Two more rows verify a second candidate beside each draft
+   (the latest earlier continuation starting with another token: a two-branch tree, not built in the engine),
+   trimmed by the oracle and at fixed lengths: what better candidates, rather than a better policy, could add.
 
-Verification-side costs (sampling, appending) are left out of the replay, so the engine's measured ratio
-(``speculative.py``'s decode column) sits somewhat below its replayed one.
+The replayed controller's ratio is the check on the costs: it should sit near what ``speculative.py`` measures for
+the engine on the same machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import sys
-import time
 import types
 from collections import defaultdict
 from pathlib import Path
@@ -42,30 +45,66 @@ from hf_paged.models import load_default_model  # noqa: E402
 from speculative import prompts  # noqa: E402
 
 
-def outputs_and_costs(model, tok, ids, batch, max_new, k) -> tuple[list[list[int]], float, float]:
-    """(greedy outputs; a step's base seconds at ``batch`` rows; seconds per further row), from the engine."""
+def greedy_outputs(model, tok, ids, batch, max_new) -> list[list[int]]:
     params = SamplingParams(max_new_tokens=max_new, temperature=0)
     with LLMEngine(model, tok, num_blocks=4096, max_num_seqs=batch, enable_prefix_caching=False) as engine:
-        outs = [o.token_ids for o in engine.generate(ids, params, use_tqdm=False)]
-    times: dict[int, list[float]] = defaultdict(list)
-    with LLMEngine(model, tok, num_blocks=4096, max_num_seqs=batch, enable_prefix_caching=False,
-                   speculative={"method": "ngram", "num_tokens": k}) as engine:
-        forward = engine.runner.model.forward
+        return [o.token_ids for o in engine.generate(ids, params, use_tqdm=False)]
 
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            out = forward(*args, **kwargs)
-            times[kwargs["input_ids"].shape[1]].append(time.perf_counter() - start)
-            return out
 
-        engine.runner.model.forward = timed
-        engine.generate(ids, params, use_tqdm=False)
-    # Medians per row count, batch .. batch * (1 + k) rows (decodes and verifications; prompts are longer).
-    points = [(t, sorted(v)[len(v) // 2]) for t, v in times.items() if batch <= t <= batch * (1 + k) and len(v) >= 3]
-    n = len(points)
-    mean_t, mean_s = sum(t for t, _ in points) / n, sum(s for _, s in points) / n
-    slope = sum((t - mean_t) * (s - mean_s) for t, s in points) / sum((t - mean_t) ** 2 for t, _ in points)
-    return outs, mean_s + slope * (batch - mean_t), slope
+class RejectedDrafter:
+    """Drafts ``k`` tokens a step that verification rejects (the token after the last, changed): a step's shape."""
+
+    drafts_first = True
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def propose(self, seqs, ks) -> None:
+        for seq, k in zip(seqs, ks):
+            seq.spec_token_ids, seq.spec_match, seq.spec_agreed = [seq.token_ids[-1] ^ 1] * min(k, self.k), 1, True
+
+    def sleep(self) -> None: ...
+
+    def wake_up(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def step_costs(model, tok, ids, batch, k, steps=24) -> list[tuple[int, float]]:
+    """(rows, median seconds of a whole decode step) for ``batch`` and for one request drafting 0 .. ``k`` tokens a
+    step; ``batch``'s where both measured a row count."""
+    params = SamplingParams(max_new_tokens=steps, temperature=0)
+    costs: dict[int, float] = {}
+    for seqs in sorted({1, batch}):
+        for j in range(k + 1):
+            spec = {"method": "ngram", "num_tokens": j, "adaptive": False} if j else None
+            seconds: list[float] = []
+            with LLMEngine(model, tok, num_blocks=4096, max_num_seqs=seqs, enable_prefix_caching=False,
+                           speculative=spec) as engine:
+                if j:
+                    config = engine.config.speculative
+                    engine.speculator.drafters[("ngram", config.prompt_lookup_min, config.prompt_lookup_max)] = \
+                        RejectedDrafter(j)
+                record = engine.metrics.record_decode_step
+
+                def timed(tokens: int, step_seconds: float, record=record) -> None:
+                    if tokens == seqs:  # a full step (the last ones may draft fewer)
+                        seconds.append(step_seconds)
+                    record(tokens, step_seconds)
+
+                engine.metrics.record_decode_step = timed
+                engine.generate(ids[:seqs], params, use_tqdm=False)
+            seconds.sort()
+            costs[seqs * (1 + j)] = seconds[len(seconds) // 2]
+    return sorted(costs.items())
+
+
+def cost_of(costs: list[tuple[int, float]], rows: int) -> float:
+    """Seconds of a step of ``rows`` rows: interpolated between the measured row counts, extended past the last by
+    its last segment's slope."""
+    i = min(max(bisect.bisect_left(costs, (rows, 0.0)), 1), len(costs) - 1)
+    (r0, s0), (r1, s1) = costs[i - 1], costs[i]
+    return max(s0 + (s1 - s0) * (rows - r0) / (r1 - r0), 1e-6)
 
 
 def second_candidate(tokens: list[int], first: list[int], k: int, max_n: int = 3) -> list[int]:
@@ -90,9 +129,10 @@ def accepted_length(draft: list[int], rest: list[int]) -> int:
     return a
 
 
-def replay(reqs, batch, k, base, per_row, policy=None, controller=None, branch=None) -> tuple[float, float]:
-    """Tokens/s of decoding ``reqs`` (prompt, output) ``batch`` at a time, ``policy(draft, match, accepted)`` or the
-    controller choosing each draft's length: over all steps, and over the steps that ran a full batch. With
+def replay(reqs, batch, k, costs, policy=None, controller=None, branch=None) -> tuple[float, float]:
+    """Tokens/s of decoding ``reqs`` (prompt, output) ``batch`` at a time, steps costing ``costs``, ``policy(draft,
+    seq, accepted)`` (``seq``: its match, ``spec_match`` and ``spec_agreed``) or the controller choosing each draft's
+    length: over all steps, and over the steps that ran a full batch. With
     ``branch(draft, accepted)``, a second branch (``second_candidate``) of that length is verified beside the first
     (a two-branch tree: both branches' rows are paid for, the longer accepted run is kept)."""
     queue, live, pos, seqs = list(range(len(reqs))), [], {}, {}
@@ -102,13 +142,13 @@ def replay(reqs, batch, k, base, per_row, policy=None, controller=None, branch=N
             i = queue.pop(0)
             live.append(i)
             pos[i] = 0
-            seqs[i] = types.SimpleNamespace(spec_match=0, spec_hits=[0.0, 0.0], spec_trials=[0.0, 0.0])
+            seqs[i] = types.SimpleNamespace(spec_match=0, spec_agreed=False, spec_hits=[0.0, 0.0],
+                                            spec_trials=[0.0, 0.0])
         drafts, accepted, extra_rows, extra_accepted = [], [], 0, []
         for i in live:
             prompt, out = reqs[i]
-            draft, match = ngram_match(prompt + out[:pos[i]], k, 1, 3)
+            draft, seqs[i].spec_match, seqs[i].spec_agreed = ngram_match(prompt + out[:pos[i]], k, 1, 3)
             a = accepted_length(draft, out[pos[i]:])
-            seqs[i].spec_match = match
             drafts.append(draft)
             accepted.append(a)
             if branch is not None:
@@ -127,8 +167,8 @@ def replay(reqs, batch, k, base, per_row, policy=None, controller=None, branch=N
                 for j, n in zip(cand, chosen):
                     ks[j] = n
         else:
-            ks = [min(policy(d, seqs[i].spec_match, a), len(d)) for i, d, a in zip(live, drafts, accepted)]
-        step, stepping = base + per_row * (sum(ks) + extra_rows), len(live)
+            ks = [min(policy(d, seqs[i], a), len(d)) for i, d, a in zip(live, drafts, accepted)]
+        step, stepping = cost_of(costs, len(live) + sum(ks) + extra_rows), len(live)
         seconds += step
         appended = 0
         for j, i in enumerate(list(live)):
@@ -158,46 +198,45 @@ def main() -> None:
     args = ap.parse_args()
     model, tok = load_default_model(getattr(torch, args.dtype))
     ids = prompts(tok, "grounded", args.requests)
-    outs, base, per_row = outputs_and_costs(model, tok, ids, args.batch, args.max_new, args.k)
-    reqs = list(zip(ids, outs))
+    reqs = list(zip(ids, greedy_outputs(model, tok, ids, args.batch, args.max_new)))
+    costs = step_costs(model, tok, ids, args.batch, args.k)
     print(f"# grounded workload, {args.requests} requests, batch {args.batch}, k <= {args.k}, {args.dtype}, "
-          f"{torch.get_num_threads()} threads: a step of {args.batch} rows {base * 1e3:.1f} ms, "
-          f"+{per_row * 1e3:.2f} ms a verified row (fitted to the engine's forwards)")
-    plain = replay(reqs, args.batch, args.k, base, per_row, policy=lambda d, m, a: 0)
-    rows = [("oracle (drafts what will be accepted)", replay(reqs, args.batch, args.k, base, per_row,
-                                                              policy=lambda d, m, a: a))]
-    for fixed in (1, 2, 3, 5, args.k):
-        rows.append((f"k = {fixed}", replay(reqs, args.batch, args.k, base, per_row,
-                                            policy=lambda d, m, a, n=fixed: n)))
-    # Per match-length class: the empirical chance that the j-th drafted token is accepted (in-sample).
-    reached: dict[int, list[int]] = defaultdict(lambda: [0] * (args.k + 2))
-    seen: dict[int, int] = defaultdict(int)
+          f"{torch.get_num_threads()} threads; a decode step's ms by its rows (measured):")
+    print("# " + "  ".join(f"{rows}: {seconds * 1e3:.1f}" for rows, seconds in costs))
 
-    def record(d, m, a):
-        c = SpeculationController.match_class(m)
-        seen[c] += 1
+    def run(**how) -> tuple[float, float]:
+        return replay(reqs, args.batch, args.k, costs, **how)
+
+    plain = run(policy=lambda d, s, a: 0)
+    rows = [("oracle (drafts what will be accepted)", run(policy=lambda d, s, a: a))]
+    for fixed in (1, 2, 3, 5, args.k):
+        rows.append((f"k = {fixed}", run(policy=lambda d, s, a, n=fixed: n)))
+    # Per match class (the controller's: length class, agreed): the chance that the j-th drafted token is accepted.
+    reached: dict[tuple, list[int]] = defaultdict(lambda: [0] * (args.k + 2))
+    seen: dict[tuple, int] = defaultdict(int)
+
+    def record(d, s, a):
+        key = SpeculationController.match_key(s)
+        seen[key] += 1
         for j in range(1, a + 1):
-            reached[c][j] += 1
+            reached[key][j] += 1
         return a
 
-    replay(reqs, args.batch, args.k, base, per_row, policy=record)
-    chance = {c: [n / seen[c] for n in reached[c]] for c in seen}
+    run(policy=record)
+    chance = {key: [n / seen[key] for n in reached[key]] for key in seen}
     best = (0.0, 0.0)
     for tau in (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4):
-        def by_class(d, m, a, tau=tau):
-            p, n = chance.get(SpeculationController.match_class(m), [0.0] * (args.k + 2)), 0
+        def by_class(d, s, a, tau=tau):
+            p, n = chance.get(SpeculationController.match_key(s), [0.0] * (args.k + 2)), 0
             while n < args.k and p[n + 1] >= tau:
                 n += 1
             return n
-        best = max(best, replay(reqs, args.batch, args.k, base, per_row, policy=by_class))
+        best = max(best, run(policy=by_class))
     rows.append(("best per-match-class policy (in-sample)", best))  # the best over all steps, and its full steps
-    rows.append(("two branches, oracle (each trimmed to its run)", replay(reqs, args.batch, args.k, base, per_row,
-                                                                     policy=lambda d, m, a: a,
+    rows.append(("two branches, oracle (each trimmed to its run)", run(policy=lambda d, s, a: a,
                                                                      branch=lambda d, b: b)))
-    rows.append(("two branches, k = 5 and 3", replay(reqs, args.batch, args.k, base, per_row,
-                                                     policy=lambda d, m, a: 5, branch=lambda d, b: 3)))
-    rows.append(("the engine's SpeculationController", replay(reqs, args.batch, args.k, base, per_row,
-                                                              controller=SpeculationController())))
+    rows.append(("two branches, k = 5 and 3", run(policy=lambda d, s, a: 5, branch=lambda d, b: 3)))
+    rows.append(("the engine's SpeculationController", run(controller=SpeculationController())))
     print(f"{'policy':48} {'all steps':>9} {'full batch':>10}")
     for name, (tok_s, full_tok_s) in rows:
         print(f"{name:48} {tok_s / plain[0]:8.2f}x {full_tok_s / plain[1]:9.2f}x")
