@@ -295,15 +295,17 @@ def _batch(rows, tok):
 
 
 # ---- PagedCache without a size -----------------------------------------------------------------
-def test_paged_cache_without_a_size_grows_on_demand(smollm2, chat_ids):
-    model, tok = smollm2
-    batch = _batch(chat_ids[:3], tok)
-    expected = model.generate(**batch, max_new_tokens=80, do_sample=False)
+def test_paged_cache_without_a_size_grows_on_demand(tiny_model_dir):
+    model = build_tiny_model("llama", tiny_model_dir)
+    ids, mask = left_pad(tiny_prompts(3, seed=5, low=50, high=80), 0)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    expected = model.generate(**batch, max_new_tokens=40, do_sample=False, eos_token_id=None)
     cache = PagedCache(model)
     start = cache.pool.num_blocks
     assert cache.kv_cache.num_blocks == start == PagedCache.INITIAL_BLOCKS
+    assert ids.numel() <= start * cache.pool.block_size < expected.numel()  # the prompts fit; the answers do not
     try:
-        out = model.generate(**batch, max_new_tokens=80, do_sample=False, past_key_values=cache)
+        out = model.generate(**batch, max_new_tokens=40, do_sample=False, eos_token_id=None, past_key_values=cache)
         assert cache.pool.num_blocks > start  # it grew: the pool's count and the tensors together
         assert cache.kv_cache.num_blocks == cache.pool.num_blocks
         assert cache.kv_cache.kv.shape[2] == cache.pool.num_blocks + 1
