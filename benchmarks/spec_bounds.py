@@ -5,11 +5,12 @@ the step costs measured on this machine, for drafting policies from the best pos
 
 1. Runs the grounded workload of ``speculative.py`` on the engine without speculation: its greedy outputs are what
    any exact speculation must produce.
-2. Measures what a decode step costs by its rows: the engine's whole decode steps (drafting to appending), ``batch``
-   requests and then one request at a time, each drafting exactly ``j`` tokens a step for ``j`` = 0 .. k (a drafter
-   whose tokens are never accepted: only the shape of the step matters). A step's cost is then the measured cost
-   of its row count, interpolated between those measured (a forward of few rows streams the weights whatever their
-   number, so the first drafted rows are nearly free and the later ones cost their products: not a line).
+2. Measures what a decode step costs by its rows: the engine's whole decode steps (drafting to appending), one
+   request and then ``batch`` requests at a time, each drafting exactly ``j`` tokens a step for ``j`` = 0 .. k (a
+   drafter whose tokens are never accepted: only the shape of the step matters). A step's cost is then each
+   series' cost at its row count, interpolated between the rows measured and between the two series by its number
+   of requests (a forward of few rows streams the weights whatever their number, so the first drafted rows are
+   nearly free and the later ones cost their products: not a line).
 3. Replays decoding of those outputs ``batch`` requests at a time (a finished request's place taken by the next),
    prompt lookup (``ngram_match``) drafting at each step, under those costs, and prints tokens/s against no
    speculation for: the **oracle** (drafts exactly the tokens that will be accepted: no policy does better with these
@@ -70,11 +71,11 @@ class RejectedDrafter:
     def close(self) -> None: ...
 
 
-def step_costs(model, tok, ids, batch, k, steps=24) -> list[tuple[int, float]]:
-    """(rows, median seconds of a whole decode step) for ``batch`` and for one request drafting 0 .. ``k`` tokens a
-    step; ``batch``'s where both measured a row count."""
+def step_costs(model, tok, ids, batch, k, steps=24) -> dict[int, list[tuple[int, float]]]:
+    """Per number of requests (one and ``batch``): (rows, median seconds of a whole decode step) with each request
+    drafting 0 .. ``k`` tokens a step."""
     params = SamplingParams(max_new_tokens=steps, temperature=0)
-    costs: dict[int, float] = {}
+    costs: dict[int, list[tuple[int, float]]] = {}
     for seqs in sorted({1, batch}):
         for j in range(k + 1):
             spec = {"method": "ngram", "num_tokens": j, "adaptive": False} if j else None
@@ -95,16 +96,26 @@ def step_costs(model, tok, ids, batch, k, steps=24) -> list[tuple[int, float]]:
                 engine.metrics.record_decode_step = timed
                 engine.generate(ids[:seqs], params, use_tqdm=False)
             seconds.sort()
-            costs[seqs * (1 + j)] = seconds[len(seconds) // 2]
-    return sorted(costs.items())
+            costs.setdefault(seqs, []).append((seqs * (1 + j), seconds[len(seconds) // 2]))
+    return costs
 
 
-def cost_of(costs: list[tuple[int, float]], rows: int) -> float:
-    """Seconds of a step of ``rows`` rows: interpolated between the measured row counts, extended past the last by
-    its last segment's slope."""
-    i = min(max(bisect.bisect_left(costs, (rows, 0.0)), 1), len(costs) - 1)
-    (r0, s0), (r1, s1) = costs[i - 1], costs[i]
-    return max(s0 + (s1 - s0) * (rows - r0) / (r1 - r0), 1e-6)
+def cost_of(costs: dict[int, list[tuple[int, float]]], seqs: int, rows: int) -> float:
+    """Seconds of a step of ``seqs`` requests and ``rows`` rows: each measured series interpolated at ``rows`` (held
+    at its first point below it, extended past its last by its last segment's slope), and between the series by
+    the number of requests."""
+    def at(series: list[tuple[int, float]]) -> float:
+        if len(series) == 1 or rows <= series[0][0]:
+            return series[0][1]
+        i = min(bisect.bisect_left(series, (rows, 0.0)), len(series) - 1)
+        (r0, s0), (r1, s1) = series[i - 1], series[i]
+        return s0 + (s1 - s0) * (rows - r0) / (r1 - r0)
+
+    low, high = min(costs), max(costs)
+    if low == high:
+        return at(costs[low])
+    share = (seqs - low) / (high - low)
+    return max((1 - share) * at(costs[low]) + share * at(costs[high]), 1e-6)
 
 
 def second_candidate(tokens: list[int], first: list[int], k: int, max_n: int = 3) -> list[int]:
@@ -168,7 +179,7 @@ def replay(reqs, batch, k, costs, policy=None, controller=None, branch=None) -> 
                     ks[j] = n
         else:
             ks = [min(policy(d, seqs[i], a), len(d)) for i, d, a in zip(live, drafts, accepted)]
-        step, stepping = cost_of(costs, len(live) + sum(ks) + extra_rows), len(live)
+        step, stepping = cost_of(costs, len(live), len(live) + sum(ks) + extra_rows), len(live)
         seconds += step
         appended = 0
         for j, i in enumerate(list(live)):
@@ -202,7 +213,8 @@ def main() -> None:
     costs = step_costs(model, tok, ids, args.batch, args.k)
     print(f"# grounded workload, {args.requests} requests, batch {args.batch}, k <= {args.k}, {args.dtype}, "
           f"{torch.get_num_threads()} threads; a decode step's ms by its rows (measured):")
-    print("# " + "  ".join(f"{rows}: {seconds * 1e3:.1f}" for rows, seconds in costs))
+    for seqs, series in sorted(costs.items()):
+        print(f"# {seqs} request(s): " + "  ".join(f"{rows}: {seconds * 1e3:.1f}" for rows, seconds in series))
 
     def run(**how) -> tuple[float, float]:
         return replay(reqs, args.batch, args.k, costs, **how)
