@@ -337,7 +337,12 @@ def _sampling_params(gen: GenerationConfig, input_len: int, logits_processor: An
 
 
 def _speculative(gen: GenerationConfig, assistant: torch.nn.Module | None) -> SpeculativeConfig | None:
-    """HF's assisted-decoding options as the engine's speculative decoding (None: the engine's default)."""
+    """HF's assisted-decoding options as the engine's speculative decoding (None: the engine's default). Beam search
+    ignores them, as HF's ``generate`` does (with a warning)."""
+    if (gen.num_beams or 1) > 1 and (assistant is not None or gen.prompt_lookup_num_tokens):
+        logger.warning("hf_paged: beam search does not speculate; %s ignored, as HF ignores it",
+                       "assistant_model" if assistant is not None else "prompt_lookup_num_tokens")
+        return None
     if assistant is not None:
         return SpeculativeConfig("draft", gen.num_assistant_tokens or 5, draft_model=assistant)
     if gen.prompt_lookup_num_tokens:

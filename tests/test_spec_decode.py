@@ -296,6 +296,27 @@ def test_wrapped_generate_assisted_equals_hf_greedy_for_a_batch(tiny_model_dir, 
     assert stats["spec_decode_num_accepted_tokens"] > 0
 
 
+@pytest.mark.parametrize("how", ["prompt_lookup", "assistant"])
+def test_wrapped_beam_search_ignores_assisted_options_as_hf_does(tiny_model_dir, how, caplog):
+    """HF's beam search ignores ``prompt_lookup_num_tokens`` / ``assistant_model`` (with a warning): so does the
+    wrapped ``generate``, on the engine, with HF's beams."""
+    model = build_tiny_model("llama", tiny_model_dir)
+    ids, mask = left_pad(_repetitive(2, seed=3), 0)
+    extra = {"prompt_lookup_num_tokens": 4} if how == "prompt_lookup" else {"assistant_model": _perturbed(model, 0.01)}
+    beams = dict(max_new_tokens=8, do_sample=False, num_beams=3, num_return_sequences=2)
+    want = model.generate(input_ids=ids, attention_mask=mask, **beams, **extra)
+    hf_paged.wrap(model, num_blocks=128)
+    try:
+        with caplog.at_level(logging.WARNING, logger="hf_paged"):
+            got = model.generate(input_ids=ids, attention_mask=mask, **beams, **extra)
+        assert hf_paged.fallback_reason(model) is None
+        assert hf_paged.get_engine(model).stats().get("spec_decode_num_drafts", 0) == 0
+    finally:
+        hf_paged.unwrap(model)
+    assert torch.equal(got, want)
+    assert any("beam search does not speculate" in r.message for r in caplog.records)
+
+
 def test_prompt_lookup_on_smollm2_equals_hf(smollm2, grounded_ids):
     model, tok = smollm2
     rows = grounded_ids[:2]
