@@ -317,6 +317,23 @@ def test_wrapped_beam_search_ignores_assisted_options_as_hf_does(tiny_model_dir,
     assert any("beam search does not speculate" in r.message for r in caplog.records)
 
 
+def test_assisted_options_the_engine_hands_to_hf_run_as_hf_runs_them(tiny_model_dir):
+    """A call the engine does not take (here ``output_logits``) with ``prompt_lookup_num_tokens`` goes to HF's own
+    assisted ``generate`` on HF's cache (assisted decoding crops its cache; a ``PagedCache`` does not crop)."""
+    model = build_tiny_model("llama", tiny_model_dir)
+    ids = torch.tensor(_repetitive(1, seed=4))
+    call = dict(max_new_tokens=8, do_sample=False, prompt_lookup_num_tokens=4, output_logits=True,
+                return_dict_in_generate=True)
+    want = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **call)
+    hf_paged.wrap(model, num_blocks=64)
+    try:
+        got = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **call)
+    finally:
+        hf_paged.unwrap(model)
+    assert torch.equal(got.sequences, want.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(got.logits, want.logits))
+
+
 def test_prompt_lookup_on_smollm2_equals_hf(smollm2, grounded_ids):
     model, tok = smollm2
     rows = grounded_ids[:2]
