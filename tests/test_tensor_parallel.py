@@ -119,6 +119,8 @@ def test_tokens_equal_single_process_engine(tp_run, scenario):
         assert got["preemptions"] > 0, "the pool was meant to be too small for every request at once"
     if scenario == "prefix_caching":
         assert got["prefix_cache_hits"] >= 10 * 4 * 3, "the second batch should find the shared prefix"
+    if scenario == "speculative":
+        assert got["accepted_drafts"] > 0 and got["accepted_drafts"] == want["accepted_drafts"]
     if scenario == "n2_sampling":
         assert len(got["tokens"]) == 6 and got["tokens"][0] != got["tokens"][1]
 

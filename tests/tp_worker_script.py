@@ -47,6 +47,11 @@ SCENARIOS: dict[str, dict[str, Any]] = {
                         params=dict(max_new_tokens=10, temperature=0.8, n=2, seed=7)),
     "beams": dict(engine=dict(num_blocks=64, block_size=4), batches=[prompts(2, 6, 5, 15)],
                   params=dict(max_new_tokens=8, num_beams=2, temperature=0.0)),
+    # Prompt lookup on prompts that repeat themselves: steps of drafts verified as chunks, slots rolled back.
+    "speculative": dict(engine=dict(num_blocks=64, block_size=4, speculative={"method": "ngram", "num_tokens": 4,
+                                                                              "adaptive": False}),
+                        batches=[[p * 3 for p in prompts(4, 9, 4, 8)]], params=dict(max_new_tokens=16,
+                                                                                    temperature=0.0)),
 }
 ABORT = dict(engine=dict(num_blocks=24, block_size=4), long=prompts(1, 7, 10, 11)[0], long_tokens=80,
              abort_after=6, then=prompts(4, 8, 20, 30), params=dict(max_new_tokens=30, temperature=0.0))
@@ -69,6 +74,7 @@ def run_scenario(model: Any, name: str) -> dict[str, Any]:
         stats = engine.stats()
         return {"tokens": outputs, "preemptions": engine.metrics.preemptions,
                 "prefix_cache_hits": stats["prefix_cache_hits"], "used_blocks_after": engine.pool.num_used_blocks,
+                "accepted_drafts": stats.get("spec_decode_num_accepted_tokens", 0),
                 "forward_tokens": engine.runner.num_forward_tokens, "kv_bytes": engine.kv_cache.nbytes,
                 "kv_shape": list(engine.kv_cache.kv.shape), "num_blocks": engine.pool.num_blocks}
 
