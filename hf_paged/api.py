@@ -379,18 +379,8 @@ def _build_output(input_ids: torch.Tensor, outputs: list, n: int, gen: Generatio
     return GenerateDecoderOnlyOutput(sequences=sequences, scores=scores)
 
 
-def _assisted(model, generation_config, kwargs: dict) -> bool:
-    """Whether HF's ``generate`` would run assisted decoding (which crops its cache: not a ``PagedCache``)."""
-    if kwargs.get("assistant_model") is not None:
-        return True
-    if "prompt_lookup_num_tokens" in kwargs:
-        return bool(kwargs["prompt_lookup_num_tokens"])
-    return bool(getattr(generation_config or model.generation_config, "prompt_lookup_num_tokens", None))
-
-
 def _fallback(model, reason: str, inputs, generation_config, logits_processor, kwargs: dict):
-    plain = kwargs.get("past_key_values") is not None or _assisted(model, generation_config, kwargs) \
-        or cache_refusal(model) is not None
+    plain = kwargs.get("past_key_values") is not None or cache_refusal(model) is not None
     slot = model.__dict__.get(_SLOT)
     logged = slot.logged_fallbacks if isinstance(slot, _Wrapping) else set()
     if reason not in logged:  # once per reason and model: a loop of generate calls logs it once

@@ -116,6 +116,46 @@ def test_tiny_architectures_beams(tiny_model):
     assert torch.equal(ref, out), name
 
 
+@pytest.mark.parametrize("assist", ["prompt_lookup", "assistant"])
+def test_assisted_generate_crops_rejected_candidates(tiny_model, assist):
+    """HF's assisted decoding on a PagedCache: rejected candidates are cropped (their blocks go back), and the tokens
+    are those of the same call on HF's own cache."""
+    name, model = tiny_model
+    prompt = tiny_prompts(1, seed=11, low=6, high=10)[0] * 4  # repeats itself: drafts that hold and that do not
+    ids = torch.tensor([prompt])
+    extra = {"prompt_lookup_num_tokens": 5} if assist == "prompt_lookup" else {"assistant_model": model}
+    call = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, min_new_tokens=24,
+                do_sample=False, **extra)
+    want = model.generate(**call)
+    cache = PagedCache(model, block_size=4)
+    try:
+        got = model.generate(**call, past_key_values=cache)
+        cached = cache.get_seq_length()
+        assert cached == got.shape[1] - 1, name  # the last token is not yet in the cache
+        assert cache.num_blocks_in_use == -(-cached // 4), name
+    finally:
+        cache.free()
+    assert cache.pool.num_used_blocks == 0
+    assert torch.equal(got, want), name
+
+
+def test_crop_takes_a_count_to_remove_or_a_length_to_keep(smollm2):
+    model, _ = smollm2
+    cache = PagedCache(model, block_size=4)
+    try:
+        model(torch.arange(10, 23).unsqueeze(0), past_key_values=cache)  # 13 positions: 4 blocks
+        cache.crop(-5)
+        assert cache.get_seq_length() == 8 and cache.num_blocks_in_use == 2
+        cache.crop(6)  # older transformers pass the length to keep
+        assert cache.get_seq_length() == 6 and cache.num_blocks_in_use == 2
+        cache.crop(0)
+        assert cache.get_seq_length() == 6
+        with pytest.raises(ValueError, match="^tokens_to_remove"):
+            cache.crop(-7)
+    finally:
+        cache.free()
+
+
 def test_paged_attention_selected_still_equals_dynamic(smollm2, chat_batch):
     """With the model set to hf_paged, PagedCache generate and plain forwards are unchanged."""
     model, _ = smollm2

@@ -319,7 +319,7 @@ def test_wrapped_beam_search_ignores_assisted_options_as_hf_does(tiny_model_dir,
 
 def test_assisted_options_the_engine_hands_to_hf_run_as_hf_runs_them(tiny_model_dir):
     """A call the engine does not take (here ``output_logits``) with ``prompt_lookup_num_tokens`` goes to HF's own
-    assisted ``generate`` on HF's cache (assisted decoding crops its cache; a ``PagedCache`` does not crop)."""
+    assisted ``generate``, on a ``PagedCache`` (which crops its rejected candidates as HF's caches do)."""
     model = build_tiny_model("llama", tiny_model_dir)
     ids = torch.tensor(_repetitive(1, seed=4))
     call = dict(max_new_tokens=8, do_sample=False, prompt_lookup_num_tokens=4, output_logits=True,

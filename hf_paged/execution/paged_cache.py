@@ -34,7 +34,7 @@ class _PagedLayer(CacheLayerMixin):
     ``DynamicSlidingWindowLayer`` would: the last ``window - 1`` cached positions and the new ones."""
 
     is_compileable = False
-    is_croppable = False
+    is_croppable = True
     supports_early_init = False
 
     def __init__(self, cache: "PagedCache", layer_idx: int, window: int | None) -> None:
@@ -253,8 +253,21 @@ class PagedCache(Cache):
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return -1
 
-    def crop(self, max_length: int) -> None:
-        raise NotImplementedError("PagedCache does not support cropping (assisted decoding)")
+    def crop(self, tokens_to_remove: int) -> None:
+        """Assisted decoding's rollback of rejected candidates: forget the last ``-tokens_to_remove`` positions
+        (transformers' call; a positive value is the length to keep, as older versions pass it). The rows' block
+        tables are truncated: blocks past the kept positions go back to the pool (a shared one loses a reference),
+        and a windowed layer shows its window of what is kept."""
+        length = self.get_seq_length()
+        keep = length + tokens_to_remove if tokens_to_remove <= 0 else min(tokens_to_remove, length)
+        if keep >= length:
+            return
+        if keep < 0:
+            raise ValueError(f"tokens_to_remove: {tokens_to_remove} is more than the {length} positions cached")
+        for row in self.rows:
+            row.truncate(keep)
+        self.lengths = [min(n, keep) for n in self.lengths]
+        self._refresh_tables()
 
     # ---- lifetime ------------------------------------------------------------------------------
     @property
